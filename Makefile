@@ -1,0 +1,28 @@
+# `make test` is the project's test command (README, .ci/run). It creates .venv when missing,
+# installs the project with its test extra under the dev pins, and runs pytest.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.clipcurate-installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: install test lint demo bench-encoders clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check clip_model pipeline jobs bench tests
+
+bench-encoders: $(STAMP)
+	$(PY) bench/encoders.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
