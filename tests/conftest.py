@@ -1,0 +1,57 @@
+"""Fixtures shared by the whole test suite."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.testing.s3_server import LocalS3
+
+# Variables that could point boto3/pyarrow at a real account or profile while the local S3
+# server is in use.
+_AWS_LEAKS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3]:
+    """A moto S3 server process on 127.0.0.1, started once per session.
+
+    While it runs, os.environ holds its endpoint (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3), fake
+    credentials and region, and no AWS profile or config file, so any boto3/pyarrow client
+    created without arguments talks to it. The previous environment is restored afterwards.
+    """
+    isolated = tmp_path_factory.mktemp("aws-config")
+    with LocalS3() as server, pytest.MonkeyPatch.context() as mp:
+        for name in _AWS_LEAKS:
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", str(isolated / "config"))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(isolated / "credentials"))
+        for name, value in server.env().items():
+            mp.setenv(name, value)
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: LocalS3) -> Iterator[str]:
+    """Name of a fresh, empty bucket on the local S3 server; deleted with its objects after."""
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    s3_server.create_bucket(name)
+    yield name
+    # Emptying and deleting keeps the session-long server's memory flat across many tests.
+    client = s3_server.client()
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if name not in existing:  # the test removed it itself
+        return
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=name, Delete={"Objects": keys})
+    client.delete_bucket(Bucket=name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # img2dataset pulls in albumentations, which otherwise checks PyPI for updates on import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
