@@ -1,0 +1,157 @@
+"""Image preprocessing that reproduces open_clip's eval transform with PIL, numpy and torch.
+
+The OpenAI / OpenCLIP weights were evaluated with torchvision's
+``Resize(S, bicubic) -> CenterCrop(S) -> convert("RGB") -> ToTensor -> Normalize`` applied to
+PIL images. The runtime has no torchvision, so the same arithmetic is written out here:
+
+- Resize ("shortest"): the shorter side becomes S, the longer ``int(S * long / short)``
+  (truncated, as torchvision computes it); PIL does the resampling with the configured
+  filter, which always antialiases when shrinking. An image already at that size is left
+  untouched. ("squash": both sides become S, no crop.)
+- CenterCrop: offsets ``int(round((side - S) / 2))`` -- Python's round, so an odd excess
+  of 1 crops at 0 and of 3 at 2.
+- Conversion to RGB happens after resize and crop, in the image's own mode, because
+  resampling RGBA/CMYK/L/P before converting gives (slightly) different pixels than
+  converting first and the weights were evaluated with this order. Alpha is dropped, not
+  composited; EXIF orientation is not applied (the decode stage does that).
+- ``/ 255`` then ``(x - mean) / std`` in float32, the same operations in the same order as
+  torchvision, so on CPU the result equals open_clip's to the last bit.
+
+The work is split in two so the pipeline can run the PIL part on CPU workers and the
+normalisation batched on the model's device: ``resize_crop_uint8`` (PIL, one image) and
+``normalize_uint8`` (torch, a batch). ``image_transform`` chains them for one image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clip_model.config import PreprocessConfig
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+}
+
+
+def resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int]:
+    """(width, height) in pixels an image of ``width`` x ``height`` is resized to before cropping."""
+    size = cfg.image_size
+    if cfg.resize_mode == "squash":
+        return size, size
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Resize, center-crop and convert one image to RGB, as the weights expect.
+
+    Args:
+        img: a PIL image of any mode Pillow can convert to RGB (RGB, RGBA, L, LA, P, CMYK,
+            ...); a lazily opened file is decoded here.
+        cfg: the weights' preprocessing (image_size S, interpolation, resize_mode).
+    Returns:
+        numpy uint8 array [S, S, 3] (height, width, RGB), C-contiguous and writable.
+    Raises:
+        TypeError: ``img`` is not a PIL image.
+        ValueError: the image has zero width or height.
+        OSError: Pillow cannot decode the image data (truncated or corrupt file).
+    """
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(img).__name__}")
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image has no pixels: size {width}x{height}")
+    size = cfg.image_size
+    new_size = resize_size(width, height, cfg)
+    if new_size != (width, height):
+        img = img.resize(new_size, resample=_RESAMPLE[cfg.interpolation])
+    if cfg.resize_mode == "shortest":
+        # After a shortest-side resize both sides are >= S, so the crop never needs padding.
+        new_width, new_height = new_size
+        left = int(round((new_width - size) / 2.0))
+        top = int(round((new_height - size) / 2.0))
+        if (new_width, new_height) != (size, size):
+            img = img.crop((left, top, left + size, top + size))
+    rgb = img.convert("RGB")
+    # np.array copies: np.asarray on a PIL image is read-only, which torch.from_numpy warns about.
+    return np.array(rgb, dtype=np.uint8)
+
+
+def normalize_uint8(
+    batch: torch.Tensor | np.ndarray,
+    cfg: PreprocessConfig,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Turn a batch of RGB uint8 images into normalised model input.
+
+    Moves the uint8 batch to ``device`` first (a quarter of the bytes of float32), then
+    computes ``(x / 255 - mean) / std`` for the whole batch at once, in float32 (float64
+    when ``dtype`` is float64), and casts to ``dtype`` last.
+
+    Args:
+        batch: uint8 [N, S, S, 3] (as stacked from ``resize_crop_uint8``), numpy or torch.
+        cfg: the weights' preprocessing (image_size S, mean, std).
+        device: where the result lives; None keeps the input's device (CPU for numpy).
+        dtype: floating dtype of the result (float32, float16, bfloat16, float64).
+    Returns:
+        torch tensor [N, 3, S, S] of ``dtype`` on ``device``, contiguous (channels first).
+    Raises:
+        TypeError: ``batch`` is not uint8 numpy/torch, or ``dtype`` is not floating.
+        ValueError: ``batch`` is not shaped [N, S, S, 3].
+    """
+    if isinstance(batch, np.ndarray):
+        if batch.dtype != np.uint8:
+            raise TypeError(f"batch must be uint8, got numpy {batch.dtype}")
+        if not batch.flags.writeable:
+            batch = batch.copy()
+        batch = torch.from_numpy(np.ascontiguousarray(batch))
+    elif isinstance(batch, torch.Tensor):
+        if batch.dtype != torch.uint8:
+            raise TypeError(f"batch must be uint8, got torch {batch.dtype}")
+    else:
+        raise TypeError(f"batch must be a numpy array or torch tensor, got {type(batch).__name__}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    size = cfg.image_size
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != (size, size, 3):
+        raise ValueError(
+            f"batch must be uint8 [N, {size}, {size}, 3] for image_size {size}, "
+            f"got shape {tuple(batch.shape)}"
+        )
+    if device is not None:
+        batch = batch.to(device, non_blocking=True)
+    compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = batch.permute(0, 3, 1, 2).to(dtype=compute_dtype, memory_format=torch.contiguous_format)
+    mean = torch.tensor(cfg.mean, dtype=compute_dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=compute_dtype, device=x.device).view(1, 3, 1, 1)
+    x = x.div_(255).sub_(mean).div_(std)
+    return x.to(dtype)
+
+
+class ImageTransform:
+    """Callable PIL image -> float32 tensor [3, S, S]; see :func:`image_transform`."""
+
+    def __init__(self, cfg: PreprocessConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        pixels = resize_crop_uint8(img, self.cfg)
+        return normalize_uint8(pixels[None], self.cfg)[0]
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.cfg!r})"
+
+
+def image_transform(cfg: PreprocessConfig) -> ImageTransform:
+    """The eval transform for weights preprocessed with ``cfg``.
+
+    Returns:
+        a picklable callable: PIL image (any mode) -> torch.float32 [3, S, S], normalised.
+        Matches open_clip's eval ``preprocess`` for the same settings.
+    """
+    return ImageTransform(cfg)
