@@ -62,9 +62,21 @@ class DownloadConfig:
     # CIDR networks that are allowed even though the guard refuses them by default
     # (tests and the demo allow 127.0.0.1/32). Public addresses are always allowed.
     allowed_networks: tuple[str, ...] = ()
+    # PEM file of CA certificates to trust for https instead of the system store (a private
+    # mirror's CA; the tests' own CA). None: the system store.
+    ca_certs: str | None = None
 
     def validate(self, section: str = "download") -> None:
         _check(self.timeout > 0, section, "timeout", f"must be > 0 seconds, got {self.timeout}")
+        _check(self.max_retry_after >= 0, section, "max_retry_after", "must be >= 0")
+        token = self.user_agent_token
+        _check(
+            token.isascii() and token.replace("-", "").replace("_", "").replace(".", "").isalnum(),
+            section,
+            "user_agent_token",
+            f"must be letters, digits, '-', '_' or '.' (X-Robots-Tag addresses it), got {token!r}",
+        )
+        _check(self.ca_certs is None or bool(self.ca_certs), section, "ca_certs", "must be a path")
         _check(self.retries >= 0, section, "retries", f"must be >= 0, got {self.retries}")
         _check(self.max_bytes > 0, section, "max_bytes", f"must be > 0, got {self.max_bytes}")
         _check(self.thread_count >= 1, section, "thread_count", "must be >= 1")
@@ -90,6 +102,7 @@ class DecodeConfig:
     min_image_size: int = 0
     max_aspect_ratio: float = float("inf")
     max_image_pixels: int = 64_000_000  # checked from the header, before decoding
+    max_frames: int = 1000  # animations with more frames are refused (only frame 1 is kept)
     allowed_formats: tuple[str, ...] = ("jpeg", "png", "webp", "gif", "bmp", "tiff")
 
     def validate(self, section: str = "decode") -> None:
@@ -110,6 +123,7 @@ class DecodeConfig:
         _check(self.min_image_size >= 0, section, "min_image_size", "must be >= 0")
         _check(self.max_aspect_ratio >= 1, section, "max_aspect_ratio", "must be >= 1")
         _check(self.max_image_pixels > 0, section, "max_image_pixels", "must be > 0")
+        _check(self.max_frames >= 1, section, "max_frames", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -149,3 +163,153 @@ class DownloadJobConfig:
     def validate(self) -> None:
         for f in fields(self):
             getattr(self, f.name).validate(f.name)
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Global dedup after the stream (pipeline/dedup.py). Similarities are cosines in [-1, 1]."""
+
+    threshold: float = 0.95  # rows whose image embeddings have cosine >= this are duplicates
+    n_clusters: int | None = None  # k-means clusters; None: 1 up to 10,000 rows, else ~sqrt(N)
+    sample_size: int = 100_000  # rows k-means is fitted on
+    seed: int = 0  # sample and initial centroids
+    # A row also joins its second-nearest cluster when that centroid's cosine is within this
+    # margin of the nearest one's; near duplicates split by a cluster boundary are found only
+    # this way. 0 turns it off.
+    second_cluster_margin: float = 0.05
+    kmeans_iterations: int = 10
+    against: str | None = None  # an earlier run's output (folder or s3:// URI) to dedup against
+
+    def validate(self, section: str = "dedup") -> None:
+        _check(0 < self.threshold <= 1, section, "threshold", f"must be in (0, 1], got {self.threshold}")
+        _check(
+            self.n_clusters is None or self.n_clusters >= 1,
+            section,
+            "n_clusters",
+            f"must be >= 1 or unset, got {self.n_clusters}",
+        )
+        _check(self.sample_size >= 1, section, "sample_size", f"must be >= 1, got {self.sample_size}")
+        _check(
+            0 <= self.second_cluster_margin <= 2,
+            section,
+            "second_cluster_margin",
+            f"must be in [0, 2], got {self.second_cluster_margin}",
+        )
+        _check(self.kmeans_iterations >= 1, section, "kmeans_iterations", "must be >= 1")
+        _check(
+            self.against is None or bool(self.against),
+            section,
+            "against",
+            "must be a folder or s3:// URI, or unset",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Embed half (helper E): embed, moderate, write. See pipeline/stages/embed.py, moderate.py,
+# write.py.
+
+_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """CLIP embedding: one model per actor, one GPU per actor where GPUs exist.
+
+    precision: "auto" autocasts to fp16 on GPU and runs fp32 on CPU; "fp32" never autocasts;
+    "fp16"/"bf16" autocast to that dtype (weights stay fp32). rows_per_call is the Ray batch an
+    actor receives; inference_batch the images (or captions) per forward pass inside it.
+    concurrency is the actor pool's (min, max); num_gpus/num_cpus are per actor.
+    """
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = None
+    precision: str = "auto"
+    rows_per_call: int = 256
+    inference_batch: int = 64
+    concurrency: tuple[int, int] = (1, 1)
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    preprocess_num_cpus: float = 1.0
+    # Adds an ``embed_worker`` column ("<host>:<pid>" of the actor) for debugging placement.
+    debug_worker_column: bool = False
+
+    def validate(self, section: str = "embed") -> None:
+        _check(bool(self.model), section, "model", "must name an architecture or weights file")
+        _check(
+            self.precision in _PRECISIONS,
+            section,
+            "precision",
+            f"must be one of {', '.join(_PRECISIONS)}, got {self.precision!r}",
+        )
+        _check(self.rows_per_call >= 1, section, "rows_per_call", "must be >= 1")
+        _check(self.inference_batch >= 1, section, "inference_batch", "must be >= 1")
+        lo, hi = self.concurrency
+        _check(1 <= lo <= hi, section, "concurrency", f"must be (min, max) with 1 <= min <= max, got {self.concurrency}")
+        _check(self.num_gpus >= 0, section, "num_gpus", "must be >= 0")
+        _check(self.num_cpus >= 0, section, "num_cpus", "must be >= 0")
+        _check(self.preprocess_num_cpus > 0, section, "preprocess_num_cpus", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModerateConfig:
+    """Unsafe-content scores from CLIP embeddings (see pipeline/stages/moderate.py).
+
+    concepts: concept name -> prompts (their embeddings are averaged into one direction).
+    neutral_prompts: what a concept must beat; a side's margin for a concept is
+    cos(e, concept) - max over neutral prompts of cos(e, neutral).
+    image_thresholds / caption_thresholds: per-concept margin thresholds; a concept missing
+    from a mapping uses default_threshold; None there disables that side for the concept.
+    thresholds_file: YAML written by ``clipcurate calibrate``; its values replace the above.
+    head_path: optional safetensors classifier over image embeddings (linear or MLP, sigmoid
+    output); a row is flagged by it when its probability exceeds head_threshold.
+    """
+
+    enabled: bool = True
+    concepts: dict[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "nudity": ("a nude photo", "a photo of naked people", "sexually explicit content"),
+            "violence": ("a violent scene with blood", "a gory photo", "a photo of a weapon attack"),
+        }
+    )
+    neutral_prompts: tuple[str, ...] = ("a photo", "an image", "a picture of something")
+    image_thresholds: dict[str, float | None] = field(default_factory=dict)
+    caption_thresholds: dict[str, float | None] = field(default_factory=dict)
+    default_threshold: float | None = 0.0
+    thresholds_file: str | None = None
+    head_path: str | None = None
+    head_threshold: float = 0.5
+    head_concept: str = "head"
+
+    def validate(self, section: str = "moderate") -> None:
+        if not self.enabled:
+            return
+        _check(bool(self.concepts) or bool(self.head_path) or bool(self.thresholds_file),
+               section, "concepts", "needs at least one concept (or a head / thresholds file)")
+        for name, prompts in self.concepts.items():
+            _check(bool(name), section, "concepts", "concept names must be non-empty")
+            _check(bool(prompts) and all(isinstance(p, str) and p for p in prompts), section,
+                   "concepts", f"concept {name!r} needs at least one non-empty prompt")
+        _check(bool(self.neutral_prompts), section, "neutral_prompts", "needs at least one prompt")
+        for side, mapping in (("image_thresholds", self.image_thresholds),
+                              ("caption_thresholds", self.caption_thresholds)):
+            unknown = set(mapping) - set(self.concepts)
+            _check(not unknown, section, side, f"names unknown concepts {sorted(unknown)}")
+        _check(0.0 <= self.head_threshold <= 1.0, section, "head_threshold", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    """Parquet output: one file per input shard (``<shard>.parquet``), zstd, sized row groups."""
+
+    output_folder: str = ""
+    # ~16k rows is 30-60 MB per row group with 512-768-d float16 embeddings: large enough for
+    # efficient scans, small enough that a reader can fetch one group at a time.
+    row_group_rows: int = 16384
+    compression: str = "zstd"
+    compression_level: int | None = None
+
+    def validate(self, section: str = "write") -> None:
+        _check(bool(self.output_folder), section, "output_folder", "is required")
+        _check(self.row_group_rows >= 1, section, "row_group_rows", "must be >= 1")
+        _check(self.compression in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"), section,
+               "compression", f"unsupported codec {self.compression!r}")

@@ -1,0 +1,202 @@
+"""``clipcurate`` command line. ``clipcurate download`` runs the download half alone.
+
+Flag names are img2dataset's (``--url_list``, ``--output_folder``, ``--input_format``,
+``--url_col``, ``--caption_col``, ``--save_additional_columns``, ``--image_size``,
+``--resize_mode``, ``--resize_only_if_bigger``, ``--encode_format``, ``--encode_quality``,
+``--min_image_size``, ``--max_aspect_ratio``, ``--number_sample_per_shard``, ``--timeout``,
+``--retries``, ``--thread_count``, ``--user_agent_token``, ``--disallowed_header_directives``),
+so an img2dataset command line mostly works after swapping the program name. Options that only
+exist here: ``--allowed_networks``, ``--max_image_pixels``, ``--max_frames``, ``--max_bytes``,
+``--s3_endpoint_url``, ``--ray_address``, ``--download_concurrency``.
+
+The configuration is validated before Ray starts; a bad value exits with status 2 and a
+message naming the field. At the end a summary is printed (and ``--summary_json`` writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from pipeline.config import (
+    ConfigError,
+    DecodeConfig,
+    DownloadConfig,
+    DownloadJobConfig,
+    ReadConfig,
+    ShardConfig,
+    StorageConfig,
+)
+
+
+def _bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _list(v: str) -> tuple[str, ...]:
+    """``a,b`` or img2dataset's ``["a","b"]`` -> ``("a", "b")``."""
+    s = v.strip()
+    if s.startswith("["):
+        try:
+            items = json.loads(s)
+        except ValueError:
+            items = [x.strip().strip("'\"") for x in s.strip("[]").split(",")]
+        return tuple(str(x) for x in items if str(x))
+    return tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def _none_or_str(v: str) -> str | None:
+    return None if v.strip().lower() in ("", "none", "null") else v
+
+
+def _add_download_args(p: argparse.ArgumentParser) -> None:
+    r, dl, dc, sh = ReadConfig(), DownloadConfig(), DecodeConfig(), ShardConfig()
+    g = p.add_argument_group("input")
+    g.add_argument("--url_list", required=True, help="file, directory, glob or s3:// URI")
+    g.add_argument("--input_format", default=r.input_format, help="parquet | csv | tsv | jsonl | txt")
+    g.add_argument("--url_col", default=r.url_col)
+    g.add_argument("--caption_col", type=_none_or_str, default=r.caption_col)
+    g.add_argument("--save_additional_columns", type=_list, default=())
+    g = p.add_argument_group("output")
+    g.add_argument("--output_folder", required=True, help="local folder or s3:// URI")
+    g.add_argument("--output_format", default="webdataset", help="only webdataset is written")
+    g.add_argument("--number_sample_per_shard", type=int, default=sh.number_sample_per_shard)
+    g.add_argument("--s3_endpoint_url", default=None)
+    g = p.add_argument_group("download")
+    g.add_argument("--timeout", type=float, default=dl.timeout, help="seconds, total per request")
+    g.add_argument("--retries", type=int, default=dl.retries)
+    g.add_argument("--thread_count", type=int, default=dl.thread_count, help="threads per download actor")
+    g.add_argument("--max_bytes", type=int, default=dl.max_bytes)
+    g.add_argument("--user_agent_token", default=dl.user_agent_token)
+    g.add_argument(
+        "--disallowed_header_directives", type=_list, default=dl.disallowed_header_directives
+    )
+    g.add_argument(
+        "--allowed_networks",
+        type=_list,
+        action="append",
+        default=[],
+        help="CIDR allowed despite the address guard (repeat or comma-separate)",
+    )
+    g = p.add_argument_group("decode and resize")
+    g.add_argument("--image_size", type=int, default=dc.image_size)
+    g.add_argument("--resize_mode", default=dc.resize_mode, help="no | border | center_crop | keep_ratio")
+    g.add_argument("--resize_only_if_bigger", type=_bool, nargs="?", const=True, default=False)
+    g.add_argument("--encode_format", default=dc.encode_format, help="jpg | png | webp")
+    g.add_argument("--encode_quality", type=int, default=dc.encode_quality)
+    g.add_argument("--min_image_size", type=int, default=dc.min_image_size)
+    g.add_argument("--max_aspect_ratio", type=float, default=dc.max_aspect_ratio)
+    g.add_argument("--max_image_pixels", type=int, default=dc.max_image_pixels)
+    g.add_argument("--max_frames", type=int, default=dc.max_frames)
+    g = p.add_argument_group("execution")
+    g.add_argument("--ray_address", default=None, help="Ray cluster address; default: start locally")
+    g.add_argument("--download_concurrency", type=int, default=2, help="download actors")
+    g.add_argument("--summary_json", default=None, help="also write the summary to this path")
+
+
+def config_from_args(a: argparse.Namespace) -> DownloadJobConfig:
+    """Build (and validate) the job configuration from parsed ``download`` arguments."""
+    if a.output_format != "webdataset":
+        raise ConfigError(f"shard.output_format: only 'webdataset' is supported, got {a.output_format!r}")
+    cfg = DownloadJobConfig(
+        read=ReadConfig(
+            url_list=a.url_list,
+            input_format=a.input_format,
+            url_col=a.url_col,
+            caption_col=a.caption_col,
+            save_additional_columns=tuple(a.save_additional_columns),
+        ),
+        download=DownloadConfig(
+            timeout=a.timeout,
+            retries=a.retries,
+            max_bytes=a.max_bytes,
+            thread_count=a.thread_count,
+            user_agent_token=a.user_agent_token,
+            disallowed_header_directives=tuple(a.disallowed_header_directives),
+            allowed_networks=tuple(x for group in a.allowed_networks for x in group),
+        ),
+        decode=DecodeConfig(
+            image_size=a.image_size,
+            resize_mode=a.resize_mode,
+            resize_only_if_bigger=a.resize_only_if_bigger,
+            encode_format=a.encode_format,
+            encode_quality=a.encode_quality,
+            min_image_size=a.min_image_size,
+            max_aspect_ratio=a.max_aspect_ratio,
+            max_image_pixels=a.max_image_pixels,
+            max_frames=a.max_frames,
+        ),
+        shard=ShardConfig(output_folder=a.output_folder, number_sample_per_shard=a.number_sample_per_shard),
+        storage=StorageConfig(s3_endpoint_url=a.s3_endpoint_url),
+    )
+    cfg.validate()
+    if a.download_concurrency < 1:
+        raise ConfigError("execution.download_concurrency: must be >= 1")
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipcurate", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_download_args(
+        sub.add_parser(
+            "download",
+            help="URL lists -> WebDataset shards (img2dataset layout + manifests)",
+            description="Download, resize and shard images, img2dataset-style.",
+        )
+    )
+    return p
+
+
+def _print_summary(s: object) -> None:
+    d = s.to_json()  # type: ignore[attr-defined]
+    print(
+        f"shards: {d['shards_planned']} planned, {d['shards_skipped']} already done, "
+        f"{d['shards_written']} written to {d['output_folder']}"
+    )
+    print(
+        f"rows: {d['count']}  successes: {d['successes']}  failed_to_download: "
+        f"{d['failed_to_download']}  failed_to_resize: {d['failed_to_resize']}"
+    )
+    for status, count in d["status_dict"].items():
+        print(f"  {status:<22} {count}")
+    print(f"this run: {d['rows_this_run']} rows in {d['duration_s']:.1f} s ({d['images_per_s']:.1f} images/s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``clipcurate`` script; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"clipcurate: error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from pipeline.runner import run_download
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, include_dashboard=False)
+    try:
+        summary = run_download(cfg, download_concurrency=args.download_concurrency)
+    except ConfigError as e:  # input files or columns that do not exist
+        print(f"clipcurate: error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(summary)
+    if args.summary_json:
+        with open(args.summary_json, "w") as f:
+            json.dump(summary.to_json(), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

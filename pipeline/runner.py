@@ -1,0 +1,244 @@
+"""Build and run the Ray Data graph of the download half; the only module that knows the order.
+
+    shard descriptors -> read -> download -> decode -> shard
+
+Each shard travels as one block end to end: the descriptor dataset has one block per shard,
+read runs with ``batch_size=1`` (one descriptor in, one shard's rows out) and every later stage
+with ``batch_size=None`` (a whole block per call). ``target_max_block_size`` is raised so Ray
+does not cut a shard's block; if it ever does, :class:`~pipeline.stages.shard.ShardStage`
+(a single actor) reassembles the parts before writing.
+
+Resume: shards whose manifest exists and matches are skipped. After the stream, the runner
+checks every planned shard is committed and writes ``_stats.json`` with the totals over all
+shards of the input (including those committed by an earlier run).
+
+Resources (per task/actor): read 0.1 CPU; download runs as actors with 0 CPU, since its
+threads wait on the network; decode tasks take 1 CPU each (the work is there); the shard
+writer is one 0-CPU actor. So on an N-CPU machine N decode tasks run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import schema as S
+from pipeline.config import DownloadJobConfig
+from pipeline.stages.base import Resources, Stage
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.download import DownloadStage
+from pipeline.stages.read import ReadStage, ShardDescriptor, plan_shards
+from pipeline.stages.shard import ShardStage
+from pipeline.storage import Storage
+
+log = logging.getLogger("clipcurate.runner")
+
+# Large enough that a shard of full-size downloaded images stays one block.
+_MIN_TARGET_MAX_BLOCK_SIZE = 4 * 1024**3
+# Bounded retries: a poison input fails the job after a few attempts instead of looping.
+TASK_MAX_RETRIES = 2
+ACTOR_MAX_RESTARTS = 2
+
+
+class _StageActor:
+    """Ray Data callable class: one stage object per actor, ``setup()`` once."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage.process_batch(batch)
+
+
+def _stage_task(stage: Stage) -> Any:
+    def run(batch: pa.Table) -> pa.Table:
+        return stage.process_batch(batch)
+
+    run.__name__ = type(stage).__name__
+    return run
+
+
+def apply_stage(ds: Any, stage: Stage, batch_size: int | None = None) -> Any:
+    """``ds.map_batches`` for one stage: an actor pool when ``stage.needs_actor``, else tasks."""
+    import ray
+    from ray.util.annotations import RayDeprecationWarning
+
+    common: dict[str, Any] = {
+        "batch_size": batch_size,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+        "num_cpus": stage.resources.num_cpus,
+    }
+    if stage.resources.num_gpus:
+        common["num_gpus"] = stage.resources.num_gpus
+    # Ray Data retries forever by default (max_restarts / max_task_retries / max_retries = -1)
+    # and has no named parameter for these yet; passing them as remote args is the only way
+    # to bound retries, so its deprecation notice for remote args is silenced here only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        if stage.needs_actor:
+            size = stage.concurrency or 1
+            compute = (
+                ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
+                if isinstance(size, tuple)
+                else ray.data.ActorPoolStrategy(size=size)
+            )
+            return ds.map_batches(
+                _StageActor,
+                fn_constructor_args=(stage,),
+                compute=compute,
+                max_restarts=ACTOR_MAX_RESTARTS,
+                max_task_retries=TASK_MAX_RETRIES,
+                **common,
+            )
+        if stage.concurrency is not None:
+            common["compute"] = ray.data.TaskPoolStrategy(
+                size=stage.concurrency if isinstance(stage.concurrency, int) else stage.concurrency[1]
+            )
+        return ds.map_batches(_stage_task(stage), max_retries=TASK_MAX_RETRIES, **common)
+
+
+@dataclass
+class DownloadSummary:
+    """Totals of a download run. Counts are rows; times in seconds."""
+
+    output_folder: str
+    shards_planned: int
+    shards_skipped: int
+    shards_written: int
+    count: int = 0
+    successes: int = 0
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    status_dict: dict[str, int] = field(default_factory=dict)
+    rows_this_run: int = 0
+    successes_this_run: int = 0
+    duration_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        """Stored images per second of this run's wall time."""
+        return self.successes_this_run / self.duration_s if self.duration_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": self.images_per_s}
+
+
+def build_stages(cfg: DownloadJobConfig, download_concurrency: int = 2) -> list[Stage]:
+    """The stages after read, in order, with the resources described in the module docstring."""
+    return [
+        DownloadStage(
+            config=cfg.download,
+            resources=Resources(num_cpus=0),
+            # Autoscaling from one actor, so a one-shard job does not start idle actors.
+            concurrency=(1, download_concurrency),
+        ),
+        DecodeStage(cfg=cfg.decode, resources=Resources(num_cpus=1)),
+        ShardStage(
+            cfg=cfg.shard,
+            storage=cfg.storage,
+            passthrough=tuple(cfg.read.save_additional_columns),
+            resources=Resources(num_cpus=0),
+            concurrency=1,
+        ),
+    ]
+
+
+def _stage_of(status: str) -> str:
+    if status == S.OK:
+        return "ok"
+    if status in S.READ_STATUSES:
+        return "read"
+    if S.is_decode_failure(status):
+        return "decode"
+    return "download"
+
+
+def run_download(cfg: DownloadJobConfig, download_concurrency: int = 2) -> DownloadSummary:
+    """Run the download half on the current Ray cluster (``ray.init`` first, or one starts).
+
+    Validates ``cfg`` (``ConfigError`` names the field), plans the shards, skips committed
+    ones, streams the rest through the stages, then writes ``_stats.json`` in the output
+    folder. Raises ``RuntimeError`` if a planned shard is not committed at the end.
+    """
+    import ray
+
+    cfg.validate()
+    started = time.time()
+    n = cfg.shard.number_sample_per_shard
+    shards = plan_shards(cfg.read, n, cfg.storage)
+    storage = Storage(cfg.shard.output_folder, cfg.storage)
+    committed = storage.committed_shards()
+    todo = [d for d in shards if S.shard_name(d.shard_id) not in committed]
+    log.info(
+        "%d shards planned, %d already committed, %d to do", len(shards), len(shards) - len(todo), len(todo)
+    )
+    per_stage: Counter[str] = Counter()
+    status_this_run: Counter[str] = Counter()
+    if todo:
+        if not ray.is_initialized():
+            ray.init()
+        ctx = ray.data.DataContext.get_current()
+        ctx.target_max_block_size = max(ctx.target_max_block_size or 0, _MIN_TARGET_MAX_BLOCK_SIZE)
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items([d.as_row() for d in todo], override_num_blocks=len(todo))
+        read = ReadStage(
+            cfg=cfg.read, number_sample_per_shard=n, storage=cfg.storage, resources=Resources(num_cpus=0.1)
+        )
+        ds = apply_stage(ds, read, batch_size=1)
+        for stage in build_stages(cfg, download_concurrency):
+            ds = apply_stage(ds, stage)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for status in batch.column(S.STATUS).to_pylist():
+                status_this_run[status] += 1
+                per_stage[_stage_of(status)] += 1
+        log.info("rows this run by stage outcome: %s", dict(per_stage))
+    missing = [
+        S.shard_name(d.shard_id) for d in todo if S.shard_name(d.shard_id) not in storage.committed_shards()
+    ]
+    if missing:
+        raise RuntimeError(f"shards not committed after the run: {missing[:20]}")
+    summary = _write_totals(storage, shards, len(shards) - len(todo), len(todo), started)
+    summary.rows_this_run = sum(status_this_run.values())
+    summary.successes_this_run = status_this_run.get(S.OK, 0)
+    return summary
+
+
+def _write_totals(
+    storage: Storage, shards: list[ShardDescriptor], skipped: int, written: int, started: float
+) -> DownloadSummary:
+    summary = DownloadSummary(storage.root, len(shards), skipped, written)
+    statuses: Counter[str] = Counter()
+    for d in shards:
+        stats = json.loads(storage.read_bytes(f"{S.shard_name(d.shard_id)}_stats.json"))
+        summary.count += stats["count"]
+        summary.successes += stats["successes"]
+        summary.failed_to_download += stats["failed_to_download"]
+        summary.failed_to_resize += stats["failed_to_resize"]
+        statuses.update(stats["status_dict"])
+    summary.status_dict = dict(sorted(statuses.items()))
+    summary.duration_s = time.time() - started
+    totals = {
+        "count": summary.count,
+        "successes": summary.successes,
+        "failed_to_download": summary.failed_to_download,
+        "failed_to_resize": summary.failed_to_resize,
+        "status_dict": summary.status_dict,
+        "shards": summary.shards_planned,
+        "shards_skipped": skipped,
+        "shards_written": written,
+        "duration": summary.duration_s,
+    }
+    storage.write_atomic("_stats.json", json.dumps(totals, indent=4).encode("utf-8"))
+    return summary
+
+
+__all__ = ["DownloadSummary", "apply_stage", "build_stages", "run_download"]

@@ -1,0 +1,192 @@
+"""Column names, the row status vocabulary and the shard-table schema, in one place.
+
+Every stage of the download half reads and writes pyarrow Tables whose columns are named here,
+so a rename happens in one file. The status of a row is ``"ok"`` or the reason it failed; the
+reasons are grouped by the stage that sets them, which is also how ``_stats.json`` splits
+failures into img2dataset's ``failed_to_download`` and ``failed_to_resize`` counters.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- columns set by the read stage --------------------------------------------------------
+KEY = "key"  # img2dataset-shaped: shard id (5 digits) + row in shard, zero padded
+SHARD_ID = "shard_id"  # int64, global shard number
+URL = "url"
+CAPTION = "caption"
+STATUS = "status"
+ERROR = "error"
+# Bookkeeping columns that travel with the rows but are not part of any output table.
+SHARD_ROWS = "_shard_rows"  # int64: how many rows the shard has in total
+SHARD_STARTED = "_shard_started"  # float64: unix time the read stage emitted the shard
+
+# --- columns set by the download stage ----------------------------------------------------
+IMAGE_BYTES = "image_bytes"
+HTTP_STATUS = "http_status"
+DOWNLOAD_S = "download_s"
+
+# --- columns set by the decode stage ------------------------------------------------------
+IMAGE = "image"
+IMAGE_FORMAT = "image_format"
+WIDTH = "width"
+HEIGHT = "height"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+SHA256 = "sha256"
+
+# --- column set by the shard stage --------------------------------------------------------
+SHARD = "shard"  # "00012": the file stem of the tar/parquet holding the row
+
+OK = "ok"
+
+# Statuses the read stage sets.
+READ_STATUSES = frozenset({"missing_url", "malformed_row"})
+# Statuses the download stage sets (helper C1's vocabulary; http_<code> is open-ended).
+DOWNLOAD_STATUSES = frozenset(
+    {
+        "timeout",
+        "connection_error",
+        "too_large",
+        "blocked_address",
+        "bad_scheme",
+        "bad_url",
+        "opt_out",
+        "too_many_redirects",
+        "tls_error",
+        "incomplete_body",
+        "download_error",
+    }
+)
+# Statuses the decode stage sets.
+DECODE_STATUSES = frozenset(
+    {
+        "decode_error",
+        "unsupported_format",
+        "too_many_pixels",
+        "too_many_frames",
+        "too_small",
+        "bad_aspect_ratio",
+        "truncated",
+    }
+)
+
+
+def is_decode_failure(status: str) -> bool:
+    """True for statuses that mean the bytes arrived but could not become a stored image."""
+    return status in DECODE_STATUSES
+
+
+def shard_name(shard_id: int) -> str:
+    """File stem of a shard, as img2dataset names it (``oom_shard_count=5``): ``12 -> "00012"``."""
+    return f"{shard_id:05d}"
+
+
+def sample_digits(number_sample_per_shard: int) -> int:
+    """Digits of the row part of a key: ``ceil(log10(n))`` exactly as img2dataset computes it."""
+    digits = 0
+    while 10**digits < number_sample_per_shard:
+        digits += 1
+    return digits
+
+
+def make_key(shard_id: int, row_in_shard: int, number_sample_per_shard: int) -> str:
+    """img2dataset's key: ``10**digits * shard_id + row``, zero padded to ``5 + digits``.
+
+    ``make_key(12, 42, 10000) == "000120042"``. Digits and letters only, so it is safe as a tar
+    member stem and as a WebDataset ``__key__`` (no dots, no slashes).
+    """
+    digits = sample_digits(number_sample_per_shard)
+    return f"{10**digits * shard_id + row_in_shard:0{5 + digits}d}"
+
+
+# The per-shard parquet table (``<shard>.parquet``): one row per input row of the shard, in
+# input order, whatever its status. Passthrough input columns follow these.
+SHARD_TABLE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(KEY, pa.string()),
+    pa.field(SHARD, pa.string()),
+    pa.field(URL, pa.string()),
+    pa.field(CAPTION, pa.string()),
+    pa.field(STATUS, pa.string()),
+    pa.field(ERROR, pa.string()),
+    pa.field(HTTP_STATUS, pa.int32()),
+    pa.field(DOWNLOAD_S, pa.float32()),
+    pa.field(IMAGE_FORMAT, pa.string()),
+    pa.field(WIDTH, pa.int32()),
+    pa.field(HEIGHT, pa.int32()),
+    pa.field(ORIGINAL_WIDTH, pa.int32()),
+    pa.field(ORIGINAL_HEIGHT, pa.int32()),
+    pa.field(SHA256, pa.string()),
+)
+SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_TABLE_FIELDS))
+
+
+# ==============================================================================================
+# Embed half (helper E): preprocess -> embed -> moderate -> write, and the output Parquet schema.
+# ==============================================================================================
+
+# Working columns between preprocess and embed; never written.
+PIXELS = "_pixels"  # binary: uint8 [S, S, 3] (height, width, RGB), the model's input before normalising
+TOKENS = "_tokens"  # list<int32>: token ids <start_of_text> ... <end_of_text>, no padding
+
+# --- columns set by the embed stage -------------------------------------------------------
+IMAGE_EMBEDDING = "image_embedding"  # fixed_size_list<float16>[D], unit norm
+TEXT_EMBEDDING = "text_embedding"  # fixed_size_list<float16>[D], unit norm
+CLIP_SCORE = "clip_score"  # float32: cosine of the two (float32) unit embeddings
+MODEL = "model"  # "<architecture>@sha256:<hex of the weights>" (or "@random-init")
+EMBED_WORKER = "embed_worker"  # optional debug column: "<host>:<pid>" of the embedding actor
+
+# --- columns set by the moderate stage ----------------------------------------------------
+UNSAFE_SCORE = "unsafe_score"  # float32: max over concepts and sides of (margin - threshold); > 0 flags
+UNSAFE_CONCEPT = "unsafe_concept"  # the concept that flagged the row (null when not flagged)
+UNSAFE_SOURCE = "unsafe_source"  # "image", "caption" or "head" (null when not flagged)
+
+# --- filter bookkeeping (moderation and dedup fill these) ----------------------------------
+DUPLICATE_OF = "duplicate_of"
+KEEP = "keep"
+DROP_REASON = "drop_reason"
+
+# Statuses the preprocess stage sets (an ok row whose stored image cannot reach the model).
+EMBED_STATUSES = frozenset({"image_missing", "preprocess_error"})
+
+
+def embedding_type(dim: int) -> pa.DataType:
+    """``fixed_size_list<float16>[dim]``: how embeddings are stored."""
+    return pa.list_(pa.float16(), dim)
+
+
+def output_fields(dim: int) -> tuple[pa.Field, ...]:
+    """The fixed columns of the output Parquet, in order (passthrough columns follow)."""
+    return (
+        pa.field(KEY, pa.string()),
+        pa.field(SHARD, pa.string()),
+        pa.field(URL, pa.string()),
+        pa.field(CAPTION, pa.string()),
+        pa.field(STATUS, pa.string()),
+        pa.field(ERROR, pa.string()),
+        pa.field(HTTP_STATUS, pa.int32()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(ORIGINAL_WIDTH, pa.int32()),
+        pa.field(ORIGINAL_HEIGHT, pa.int32()),
+        pa.field(SHA256, pa.string()),
+        pa.field(IMAGE_EMBEDDING, embedding_type(dim)),
+        pa.field(TEXT_EMBEDDING, embedding_type(dim)),
+        pa.field(CLIP_SCORE, pa.float32()),
+        pa.field(UNSAFE_SCORE, pa.float32()),
+        pa.field(UNSAFE_CONCEPT, pa.string()),
+        pa.field(UNSAFE_SOURCE, pa.string()),
+        pa.field(DUPLICATE_OF, pa.string()),
+        pa.field(KEEP, pa.bool_()),
+        pa.field(DROP_REASON, pa.string()),
+        pa.field(MODEL, pa.string()),
+    )
+
+
+def output_schema(dim: int, passthrough: pa.Schema | None = None) -> pa.Schema:
+    """Schema of the output Parquet for embeddings of size ``dim``, plus passthrough columns."""
+    fields = list(output_fields(dim))
+    if passthrough is not None:
+        names = {f.name for f in fields}
+        fields.extend(f for f in passthrough if f.name not in names)
+    return pa.schema(fields)
