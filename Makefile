@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipcurate-installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install test lint demo bench-encoders clean
+.PHONY: install test lint demo bench-encoders clean chromium
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml constraints-dev.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# tests/pipeline/test_report.py renders report.html in headless Chromium (Debian package
+# `chromium`); installed only when missing, with sudo when not root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,0 +1,629 @@
+"""Global deduplication after the stream: exact (same image hash) and semantic (near-identical
+CLIP image embeddings), optionally against the rows an earlier run kept.
+
+Semantic dedup follows SemDeDup (Abbas et al., 2023): spherical k-means on a sample of the
+embeddings, every row assigned to its nearest centroid (and, when the margin to the
+second-nearest is small, to that one too), then all pairs inside each cluster are compared with
+blocked matrix products. No N x N matrix is ever built: the largest temporary is one block of
+``block_rows x cluster_size`` similarities, and the N x D embedding matrix stays in its storage
+dtype (float16 in the output schema) while each block is converted to float32.
+
+Choosing keepers, and how chains are handled
+--------------------------------------------
+Similarity is not transitive: A ~ B and B ~ C do not imply A ~ C. Keeping one row per connected
+component (what plain union-find grouping gives) would drop C as a duplicate of A although the
+two differ. We keep greedily instead, in priority order (highest ``clip_score`` first, then the
+smallest ``key``): a row is kept unless it is similar to a row kept before it; a dropped row's
+``duplicate_of`` is the highest-priority kept row it is directly similar to. Two guarantees
+follow and are tested: every dropped row is similar (cosine >= threshold) to the row it names,
+and no two kept rows are similar. In the chain A ~ B ~ C (A first) A is kept, B is dropped as
+a duplicate of A, and C is kept.
+
+Rows with the same ``sha256`` are one item: the best of them (same priority rule) represents
+the hash group in the semantic pass and the others are dropped with ``dup_kind`` = ``"exact"``
+and ``duplicate_of`` = the representative. Rows kept by an earlier run always win: a row of
+this run similar to one of them (or with the same hash) is dropped with ``dup_kind`` =
+``"previous_run"`` and ``duplicate_of`` = that row's key. ``duplicate_of`` therefore always
+states a direct relation (same bytes, cosine >= threshold, or a repeat of an earlier run). It
+names a kept row except for an exact duplicate whose representative was itself dropped; one
+more step along ``duplicate_of`` reaches the kept row then. ``dup_group_size`` counts every
+row whose chain ends at the same kept row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.config import DedupConfig
+
+log = logging.getLogger(__name__)
+
+# Similarity blocks are capped at this many float32 entries (64 MiB) whatever the cluster size.
+_BLOCK_ENTRIES = 16 * 1024 * 1024
+# Below this many rows the automatic cluster count is 1: comparing all pairs exactly costs
+# less than a second and gives recall 1.0.
+AUTO_SINGLE_CLUSTER_MAX = 10_000
+
+KIND_EXACT = "exact"
+KIND_SEMANTIC = "semantic"
+KIND_PREVIOUS = "previous_run"
+
+# Columns read from an earlier run's Parquet files.
+PREVIOUS_COLUMNS = ("key", "sha256", "image_embedding", "status", "duplicate_of")
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Similar pairs found by :func:`semantic_pairs`.
+
+    ``i`` and ``j`` are int64 row indices of equal length E, ``sim`` the float32 cosine of each
+    pair. Without ``other`` both index ``emb`` and ``i < j``; with ``other``, ``i`` indexes
+    ``emb`` and ``j`` indexes ``other``. Pairs are unique and sorted by (i, j).
+    """
+
+    i: np.ndarray
+    j: np.ndarray
+    sim: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.i.shape[0])
+
+
+# ----------------------------------------------------------------------------- exact
+
+
+def exact_groups(sha256: Sequence[str | None]) -> np.ndarray:
+    """Group rows by identical hash.
+
+    ``sha256``: N hex strings, ``None`` where the row has no image. Returns int64 [N]: for each
+    row the index of the first row with the same hash (a row that is first points at itself),
+    -1 for ``None``.
+    """
+    first: dict[str, int] = {}
+    out = np.full(len(sha256), -1, dtype=np.int64)
+    for idx, h in enumerate(sha256):
+        if h is None:
+            continue
+        out[idx] = first.setdefault(h, idx)
+    return out
+
+
+# -------------------------------------------------------------------------- semantic
+
+
+def auto_n_clusters(n: int) -> int:
+    """The cluster count used when none is configured: 1 up to
+    ``AUTO_SINGLE_CLUSTER_MAX`` rows, else round(sqrt(n)), which balances the cost of assigning
+    rows to centroids (n * k) against comparing within clusters (n * n / k)."""
+    if n <= AUTO_SINGLE_CLUSTER_MAX:
+        return 1
+    return int(round(math.sqrt(n)))
+
+
+def _rows_f32(emb: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(emb[start:stop], dtype=np.float32))
+
+
+def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_centroids(
+    emb: np.ndarray,
+    n_clusters: int,
+    sample_size: int = 100_000,
+    n_iter: int = 10,
+    seed: int = 0,
+    block_rows: int = 16_384,
+) -> np.ndarray:
+    """Spherical k-means (cosine) on a random sample of ``emb``.
+
+    ``emb``: [N, D] float16 or float32, rows unit norm. Returns float32 [K, D] unit-norm
+    centroids with K = min(n_clusters, sample rows). Deterministic for a given ``seed``: the
+    sample and the initial centroids come from ``numpy.random.default_rng(seed)``. A cluster
+    that empties is re-seeded with the sample point farthest from its centroid.
+    """
+    n, d = emb.shape
+    if n == 0:
+        raise ValueError("fit_centroids needs at least one row")
+    rng = np.random.default_rng(seed)
+    take = min(sample_size, n)
+    sample_idx = np.sort(rng.choice(n, size=take, replace=False)) if take < n else np.arange(n)
+    x = torch.from_numpy(np.asarray(emb[sample_idx], dtype=np.float32))
+    k = max(1, min(n_clusters, take))
+    cent = x[torch.from_numpy(rng.choice(take, size=k, replace=False))].clone()
+    for _ in range(n_iter):
+        labels = torch.empty(take, dtype=torch.int64)
+        best = torch.empty(take, dtype=torch.float32)
+        for s in range(0, take, block_rows):
+            sims = x[s : s + block_rows] @ cent.T
+            best[s : s + block_rows], labels[s : s + block_rows] = sims.max(dim=1)
+        sums = torch.zeros(k, d, dtype=torch.float32).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k)
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):
+            # The worst-served points become the new centroids of the empty clusters.
+            far = torch.argsort(best)[: len(empty)]
+            sums[empty] = x[far]
+        new = _normalize_rows(sums)
+        if torch.equal(new, cent):
+            break
+        cent = new
+    return cent.numpy()
+
+
+def assign_clusters(
+    emb: np.ndarray,
+    centroids: np.ndarray,
+    second_cluster_margin: float = 0.0,
+    block_rows: int = 16_384,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row, and the second-nearest where it is almost as near.
+
+    ``emb``: [N, D] float16/32 unit norm; ``centroids``: [K, D] float32 unit norm. Returns
+    (``primary`` int64 [N], ``secondary`` int64 [N]): ``secondary`` is the second-nearest
+    cluster when cos(primary) - cos(second) <= ``second_cluster_margin``, else -1. Near
+    duplicates that straddle a cluster boundary have small margins, so the second assignment
+    is what recovers them (a margin of 0 turns it off).
+    """
+    n = emb.shape[0]
+    cent = torch.from_numpy(np.asarray(centroids, dtype=np.float32))
+    primary = np.empty(n, dtype=np.int64)
+    secondary = np.full(n, -1, dtype=np.int64)
+    k = cent.shape[0]
+    for s in range(0, n, block_rows):
+        sims = _rows_f32(emb, s, s + block_rows) @ cent.T
+        if k == 1:
+            primary[s : s + block_rows] = 0
+            continue
+        top, arg = sims.topk(2, dim=1)
+        primary[s : s + block_rows] = arg[:, 0].numpy()
+        close = (top[:, 0] - top[:, 1]) <= second_cluster_margin
+        if second_cluster_margin > 0:
+            sec = np.where(close.numpy(), arg[:, 1].numpy(), -1)
+            secondary[s : s + block_rows] = sec
+    return primary, secondary
+
+
+def cluster_members(primary: np.ndarray, secondary: np.ndarray, k: int) -> list[np.ndarray]:
+    """Members of each of the ``k`` clusters: a list of k ascending int64 index arrays, a row
+    listed under its ``primary`` cluster and, where ``secondary`` >= 0, under that one too."""
+    rows = np.arange(primary.shape[0], dtype=np.int64)
+    has2 = secondary >= 0
+    lab = np.concatenate([primary, secondary[has2]])
+    idx = np.concatenate([rows, rows[has2]])
+    order = np.lexsort((idx, lab))
+    lab, idx = lab[order], idx[order]
+    bounds = np.searchsorted(lab, np.arange(k + 1))
+    return [idx[bounds[c] : bounds[c + 1]] for c in range(k)]
+
+
+def _unique_pairs(
+    i_parts: list[np.ndarray], j_parts: list[np.ndarray], s_parts: list[np.ndarray], n_j: int
+) -> Pairs:
+    if not i_parts:
+        empty = np.empty(0, dtype=np.int64)
+        return Pairs(empty, empty.copy(), np.empty(0, dtype=np.float32))
+    i = np.concatenate(i_parts)
+    j = np.concatenate(j_parts)
+    s = np.concatenate(s_parts)
+    code = i * np.int64(max(n_j, 1)) + j
+    code, first = np.unique(code, return_index=True)
+    return Pairs(i[first], j[first], s[first].astype(np.float32))
+
+
+def pairs_within_clusters(
+    emb: np.ndarray,
+    members: list[np.ndarray],
+    threshold: float,
+    other: np.ndarray | None = None,
+    other_members: list[np.ndarray] | None = None,
+) -> Pairs:
+    """All pairs with cosine >= ``threshold`` that share a cluster.
+
+    ``emb``: [N, D] float16/32 unit norm; ``members[c]``: ascending int64 row indices of
+    cluster c. Without ``other`` pairs are within ``emb`` (i < j); with ``other`` ([M, D]) and
+    ``other_members`` (same clustering) pairs are (row of emb, row of other). Similarities are
+    computed in float32, one block of at most 16 Mi entries at a time.
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    i_parts: list[np.ndarray] = []
+    j_parts: list[np.ndarray] = []
+    s_parts: list[np.ndarray] = []
+    cross = other is not None
+    if cross and (other_members is None or len(other_members) != len(members)):
+        raise ValueError("other_members must hold one index array per cluster of members")
+    for c, idx in enumerate(members):
+        cols_idx = other_members[c] if cross else idx
+        if len(idx) == 0 or len(cols_idx) == 0 or (not cross and len(idx) < 2):
+            continue
+        xa = torch.from_numpy(np.asarray(emb[idx], dtype=np.float32))
+        xb = torch.from_numpy(np.asarray(other[cols_idx], dtype=np.float32)) if cross else xa
+        step = max(1, _BLOCK_ENTRIES // len(cols_idx))
+        for s in range(0, len(idx), step):
+            if cross:
+                sims = xa[s : s + step] @ xb.T
+                col0 = 0
+            else:
+                # A row of this block pairs only with later rows (j > i): columns before the
+                # block are skipped and the triangle inside it is masked.
+                sims = torch.triu(xa[s : s + step] @ xb[s:].T, diagonal=1)
+                col0 = s
+            r, q = torch.nonzero(sims >= threshold, as_tuple=True)
+            i_parts.append(idx[(r + s).numpy()])
+            j_parts.append(cols_idx[(q + col0).numpy()])
+            s_parts.append(sims[r, q].numpy())
+    n_j = other.shape[0] if cross else emb.shape[0]
+    return _unique_pairs(i_parts, j_parts, s_parts, n_j)
+
+
+def semantic_pairs(
+    emb: np.ndarray,
+    threshold: float = 0.95,
+    n_clusters: int | None = None,
+    sample_size: int = 100_000,
+    seed: int = 0,
+    second_cluster_margin: float = 0.05,
+    kmeans_iterations: int = 10,
+    other: np.ndarray | None = None,
+) -> Pairs:
+    """Pairs of rows whose cosine similarity is >= ``threshold``, SemDeDup-style.
+
+    ``emb``: [N, D] float16 or float32, rows unit norm (the pipeline stores them so). With
+    ``other`` ([M, D], same contract, e.g. an earlier run's kept embeddings) the pairs are
+    between ``emb`` and ``other`` instead of within ``emb``; the clustering is fitted on the
+    union. ``n_clusters=None`` picks :func:`auto_n_clusters`. Pairs split across clusters are
+    found only through ``second_cluster_margin`` (see :func:`assign_clusters`); with one
+    cluster the result is exact. Memory: O(N) besides ``emb`` plus fixed-size blocks.
+    """
+    if emb.ndim != 2:
+        raise ValueError(f"emb must be 2-D [N, D], got shape {emb.shape}")
+    if other is not None and (other.ndim != 2 or other.shape[1] != emb.shape[1]):
+        raise ValueError(f"other must be [M, {emb.shape[1]}], got shape {other.shape}")
+    n = emb.shape[0]
+    m = 0 if other is None else other.shape[0]
+    if n == 0 or (other is None and n < 2) or (other is not None and m == 0):
+        return _unique_pairs([], [], [], 1)
+    k = n_clusters if n_clusters is not None else auto_n_clusters(n + m)
+    if k <= 1:
+        members = [np.arange(n, dtype=np.int64)]
+        other_members = [np.arange(m, dtype=np.int64)] if other is not None else None
+        return pairs_within_clusters(emb, members, threshold, other, other_members)
+    if other is None:
+        cent = fit_centroids(emb, k, sample_size, kmeans_iterations, seed)
+    else:
+        # Fit on a sample of the union without concatenating the two full matrices.
+        rng = np.random.default_rng(seed)
+        take = min(sample_size, n + m)
+        pick = np.sort(rng.choice(n + m, size=take, replace=False))
+        both = np.concatenate([emb[pick[pick < n]], other[pick[pick >= n] - n]])
+        cent = fit_centroids(both, k, take, kmeans_iterations, seed)
+        del both
+    k = cent.shape[0]
+    p, s2 = assign_clusters(emb, cent, second_cluster_margin)
+    members = cluster_members(p, s2, k)
+    other_members = None
+    if other is not None:
+        # A row of this run already carries two clusters when its margin is small; giving the
+        # earlier rows a second cluster as well covers a boundary crossing from either side.
+        po, so = assign_clusters(other, cent, second_cluster_margin)
+        other_members = cluster_members(po, so, k)
+    return pairs_within_clusters(emb, members, threshold, other, other_members)
+
+
+# --------------------------------------------------------------------------- keepers
+
+
+def priority_order(clip_score: np.ndarray, key: Sequence[str]) -> np.ndarray:
+    """Row indices best first: highest ``clip_score`` (float [N], NaN counts as lowest), ties
+    broken by the smallest ``key`` (N strings). Returns int64 [N]."""
+    score = np.asarray(clip_score, dtype=np.float64)
+    score = np.where(np.isnan(score), -np.inf, score)
+    keys = np.asarray(list(key), dtype=str) if len(key) else np.empty(0, dtype=str)
+    return np.lexsort((keys, -score)).astype(np.int64)
+
+
+def choose_keepers(
+    n: int, pairs_i: np.ndarray, pairs_j: np.ndarray, order: np.ndarray
+) -> np.ndarray:
+    """Greedy keep in priority order over an undirected similarity graph.
+
+    ``n`` rows; ``pairs_i``/``pairs_j``: int64 [E] edges; ``order``: int64 [N] row indices best
+    first (see :func:`priority_order`). Returns int64 [N]: -1 for a kept row, else the index of
+    the best kept row it has an edge to. A row is kept iff no earlier-kept row is adjacent to
+    it, so no two kept rows are adjacent and every dropped row is adjacent to its keeper.
+    """
+    result = np.full(n, -1, dtype=np.int64)
+    if len(pairs_i) == 0:
+        return result
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+    a = np.concatenate([pairs_i, pairs_j])
+    b = np.concatenate([pairs_j, pairs_i])
+    # Adjacency in CSR form with each row's neighbours sorted best first.
+    sort = np.lexsort((rank[b], a))
+    a, b = a[sort], b[sort]
+    start = np.searchsorted(a, np.arange(n + 1))
+    decided = np.zeros(n, dtype=bool)
+    # Only rows with edges need a decision; walking them best first is what makes the rule greedy.
+    for row in order[np.isin(order, a)]:
+        if decided[row]:
+            continue
+        decided[row] = True
+        nb = b[start[row] : start[row + 1]]
+        nb = nb[~decided[nb]]
+        result[nb] = row
+        decided[nb] = True
+    return result
+
+
+# ------------------------------------------------------------------------------ table
+
+
+def _embedding_matrix(col: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
+    """[N, D] float16 from a non-null (fixed_size_)list<float16|float32> column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = arr.type
+    if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
+        raise ValueError(f"{what}.image_embedding must be a list of floats, got {t}")
+    if not pa.types.is_floating(t.value_type):
+        raise ValueError(f"{what}.image_embedding must hold floats, got {t}")
+    n = len(arr)
+    if n == 0:
+        return np.empty((0, t.list_size if pa.types.is_fixed_size_list(t) else 0), np.float16)
+    if not pa.types.is_fixed_size_list(t):
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        if len(np.unique(lengths)) != 1:
+            raise ValueError(
+                f"{what}.image_embedding rows have different lengths {np.unique(lengths)[:5]}"
+            )
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
+    return flat.reshape(n, -1)
+
+
+def _unit_rows(emb: np.ndarray, block_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """``emb`` with rows rescaled to unit norm, and bool [N], False for rows that are zero or
+    not finite (these are set to zero and can only be deduplicated by hash). The pipeline writes unit rows, so the
+    input (possibly a read-only view of Arrow memory) is returned as is unless a row is off
+    by more than float16 rounding; only then is it copied."""
+    norms = np.empty(emb.shape[0], dtype=np.float32)
+    for s in range(0, emb.shape[0], block_rows):
+        norms[s : s + block_rows] = np.linalg.norm(
+            emb[s : s + block_rows].astype(np.float32), axis=1
+        )
+    good = np.isfinite(norms) & (norms > 1e-6)
+    if good.all() and np.all(np.abs(norms - 1) <= 2e-3):
+        return emb, good
+    fixed = np.array(emb, dtype=emb.dtype, copy=True)
+    scale = np.where(good, norms, 1.0).astype(np.float32)[:, None]
+    for s in range(0, emb.shape[0], block_rows):
+        fixed[s : s + block_rows] = (
+            emb[s : s + block_rows].astype(np.float32) / scale[s : s + block_rows]
+        )
+    # Zero rows have cosine 0 with everything, so they never pair and never skew k-means.
+    fixed[~good] = 0
+    return fixed, good
+
+
+def _eligible(table: pa.Table) -> np.ndarray:
+    mask = pc.is_valid(table["image_embedding"])
+    if "status" in table.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(table["status"], "ok"), False))
+    return np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+
+
+def _require(table: pa.Table, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{what} table lacks column(s) {missing}; it has {table.column_names}")
+
+
+def _previous_kept(previous: pa.Table) -> pa.Table:
+    """The rows of an earlier run that new rows are compared with: ok, with an embedding, not
+    themselves a duplicate."""
+    _require(previous, ("key", "image_embedding"), "previous")
+    mask = pc.is_valid(previous["image_embedding"])
+    if "status" in previous.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(previous["status"], "ok"), False))
+    if "duplicate_of" in previous.column_names:
+        mask = pc.and_(mask, pc.is_null(previous["duplicate_of"]))
+    return previous.filter(mask)
+
+
+def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = None) -> pa.Table:
+    """Mark duplicates in a finished run's table.
+
+    ``table`` needs ``key`` (string), ``sha256`` (string), ``clip_score`` (float) and
+    ``image_embedding`` (fixed_size_list<float16>[D]); only rows with ``status == "ok"`` (when
+    the column exists) and a non-null embedding take part. ``previous``: rows of earlier runs
+    (at least ``key`` and ``image_embedding``; ``sha256``, ``status`` and ``duplicate_of`` are
+    used when present); new rows that repeat one of them are dropped.
+
+    Returns ``table`` with ``duplicate_of`` (string, the kept row's key, null when the row is
+    kept or did not take part), ``dup_group_size`` (int32: the kept row plus every row whose
+    ``duplicate_of`` chain ends at it; null when the row did not take part) and ``dup_kind`` (string: ``exact``,
+    ``semantic``, ``previous_run`` or null), replacing those columns if present. Rows are
+    never removed or reordered, and ``keep``/``drop_reason`` are left alone: the final decision
+    (which also weighs the other filters) is :func:`pipeline.decisions.decide`'s.
+    """
+    cfg.validate()
+    _require(table, ("key", "sha256", "clip_score", "image_embedding"), "input")
+    n_rows = table.num_rows
+    rows = _eligible(table)
+    take = pa.array(rows, pa.int64())
+    n = len(rows)
+    keys = table["key"].take(take).to_pylist()
+    hashes = table["sha256"].take(take).to_pylist()
+    score = pc.cast(table["clip_score"].take(take), pa.float64()).to_numpy(zero_copy_only=False)
+    order = priority_order(score, keys)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+
+    # Exact: the best row of each hash group represents it.
+    first = exact_groups(hashes)
+    rep = np.arange(n, dtype=np.int64)
+    has_hash = first >= 0
+    if has_hash.any():
+        groups = first[has_hash]
+        members = np.flatnonzero(has_hash)
+        best_rank = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(best_rank, groups, rank[members])
+        rep[members] = order[best_rank[groups]]
+    is_rep = rep == np.arange(n)
+    cand = np.flatnonzero(is_rep)  # row positions (in the eligible rows) of the representatives
+
+    # Only the representatives' embeddings are materialised: one copy, in the column's dtype.
+    emb = _embedding_matrix(
+        table["image_embedding"].take(pa.array(rows[cand], pa.int64())), "input"
+    )
+    emb, emb_ok = _unit_rows(emb)
+    if not emb_ok.all():
+        log.warning(
+            "dedup: %d rows have a zero or non-finite embedding; hash dedup only",
+            int((~emb_ok).sum()),
+        )
+
+    keeper_idx = np.full(n, -1, dtype=np.int64)  # row position in this run of the keeper
+    prev_key: list[str | None] = [None] * n  # key of an earlier run's keeper
+    kind: list[str | None] = [None] * n
+    # claimed[c]: representative c (index into cand/emb) is already dropped.
+    claimed = np.zeros(len(cand), dtype=bool)
+
+    # Earlier runs: a representative that repeats a previous row is dropped.
+    if previous is not None:
+        prev = _previous_kept(previous)
+        pkeys = prev["key"].to_pylist()
+        if "sha256" in prev.column_names and prev.num_rows:
+            by_hash = {
+                h: k
+                for h, k in zip(prev["sha256"].to_pylist(), pkeys, strict=True)
+                if h is not None
+            }
+            for c, r in enumerate(cand.tolist()):
+                h = hashes[r]
+                if h is not None and h in by_hash:
+                    prev_key[r], kind[r] = by_hash[h], KIND_PREVIOUS
+                    claimed[c] = True
+        pemb = _embedding_matrix(prev["image_embedding"], "previous")
+        if pemb.shape[0] and emb.shape[1] != pemb.shape[1]:
+            raise ValueError(
+                f"previous embeddings have dimension {pemb.shape[1]}, this run {emb.shape[1]}"
+            )
+        pemb, _ = _unit_rows(pemb)
+        if len(cand) and len(pemb):
+            pp = semantic_pairs(
+                emb,
+                cfg.threshold,
+                cfg.n_clusters,
+                cfg.sample_size,
+                cfg.seed,
+                cfg.second_cluster_margin,
+                cfg.kmeans_iterations,
+                other=pemb,
+            )
+            live = ~claimed[pp.i]
+            pi, pj, psim = pp.i[live], pp.j[live], pp.sim[live]
+            # The most similar earlier row is named (ties: the earlier row read first).
+            by_best = np.lexsort((pj, -psim, pi))
+            a_sorted = pi[by_best]
+            first_of_row = by_best[np.r_[True, a_sorted[1:] != a_sorted[:-1]]]
+            for c, b in zip(pi[first_of_row].tolist(), pj[first_of_row].tolist(), strict=True):
+                r = int(cand[c])
+                prev_key[r], kind[r] = pkeys[b], KIND_PREVIOUS
+                claimed[c] = True
+        del pemb
+
+    # Semantic, among the representatives that no earlier run claims.
+    if len(cand) >= 2:
+        sp = semantic_pairs(
+            emb,
+            cfg.threshold,
+            cfg.n_clusters,
+            cfg.sample_size,
+            cfg.seed,
+            cfg.second_cluster_margin,
+            cfg.kmeans_iterations,
+        )
+        # Rows an earlier run claims are gone already and must not keep anyone out.
+        live = ~(claimed[sp.i] | claimed[sp.j])
+        keep_of = choose_keepers(
+            len(cand), sp.i[live], sp.j[live], np.argsort(rank[cand], kind="stable")
+        )
+        dropped = np.flatnonzero(keep_of >= 0)
+        keeper_idx[cand[dropped]] = cand[keep_of[dropped]]
+        for r in cand[dropped].tolist():
+            kind[r] = KIND_SEMANTIC
+    del emb
+
+    # Hash-group members are exact duplicates of their representative, whatever became of it.
+    not_rep = np.flatnonzero(~is_rep)
+    keeper_idx[not_rep] = rep[not_rep]
+    for r in not_rep:
+        kind[r] = KIND_EXACT
+
+    dup_of: list[str | None] = [
+        prev_key[r]
+        if prev_key[r] is not None
+        else (keys[keeper_idx[r]] if keeper_idx[r] >= 0 else None)
+        for r in range(n)
+    ]
+    # A group is everything whose duplicate_of chain ends at the same kept row (here or in an
+    # earlier run): an exact duplicate of a dropped representative counts toward the row that
+    # representative names.
+    # Keys of an earlier run may repeat this run's keys (the same input list resubmitted),
+    # so a group is identified by (from an earlier run, key).
+    final: list[tuple[bool, str]] = []
+    for r in range(n):
+        g = int(keeper_idx[r]) if kind[r] == KIND_EXACT else r
+        if prev_key[g] is not None:
+            final.append((True, prev_key[g]))
+        else:
+            final.append((False, keys[keeper_idx[g]] if keeper_idx[g] >= 0 else keys[g]))
+    counts: dict[tuple[bool, str], int] = {}
+    for f in final:
+        counts[f] = counts.get(f, 0) + 1
+    # The kept row of an earlier run is not in this table but belongs to its group.
+    size = np.array([counts[f] + int(f[0]) for f in final], dtype=np.int32)
+
+    full_dup: list[str | None] = [None] * n_rows
+    full_kind: list[str | None] = [None] * n_rows
+    full_size: list[int | None] = [None] * n_rows
+    for pos, r in enumerate(rows.tolist()):
+        full_dup[r], full_kind[r], full_size[r] = dup_of[pos], kind[pos], int(size[pos])
+    out = table
+    for name, values, typ in (
+        ("duplicate_of", full_dup, pa.string()),
+        ("dup_group_size", full_size, pa.int32()),
+        ("dup_kind", full_kind, pa.string()),
+    ):
+        arr = pa.array(values, typ)
+        if name in out.column_names:
+            out = out.set_column(out.column_names.index(name), name, arr)
+        else:
+            out = out.append_column(name, arr)
+    return out
+
+
+def read_previous_run(path: str, filesystem: object | None = None) -> pa.Table:
+    """The Parquet rows of an earlier run (a local folder or an ``s3://`` URI), only the columns
+    dedup uses (``key``, ``sha256``, ``image_embedding``, ``status``, ``duplicate_of``; the
+    last three when present). ``filesystem``: a ``pyarrow.fs.FileSystem`` for object stores
+    that need an endpoint or credentials (then ``path`` has no scheme)."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(path, format="parquet", filesystem=filesystem)
+    names = dataset.schema.names
+    missing = [c for c in ("key", "image_embedding") if c not in names]
+    if missing:
+        raise ValueError(f"previous run {path!r} lacks column(s) {missing}; it has {names}")
+    cols = [c for c in PREVIOUS_COLUMNS if c in names]
+    return dataset.to_table(columns=cols)
