@@ -1,0 +1,244 @@
+"""Build a CLIP model (and its image preprocessing) from an architecture name and weights."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from . import pretrained as registry
+from .checkpoints import Checkpoint, CheckpointError, infer_config, read_checkpoint, same_shapes
+from .config import CLIPConfig, PreprocessConfig
+from .model import CLIP
+
+QUICKGELU_SUFFIX = "-quickgelu"
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_PRECISIONS = {"fp32": torch.float32, "amp": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_URI_RE = re.compile(r"^(https?|s3|package|file)://", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1)
+def _registered_configs() -> dict[str, CLIPConfig]:
+    out = {}
+    for path in sorted(_CONFIG_DIR.glob("*.json")):
+        try:
+            out[path.stem] = CLIPConfig.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"bad architecture config {path}: {e}") from e
+    return out
+
+
+def list_models() -> list[str]:
+    """Architecture names accepted by create_model: each config and its ``-quickgelu`` variant."""
+    names = []
+    for name, cfg in _registered_configs().items():
+        names.append(name)
+        if not cfg.quick_gelu:
+            names.append(name + QUICKGELU_SUFFIX)
+    return sorted(names)
+
+
+def get_model_config(model_name: str) -> CLIPConfig | None:
+    """The registered architecture for ``model_name`` (``-quickgelu`` honoured), or None."""
+    configs = _registered_configs()
+    if model_name in configs:
+        return configs[model_name]
+    if model_name.endswith(QUICKGELU_SUFFIX) and model_name[: -len(QUICKGELU_SUFFIX)] in configs:
+        base = configs[model_name[: -len(QUICKGELU_SUFFIX)]]
+        return CLIPConfig(base.embed_dim, base.vision, base.text, quick_gelu=True)
+    return None
+
+
+def _with_act(cfg: CLIPConfig, quick_gelu: bool) -> CLIPConfig:
+    return CLIPConfig(cfg.embed_dim, cfg.vision, cfg.text, quick_gelu=quick_gelu)
+
+
+def _name_for(cfg: CLIPConfig) -> str | None:
+    """The registered name whose config equals ``cfg`` exactly (activation included)."""
+    for name, registered in _registered_configs().items():
+        if registered == cfg:
+            return name
+        if not registered.quick_gelu and _with_act(registered, True) == cfg:
+            return name + QUICKGELU_SUFFIX
+    return None
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _weights_sha256(ckpt: Checkpoint, known: str | None) -> str:
+    if known is not None:
+        return known.lower()
+    if len(ckpt.files) == 1:
+        return registry.file_sha256(ckpt.files[0])
+    # Sharded HF weights: one digest over the shards' digests, in file-name order.
+    import hashlib
+
+    joined = "".join(registry.file_sha256(f) for f in ckpt.files)
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _local(uri: str | Path) -> Path:
+    """A local path for a path or URI (downloads http(s)/s3/package URIs through the registry)."""
+    if isinstance(uri, Path) or not _URI_RE.match(uri):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"weights not found: {path}")
+        return path
+    return Path(registry.fetch(uri))
+
+
+def _looks_like_weights(s: str) -> bool:
+    return bool(_URI_RE.match(s)) or Path(s).expanduser().exists() or "/" in s or s.endswith(
+        (".pt", ".pth", ".bin", ".safetensors")
+    )
+
+
+def create_model(
+    model_name: str,
+    pretrained: str | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    quick_gelu: bool | None = None,
+) -> tuple[CLIP, PreprocessConfig]:
+    """Build a CLIP model in eval mode and the PreprocessConfig its weights expect.
+
+    model_name: an architecture from list_models() (open_clip's names, e.g. "ViT-B-32",
+        "ViT-B-32-quickgelu", "RN50"), or a weights file / HF folder / URL on its own, whose
+        architecture is then read from the weights.
+    pretrained: None (random weights), a registered tag (see list_pretrained()), or a local
+        path, http(s):// URL or s3:// URI of weights for that architecture.
+    device: default "cuda" when available, else "cpu".
+    precision: "fp32" (default), "fp16" or "bf16" (weights cast), "amp" (fp32 weights; the
+        caller autocasts).
+    quick_gelu: force the activation; by default it comes from the name's ``-quickgelu``
+        suffix, the registry entry, the HF config, or - for a bare OpenAI-layout state dict
+        given as model_name - QuickGELU, which every OpenAI release uses.
+
+    Sets ``model.name`` (architecture name) and ``model.weights_sha256`` (None when random).
+    """
+    precision = precision or "fp32"
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    dev = _resolve_device(device)
+
+    cfg = get_model_config(model_name)
+    ckpt: Checkpoint | None = None
+    known_sha: str | None = None
+    preprocess: PreprocessConfig | None = None
+    if cfg is not None:
+        name = model_name
+        if pretrained is not None:
+            entry = registry.get_pretrained_entry(model_name, pretrained)
+            if entry is not None:
+                path = Path(registry.fetch(entry.url, sha256=entry.sha256))
+                known_sha, preprocess = entry.sha256, entry.preprocess
+                if entry.quick_gelu and not cfg.quick_gelu and quick_gelu is None:
+                    # OpenAI's weights only reproduce their results with QuickGELU.
+                    cfg, name = _with_act(cfg, True), model_name + QUICKGELU_SUFFIX
+            elif _looks_like_weights(pretrained):
+                path = _local(pretrained)
+            else:
+                base = model_name.removesuffix(QUICKGELU_SUFFIX)
+                tags = [t for a, t in registry.list_pretrained() if a == base]
+                raise ValueError(
+                    f"unknown pretrained tag {pretrained!r} for {model_name}; registered tags: "
+                    f"{tags or 'none'}; or pass a weights path/URL"
+                )
+            ckpt = read_checkpoint(path)
+            if ckpt.config is not None:
+                if not same_shapes(ckpt.config, cfg):
+                    raise CheckpointError(
+                        f"weights at {pretrained} describe a different architecture "
+                        f"than {model_name}"
+                    )
+                # The file's own config also knows head counts and the activation.
+                cfg = ckpt.config
+                name = _name_for(cfg) or model_name
+            preprocess = preprocess or ckpt.preprocess
+    else:
+        if not _looks_like_weights(model_name):
+            raise ValueError(
+                f"unknown model {model_name!r}: not one of list_models() and not a weights path"
+            )
+        if pretrained is not None:
+            raise ValueError("pretrained must be None when model_name is itself a weights path")
+        ckpt = read_checkpoint(_local(model_name))
+        if ckpt.config is not None:
+            cfg = ckpt.config
+        else:
+            inferred = infer_config(ckpt.state_dict)
+            # A registered config with the same shapes also knows the head counts.
+            cfg = next(
+                (c for c in _registered_configs().values() if same_shapes(c, inferred)), inferred
+            )
+            cfg = _with_act(cfg, True)
+        preprocess = ckpt.preprocess
+        name = _name_for(_with_act(cfg, cfg.quick_gelu if quick_gelu is None else quick_gelu))
+        name = name or Path(model_name).name
+    if quick_gelu is not None:
+        cfg = _with_act(cfg, quick_gelu)
+        name = _name_for(cfg) or name
+
+    dtype = _PRECISIONS[precision]
+    if ckpt is None:
+        model = CLIP(cfg)
+    else:
+        # Built on the meta device and filled by assignment: no time spent on random init.
+        with torch.device("meta"):
+            model = CLIP(cfg)
+        _load_weights(model, ckpt.state_dict, name)
+    model = model.to(device=dev, dtype=dtype).eval()
+    model.name = name
+    model.weights_sha256 = None if ckpt is None else _weights_sha256(ckpt, known_sha)
+    model.preprocess_cfg = preprocess or PreprocessConfig(image_size=cfg.vision.image_size)
+    return model, model.preprocess_cfg
+
+
+def _load_weights(model: CLIP, sd: dict[str, torch.Tensor], name: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    # BatchNorm step counters are bookkeeping for training; OpenAI's archives may omit them.
+    missing_counters = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:4])}")
+        raise CheckpointError(f"weights do not fit architecture {name}: " + "; ".join(parts))
+    sd = dict(sd)
+    for k in missing_counters:
+        sd[k] = torch.zeros((), dtype=torch.long)
+    # Parameters take the stored dtype (fp16 for OpenAI releases); the caller's precision cast
+    # follows. Float weights go to fp32 first so fp16 files still give exact fp32 values.
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def create_model_and_transforms(
+    model_name: str,
+    pretrained: str | None = None,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    quick_gelu: bool | None = None,
+) -> tuple[CLIP, Callable]:
+    """Like create_model, but returns (model, preprocess): preprocess maps a PIL image to the
+    model's float32 input tensor [3, S, S] (see clip_model.transform.image_transform)."""
+    from .transform import image_transform
+
+    model, pp = create_model(model_name, pretrained, device, precision, quick_gelu)
+    return model, image_transform(pp)
