@@ -1,0 +1,236 @@
+"""Score a CLIP model on a freshly generated synthetic world.
+
+    python -m pipeline.testing.evaluate_model --model tiny-synthetic --rows 400 --seed 12345
+
+prints one JSON object:
+
+- ``shape_acc`` / ``color_acc``: zero-shot accuracy on the shape / colour of single-group scenes
+  (colour: grayscale files excluded, they carry no colour). Each class prompt is the mean of the
+  normalised embeddings of "a {colour} {shape}" over the other attribute (prompt ensembling).
+- ``match_auc``: ROC AUC of clip_score = cos(image, caption), matched vs mismatched captions
+  (original rows, grayscale excluded: their matched captions name colours the file lacks).
+- ``hazard_auc``: ROC AUC of cos(image, "a hazard sign") for hazard scenes vs the rest, from the
+  image alone; ``hazard_auc_unmentioned`` the same with only hazard scenes whose caption does not
+  mention the hazard as positives.
+- ``neardup_auc``: ROC AUC of image-embedding cosine, (near duplicate, its source) pairs vs all
+  pairs of original rows with different descriptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .synthetic import COLORS, HAZARD_PROMPT, SHAPES, decode_display, generate_world
+
+# World knobs for evaluation: more of each rare case than the default world, so a few hundred
+# rows give every metric enough positives (~60 near duplicates, hazards and mismatches each at
+# 400 rows). Exact duplicates are left out: identical bytes embed identically by construction.
+EVAL_KNOBS: dict = dict(
+    mismatch_rate=0.3,
+    exact_dup_rate=0.0,
+    near_dup_rate=0.15,
+    unsafe_rate=0.2,
+    hazard_caption_rate=0.5,
+    min_side=96,
+    max_side=512,
+)
+
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative),
+    ties counted as 1/2 (the Mann-Whitney U statistic divided by n_pos * n_neg).
+
+    scores: [N] floats; labels: [N] booleans. Raises ValueError without both classes.
+    Computed from average ranks (ties share the mean of their ranks), in float64.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.shape[0]} vs {y.shape[0]}")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"ROC AUC needs positives and negatives, got {n_pos} and {n_neg}")
+    order = np.argsort(s, kind="mergesort")
+    sorted_s = s[order]
+    ranks = np.empty(s.size, dtype=np.float64)
+    # Runs of equal scores get the mean of the 1-based ranks they span.
+    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts = np.concatenate(([0], boundaries))
+    ends = np.concatenate((boundaries, [s.size]))
+    for a, b in zip(starts, ends, strict=True):
+        ranks[order[a:b]] = (a + 1 + b) / 2
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def _embed_texts(model, tokenize, texts: list[str], batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch):
+        out.append(model.encode_text(tokenize(texts[i : i + batch]), normalize=True).float())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _class_prompts(
+    model, tokenize, classes: Sequence[str], other: Sequence[str], key
+) -> torch.Tensor:
+    """[len(classes), D] unit vectors: mean embedding of the prompts for each class."""
+    rows = []
+    for c in classes:
+        texts = [key(c, o) for o in other]
+        e = _embed_texts(model, tokenize, texts).mean(0)
+        rows.append(e / e.norm())
+    return torch.stack(rows)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def evaluate_world(
+    model: torch.nn.Module,
+    preprocess: Callable,
+    tokenize: Callable[[list[str]], torch.Tensor],
+    table: pa.Table,
+    root: str | Path,
+    *,
+    batch: int = 128,
+) -> dict:
+    """Compute the metrics (see the module docstring) for a world already written under root.
+
+    preprocess: PIL image -> float tensor [3, S, S]; tokenize: list of str -> int64 [N, L].
+    """
+    rows = table.to_pylist()
+    root = Path(root)
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch):
+            chunk = rows[i : i + batch]
+            images = torch.stack(
+                [preprocess(decode_display((root / r["_gt_path"]).read_bytes())) for r in chunk]
+            )
+            feats.append(model.encode_image(images, normalize=True).float())
+        img = torch.cat(feats)
+        cap = _embed_texts(model, tokenize, [r["caption"] for r in rows])
+        shape_cls = _class_prompts(
+            model, tokenize, SHAPES, list(COLORS), lambda s, c: f"{_article(c)} {c} {s}"
+        )
+        color_cls = _class_prompts(
+            model, tokenize, list(COLORS), SHAPES, lambda c, s: f"{_article(c)} {c} {s}"
+        )
+        hazard = _embed_texts(model, tokenize, [HAZARD_PROMPT])[0]
+
+    orig = np.array([r["_gt_duplicate_kind"] == "" for r in rows])
+    gray = np.array([r["_gt_format"] == "grayscale" for r in rows])
+    single = np.array([r["_gt_num_groups"] == 1 for r in rows]) & orig
+    shape_pred = (img @ shape_cls.T).argmax(1).numpy()
+    color_pred = (img @ color_cls.T).argmax(1).numpy()
+    shape_true = np.array([SHAPES.index(r["_gt_shape"]) for r in rows])
+    color_true = np.array([list(COLORS).index(r["_gt_color"]) for r in rows])
+    color_rows = single & ~gray
+
+    clip_score = (img * cap).sum(1).numpy()
+    matched = np.array([r["_gt_caption_matches"] for r in rows])
+    match_rows = orig & ~gray
+
+    hazard_score = (img @ hazard).numpy()
+    unsafe = np.array([r["_gt_unsafe"] for r in rows])
+    mentioned = np.array([r["_gt_hazard_in_caption"] for r in rows])
+    unmentioned_rows = orig & (~unsafe | ~mentioned)
+
+    sim = (img @ img.T).numpy()
+    near = [
+        (i, r["_gt_duplicate_of"]) for i, r in enumerate(rows) if r["_gt_duplicate_kind"] == "near"
+    ]
+    pos = [sim[i, j] for i, j in near]
+    orig_idx = np.flatnonzero(orig)
+    desc = [rows[i]["_gt_description"] for i in orig_idx]
+    neg = [
+        sim[orig_idx[a], orig_idx[b]]
+        for a in range(len(orig_idx))
+        for b in range(a + 1, len(orig_idx))
+        if desc[a] != desc[b]
+    ]
+    return {
+        "shape_acc": float((shape_pred[single] == shape_true[single]).mean()),
+        "color_acc": float((color_pred[color_rows] == color_true[color_rows]).mean()),
+        "match_auc": roc_auc(clip_score[match_rows], matched[match_rows]),
+        "hazard_auc": roc_auc(hazard_score[orig], unsafe[orig]),
+        "hazard_auc_unmentioned": roc_auc(hazard_score[unmentioned_rows], unsafe[unmentioned_rows]),
+        "neardup_auc": roc_auc(pos + neg, [True] * len(pos) + [False] * len(neg)),
+        "counts": {
+            "rows": len(rows),
+            "single_group": int(single.sum()),
+            "mismatched": int((~matched & match_rows).sum()),
+            "hazard": int((unsafe & orig).sum()),
+            "hazard_unmentioned": int((unsafe & unmentioned_rows).sum()),
+            "near_dup_pairs": len(pos),
+            "different_pairs": len(neg),
+        },
+    }
+
+
+def evaluate(
+    model: torch.nn.Module,
+    preprocess: Callable,
+    tokenize: Callable[[list[str]], torch.Tensor],
+    *,
+    rows: int,
+    seed: int,
+    workdir: str | Path | None = None,
+) -> dict:
+    """Generate a world of ``rows`` rows from ``seed`` (with :data:`EVAL_KNOBS`) in ``workdir``
+    (a temporary folder by default) and return :func:`evaluate_world`'s metrics."""
+    with tempfile.TemporaryDirectory(prefix="clipcurate-eval-") as tmp:
+        root = Path(workdir) if workdir is not None else Path(tmp)
+        table = generate_world(root, rows, seed, "http://127.0.0.1/", **EVAL_KNOBS)
+        model.eval()
+        return evaluate_world(model, preprocess, tokenize, table, root)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import clip_model
+
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.testing.evaluate_model",
+        description="Score a CLIP model on a fresh synthetic world; prints one JSON object.",
+    )
+    p.add_argument("--model", required=True, help="architecture, e.g. tiny-synthetic")
+    p.add_argument("--pretrained", help="weights tag or path (tiny-synthetic: 'synthetic')")
+    p.add_argument("--rows", type=int, default=400)
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    pretrained = a.pretrained
+    if pretrained is None and a.model == "tiny-synthetic":
+        pretrained = "synthetic"
+    start = time.perf_counter()
+    model, preprocess = clip_model.create_model_and_transforms(a.model, pretrained=pretrained)
+    metrics = evaluate(model, preprocess, clip_model.tokenize, rows=a.rows, seed=a.seed)
+    metrics.update(
+        model=a.model,
+        pretrained=pretrained,
+        rows=a.rows,
+        seed=a.seed,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Training data for the bundled ``tiny-synthetic`` CLIP, drawn from the synthetic world.
+
+``clip_model.train``'s ``tiny-synthetic`` recipe names :func:`synthetic_batches` as its data
+provider, so ``clip_model`` itself never imports ``pipeline``. Images are rendered in memory at
+a small size, pushed through the same kinds of damage the world's files carry (JPEG re-encoding,
+small crops, rescaling) and preprocessed exactly as at inference, so that near duplicates embed
+close together and the model sees what the pipeline will show it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clip_model.config import PreprocessConfig
+from clip_model.tokenizer import tokenize
+from clip_model.transform import normalize_uint8, resize_crop_uint8
+
+from .synthetic import (
+    COLORS,
+    COUNTS,
+    HAZARD_PHRASES,
+    PLURALS,
+    POSITIONS,
+    QUADRANTS,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption,
+    render,
+    sample_scenes,
+)
+
+# More hazard scenes than the world's default 5 %, so the concept is seen often enough.
+TRAIN_UNSAFE_RATE = 0.25
+TRAIN_SECOND_OBJECT_RATE = 0.5
+# A matched caption names the hazard with this probability (the world's captions do so half
+# the time; the model must still learn what the sign looks like).
+TRAIN_HAZARD_MENTION = 0.9
+# Share of captions that name just one thing (one object group, or the hazard), the kind of
+# short text that zero-shot prompts and moderation concepts are.
+SHORT_CAPTION_RATE = 0.15
+
+
+# Share of each batch made of (scene, minimal variant) pairs. Random scenes differ in so many
+# attributes (colours above all) that a model can match them to their captions while ignoring
+# shape or the hazard sign; a twin that differs in exactly one attribute forces it to see that
+# attribute. Weights: which attribute the twin changes.
+PAIRED_SHARE = 0.66
+VARIANT_WEIGHTS: dict[str, float] = {
+    "shape": 0.4,
+    "hazard": 0.25,
+    "color": 0.1,
+    "count": 0.08,
+    "size": 0.07,
+    "position": 0.1,
+}
+
+
+def variant(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+    """A copy of ``scene`` that differs in one attribute (same layout seed, so every pixel not
+    touched by that attribute stays the same). Returns (scene, attribute changed)."""
+    kinds = list(VARIANT_WEIGHTS)
+    kind = rng.choices(kinds, weights=[VARIANT_WEIGHTS[k] for k in kinds])[0]
+    if kind == "hazard":
+        if scene.hazard:
+            return dataclasses.replace(scene, hazard=False, hazard_corner=""), kind
+        used = {g.position for g in scene.groups}
+        corner = rng.choice([q for q in QUADRANTS if q not in used])
+        return dataclasses.replace(scene, hazard=True, hazard_corner=corner), kind
+    i = rng.randrange(len(scene.groups))
+    g = scene.groups[i]
+    if kind == "shape":
+        g = dataclasses.replace(g, shape=rng.choice([x for x in SHAPES if x != g.shape]))
+    elif kind == "color":
+        taken = {scene.background} | {h.color for h in scene.groups}
+        g = dataclasses.replace(g, color=rng.choice([c for c in COLORS if c not in taken]))
+    elif kind == "count":
+        g = dataclasses.replace(g, count=rng.choice([c for c in COUNTS if c != g.count]))
+    elif kind == "size":
+        g = dataclasses.replace(g, size=rng.choice([x for x in SIZES if x != g.size]))
+    else:
+        others = {h.position for j, h in enumerate(scene.groups) if j != i}
+        free = [
+            p
+            for p in (QUADRANTS if len(scene.groups) > 1 or scene.hazard else POSITIONS)
+            if p != g.position and p not in others and p != scene.hazard_corner
+        ]
+        if not free:
+            return variant(scene, rng)
+        g = dataclasses.replace(g, position=rng.choice(free))
+    groups = scene.groups[:i] + (g,) + scene.groups[i + 1 :]
+    return dataclasses.replace(scene, groups=groups), kind
+
+
+def short_caption(scene: Scene, rng: random.Random) -> str:
+    """A truthful caption naming one object group ("two red circles") or the hazard alone."""
+    if scene.hazard and rng.random() < 0.3:
+        return rng.choice(("", "a photo of ", "an image of ")) + rng.choice(
+            ("a hazard sign", "a warning sign", "a danger sign", "a striped hazard symbol")
+        )
+    g = rng.choice(scene.groups)
+    if g.count == 1:
+        noun = g.shape
+        article = "an" if g.color[0] in "aeiou" else "a"
+    else:
+        noun = PLURALS[g.shape]
+        article = {2: "two", 3: "three"}[g.count]
+    return rng.choice(("", "a photo of ", "a drawing of ")) + f"{article} {g.color} {noun}"
+
+
+def augmented_image(scene: Scene, rng: random.Random, image_size: int) -> Image.Image:
+    """Render ``scene`` at a random size near ``image_size`` and damage it like a web copy."""
+    long_side = rng.randint(image_size, 2 * image_size)
+    short_side = max(image_size, round(long_side / rng.uniform(1.0, 1.3)))
+    size = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+    img = render(scene, size)
+    if rng.random() < 0.5:
+        w, h = img.size
+        c = [rng.randint(0, int(0.04 * d)) for d in (w, h, w, h)]
+        img = img.crop((c[0], c[1], w - c[2], h - c[3]))
+    if rng.random() < 0.7:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=rng.randint(30, 95))
+        buf.seek(0)
+        img = Image.open(buf).convert("RGB")
+    return img
+
+
+def synthetic_batches(
+    image_size: int, batch_size: int, seed: int, preprocess: PreprocessConfig | None = None
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Data factory for clip_model.train: returns ``batch(step)``.
+
+    batch(step) -> (images float32 [batch_size, 3, image_size, image_size] normalised with
+    ``preprocess`` (OpenAI mean/std, bicubic by default), tokens int64 [batch_size, 77]).
+    A pure function of (seed, step): the same step always yields the same batch.
+    """
+    cfg = preprocess or PreprocessConfig(image_size=image_size)
+    if cfg.image_size != image_size:
+        raise ValueError(f"preprocess image_size {cfg.image_size} != model's {image_size}")
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = random.Random(f"train-{seed}-{step}")
+        n_pairs = int(batch_size * PAIRED_SHARE) // 2
+        scenes = sample_scenes(
+            batch_size - n_pairs,
+            rng.getrandbits(63),
+            unsafe_rate=TRAIN_UNSAFE_RATE,
+            second_object_rate=TRAIN_SECOND_OBJECT_RATE,
+        )
+        # Pairs first: scenes[i] and scenes[-n_pairs + i] are twins.
+        twins = [variant(s, rng) for s in scenes[:n_pairs]]
+        scenes += [t for t, _ in twins]
+        hazard_pair = {i for i, (_, kind) in enumerate(twins) if kind == "hazard"}
+        hazard_pair |= {len(scenes) - n_pairs + i for i in hazard_pair}
+        pixels = np.empty((batch_size, image_size, image_size, 3), dtype=np.uint8)
+        texts = []
+        for i, scene in enumerate(scenes):
+            img = augmented_image(scene, rng, image_size)
+            pixels[i] = resize_crop_uint8(img, cfg)
+            paired = i < n_pairs or i >= batch_size - n_pairs
+            if not paired and rng.random() < SHORT_CAPTION_RATE:
+                texts.append(short_caption(scene, rng))
+            else:
+                # A twin that differs only by the hazard must say so, or the pair is unlearnable.
+                mention = i in hazard_pair or rng.random() < TRAIN_HAZARD_MENTION
+                texts.append(caption(scene, rng, mention_hazard=mention))
+        return normalize_uint8(pixels, cfg), tokenize(texts)
+
+    return batch
+
+
+__all__ = ["HAZARD_PHRASES", "augmented_image", "short_caption", "synthetic_batches"]

@@ -1,0 +1,218 @@
+"""clip_model.train: the loss, the schedule, a short run that learns, reproducibility, saving."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import clip_model
+from clip_model import train as tr
+from clip_model.config import CLIPConfig
+from clip_model.model import CLIP
+
+# A model small enough to train for a few dozen steps inside a test (32 px, 16 patches).
+SMALL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _small_model(seed: int = 0) -> CLIP:
+    torch.manual_seed(seed)
+    return CLIP(CLIPConfig.from_dict(SMALL))
+
+
+def _reference_loss(img: np.ndarray, txt: np.ndarray, scale: float) -> float:
+    """Symmetric InfoNCE written out in float64: -mean log softmax of the diagonal, both ways."""
+    logits = scale * img @ txt.T
+    n = logits.shape[0]
+
+    def diag_log_softmax(m: np.ndarray) -> np.ndarray:
+        out = np.empty(n)
+        for i in range(n):
+            row = m[i]
+            out[i] = row[i] - (row.max() + math.log(np.exp(row - row.max()).sum()))
+        return out
+
+    return float(-(diag_log_softmax(logits).mean() + diag_log_softmax(logits.T).mean()) / 2)
+
+
+def test_contrastive_loss_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=-1)
+    log_scale = torch.tensor(math.log(20.0))
+    got = tr.contrastive_loss(img, txt, log_scale).item()
+    assert got == pytest.approx(
+        _reference_loss(img.double().numpy(), txt.double().numpy(), 20.0), abs=1e-5
+    )
+    # Perfectly aligned pairs at a high temperature cost almost nothing; a swap costs a lot.
+    assert tr.contrastive_loss(img, img, torch.tensor(math.log(100.0))).item() < 0.05
+    assert tr.contrastive_loss(img, img.flip(0), torch.tensor(math.log(100.0))).item() > 5
+    with pytest.raises(ValueError, match="feature matrices"):
+        tr.contrastive_loss(img, txt[:3], log_scale)
+
+
+def test_learning_rate_schedule():
+    r = replace(tr.RECIPES["tiny-synthetic"], steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    assert tr.learning_rate(r, 0) == pytest.approx(1e-4)
+    assert tr.learning_rate(r, 9) == pytest.approx(1e-3)
+    assert tr.learning_rate(r, 10) == pytest.approx(1e-3)
+    assert tr.learning_rate(r, 60) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert tr.learning_rate(r, 110) == pytest.approx(1e-5)
+    lrs = [tr.learning_rate(r, s) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_weight_decay_spares_gains_biases_positions_and_temperature():
+    model = _small_model()
+    decay, no_decay = tr._param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert "logit_scale" in spared and "positional_embedding" in spared
+    assert "visual.class_embedding" in spared and "ln_final.weight" in spared
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _recipe(steps: int, workers: int = 0) -> tr.Recipe:
+    return replace(
+        tr.RECIPES["tiny-synthetic"], steps=steps, batch_size=32, warmup_steps=min(5, steps - 1), lr=2e-3,
+        data_workers=workers,
+    )  # fmt: skip
+
+
+def test_short_training_run_lowers_the_loss():
+    from pipeline.testing.train_tiny import synthetic_batches
+
+    torch.set_num_threads(1)
+    # Three fixed batches of 24 synthetic pairs, cycled: 30 steps are enough to fit them.
+    make = synthetic_batches(32, 24, seed=3)
+    fixed = [make(i) for i in range(3)]
+    model = _small_model()
+    result = tr.train(model, lambda step: fixed[step % 3], replace(_recipe(30), lr=3e-3))
+    chance = math.log(24)
+    early, late = np.mean(result.losses[1:6]), np.mean(result.losses[-5:])
+    assert early > chance - 0.3, result.losses
+    assert late < chance - 1.0, result.losses
+    assert not model.training
+
+
+def test_runs_are_reproducible_with_and_without_worker_processes():
+    from pipeline.testing.train_tiny import synthetic_batches
+
+    torch.set_num_threads(1)
+    runs = []
+    for workers in (0, 1, 1):
+        model = _small_model(seed=5)
+        res = tr.train(model, synthetic_batches(32, 16, seed=9), _recipe(4, workers))
+        runs.append((res.losses, model.state_dict()))
+    for losses, state in runs[1:]:
+        assert losses == runs[0][0]
+        assert all(torch.equal(state[k], runs[0][1][k]) for k in state)
+
+
+def test_save_weights_fp16_roundtrip_and_metadata(tmp_path):
+    model = _small_model()
+    path = tr.save_weights(model, tmp_path / "w.safetensors", metadata={"seed": "4"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"seed": "4"}
+        keys = set(f.keys())
+        assert keys == set(model.state_dict())
+        for k in keys:
+            t = f.get_tensor(k)
+            assert t.dtype == torch.float16
+            assert torch.equal(t, model.state_dict()[k].half())
+    assert not (tmp_path / "w.safetensors.tmp").exists()
+
+
+def test_load_data_factory_errors():
+    with pytest.raises(ValueError, match="module:function"):
+        tr.load_data_factory("pipeline.testing.train_tiny")
+    with pytest.raises(ValueError, match="callable"):
+        tr.load_data_factory("pipeline.testing.train_tiny:TRAIN_UNSAFE_RATE")
+    assert callable(tr.load_data_factory("pipeline.testing.train_tiny:synthetic_batches"))
+
+
+def test_clip_model_train_does_not_import_pipeline():
+    code = (
+        "import sys, clip_model, clip_model.train; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('pipeline', 'ray')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_trains_the_recipe_and_writes_loadable_weights(tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_model.train",
+            "--recipe",
+            "tiny-synthetic",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "step 2/2" in proc.stderr
+    model, preprocess = clip_model.create_model_and_transforms(
+        "tiny-synthetic", pretrained=str(out)
+    )
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["seed"] == "1"
+        ref = f.get_tensor("text_projection")
+    assert torch.equal(model.text_projection.detach().half(), ref)
+
+
+def test_training_batches_are_deterministic_and_hold_minimal_twins():
+    import random
+
+    from pipeline.testing import synthetic as syn
+    from pipeline.testing.train_tiny import synthetic_batches, variant
+
+    make = synthetic_batches(32, 12, seed=4)
+    a, b, c = make(3), make(3), make(4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == (12, 3, 32, 32) and a[0].dtype == torch.float32
+    assert a[1].shape == (12, 77) and a[1].dtype == torch.int64
+
+    rng = random.Random(0)
+    kinds = set()
+    for scene in syn.sample_scenes(300, 2, unsafe_rate=0.3):
+        twin, kind = variant(scene, rng)
+        kinds.add(kind)
+        assert syn.describe(twin) != syn.describe(scene)
+        assert twin.layout_seed == scene.layout_seed
+        changed = [
+            f
+            for f in ("shape", "color", "count", "size", "position")
+            for g, h in zip(scene.groups, twin.groups, strict=True)
+            if getattr(g, f) != getattr(h, f)
+        ]
+        assert len(changed) + (twin.hazard != scene.hazard) == 1, (scene, twin)
+        if kind == "shape":
+            # Same layout, one group redrawn: most pixels are untouched.
+            x = np.asarray(syn.render(scene, 96), int)
+            y = np.asarray(syn.render(twin, 96), int)
+            assert 0 < (np.abs(x - y).max(-1) > 0).mean() < 0.2
+        positions = [g.position for g in twin.groups] + [twin.hazard_corner] * twin.hazard
+        assert len(set(positions)) == len(positions)
+    assert kinds == {"shape", "hazard", "color", "count", "size", "position"}
