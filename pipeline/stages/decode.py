@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -231,6 +232,13 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
             "bad_aspect_ratio", f"{ow}x{oh} exceeds max_aspect_ratio={cfg.max_aspect_ratio}"
         )
     target = _target_size(ow, oh, cfg)
+    if target is not None and target[0] * target[1] > cfg.max_image_pixels:
+        # keep_ratio and center_crop scale the shortest side up to image_size, so a tiny
+        # 60000x1 file would otherwise be resized into billions of pixels.
+        raise RowFailure(
+            "too_many_pixels",
+            f"{ow}x{oh} resized to {target[0]}x{target[1]} exceeds max_image_pixels={cfg.max_image_pixels}",
+        )
     try:
         if fmt == "jpeg" and target is not None and target[0] < ow:
             # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 while staying >= 3x the
@@ -323,28 +331,34 @@ class DecodeStage(Stage):
         # set for this batch only and restored, as it is process-global.
         previous_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = self.cfg.max_image_pixels
-        try:
-            for i in range(n):
-                if statuses[i] != S.OK:
-                    continue
-                data = blobs[i].as_py() if blobs is not None else None
-                try:
-                    img = decode_image(data, self.cfg)
-                except RowFailure as f:
-                    statuses[i], errors[i] = f.status, str(f)
-                    continue
-                except Exception as e:  # a Pillow bug on a hostile file must not kill the batch
-                    statuses[i], errors[i] = "decode_error", f"{type(e).__name__}: {e}"[:300]
-                    continue
-                out[S.IMAGE][i] = img.data
-                out[S.IMAGE_FORMAT][i] = img.image_format
-                out[S.WIDTH][i] = img.width
-                out[S.HEIGHT][i] = img.height
-                out[S.ORIGINAL_WIDTH][i] = img.original_width
-                out[S.ORIGINAL_HEIGHT][i] = img.original_height
-                out[S.SHA256][i] = img.sha256
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous_limit
+        with warnings.catch_warnings():
+            # Pillow warns (once per distinct message) about corrupt metadata and about sizes
+            # our own header check then refuses; on hostile input that is log noise, since each
+            # row's outcome is recorded in its status and error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            try:
+                for i in range(n):
+                    if statuses[i] != S.OK:
+                        continue
+                    data = blobs[i].as_py() if blobs is not None else None
+                    try:
+                        img = decode_image(data, self.cfg)
+                    except RowFailure as f:
+                        statuses[i], errors[i] = f.status, str(f)
+                        continue
+                    except Exception as e:  # a Pillow bug on a hostile file must not kill the batch
+                        statuses[i], errors[i] = "decode_error", f"{type(e).__name__}: {e}"[:300]
+                        continue
+                    out[S.IMAGE][i] = img.data
+                    out[S.IMAGE_FORMAT][i] = img.image_format
+                    out[S.WIDTH][i] = img.width
+                    out[S.HEIGHT][i] = img.height
+                    out[S.ORIGINAL_WIDTH][i] = img.original_width
+                    out[S.ORIGINAL_HEIGHT][i] = img.original_height
+                    out[S.SHA256][i] = img.sha256
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous_limit
         table = batch.drop_columns([S.IMAGE_BYTES]) if has_bytes else batch
         table = table.set_column(table.schema.get_field_index(S.STATUS), S.STATUS, pa.array(statuses, pa.string()))
         table = table.set_column(table.schema.get_field_index(S.ERROR), S.ERROR, pa.array(errors, pa.string()))

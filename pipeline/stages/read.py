@@ -10,6 +10,11 @@ files). Shard ids count up over the files in that order.
 exactly one output row: a row without a usable URL, or a line that does not parse, gets a
 status (``missing_url``, ``malformed_row``) instead of being dropped.
 
+Text files are read as UTF-8 (a leading byte-order mark is skipped; only ``\n`` ends a jsonl or
+txt line). Invalid bytes, and lone surrogates from ``\ud800``-style JSON escapes, become U+FFFD;
+such a row keeps status ``ok`` and its ``error`` names the repaired column. A file with no rows
+(empty, or a header only) adds no shards. csv/tsv fields may be of any length.
+
 LAION's column names work without flags: when ``url_col`` (``caption_col``) is not in a file,
 a column with the same name in another case (``URL``, ``TEXT`` for ``caption``) is used.
 """
@@ -37,6 +42,9 @@ from pipeline.storage import filesystem_for, is_s3
 
 MALFORMED = "malformed_row"
 MISSING_URL = "missing_url"
+# Python's csv module refuses fields over 128 KiB by default; LAION captions can be longer and
+# one long field must not fail the whole file.
+_CSV_FIELD_LIMIT = 1 << 30
 
 _EXTENSIONS = {
     "parquet": (".parquet",),
@@ -137,33 +145,57 @@ class _Parsed:
 
 
 def _read_text(uri: str, storage: StorageConfig | None) -> str:
+    # utf-8-sig: a byte-order mark (Excel's CSV export) must not become part of the first
+    # column name. surrogateescape: invalid bytes survive parsing as lone surrogates, which
+    # read_shard replaces with U+FFFD and records per row (see _clean).
     fs, path = filesystem_for(uri, storage)
     with fs.open_input_stream(path) as f:
-        return f.read().decode("utf-8", errors="replace")
+        return f.read().decode("utf-8-sig", errors="surrogateescape")
+
+
+def _clean(s: str) -> tuple[str, bool]:
+    """``s`` with lone surrogates (invalid UTF-8 bytes of a text file, or ``\\ud800``-style
+    JSON escapes) replaced by U+FFFD, and whether any were; Arrow and tar members need valid
+    UTF-8."""
+    try:
+        s.encode("utf-8")
+        return s, False
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in s), True
 
 
 def _parse_delimited(text: str, delimiter: str) -> _Parsed:
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
         return _Parsed({}, [])
-    columns: dict[str, list[Any]] = {h: [] for h in header}
+    # A repeated header name keeps its first column; appending to it twice per row would
+    # shift every later row of that column.
+    first: dict[str, int] = {}
+    for i, h in enumerate(header):
+        first.setdefault(h, i)
+    columns: dict[str, list[Any]] = {h: [] for h in first}
     bad: list[str | None] = []
-    for line_no, row in enumerate(reader, start=2):
+    for row in reader:
         if not row:  # a blank line is not a row
             continue
         ok = len(row) == len(header)
-        for i, h in enumerate(header):
+        for h, i in first.items():
             columns[h].append(row[i] if ok else None)
-        bad.append(None if ok else f"line {line_no}: {len(row)} fields, header has {len(header)}")
+        # reader.line_num: a quoted field may span lines, so count physical lines.
+        bad.append(None if ok else f"line {reader.line_num}: {len(row)} fields, header has {len(header)}")
     return _Parsed(columns, bad)
 
 
 def _parse_jsonl(text: str) -> _Parsed:
     records: list[dict[str, Any] | None] = []
     bad: list[str | None] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines also breaks at U+2028, U+0085 and other characters
+    # that JSON allows unescaped inside strings, which would cut one record in two.
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -185,7 +217,7 @@ def _parse_jsonl(text: str) -> _Parsed:
 
 
 def _parse_txt(text: str) -> _Parsed:
-    lines = text.splitlines()
+    lines = text.split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     return _Parsed({"url": [ln.strip() or None for ln in lines]}, [None] * len(lines))
@@ -206,14 +238,17 @@ def _parse_file(uri: str, input_format: str, storage: StorageConfig | None) -> _
     raise ValueError(f"not a text format: {input_format}")
 
 
-def _column_names(uri: str, cfg: ReadConfig, storage: StorageConfig | None) -> tuple[list[str], int]:
+def _column_names(uri: str, cfg: ReadConfig, storage: StorageConfig | None) -> tuple[list[str], int, bool]:
+    """Column names, row count, and whether the names can be checked: not when every line of
+    a text file failed to parse (the rows are recorded as malformed instead)."""
     if cfg.input_format == "parquet":
         fs, path = filesystem_for(uri, storage)
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
-            return list(meta.schema.to_arrow_schema().names), meta.num_rows
+            return list(meta.schema.to_arrow_schema().names), meta.num_rows, True
     parsed = _parse_file(uri, cfg.input_format, storage)
-    return list(parsed.columns), parsed.num_rows
+    all_bad = parsed.num_rows > 0 and all(b is not None for b in parsed.bad)
+    return list(parsed.columns), parsed.num_rows, not all_bad
 
 
 @dataclass(frozen=True)
@@ -223,12 +258,21 @@ class _Columns:
     extra: tuple[str, ...]
 
 
-def _resolve_columns(names: list[str], cfg: ReadConfig, uri: str) -> _Columns:
+def _resolve_columns(names: list[str], cfg: ReadConfig, uri: str, strict: bool = True) -> _Columns:
     if cfg.input_format == "txt":
         return _Columns("url", None, ())
-    url = _resolve(names, cfg.url_col, "url_col", uri)
-    caption = _resolve(names, cfg.caption_col, "caption_col", uri) if cfg.caption_col else None
-    extra = tuple(_resolve(names, c, "save_additional_columns", uri) for c in cfg.save_additional_columns)
+
+    def res(wanted: str, what: str) -> str:
+        try:
+            return _resolve(names, wanted, what, uri)
+        except ConfigError:
+            if strict:
+                raise
+            return wanted
+
+    url = res(cfg.url_col, "url_col")
+    caption = res(cfg.caption_col, "caption_col") if cfg.caption_col else None
+    extra = tuple(res(c, "save_additional_columns") for c in cfg.save_additional_columns)
     return _Columns(url, caption, extra)
 
 
@@ -242,8 +286,10 @@ def plan_shards(
     shards: list[ShardDescriptor] = []
     next_id = 0
     for uri in list_input_files(cfg.url_list, cfg.input_format, storage):
-        names, num_rows = _column_names(uri, cfg, storage)
-        _resolve_columns(names, cfg, uri)
+        names, num_rows, checkable = _column_names(uri, cfg, storage)
+        if num_rows == 0:
+            continue  # an empty or header-only file has no rows to account for
+        _resolve_columns(names, cfg, uri, checkable)
         for start in range(0, num_rows, number_sample_per_shard):
             length = min(number_sample_per_shard, num_rows - start)
             shards.append(ShardDescriptor(next_id, uri, start, length))
@@ -257,13 +303,14 @@ def _as_str(v: Any) -> str | None:
     if isinstance(v, str):
         return v
     if isinstance(v, bytes):
-        return v.decode("utf-8", errors="replace")
+        return v.decode("utf-8", errors="surrogateescape")
     if isinstance(v, float) and v != v:  # NaN from pandas-written files
         return None
     return str(v)
 
 
 def _array(values: list[Any]) -> pa.Array:
+    values = [_clean(v)[0] if isinstance(v, str) else v for v in values]
     try:
         return pa.array(values)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -279,8 +326,8 @@ def read_shard(
 ) -> pa.Table:
     """The rows of one shard: key, shard_id, url, caption, status, error, bookkeeping and
     passthrough columns (names in :mod:`pipeline.schema`)."""
-    names, _ = _column_names(desc.path, cfg, storage)
-    cols = _resolve_columns(names, cfg, desc.path)
+    names, _, checkable = _column_names(desc.path, cfg, storage)
+    cols = _resolve_columns(names, cfg, desc.path, checkable)
     wanted = [cols.url] + ([cols.caption] if cols.caption else []) + list(cols.extra)
     wanted = list(dict.fromkeys(wanted))
     bad: list[str | None]
@@ -294,7 +341,8 @@ def read_shard(
     else:
         parsed = _parse_file(desc.path, cfg.input_format, storage)
         stop = desc.start + desc.length
-        data = {n: parsed.columns[n][desc.start : stop] for n in wanted}
+        absent = [None] * parsed.num_rows  # only when no line of the file parsed
+        data = {n: parsed.columns.get(n, absent)[desc.start : stop] for n in wanted}
         bad = parsed.bad[desc.start : stop]
 
     def pylist(name: str) -> list[Any]:
@@ -304,6 +352,14 @@ def read_shard(
     urls = [_as_str(u) for u in pylist(cols.url)]
     urls = [u.strip() if u is not None else None for u in urls]
     captions = [_as_str(c) for c in pylist(cols.caption)] if cols.caption else [None] * desc.length
+    # Invalid UTF-8 is replaced, not fatal; an ok row says which of its fields were repaired.
+    repaired: list[list[str]] = [[] for _ in range(desc.length)]
+    for name, values in ((cols.url, urls), (cols.caption, captions)):
+        for i, v in enumerate(values):
+            if v is not None:
+                values[i], changed = _clean(v)
+                if changed:
+                    repaired[i].append(repr(name))
     statuses: list[str] = []
     errors: list[str | None] = []
     for i in range(desc.length):
@@ -317,7 +373,11 @@ def read_shard(
             urls[i] = None
         else:
             statuses.append(S.OK)
-            errors.append(None)
+            errors.append(
+                f"invalid UTF-8 in column {' and '.join(repaired[i])} replaced with U+FFFD"
+                if repaired[i]
+                else None
+            )
     n = number_sample_per_shard
     out: dict[str, Any] = {
         S.KEY: pa.array([S.make_key(desc.shard_id, i, n) for i in range(desc.length)], pa.string()),
