@@ -130,7 +130,9 @@ class DownloadStage(Stage):
             todo, self._pool.map(self._fetch_row, [urls[i] for i in todo]), strict=True
         ):
             statuses[i] = result.status
-            errors[i] = result.error
+            # A successful fetch keeps an earlier stage's note (e.g. a caption repaired at read).
+            if result.error is not None or result.status != "ok":
+                errors[i] = result.error
             codes[i] = result.http_status
             seconds[i] = spent
             bodies[i] = result.body if result.status == "ok" else None

@@ -142,6 +142,24 @@ def test_success_columns_and_passthrough(server: FaultServer) -> None:
     assert ua.startswith("clipcurate/") and "token clipcurate" in ua and "https://github.com/" in ua
 
 
+def test_success_keeps_an_upstream_note_and_failure_replaces_it(server: FaultServer) -> None:
+    # The read stage records repairs (e.g. invalid UTF-8 replaced) on rows it still passes as ok.
+    batch = pa.table(
+        {
+            "url": [server.url("/a.jpg"), server.url("/a.jpg", fault="404")],
+            "status": ["ok", "ok"],
+            "error": ["caption repaired", "caption repaired"],
+        }
+    )
+    stage = DownloadStage(config=_config())
+    try:
+        rows = stage.process_batch(batch).to_pylist()
+    finally:
+        stage.close()
+    assert rows[0]["status"] == "ok" and rows[0]["error"] == "caption repaired"
+    assert rows[1]["status"] == "http_404" and "404" in rows[1]["error"]
+
+
 def test_missing_and_malformed_urls_are_recorded_not_raised() -> None:
     rows = _run([None, "", "not a url", "http://", "www.example.com/a.jpg"])
     assert [r["status"] for r in rows] == ["bad_url", "bad_url", "bad_url", "bad_url", "bad_scheme"]
