@@ -153,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
             description="Download, resize and shard images, img2dataset-style.",
         )
     )
+    from pipeline.calibrate import add_arguments as _add_calibrate_args
+
+    _add_calibrate_args(
+        sub.add_parser(
+            "calibrate",
+            help="pick moderation thresholds from a labelled sample -> YAML the job reads",
+            description="Choose per-concept unsafe thresholds for a target precision or recall.",
+        )
+    )
     return p
 
 
@@ -175,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clipcurate`` script; returns the process exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "calibrate":
+        from pipeline.calibrate import run as run_calibrate
+
+        return run_calibrate(args)
     try:
         cfg = config_from_args(args)
     except ConfigError as e:

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schema as S
-from pipeline.config import DownloadJobConfig
+from pipeline.config import ConfigError, DownloadJobConfig, EmbedConfig, ModerateConfig, WriteConfig
 from pipeline.stages.base import Resources, Stage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.download import DownloadStage
@@ -242,3 +242,228 @@ def _write_totals(
 
 
 __all__ = ["DownloadSummary", "apply_stage", "build_stages", "run_download"]
+
+
+# ==============================================================================================
+# The full graph (helper E): download -> decode -> shard -> preprocess -> embed -> moderate -> write
+# ==============================================================================================
+
+
+@dataclass
+class CurateSummary:
+    """Totals of a full run. Counts are rows; times in seconds."""
+
+    shards_planned: int
+    shards_downloaded: int
+    shards_reembedded: int
+    files: list[str] = field(default_factory=list)
+    status_dict: dict[str, int] = field(default_factory=dict)
+    rows_this_run: int = 0
+    flagged_unsafe: int = 0
+    duration_s: float = 0.0
+
+
+def check_gpus(embed: EmbedConfig) -> None:
+    """Fail fast when the embed actors ask for GPUs the cluster does not have (an actor pool
+    waiting for resources that never come would otherwise hang the job)."""
+    import ray
+
+    need = embed.num_gpus * embed.concurrency[0]
+    if need <= 0:
+        return
+    have = float(ray.cluster_resources().get("GPU", 0.0))
+    if have < need:
+        raise RuntimeError(
+            f"embed.num_gpus={embed.num_gpus} x embed.concurrency min {embed.concurrency[0]} needs "
+            f"{need:g} GPU(s), but the Ray cluster has {have:g}. Set embed.num_gpus=0 to embed on "
+            "CPU, or connect to a cluster with GPUs."
+        )
+
+
+def apply_pool_stage(ds: Any, stage: Stage) -> Any:
+    """:func:`apply_stage` for an actor-pool stage with ``concurrency=(min, max)``, except that
+    the pool starts at ``max`` actors instead of ``min``.
+
+    Ray Data grows a pool only when its actors have ~2 calls queued each; embedding actors
+    behind a download-bound stream rarely do, so the pool would stay at ``min`` and GPUs
+    reserved for the job would idle. Starting at ``max`` loads every model once up front; Ray
+    still shrinks the pool to ``min`` when actors sit idle and at the end of the input.
+    """
+    import ray
+    from ray.util.annotations import RayDeprecationWarning
+
+    lo, hi = stage.concurrency if isinstance(stage.concurrency, tuple) else (stage.concurrency or 1,) * 2
+    kwargs: dict[str, Any] = {
+        "batch_size": stage.batch_size,
+        "batch_format": "pyarrow",
+        "zero_copy_batch": True,
+        "num_cpus": stage.resources.num_cpus,
+    }
+    if stage.resources.num_gpus:
+        kwargs["num_gpus"] = stage.resources.num_gpus
+    # Bounded retries, as apply_stage does (see the comment there).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return ds.map_batches(
+            _StageActor,
+            fn_constructor_args=(stage,),
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi),
+            max_restarts=ACTOR_MAX_RESTARTS,
+            max_task_retries=TASK_MAX_RETRIES,
+            **kwargs,
+        )
+
+
+def build_embed_stages(
+    download: DownloadJobConfig,
+    embed: EmbedConfig,
+    moderate: ModerateConfig,
+    write: WriteConfig,
+    model: Any = None,
+) -> list[Stage]:
+    """preprocess, embed, moderate (when enabled) and write, configured and ready to apply.
+
+    ``model``: a clip_model CLIP for ``embed`` already loaded in the driver (it embeds the
+    moderation prompts); loaded on CPU when None.
+    """
+    from pipeline.stages.embed import EmbedStage, PreprocessStage, load_model
+    from pipeline.stages.moderate import ModerateStage
+    from pipeline.stages.write import WriteStage
+
+    if model is None:
+        model, _ = load_model(embed.model, embed.pretrained)
+    pp = model.preprocess_cfg
+    dim = int(model.text_projection.shape[1])
+    stages: list[Stage] = [
+        PreprocessStage(
+            preprocess=pp,
+            shard_folder=download.shard.output_folder,
+            storage=download.storage,
+            context_length=model.context_length,
+            resources=Resources(num_cpus=embed.preprocess_num_cpus),
+        ),
+        EmbedStage(
+            cfg=embed,
+            preprocess=pp,
+            resources=Resources(num_cpus=embed.num_cpus, num_gpus=embed.num_gpus),
+            batch_size=embed.rows_per_call,
+            concurrency=tuple(embed.concurrency),
+        ),
+    ]
+    if moderate.enabled:
+        mod = ModerateStage(
+            cfg=moderate, embed=embed, storage=download.storage, resources=Resources(num_cpus=0), concurrency=1
+        )
+        mod.prepare(model)  # prompts embedded once, here; actors receive small arrays
+        stages.append(mod)
+    stages.append(
+        WriteStage(
+            cfg=write,
+            storage=download.storage,
+            shard_folder=download.shard.output_folder,
+            dim=dim,
+            resources=Resources(num_cpus=0),
+            concurrency=1,
+        )
+    )
+    return stages
+
+
+def apply_embed_stages(ds: Any, stages: list[Stage]) -> Any:
+    """Apply :func:`build_embed_stages`' stages to a dataset of shard rows, each with its own
+    rows-per-call; the embed actor pool starts at its maximum (:func:`apply_pool_stage`)."""
+    from pipeline.stages.embed import EmbedStage
+
+    for stage in stages:
+        if isinstance(stage, EmbedStage):
+            ds = apply_pool_stage(ds, stage)
+        else:
+            ds = apply_stage(ds, stage, batch_size=stage.batch_size)
+    return ds
+
+
+def run_curate(
+    download: DownloadJobConfig,
+    embed: EmbedConfig,
+    moderate: ModerateConfig,
+    write: WriteConfig,
+    download_concurrency: int = 2,
+) -> CurateSummary:
+    """Run the whole streaming graph on the current Ray cluster (``ray.init`` first, or one
+    starts); returns the totals.
+
+    Validates every config, checks the cluster has the GPUs the embed actors ask for, then
+    streams the shards that are not committed yet through every stage. Shards committed by an
+    earlier run but without their output Parquet are re-embedded from their tars. Raises
+    ``RuntimeError`` when a planned shard has no output file at the end.
+    """
+    import io
+
+    import pyarrow.parquet as pq
+    import ray
+
+    download.validate()
+    embed.validate()
+    moderate.validate()
+    write.validate()
+    if write.output_folder.rstrip("/") == download.shard.output_folder.rstrip("/"):
+        raise ConfigError("write.output_folder: must differ from shard.output_folder (both hold <shard>.parquet)")
+    started = time.time()
+    if not ray.is_initialized():
+        ray.init()
+    check_gpus(embed)
+    n = download.shard.number_sample_per_shard
+    shards = plan_shards(download.read, n, download.storage)
+    storage = Storage(download.shard.output_folder, download.storage)
+    committed = storage.committed_shards()
+    todo = [d for d in shards if S.shard_name(d.shard_id) not in committed]
+    out = Storage(write.output_folder, download.storage)
+    redo = [
+        S.shard_name(d.shard_id)
+        for d in shards
+        if S.shard_name(d.shard_id) in committed and out.size(f"{S.shard_name(d.shard_id)}.parquet") is None
+    ]
+    log.info("%d shards planned: %d to download, %d to re-embed", len(shards), len(todo), len(redo))
+    with warnings.catch_warnings():
+        # Ray's first get_current() sets its own deprecated fields and warns about them.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, _MIN_TARGET_MAX_BLOCK_SIZE)
+    ctx.enable_progress_bars = False
+    summary = CurateSummary(len(shards), len(todo), len(redo))
+    statuses: Counter[str] = Counter()
+    datasets = []
+    if redo:
+        tables = [pq.read_table(io.BytesIO(storage.read_bytes(f"{s}.parquet"))) for s in redo]
+        datasets.append(ray.data.from_arrow(tables))
+    if todo:
+        ds = ray.data.from_items([d.as_row() for d in todo], override_num_blocks=len(todo))
+        read = ReadStage(
+            cfg=download.read, number_sample_per_shard=n, storage=download.storage,
+            resources=Resources(num_cpus=0.1),
+        )
+        ds = apply_stage(ds, read, batch_size=1)
+        for stage in build_stages(download, download_concurrency):
+            ds = apply_stage(ds, stage)
+        datasets.append(ds)
+    if datasets:
+        tail = build_embed_stages(download, embed, moderate, write)
+        for ds in datasets:
+            ds = apply_embed_stages(ds, tail)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                statuses.update(batch.column(S.STATUS).to_pylist())
+                if S.UNSAFE_CONCEPT in batch.column_names:
+                    summary.flagged_unsafe += batch.num_rows - batch.column(S.UNSAFE_CONCEPT).null_count
+    missing = [S.shard_name(d.shard_id) for d in shards if out.size(f"{S.shard_name(d.shard_id)}.parquet") is None]
+    if missing:
+        raise RuntimeError(f"shards without an output Parquet after the run: {missing[:20]}")
+    if todo:
+        _write_totals(storage, shards, len(shards) - len(todo), len(todo), started)
+    summary.files = [out.uri(f"{S.shard_name(d.shard_id)}.parquet") for d in shards]
+    summary.status_dict = dict(sorted(statuses.items()))
+    summary.rows_this_run = sum(statuses.values())
+    summary.duration_s = time.time() - started
+    return summary
+
+
+__all__ += ["CurateSummary", "apply_embed_stages", "apply_pool_stage", "build_embed_stages", "check_gpus", "run_curate"]

@@ -1,0 +1,304 @@
+"""The whole graph on local Ray + local S3 + the synthetic image server, with the bundled tiny
+model: download -> decode -> shard -> preprocess -> embed -> moderate -> write.
+
+Thresholds are calibrated on a different seed's world (embedded by the same stages, without Ray
+or HTTP) and then used by the job on the test world.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import clip_model
+from pipeline import schema as S
+from pipeline.calibrate import calibrate
+from pipeline.config import (
+    DecodeConfig,
+    DownloadConfig,
+    DownloadJobConfig,
+    EmbedConfig,
+    ModerateConfig,
+    ReadConfig,
+    ShardConfig,
+    StorageConfig,
+    WriteConfig,
+)
+from pipeline.runner import run_curate
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
+from pipeline.testing.evaluate_model import roc_auc
+from pipeline.testing.http_server import FaultServer
+from pipeline.testing.synthetic import HAZARD_PROMPT, generate_world
+
+MODEL, WEIGHTS = "tiny-synthetic", "synthetic"
+ROWS = 500
+WORLD = dict(mismatch_rate=0.1, exact_dup_rate=0.03, near_dup_rate=0.05, unsafe_rate=0.2, min_side=96, max_side=320)
+HAZARD = {"hazard": (HAZARD_PROMPT, "a warning sign", "a danger sign")}
+NEUTRAL = ("a photo", "an image", "a picture")
+# The world's scenes fill the centred square of each image, so a center crop stores every object
+# and the tiny model sees them as it was trained to (border mode adds bars it never saw).
+DECODE = DecodeConfig(image_size=128, resize_mode="center_crop")
+# Rows whose URL is replaced by a fault, and the status each must end with.
+FAULTS = {
+    3: ("404", {}, "http_404"),
+    10: ("500", {}, "http_500"),
+    17: ("close", {}, "connection_error"),
+    24: ("lie_type", {"body": "html"}, None),  # an HTML page: a decode-stage failure
+    31: ("truncate", {"frac": 0.3}, None),  # a cut file: truncated or decode error
+    38: ("bomb_png", {}, "too_many_pixels"),
+    45: ("optout", {}, "opt_out"),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """Local Ray started after the S3 server so workers inherit its endpoint and credentials.
+    No GPUs, whatever the machine has: the fail-fast test relies on it."""
+    import ray
+
+    if ray.is_initialized():  # started before the S3 server: its workers lack the endpoint
+        ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _calibration_rows(root: Path, table: pa.Table) -> pa.Table:
+    """The calibration world through the job's own decode, preprocess and embed stages."""
+    n = table.num_rows
+    rows = pa.table(
+        {
+            S.KEY: [f"{i:09d}" for i in range(n)],
+            S.CAPTION: table.column("caption"),
+            S.STATUS: [S.OK] * n,
+            S.ERROR: pa.nulls(n, pa.string()),
+            S.IMAGE_BYTES: pa.array([(root / p).read_bytes() for p in table.column("_gt_path").to_pylist()], pa.binary()),
+            "_gt_unsafe": table.column("_gt_unsafe"),
+            "_gt_hazard_in_caption": table.column("_gt_hazard_in_caption"),
+        }
+    )
+    rows = DecodeStage(cfg=DECODE).process_batch(rows)
+    pp = resolve_preprocess(MODEL, WEIGHTS)
+    rows = PreprocessStage(preprocess=pp).process_batch(rows)
+    embed = EmbedStage(cfg=EmbedConfig(model=MODEL, pretrained=WEIGHTS), preprocess=pp)
+    return embed.process_batch(rows)
+
+
+def _fault_url(srv: FaultServer, path: str, fault: str, params: dict) -> str:
+    if fault == "optout":
+        return srv.url(path, optout="noai")
+    return srv.url(path, fault, **params)
+
+
+def _s3fs() -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"].split("://")[1], scheme="http")
+
+
+def _read(fs: pafs.S3FileSystem, path: str) -> pa.Table:
+    return pads.dataset(path, format="parquet", filesystem=fs).to_table().sort_by(S.KEY)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, s3_server, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """Calibrate on world 101; run the job on world 7 (with faults); then lose the Parquet
+    files and run again, which must re-embed every committed shard from its tar."""
+    tmp = tmp_path_factory.mktemp("embed-integration")
+    cal_root = tmp / "cal"
+    cal = generate_world(cal_root, 300, 101, "http://127.0.0.1/", **WORLD)
+    moderate = ModerateConfig(concepts=HAZARD, neutral_prompts=NEUTRAL)
+    embed_cfg = EmbedConfig(model=MODEL, pretrained=WEIGHTS, rows_per_call=64, inference_batch=64,
+                            concurrency=(1, 2), debug_worker_column=True)
+    doc = calibrate(_calibration_rows(cal_root, cal), moderate, embed_cfg, label_col="_gt_unsafe",
+                    caption_label_col="_gt_hazard_in_caption", target_recall=0.95)
+    thresholds = tmp / "thresholds.yaml"
+    thresholds.write_text(yaml.safe_dump(doc))
+
+    bucket = f"embed-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(bucket)
+    base = f"s3://{bucket}/run"
+    root = tmp / "world"
+    fs = _s3fs()
+    with FaultServer(root) as srv:
+        world = generate_world(root, ROWS, 7, srv.base_url + "/", **WORLD)
+        urls = world.column("url").to_pylist()
+        for row, (fault, params, _) in FAULTS.items():
+            urls[row] = _fault_url(srv, world.column("_gt_path")[row].as_py(), fault, params)
+        world = world.set_column(0, "url", pa.array(urls))
+        pq.write_table(world, root / "urls_faults.parquet")
+        job = DownloadJobConfig(
+            read=ReadConfig(url_list=str(root / "urls_faults.parquet"),
+                            save_additional_columns=("_gt_row", "_gt_unsafe")),
+            download=DownloadConfig(timeout=5, retries=0, allowed_networks=("127.0.0.1/32",)),
+            decode=DECODE,
+            shard=ShardConfig(output_folder=f"{base}/shards", number_sample_per_shard=128),
+            storage=StorageConfig(),
+        )
+        write = WriteConfig(output_folder=f"{base}/embeddings", row_group_rows=100)
+        moderate_job = ModerateConfig(thresholds_file=str(thresholds))
+        started = time.time()
+        first = run_curate(job, embed_cfg, moderate_job, write)
+        elapsed = time.time() - started
+        listed = sorted(Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/run/embeddings")))
+        out = _read(fs, f"{bucket}/run/embeddings")
+        for i in range(4):
+            fs.delete_file(f"{bucket}/run/embeddings/{i:05d}.parquet")
+        requests = srv.count()
+        again = run_curate(job, embed_cfg, moderate_job, write)
+        new_requests = srv.count() - requests
+    print(f"full graph: {ROWS} rows in {elapsed:.1f} s")
+    yield {
+        "doc": doc, "world": world, "first": first, "again": again, "listed": listed, "out": out,
+        "redo": _read(fs, f"{bucket}/run/embeddings"), "new_requests": new_requests, "fs": fs,
+        "bucket": bucket,
+    }
+    fs.delete_dir_contents(bucket)
+
+
+def _ray_data() -> Any:
+    import ray
+
+    return ray.data
+
+
+def _ok_rows(runs: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in runs["out"].to_pylist() if r[S.STATUS] == S.OK]
+
+
+def _truth(runs: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {r["_gt_row"]: r for r in runs["world"].to_pylist()}
+
+
+@pytest.mark.slow
+def test_every_input_row_once_in_files_named_by_shard(runs) -> None:
+    assert runs["first"].rows_this_run == ROWS and runs["first"].shards_planned == 4
+    assert runs["listed"] == [f"{i:05d}.parquet" for i in range(4)]
+    out = runs["out"]
+    assert out.num_rows == ROWS
+    assert sorted(out.column("_gt_row").to_pylist()) == list(range(ROWS))
+    assert len(set(out.column(S.KEY).to_pylist())) == ROWS
+    dim = clip_model.get_model_config(MODEL).embed_dim
+    for col in (S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING):
+        t = out.schema.field(col).type
+        assert pa.types.is_fixed_size_list(t) and t.value_type == pa.float16() and t.list_size == dim
+    # Ray Data reads the files back as well.
+    ds = _ray_data().read_parquet(f"{runs['bucket']}/run/embeddings", filesystem=runs["fs"])
+    assert ds.count() == ROWS
+
+
+@pytest.mark.slow
+def test_failed_rows_keep_status_and_caption_embedding(runs) -> None:
+    by_row = {r["_gt_row"]: r for r in runs["out"].to_pylist()}
+    for row, (_, _, status) in FAULTS.items():
+        got = by_row[row][S.STATUS]
+        assert got != S.OK and (status is None or got == status), (row, got)
+        assert by_row[row][S.IMAGE_EMBEDDING] is None and by_row[row][S.TEXT_EMBEDDING] is not None
+        assert by_row[row][S.KEEP] is False and by_row[row][S.DROP_REASON] == f"status:{got}"
+    assert len(_ok_rows(runs)) == ROWS - len(FAULTS)  # every other row of the world decodes
+
+
+@pytest.mark.slow
+def test_embeddings_unit_norm_and_model_id(runs) -> None:
+    for r in _ok_rows(runs):
+        for col in (S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING):
+            assert abs(np.linalg.norm(np.asarray(r[col], np.float64)) - 1) <= 1e-3
+    assert set(runs["out"].column(S.MODEL).to_pylist()) == {runs["doc"]["model"]}
+    sha = clip_model.pretrained.get_pretrained_entry(MODEL, WEIGHTS).sha256
+    assert runs["doc"]["model"] == f"{MODEL}@sha256:{sha}"
+
+
+@pytest.mark.slow
+def test_clip_score_separates_mismatched_captions(runs) -> None:
+    gt = _truth(runs)
+    orig = [r for r in _ok_rows(runs) if gt[r["_gt_row"]]["_gt_duplicate_kind"] == ""]
+    auc = roc_auc([r[S.CLIP_SCORE] for r in orig], [gt[r["_gt_row"]]["_gt_caption_matches"] for r in orig])
+    assert auc >= 0.95, auc
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the bundled tiny model does not see the hazard sign well enough (image hazard ROC AUC "
+    "~0.85-0.90, clip_model/weights/tiny-synthetic.md); no threshold gives recall >= 0.9 at <= 5% "
+    "false positives until it is retrained. strict: passing makes this fail, remove the mark then.",
+)
+def test_hazard_scenes_flagged_with_thresholds_from_another_world(runs) -> None:
+    gt = _truth(runs)
+    ok = _ok_rows(runs)
+    flagged = np.array([r[S.UNSAFE_CONCEPT] == "hazard" for r in ok])
+    unsafe = np.array([gt[r["_gt_row"]]["_gt_unsafe"] for r in ok])
+    for r, f in zip(ok, flagged, strict=True):
+        if f:
+            assert r[S.KEEP] is False and r[S.DROP_REASON].startswith("moderation:hazard(")
+    assert unsafe.sum() >= 50
+    recall, fpr = flagged[unsafe].mean(), flagged[~unsafe].mean()
+    image_auc = roc_auc([r[S.UNSAFE_SCORE] for r in ok], unsafe)
+    assert recall >= 0.9 and fpr <= 0.05, (
+        f"hazard recall {recall:.3f}, false positive rate {fpr:.3f} (unsafe_score ROC AUC "
+        f"{image_auc:.3f}); calibration on world 101 reached {runs['doc']['concepts']['hazard']}"
+    )
+
+
+@pytest.mark.slow
+def test_embeddings_equal_clip_model_outside_the_pipeline(runs) -> None:
+    fs, bucket = runs["fs"], runs["bucket"]
+    model, preprocess = clip_model.create_model_and_transforms(MODEL, pretrained=WEIGHTS, device="cpu")
+    sample = _ok_rows(runs)[::40]
+    tars: dict[str, tarfile.TarFile] = {}
+    with torch.inference_mode():
+        for r in sample:
+            if r[S.SHARD] not in tars:
+                data = fs.open_input_stream(f"{bucket}/run/shards/{r[S.SHARD]}.tar").read()
+                tars[r[S.SHARD]] = tarfile.open(fileobj=io.BytesIO(data))
+            image = Image.open(tars[r[S.SHARD]].extractfile(f"{r[S.KEY]}.jpg"))
+            want_img = model.encode_image(preprocess(image)[None], normalize=True)[0].numpy()
+            want_txt = model.encode_text(clip_model.tokenize([r[S.CAPTION]]), normalize=True)[0].numpy()
+            assert np.abs(np.asarray(r[S.IMAGE_EMBEDDING], np.float32) - want_img).max() <= 2e-3
+            assert np.abs(np.asarray(r[S.TEXT_EMBEDDING], np.float32) - want_txt).max() <= 2e-3
+            cos = float(np.dot(want_img.astype(np.float64), want_txt.astype(np.float64)))
+            assert abs(r[S.CLIP_SCORE] - cos) <= 2e-3
+
+
+@pytest.mark.slow
+def test_resume_reembeds_from_tars_on_both_actors(runs) -> None:
+    again, out, redo = runs["again"], runs["out"], runs["redo"]
+    assert (again.shards_downloaded, again.shards_reembedded, again.rows_this_run) == (0, 4, ROWS)
+    assert runs["new_requests"] == 0  # nothing downloaded again
+    assert redo.column(S.KEY).to_pylist() == out.column(S.KEY).to_pylist()
+    assert redo.column(S.STATUS).to_pylist() == out.column(S.STATUS).to_pylist()
+    for col in (S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING):
+        a = [np.asarray(v, np.float32) for v in out.column(col).to_pylist() if v is not None]
+        b = [np.asarray(v, np.float32) for v in redo.column(col).to_pylist() if v is not None]
+        assert len(a) == len(b) and np.abs(np.stack(a) - np.stack(b)).max() <= 1e-3
+    assert redo.column(S.UNSAFE_CONCEPT).to_pylist() == out.column(S.UNSAFE_CONCEPT).to_pylist()
+    # The input is at hand (no download to wait for): both actors of the (1, 2) pool embed.
+    workers = set(redo.column(S.EMBED_WORKER).to_pylist())
+    assert len(workers) == 2, workers
+
+
+def test_gpu_request_without_gpus_fails_fast(ray_local, tmp_path) -> None:
+    job = DownloadJobConfig(
+        read=ReadConfig(url_list=str(tmp_path / "none.parquet")),
+        shard=ShardConfig(output_folder=str(tmp_path / "shards")),
+    )
+    started = time.time()
+    with pytest.raises(RuntimeError, match=r"needs 1 GPU\(s\), but the Ray cluster has 0"):
+        run_curate(job, EmbedConfig(model=MODEL, num_gpus=1), ModerateConfig(),
+                   WriteConfig(output_folder=str(tmp_path / "out")))
+    assert time.time() - started < 10
