@@ -28,6 +28,10 @@ test: $(STAMP) chromium
 lint: $(STAMP)
 	$(VENV)/bin/ruff check clip_model pipeline jobs bench tests
 
+# The whole job on a loopback Ray head + local S3 + synthetic image server (jobs/demo.sh).
+demo: $(STAMP)
+	VENV=$(VENV) jobs/demo.sh
+
 bench-encoders: $(STAMP)
 	$(PY) bench/encoders.py
 

@@ -313,3 +313,126 @@ class WriteConfig:
         _check(self.row_group_rows >= 1, section, "row_group_rows", "must be >= 1")
         _check(self.compression in ("zstd", "snappy", "gzip", "lz4", "brotli", "none"), section,
                "compression", f"unsupported codec {self.compression!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole job (helper G): jobs/embed_laion.py. YAML / flags / --set loading is in
+# pipeline/job_config.py; the final keep/drop decisions in pipeline/decisions.py.
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """The filters that decide ``keep`` / ``drop_reason`` after the stream.
+
+    clip_score_threshold: an ``ok`` row whose clip_score (cosine of image and caption
+    embeddings, in [-1, 1]) is below it is dropped; None turns the filter off. The right value
+    depends on the model (LAION-400M used 0.3 with ViT-B-32), so there is no default.
+    unsafe: drop rows the moderate stage flagged (``unsafe_score > 0``); off keeps the scores.
+    duplicates: run the global dedup and drop what it finds (off: no dedup at all).
+    """
+
+    clip_score_threshold: float | None = None
+    unsafe: bool = True
+    duplicates: bool = True
+
+    def validate(self, section: str = "filter") -> None:
+        t = self.clip_score_threshold
+        _check(t is None or -1.0 <= t <= 1.0, section, "clip_score_threshold",
+               f"must be a cosine in [-1, 1] or unset, got {t}")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How the job runs on Ray; nothing here changes what it writes."""
+
+    ray_address: str | None = None  # None: $RAY_ADDRESS (set under `ray job submit`) or local Ray
+    download_concurrency: int = 2  # download actors (each runs download.thread_count threads)
+
+    def validate(self, section: str = "execution") -> None:
+        _check(self.ray_address is None or bool(self.ray_address), section, "ray_address",
+               "must be an address or unset")
+        _check(self.download_concurrency >= 1, section, "download_concurrency", "must be >= 1")
+
+
+SHARDS_DIR = "shards"
+EMBEDDINGS_DIR = "embeddings"
+
+
+def _tiny_embed() -> EmbedConfig:
+    return EmbedConfig(model="tiny-synthetic", pretrained="synthetic")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole job: URL lists in ``input``, everything written under ``output``.
+
+    ``output`` (a folder or ``s3://`` URI) receives ``shards/`` (img2dataset's layout),
+    ``embeddings/`` (one Parquet file per shard), ``_stats.json``, ``report.html`` and
+    ``config.yaml``. ``read.url_list``, ``shard.output_folder`` and ``write.output_folder``
+    follow from ``input`` and ``output`` (:meth:`resolved`); setting them to anything else is
+    an error, so one output never mixes two layouts.
+    """
+
+    input: str = ""
+    output: str = ""
+    read: ReadConfig = field(default_factory=ReadConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    embed: EmbedConfig = field(default_factory=_tiny_embed)
+    moderate: ModerateConfig = field(default_factory=ModerateConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    @property
+    def output_root(self) -> str:
+        """``output`` without a trailing slash."""
+        return self.output.rstrip("/") or self.output
+
+    def _derived(self) -> dict[str, tuple[str, str, str]]:
+        root = self.output_root
+        return {
+            "read.url_list": (self.read.url_list, self.input, "input"),
+            "shard.output_folder": (self.shard.output_folder, f"{root}/{SHARDS_DIR}", "output"),
+            "write.output_folder": (self.write.output_folder, f"{root}/{EMBEDDINGS_DIR}", "output"),
+        }
+
+    def resolved(self) -> JobConfig:
+        """A copy with the derived folders filled in (``input`` taken from ``read.url_list``
+        when only that is set). Raises ``ConfigError`` when a derived field contradicts them."""
+        from dataclasses import replace
+
+        cfg = self
+        if not cfg.input and cfg.read.url_list:
+            cfg = replace(cfg, input=cfg.read.url_list)
+        if cfg.input and cfg.output:
+            for name, (have, want, source) in cfg._derived().items():
+                _check(not have or have.rstrip("/") == want.rstrip("/"), *name.split("."),
+                       f"follows from {source} ({want!r}); got {have!r}")
+            cfg = replace(
+                cfg,
+                read=replace(cfg.read, url_list=cfg.input),
+                shard=replace(cfg.shard, output_folder=f"{cfg.output_root}/{SHARDS_DIR}"),
+                write=replace(cfg.write, output_folder=f"{cfg.output_root}/{EMBEDDINGS_DIR}"),
+            )
+        return cfg
+
+    def validate(self) -> None:
+        """Check every section; the first problem raises ``ConfigError`` naming the field."""
+        if not self.input and not self.read.url_list:
+            raise ConfigError("input: is required (a path, glob or s3:// URI of URL lists)")
+        if not self.output:
+            raise ConfigError("output: is required (a folder or s3:// URI)")
+        cfg = self.resolved()
+        for f in fields(cfg):
+            section = getattr(cfg, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+
+    def download_job(self) -> DownloadJobConfig:
+        """The download half of this job (resolved)."""
+        cfg = self.resolved()
+        return DownloadJobConfig(cfg.read, cfg.download, cfg.decode, cfg.shard, cfg.storage)

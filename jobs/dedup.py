@@ -1,0 +1,72 @@
+"""Deduplicate (and re-decide) a finished output again, without downloading or embedding.
+
+    python jobs/dedup.py --output s3://bucket/curated/2026-11-23 \\
+        --dedup-threshold 0.9 --dedup-against s3://bucket/curated/2026-11-22
+
+Reads ``<output>/config.yaml`` (written by jobs/embed_laion.py), applies the flags and
+``--set section.field=value`` overrides (only ``filter.*``, ``dedup.*``, ``storage.*`` and
+``execution.*`` may change: the rest shaped the stored rows), recomputes ``duplicate_of``,
+``keep`` and ``drop_reason`` over ``<output>/embeddings/*.parquet``, rewrites only the files
+whose decisions change, and rewrites ``_stats.json`` / ``report.html`` when something did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pipeline import job_config as J  # noqa: E402
+from pipeline.config import ConfigError, StorageConfig  # noqa: E402
+
+FLAGS = {
+    "--dedup-threshold": "dedup.threshold",
+    "--dedup-against": "dedup.against",
+    "--clip-score-threshold": "filter.clip_score_threshold",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dedup.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", required=True, help="a finished job's output (folder or s3:// URI)")
+    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint")
+    for flag, path in FLAGS.items():
+        p.add_argument(flag, dest=path.replace(".", "__"), default=argparse.SUPPRESS, help=f"sets {path}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a configuration error)."""
+    args = build_parser().parse_args(argv)
+    from pipeline.job import CONFIG_NAME, format_summary, redecide
+    from pipeline.storage import Storage
+
+    try:
+        storage = StorageConfig(s3_endpoint_url=args.s3_endpoint_url)
+        try:
+            text = Storage(args.output, storage).read_bytes(CONFIG_NAME).decode("utf-8")
+        except Exception as e:  # FileNotFoundError locally, NoSuchKey/ClientError on S3
+            raise ConfigError(f"output: cannot read {args.output}/{CONFIG_NAME}: {e}") from e
+        cfg = J.from_yaml_text(text)
+        if args.s3_endpoint_url:
+            cfg = J.set_value(cfg, "storage.s3_endpoint_url", args.s3_endpoint_url)
+        for path in FLAGS.values():
+            if hasattr(args, path.replace(".", "__")):
+                cfg = J.set_value(cfg, path, getattr(args, path.replace(".", "__")))
+        for assignment in args.overrides:
+            cfg = J.apply_set(cfg, assignment)
+        summary = redecide(cfg)
+    except ConfigError as e:
+        print(f"dedup.py: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Final ``keep`` / ``drop_reason`` of every row, after the stream and the global dedup.
+
+Rows are never deleted: a dropped row gets ``keep = false`` and one ``drop_reason`` that names
+the filter, its threshold and the model whose numbers it used. Reasons are checked in this
+order and the first that applies is recorded:
+
+0. ``takedown: <reason>``: the row was taken down (``takedown`` column, set by
+   pipeline/takedown.py); a re-decision never brings it back.
+1. ``status:<status>``: the row failed upstream (``status:http_404``, ``status:decode_error``).
+2. ``unsafe:<concept>(<side> margin>0.05; <model>)``: the moderate stage flagged it
+   (``unsafe_score > 0``) and ``filter.unsafe`` is on. The side is ``image``, ``caption`` or
+   ``head`` (then ``probability`` instead of ``margin``); the threshold is the concept's. The
+   row's own score is in ``unsafe_score`` (score minus threshold), not in the reason, so rows
+   dropped by the same rule share one reason.
+3. ``clip_score<0.28 (<model>)``: ``filter.clip_score_threshold`` is set and the image-caption
+   cosine is below it (a row without a caption has no clip_score and is dropped with
+   ``clip_score<0.28 (<model>; no caption)``).
+4. ``dedup:exact(sha256)``, ``dedup:semantic(cos>=0.95; <model>)``,
+   ``dedup:previous_run(cos>=0.95 or sha256; <model>)``: a duplicate found by
+   :func:`pipeline.dedup.dedup_table`, when ``filter.duplicates`` is on.
+
+Dedup runs only over the rows that pass 0-3, so a duplicate is dropped only in favour of a row
+that is itself kept. Everything is recomputed from the measured columns (status, scores,
+embeddings), never from an earlier ``keep``/``drop_reason``: running the decisions again on
+their own output gives the same result, which is what makes a re-run change nothing.
+
+Models are named ``<architecture>@sha256:<first 12 hex digits>…`` in reasons (the ``model``
+column keeps the full id), so reasons group well in counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema as S
+from pipeline.config import DedupConfig, FilterConfig
+from pipeline.takedown import REASON_PREFIX as TAKEDOWN_PREFIX
+from pipeline.takedown import TAKEDOWN
+
+DUP_GROUP_SIZE = "dup_group_size"
+DUP_KIND = "dup_kind"
+DECISION_COLUMNS = (S.DUPLICATE_OF, DUP_GROUP_SIZE, DUP_KIND, S.KEEP, S.DROP_REASON)
+
+_SHA = "@sha256:"
+
+
+def short_model(model: str | None) -> str:
+    """``"ViT-B-32@sha256:<64 hex>"`` -> ``"ViT-B-32@sha256:<12 hex>…"``; other ids unchanged,
+    None -> ``"unknown model"``."""
+    if not model:
+        return "unknown model"
+    name, sep, digest = model.partition(_SHA)
+    if sep and len(digest) > 12:
+        return f"{name}{sep}{digest[:12]}…"
+    return model
+
+
+def _col(table: pa.Table, name: str) -> list[Any]:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, arr)
+    return table.append_column(name, arr)
+
+
+def unsafe_reason(concept: str, source: str | None, model: str | None, rules: Any = None) -> str:
+    """The drop reason of a flagged row (``concept`` flagged by ``source``, ``image``,
+    ``caption`` or ``head``). With ``rules`` (:class:`pipeline.stages.moderate.Rules`) it
+    names the concept's threshold on that side; without, the rule ``unsafe_score>0``."""
+    side = source or "image"
+    threshold = None
+    if rules is not None:
+        if side == "head":
+            threshold = rules.head_threshold
+        elif side in ("image", "caption"):
+            threshold = (rules.image_thresholds if side == "image" else rules.caption_thresholds).get(concept)
+    m = short_model(model)
+    if threshold is None:
+        return f"unsafe:{concept}({side} unsafe_score>0; {m})"
+    kind = "probability" if side == "head" else "margin"
+    return f"unsafe:{concept}({side} {kind}>{threshold:g}; {m})"
+
+
+def filter_reasons(table: pa.Table, filters: FilterConfig, rules: Any = None) -> list[str | None]:
+    """Reasons 0-3 of the module docstring for every row (None: the row passes them)."""
+    taken_down = _col(table, TAKEDOWN)
+    statuses = _col(table, S.STATUS)
+    scores = _col(table, S.CLIP_SCORE)
+    unsafe = _col(table, S.UNSAFE_SCORE)
+    concepts = _col(table, S.UNSAFE_CONCEPT)
+    sources = _col(table, S.UNSAFE_SOURCE)
+    models = _col(table, S.MODEL)
+    threshold = filters.clip_score_threshold
+    out: list[str | None] = []
+    for i, status in enumerate(statuses):
+        if taken_down[i] is not None:
+            out.append(f"{TAKEDOWN_PREFIX}{taken_down[i]}")
+        elif status != S.OK:
+            out.append(f"status:{status}")
+        elif filters.unsafe and concepts[i] is not None and unsafe[i] is not None and unsafe[i] > 0:
+            out.append(unsafe_reason(concepts[i], sources[i], models[i], rules))
+        elif threshold is not None and (scores[i] is None or np.isnan(scores[i])):
+            out.append(f"clip_score<{threshold:g} ({short_model(models[i])}; no caption)")
+        elif threshold is not None and scores[i] < threshold:
+            out.append(f"clip_score<{threshold:g} ({short_model(models[i])})")
+        else:
+            out.append(None)
+    return out
+
+
+def dedup_reason(kind: str, model: str | None, cfg: DedupConfig) -> str:
+    """The drop reason of a duplicate of ``kind`` (``exact``, ``semantic``, ``previous_run``)."""
+    if kind == "exact":
+        return "dedup:exact(sha256)"
+    if kind == "semantic":
+        return f"dedup:semantic(cos>={cfg.threshold:g}; {short_model(model)})"
+    return f"dedup:previous_run(cos>={cfg.threshold:g} or sha256; {short_model(model)})"
+
+
+def decide(
+    table: pa.Table,
+    filters: FilterConfig,
+    dedup: DedupConfig,
+    rules: Any = None,
+    previous: pa.Table | None = None,
+) -> pa.Table:
+    """``table`` with ``duplicate_of``, ``dup_group_size``, ``dup_kind``, ``keep`` and
+    ``drop_reason`` (re)computed; same rows, same order, other columns untouched.
+
+    ``table`` needs ``key`` and ``status``; the filters read ``clip_score``, ``unsafe_score``,
+    ``unsafe_concept``, ``unsafe_source``, ``model`` and dedup ``sha256`` and
+    ``image_embedding`` (fixed_size_list<float16>[D]) where present. ``rules``: the moderate
+    stage's resolved rules, for thresholds in unsafe reasons. ``previous``: rows an earlier run
+    kept (see :func:`pipeline.dedup.dedup_table`).
+    """
+    n = table.num_rows
+    reasons = filter_reasons(table, filters, rules)
+    dup_of: list[str | None] = [None] * n
+    group: list[int | None] = [None] * n
+    kinds: list[str | None] = [None] * n
+    if filters.duplicates and S.IMAGE_EMBEDDING in table.column_names:
+        from pipeline.dedup import dedup_table
+
+        passing = np.array([i for i, r in enumerate(reasons) if r is None], np.int64)
+        if len(passing):
+            cols = [c for c in (S.KEY, S.STATUS, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING) if c in table.column_names]
+            sub = table.select(cols).take(pa.array(passing))
+            for name, typ in ((S.SHA256, pa.string()), (S.CLIP_SCORE, pa.float32())):
+                if name not in sub.column_names:
+                    sub = sub.append_column(name, pa.nulls(len(passing), typ))
+            marked = dedup_table(sub, dedup, previous)
+            models = _col(table, S.MODEL)
+            sub_dup = marked.column(S.DUPLICATE_OF).to_pylist()
+            sub_size = marked.column(DUP_GROUP_SIZE).to_pylist()
+            sub_kind = marked.column(DUP_KIND).to_pylist()
+            for j, i in enumerate(passing.tolist()):
+                dup_of[i], group[i], kinds[i] = sub_dup[j], sub_size[j], sub_kind[j]
+                if sub_kind[j] is not None:
+                    reasons[i] = dedup_reason(sub_kind[j], models[i], dedup)
+    out = _set(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
+    out = _set(out, DUP_GROUP_SIZE, pa.array(group, pa.int32()))
+    out = _set(out, DUP_KIND, pa.array(kinds, pa.string()))
+    out = _set(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))
+    return _set(out, S.DROP_REASON, pa.array(reasons, pa.string()))
+
+
+def kept_rows(previous: pa.Table) -> pa.Table:
+    """The rows of an earlier run's output that it kept (``keep`` true where the column
+    exists), for deduplicating a new run against them."""
+    if S.KEEP in previous.column_names:
+        return previous.filter(pc.fill_null(previous.column(S.KEEP), False))
+    return previous
+
+
+__all__ = [
+    "DECISION_COLUMNS",
+    "DUP_GROUP_SIZE",
+    "DUP_KIND",
+    "decide",
+    "dedup_reason",
+    "filter_reasons",
+    "kept_rows",
+    "short_model",
+    "unsafe_reason",
+]

@@ -1,0 +1,402 @@
+"""Load a :class:`~pipeline.config.JobConfig` from YAML, command-line flags and ``--set``.
+
+Precedence, lowest first: the dataclass defaults, ``--config job.yaml``, the named flags
+(``--model``, ``--image-size``, ...), then every ``--set section.field=value`` in order.
+
+Values are typed by the dataclass field they land in (``typing.get_type_hints``): ints,
+floats (``inf`` works), bools (``true/false/yes/no/on/off/1/0``), ``X | None`` (``null``,
+``none`` or an empty value unset it), tuples (a YAML list or ``a,b,c``; a fixed-size tuple
+such as ``embed.concurrency`` also takes one value for all slots: ``2`` means ``(2, 2)``)
+and dicts (a YAML mapping, e.g. ``--set 'moderate.concepts={hazard: [a hazard sign]}'``).
+A value that does not fit, an unknown section or an unknown field raises
+:class:`~pipeline.config.ConfigError` naming it, before any work starts.
+
+Top-level fields (``input``, ``output``) are set as ``--set output=s3://...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, JobConfig
+
+_TRUE = {"true", "yes", "y", "on", "1"}
+_FALSE = {"false", "no", "n", "off", "0"}
+_NONE = {"", "none", "null", "~"}
+_YAML_SPECIAL_FLOATS = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
+
+
+# ------------------------------------------------------------------------------- coercion
+
+
+def _union_args(tp: Any) -> tuple[Any, ...] | None:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """``value`` (YAML-native, or a string from the command line) converted to type ``tp``;
+    ``ConfigError`` naming ``name`` when it does not fit."""
+    args = _union_args(tp)
+    if args is not None:
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, name)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return _coerce_tuple(value, typing.get_args(tp), name)
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if isinstance(value, str):
+            value = _yaml_value(value, name)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return {coerce(k, key_t, f"{name}.<key>"): coerce(v, val_t, f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            text = _YAML_SPECIAL_FLOATS.get(text, text)  # YAML spells infinity ".inf"
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # YAML reads `pretrained: 2023` or `url_col: 1` as numbers; the user meant text.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported field type {_type_name(tp)}")
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...], name: str) -> tuple[Any, ...]:
+    variadic = len(args) == 2 and args[1] is Ellipsis
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = _yaml_value(text, name)
+        else:
+            value = [x.strip() for x in text.split(",") if x.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    items = list(value)
+    if variadic:
+        return tuple(coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(items))
+    if len(items) == 1 and len(args) > 1 and len(set(args)) == 1:
+        items = items * len(args)  # "2" for (min, max) means a fixed size of 2
+    if len(items) != len(args):
+        raise ConfigError(f"{name}: expected {len(args)} values, got {len(items)} ({value!r})")
+    return tuple(coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(items, args, strict=True)))
+
+
+def _yaml_value(text: str, name: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: {text!r} is not valid YAML ({e})") from e
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, doc: Mapping[str, Any], prefix: str, base: Any = None) -> Any:
+    """``cls`` from a mapping of its fields over ``base`` (or the defaults); nested dataclass
+    fields merge field by field, every other field is replaced."""
+    types_ = _field_types(cls)
+    unknown = [k for k in doc if k not in types_]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        what = "section" if not prefix else "field"
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown {what} (known: {', '.join(types_)})"
+        )
+    current = base if base is not None else cls()
+    changes: dict[str, Any] = {}
+    for key, value in doc.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                continue  # an empty section in YAML: keep what is there
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            changes[key] = _build(tp, value, name, getattr(current, key))
+        else:
+            changes[key] = coerce(value, tp, name)
+    return dataclasses.replace(current, **changes)
+
+
+# ----------------------------------------------------------------------------------- API
+
+
+def from_dict(doc: Mapping[str, Any], base: JobConfig | None = None) -> JobConfig:
+    """A JobConfig from a nested mapping (sections -> fields) over ``base`` or the defaults.
+    Not validated (see :func:`validate`)."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(doc).__name__}")
+    return _build(JobConfig, doc, "", base)
+
+
+def from_yaml(path: str | Path, base: JobConfig | None = None) -> JobConfig:
+    """A JobConfig from a YAML file over ``base`` (or the defaults). Not validated."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path}: {e}") from e
+    return from_yaml_text(text, base)
+
+
+def from_yaml_text(text: str, base: JobConfig | None = None) -> JobConfig:
+    """A JobConfig from YAML text; an empty document gives ``base`` (or the defaults)."""
+    doc = _yaml_value(text, "config")
+    if doc is None:
+        return base if base is not None else JobConfig()
+    return from_dict(doc, base)
+
+
+def set_value(cfg: JobConfig, path: str, raw: Any) -> JobConfig:
+    """``cfg`` with the field at dotted ``path`` (``"embed.model"``, ``"output"``) set from
+    ``raw`` (a command-line string or a YAML-native value), typed by the field."""
+    parts = path.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{path}: expected section.field")
+    chain: list[Any] = [cfg]
+    for depth, part in enumerate(parts[:-1]):
+        obj = chain[-1]
+        known = _field_types(type(obj))
+        name = ".".join(parts[: depth + 1])
+        if part not in known:
+            what = "section" if depth == 0 else "field"
+            raise ConfigError(f"{name}: unknown {what} (known: {', '.join(known)})")
+        if not dataclasses.is_dataclass(known[part]):
+            raise ConfigError(f"{name}: is a value, not a section")
+        chain.append(getattr(obj, part))
+    leaf = chain[-1]
+    known = _field_types(type(leaf))
+    field_name = parts[-1]
+    if field_name not in known:
+        what = "field" if len(parts) > 1 else "section or field"
+        raise ConfigError(f"{path}: unknown {what} (known: {', '.join(known)})")
+    tp = known[field_name]
+    if dataclasses.is_dataclass(tp):
+        value = raw if not isinstance(raw, str) else _yaml_value(raw, path)
+        new = _build(tp, value or {}, path, getattr(leaf, field_name))
+    elif isinstance(raw, str) and not _is_text(tp):
+        # Non-text fields read the value as YAML, so "[1, 2]", "{a: [b]}", "null" and ".inf"
+        # all work; a plain "1,2" string is handled by the tuple coercion.
+        parsed = _yaml_value(raw, path) if raw.strip() else raw
+        new = coerce(parsed if not isinstance(parsed, str) else raw, tp, path)
+    else:
+        new = coerce(raw, tp, path)
+    for obj, name in zip(reversed(chain), reversed(parts), strict=False):
+        new = dataclasses.replace(obj, **{name: new})
+    return new
+
+
+def _is_text(tp: Any) -> bool:
+    """str or ``str | None``: the raw text is the value (never YAML-parsed)."""
+    args = _union_args(tp)
+    if args is not None:
+        return all(a in (str, type(None)) for a in args)
+    return tp is str
+
+
+def apply_set(cfg: JobConfig, assignment: str) -> JobConfig:
+    """Apply one ``section.field=value`` override (see the module docstring for typing)."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set {assignment!r}: expected section.field=value")
+    return set_value(cfg, path, raw)
+
+
+def to_dict(cfg: JobConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) that :func:`from_dict` reads back to ``cfg``."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    """YAML of every field, sections in declaration order; :func:`from_yaml` reads it back."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    """Validate every section and return the resolved config (derived output folders filled
+    in). Raises ``ConfigError`` naming the first bad field."""
+    cfg.validate()
+    return cfg.resolved()
+
+
+# ------------------------------------------------------------------------------ flags
+
+# flag -> (dotted field, help). Values are typed like --set values.
+FLAGS: dict[str, tuple[str, str]] = {
+    "--input": ("input", "URL list(s): file, folder, glob or s3:// URI (parquet/csv/tsv/jsonl)"),
+    "--output": ("output", "output folder or s3:// URI (shards/, embeddings/, report)"),
+    "--input-format": ("read.input_format", "parquet | csv | tsv | jsonl | txt"),
+    "--url-col": ("read.url_col", "column with the image URL (LAION's URL also works)"),
+    "--caption-col": ("read.caption_col", "column with the caption (LAION's TEXT also works)"),
+    "--save-additional-columns": ("read.save_additional_columns", "input columns to keep (a,b,c)"),
+    "--model": ("embed.model", "CLIP architecture or weights path (default tiny-synthetic)"),
+    "--pretrained": ("embed.pretrained", "weights tag, path, URL or s3:// URI (default synthetic)"),
+    "--precision": ("embed.precision", "auto | fp32 | fp16 | bf16"),
+    "--s3-endpoint-url": ("storage.s3_endpoint_url", "S3-compatible endpoint (MinIO, local S3)"),
+    "--allowed-networks": (
+        "download.allowed_networks",
+        "CIDRs allowed despite the address guard, e.g. 127.0.0.1/32 (repeat or a,b)",
+    ),
+    "--timeout": ("download.timeout", "seconds, total per request"),
+    "--retries": ("download.retries", "extra attempts for transient failures"),
+    "--image-size": ("decode.image_size", "stored image size in pixels"),
+    "--resize-mode": ("decode.resize_mode", "no | border | center_crop | keep_ratio"),
+    "--number-sample-per-shard": ("shard.number_sample_per_shard", "rows per shard"),
+    "--batch-size": (
+        "embed.inference_batch",
+        "images (or captions) per forward pass; rows per actor call is raised to at least this",
+    ),
+    "--concurrency": ("embed.concurrency", "embedding actors: N or MIN,MAX"),
+    "--num-gpus-per-actor": ("embed.num_gpus", "GPUs per embedding actor (0: CPU)"),
+    "--clip-score-threshold": ("filter.clip_score_threshold", "drop rows whose clip_score is below"),
+    "--unsafe-threshold": (
+        "moderate.default_threshold",
+        "concept margin above which a row is unsafe (concepts without their own threshold)",
+    ),
+    "--dedup-threshold": ("dedup.threshold", "cosine at or above which images are duplicates"),
+    "--dedup-against": ("dedup.against", "an earlier run's output to deduplicate against"),
+    "--download-concurrency": ("execution.download_concurrency", "download actors"),
+    "--ray-address": ("execution.ray_address", "Ray cluster; default $RAY_ADDRESS or local Ray"),
+}
+_REPEATABLE = {"--allowed-networks"}
+
+
+def build_parser(prog: str = "embed_laion.py") -> argparse.ArgumentParser:
+    """The job's argument parser: ``--config``, ``--set`` and the flags of :data:`FLAGS`."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Download, shard, embed, moderate and deduplicate LAION-style URL lists.",
+        epilog="Precedence: defaults < --config < flags < --set. Example: "
+        "--set decode.resize_mode=center_crop --set 'embed.concurrency=1,2'",
+    )
+    p.add_argument("--config", help="YAML job config (sections as in the written config.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field (repeatable)",
+    )
+    for flag, (path, help_) in FLAGS.items():
+        p.add_argument(
+            flag,
+            dest=path.replace(".", "__"),
+            action="append" if flag in _REPEATABLE else "store",
+            default=argparse.SUPPRESS,
+            metavar=path.rsplit(".", 1)[-1].upper(),
+            help=help_,
+        )
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate, print the resolved config and exit"
+    )
+    return p
+
+
+def from_namespace(ns: argparse.Namespace) -> JobConfig:
+    """The validated, resolved JobConfig from parsed arguments (see the precedence above)."""
+    cfg = from_yaml(Path(ns.config)) if getattr(ns, "config", None) else JobConfig()
+    for flag, (path, _) in FLAGS.items():
+        dest = path.replace(".", "__")
+        if not hasattr(ns, dest):
+            continue
+        value = getattr(ns, dest)
+        if flag in _REPEATABLE:
+            value = ",".join(value)
+        cfg = set_value(cfg, path, value)
+        if path == "embed.inference_batch" and cfg.embed.rows_per_call < cfg.embed.inference_batch:
+            cfg = set_value(cfg, "embed.rows_per_call", cfg.embed.inference_batch)
+    for assignment in getattr(ns, "overrides", []):
+        cfg = apply_set(cfg, assignment)
+    return validate(cfg)
+
+
+def from_args(argv: Sequence[str] | None = None) -> JobConfig:
+    """Parse ``argv`` with :func:`build_parser` and return the validated JobConfig."""
+    return from_namespace(build_parser().parse_args(argv))
+
+
+__all__ = [
+    "FLAGS",
+    "apply_set",
+    "build_parser",
+    "coerce",
+    "from_args",
+    "from_dict",
+    "from_namespace",
+    "from_yaml",
+    "from_yaml_text",
+    "set_value",
+    "to_dict",
+    "to_yaml",
+    "validate",
+]
