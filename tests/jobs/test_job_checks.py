@@ -15,8 +15,14 @@ def test_gpus_the_cluster_lacks_fail_before_any_work(monkeypatch) -> None:
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     cfg = J.from_args(["--input", "x", "--output", "y", "--num-gpus-per-actor", "1"])
-    with pytest.raises(ConfigError, match=r"embed.num_gpus=1.*needs 1 GPU\(s\), but the Ray cluster has 0"):
-        job.stream(cfg, [], [], {}, lambda line: None)
+    was_running = ray.is_initialized()
+    try:
+        with pytest.raises(ConfigError, match=r"embed.num_gpus=1.*needs 1 GPU\(s\), but the Ray cluster has 0"):
+            job.stream(cfg, [], [], {}, lambda line: None)
+    finally:
+        # job.stream may start a local Ray; later modules start their own with other settings.
+        if ray.is_initialized() and not was_running:
+            ray.shutdown()
 
 
 def test_an_output_refuses_a_config_that_would_change_its_rows(tmp_path) -> None:

@@ -36,6 +36,8 @@ def ray_local(s3_server: object) -> Iterator[None]:
     # from the environment, as they would inherit real ones on a cluster.
     import ray
 
+    if ray.is_initialized():  # an earlier module's local Ray lacks this module's S3 settings
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
