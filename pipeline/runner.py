@@ -307,7 +307,11 @@ def apply_pool_stage(ds: Any, stage: Stage) -> Any:
         return ds.map_batches(
             _StageActor,
             fn_constructor_args=(stage,),
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi),
+            # Two calls per actor (one running, one queued) keep a GPU fed, and stop the first
+            # actor that is ready from queueing the whole input while the others load models.
+            compute=ray.data.ActorPoolStrategy(
+                min_size=lo, max_size=hi, initial_size=hi, max_tasks_in_flight_per_actor=2
+            ),
             max_restarts=ACTOR_MAX_RESTARTS,
             max_task_retries=TASK_MAX_RETRIES,
             **kwargs,
