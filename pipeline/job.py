@@ -147,18 +147,6 @@ class _Progress:
                 )
 
 
-def _stage_of(status: str) -> str:
-    if status == S.OK:
-        return "ok"
-    if status in S.READ_STATUSES:
-        return "read"
-    if S.is_decode_failure(status):
-        return "decode"
-    if status in S.EMBED_STATUSES:
-        return "preprocess"
-    return "download"
-
-
 def stream(
     cfg: JobConfig,
     to_download: list[Any],
@@ -235,7 +223,7 @@ def stream(
         progress.update(batch)
     by_stage: Counter[str] = Counter()
     for status, n in progress.status.items():
-        by_stage[_stage_of(status)] += n
+        by_stage[S.stage_of(status)] += n
     emit("  rows by outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(by_stage.items())))
     stages = operator_stats(ds, applied)
     for name, st in stages.items():

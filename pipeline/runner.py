@@ -152,16 +152,6 @@ def build_stages(cfg: DownloadJobConfig, download_concurrency: int = 2) -> list[
     ]
 
 
-def _stage_of(status: str) -> str:
-    if status == S.OK:
-        return "ok"
-    if status in S.READ_STATUSES:
-        return "read"
-    if S.is_decode_failure(status):
-        return "decode"
-    return "download"
-
-
 def run_download(cfg: DownloadJobConfig, download_concurrency: int = 2) -> DownloadSummary:
     """Run the download half on the current Ray cluster (``ray.init`` first, or one starts).
 
@@ -199,7 +189,7 @@ def run_download(cfg: DownloadJobConfig, download_concurrency: int = 2) -> Downl
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for status in batch.column(S.STATUS).to_pylist():
                 status_this_run[status] += 1
-                per_stage[_stage_of(status)] += 1
+                per_stage[S.stage_of(status)] += 1
         log.info("rows this run by stage outcome: %s", dict(per_stage))
     missing = [
         S.shard_name(d.shard_id) for d in todo if S.shard_name(d.shard_id) not in storage.committed_shards()

@@ -77,6 +77,19 @@ def is_decode_failure(status: str) -> bool:
     return status in DECODE_STATUSES
 
 
+def stage_of(status: str) -> str:
+    """The stage that set a row's status: "ok", "read", "download", "decode" or "preprocess"."""
+    if status == OK:
+        return "ok"
+    if status in READ_STATUSES:
+        return "read"
+    if is_decode_failure(status):
+        return "decode"
+    if status in EMBED_STATUSES:
+        return "preprocess"
+    return "download"
+
+
 def shard_name(shard_id: int) -> str:
     """File stem of a shard, as img2dataset names it (``oom_shard_count=5``): ``12 -> "00012"``."""
     return f"{shard_id:05d}"
