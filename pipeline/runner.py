@@ -66,8 +66,14 @@ def _stage_task(stage: Stage) -> Any:
     return run
 
 
-def apply_stage(ds: Any, stage: Stage, batch_size: int | None = None) -> Any:
-    """``ds.map_batches`` for one stage: an actor pool when ``stage.needs_actor``, else tasks."""
+def apply_stage(
+    ds: Any, stage: Stage, batch_size: int | None = None, start_at_max: bool = False
+) -> Any:
+    """``ds.map_batches`` for one stage: an actor pool when ``stage.needs_actor``, else tasks.
+
+    ``start_at_max``: an actor pool with ``concurrency=(min, max)`` starts with ``max`` actors
+    (see :func:`apply_pool_stage`).
+    """
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
@@ -86,11 +92,14 @@ def apply_stage(ds: Any, stage: Stage, batch_size: int | None = None) -> Any:
         warnings.simplefilter("ignore", RayDeprecationWarning)
         if stage.needs_actor:
             size = stage.concurrency or 1
-            compute = (
-                ray.data.ActorPoolStrategy(min_size=size[0], max_size=size[1])
-                if isinstance(size, tuple)
-                else ray.data.ActorPoolStrategy(size=size)
-            )
+            lo, hi = size if isinstance(size, tuple) else (size, size)
+            extra: dict[str, Any] = {}
+            if start_at_max:
+                # Two calls per actor (one running, one queued) keep a GPU fed, and stop the
+                # first actor that is ready from queueing the whole input while the others
+                # are still loading their models.
+                extra = {"initial_size": hi, "max_tasks_in_flight_per_actor": 2}
+            compute = ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, **extra)
             return ds.map_batches(
                 _StageActor,
                 fn_constructor_args=(stage,),
@@ -279,33 +288,7 @@ def apply_pool_stage(ds: Any, stage: Stage) -> Any:
     reserved for the job would idle. Starting at ``max`` loads every model once up front; Ray
     still shrinks the pool to ``min`` when actors sit idle and at the end of the input.
     """
-    import ray
-    from ray.util.annotations import RayDeprecationWarning
-
-    lo, hi = stage.concurrency if isinstance(stage.concurrency, tuple) else (stage.concurrency or 1,) * 2
-    kwargs: dict[str, Any] = {
-        "batch_size": stage.batch_size,
-        "batch_format": "pyarrow",
-        "zero_copy_batch": True,
-        "num_cpus": stage.resources.num_cpus,
-    }
-    if stage.resources.num_gpus:
-        kwargs["num_gpus"] = stage.resources.num_gpus
-    # Bounded retries, as apply_stage does (see the comment there).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RayDeprecationWarning)
-        return ds.map_batches(
-            _StageActor,
-            fn_constructor_args=(stage,),
-            # Two calls per actor (one running, one queued) keep a GPU fed, and stop the first
-            # actor that is ready from queueing the whole input while the others load models.
-            compute=ray.data.ActorPoolStrategy(
-                min_size=lo, max_size=hi, initial_size=hi, max_tasks_in_flight_per_actor=2
-            ),
-            max_restarts=ACTOR_MAX_RESTARTS,
-            max_task_retries=TASK_MAX_RETRIES,
-            **kwargs,
-        )
+    return apply_stage(ds, stage, stage.batch_size, start_at_max=True)
 
 
 def build_embed_stages(
