@@ -159,11 +159,11 @@ def run_baseline(folder: Path, weights: Path, batch: int) -> float:
     return time.perf_counter() - started
 
 
-def compare(folder: Path) -> float:
+def compare(folder: Path, ours_dir: str = "ours", base_dir: str = "baseline") -> float:
     """Largest absolute difference between the two outputs' embeddings (same rows by key)."""
-    ours = pq.read_table(folder / "ours").sort_by("key")
+    ours = pq.read_table(folder / ours_dir).sort_by("key")
     ours = ours.filter(pa.compute.equal(ours.column("status"), "ok"))
-    base = pq.read_table(folder / "baseline").sort_by("key")
+    base = pq.read_table(folder / base_dir).sort_by("key")
     assert ours.column("key").to_pylist() == base.column("key").to_pylist()
     worst = 0.0
     for col in ("image_embedding", "text_embedding"):
