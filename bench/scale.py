@@ -1,0 +1,551 @@
+"""Scale: the whole job on growing synthetic URL lists; rows/s per stage and peak memory.
+
+For each size in ``--rows`` (default 2000 10000 50000), on a fresh loopback-only local stack
+(``infra/local/up.sh``: Ray head, local S3 server, synthetic image server):
+
+1. a synthetic world of that many rows with small images (``--min-side``/``--max-side``,
+   no "large" format, so 50k rows fit a 2-core box) is generated once and cached under
+   ``--workdir``; its URL list, pointed at the image server, is uploaded to the local S3;
+2. the job runs as users run it, ``python jobs/embed_laion.py --config jobs/demo.yaml ...``
+   as a driver joining the stack's Ray, reading from and writing to the local S3;
+3. while it runs, the resident set size (``VmRSS`` from ``/proc/<pid>/status``) of the driver
+   and of every Ray worker process (the raylet's ``ray::`` / ``default_worker.py`` children:
+   tasks and actors) is sampled every ``--interval`` s, and once the workers are up,
+   ``infra/local/check_loopback.sh`` must find every socket of the run (driver included) on
+   127.0.0.1;
+4. the per-stage rows and seconds the job recorded in ``<output>/_stats.json`` are read back,
+   and the output's row count is checked against the input.
+
+Prints a table of memory and totals, the driver's peak per phase of the job (start, stream,
+global pass, report) and rows/s per stage, then compares the peak memory of the largest size with the smallest (target: within 1.3x, i.e. the stream does not
+accumulate). ``--append FILE`` adds the section to ``bench/RESULTS.md`` style Markdown.
+
+    .venv/bin/python bench/scale.py --rows 2000 10000 50000 --append bench/RESULTS.md
+
+RSS counts shared pages (libraries, Ray's object store mappings) in every process that
+touches them, so the "total" column overstates the physical memory of the workers together;
+it is the per-size trend that matters here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = REPO / "infra" / "local"
+PY = Path(sys.executable)
+TARGET_RATIO = 1.3
+BUCKET_PREFIX = "scale"
+MIB = 1024 * 1024
+
+
+def _format_mix() -> dict[str, float]:
+    # "large" images are 1500-4000 px whatever min/max side say: not what a 2-core scale run needs.
+    from pipeline.testing.synthetic import DEFAULT_FORMAT_MIX
+
+    return {k: v for k, v in DEFAULT_FORMAT_MIX.items() if k != "large"}
+
+
+# (start of a line the job prints, phase it opens), see pipeline.job.run and _finish.
+PHASES = (("stream:", "stream"), ("global pass:", "global pass"), ("report:", "report"))
+
+
+# ------------------------------------------------------------------------------ world
+
+
+def make_world(worlds: Path, rows: int, seed: int, min_side: int, max_side: int) -> str:
+    """Generate (once) a synthetic world under ``worlds/<name>``; returns ``<name>``.
+
+    URLs in its ``urls.parquet`` carry the placeholder ``http://HOST/<name>/``; they are
+    rewritten to the image server's address per run (:func:`upload_url_list`).
+    """
+    from pipeline.testing.synthetic import generate_world
+
+    name = f"r{rows}-s{seed}-{min_side}-{max_side}"
+    if not (worlds / name / "urls.parquet").exists():
+        tmp = worlds / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        generate_world(tmp, rows, seed, f"http://HOST/{name}/", formats=_format_mix(),
+                       min_side=min_side, max_side=max_side, unsafe_rate=0.1)
+        tmp.rename(worlds / name)  # a world is complete or absent, never half-written
+    return name
+
+
+# ------------------------------------------------------------------------------ stack
+
+
+@dataclass
+class Stack:
+    """A running ``infra/local/up.sh`` stack: its run directory and state.env values."""
+
+    run_dir: Path
+    state: dict[str, str]
+
+    @classmethod
+    def up(cls, cpus: int, object_store_mb: int, images: Path) -> Stack:
+        # Short on purpose: Ray's unix socket paths live under it (up.sh allows 40 chars).
+        run_dir = Path(tempfile.mkdtemp(prefix="ccscale-", dir="/tmp"))
+        proc = subprocess.run(
+            [str(LOCAL / "up.sh"), "--run-dir", str(run_dir), "--num-cpus", str(cpus),
+             "--object-store-mb", str(object_store_mb), "--images", str(images)],
+            capture_output=True, text=True, timeout=300, env=_clean_env(), cwd=REPO,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            _down(run_dir)
+            raise RuntimeError(f"infra/local/up.sh failed:\n{proc.stdout}\n{proc.stderr}")
+        return cls(run_dir, _read_state(run_dir / "state.env"))
+
+    def down(self) -> None:
+        _down(self.run_dir)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.state["S3_ENDPOINT_URL"]
+
+    def driver_env(self) -> dict[str, str]:
+        """A driver that joins this stack's Ray (GCS address, the run's token) and uses its
+        S3. The run marker makes the driver part of the run for check_loopback.sh and down.sh."""
+        return _clean_env() | {
+            "RAY_ADDRESS": self.state["RAY_GCS_ADDRESS"],
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.state["RAY_AUTH_TOKEN_PATH"],
+            # Ray's local-only mode, as up.sh sets for the head: every socket on loopback.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "CLIPCURATE_LOCAL_RUN": str(self.run_dir),
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.s3_endpoint,
+            "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
+            "AWS_CONFIG_FILE": str(self.run_dir / "aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.run_dir / "aws-credentials"),
+        }
+
+    def s3(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def check_loopback(self) -> str | None:
+        """None when every socket of the run (driver included) is on loopback, else the report."""
+        proc = subprocess.run([str(LOCAL / "check_loopback.sh"), "--run-dir", str(self.run_dir)],
+                              capture_output=True, text=True, timeout=60, env=_clean_env())
+        return None if proc.returncode == 0 else proc.stdout + proc.stderr
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "CLIPCURATE_"))}
+    env["VENV"] = str(PY.parent.parent)
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    return env
+
+
+def _down(run_dir: Path) -> None:
+    subprocess.run([str(LOCAL / "down.sh"), "--run-dir", str(run_dir), "--quiet"],
+                   capture_output=True, text=True, timeout=120, env=_clean_env())
+
+
+def _read_state(path: Path) -> dict[str, str]:
+    state = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export "):].partition("=")
+            state[key] = shlex.split(value)[0] if value else ""
+    return state
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident set size of ``pid`` in bytes (``VmRSS``), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return 0  # a zombie has no VmRSS line
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def ray_worker_pids(raylet: int) -> list[int]:
+    """The raylet's worker processes (tasks and actors of every job): children whose command
+    line Ray rewrote to ``ray::...`` or that still run ``default_worker.py``. The raylet's
+    agents (dashboard, runtime env) are its children too and are left out."""
+    out = []
+    for pid in _children(raylet):
+        argv = _cmdline(pid)
+        if argv and (argv[0].startswith("ray::") or any(a.endswith("default_worker.py") for a in argv)):
+            out.append(pid)
+    return out
+
+
+def find_raylet(run_dir: Path) -> int:
+    """Pid of the stack's raylet (a process of the run named ``raylet``)."""
+    proc = subprocess.run([str(PY), str(LOCAL / "localrun.py"), "pids", str(run_dir)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    for pid in map(int, proc.stdout.split()):
+        if _comm(pid) == "raylet":
+            return pid
+    raise RuntimeError(f"no raylet among the processes of {run_dir}")
+
+
+@dataclass
+class MemoryPeaks:
+    """Peaks in bytes over one run. ``worker_total``: the largest sum over the worker
+    processes alive at one sample; ``worker_process``: the largest single worker."""
+
+    driver: int = 0
+    worker_process: int = 0
+    worker_total: int = 0
+    workers_seen: set[int] = field(default_factory=set)
+    samples: int = 0
+    # Driver peak per phase of the job (start, stream, global pass, report), to tell streaming
+    # state from the global pass when memory grows with rows.
+    driver_by_phase: dict[str, int] = field(default_factory=dict)
+
+
+class Sampler(threading.Thread):
+    """Samples the RSS of the driver and the Ray workers every ``interval`` s until stopped."""
+
+    def __init__(self, driver: int, raylet: int, interval: float, log: Path) -> None:
+        super().__init__(daemon=True)
+        self.driver, self.raylet, self.interval, self.log = driver, raylet, interval, log
+        self.peaks = MemoryPeaks()
+        self.phase = "start"
+        self._offset = 0
+        self._halt = threading.Event()
+
+    def _follow_log(self) -> None:
+        """Advance :attr:`phase` from the lines pipeline.job prints when a phase begins."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return
+        end = chunk.rfind(b"\n") + 1  # only whole lines; the rest is read next time
+        self._offset += end
+        for line in chunk[:end].decode(errors="replace").splitlines():
+            for marker, phase in PHASES:
+                if line.startswith(marker):
+                    self.phase = phase
+
+    def sample(self) -> None:
+        p = self.peaks
+        self._follow_log()
+        d = rss_bytes(self.driver)
+        if d is not None:
+            p.driver = max(p.driver, d)
+            p.driver_by_phase[self.phase] = max(p.driver_by_phase.get(self.phase, 0), d)
+        total = 0
+        for pid in ray_worker_pids(self.raylet):
+            r = rss_bytes(pid)
+            if r is None:
+                continue
+            p.workers_seen.add(pid)
+            p.worker_process = max(p.worker_process, r)
+            total += r
+        p.worker_total = max(p.worker_total, total)
+        p.samples += 1
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> MemoryPeaks:
+        self._halt.set()
+        self.join()
+        self.sample()  # workers outlive the driver; their final size counts too
+        return self.peaks
+
+
+# ------------------------------------------------------------------------------ one run
+
+
+@dataclass
+class SizeResult:
+    """One size's run. Memory in bytes, times in seconds."""
+
+    rows: int
+    shards: int
+    output_rows: int
+    status: dict[str, int]
+    wall_s: float
+    timings: dict[str, float]
+    stages: dict[str, dict[str, Any]]
+    peaks: MemoryPeaks
+    command: str
+    loopback_checked: bool = False  # check_loopback.sh ran while the workers were up, and passed
+
+
+def upload_url_list(stack: Stack, worlds: Path, name: str, bucket: str) -> str:
+    """The world's URL list, pointed at the stack's image server, as an S3 object; its URI."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(worlds / name / "urls.parquet")
+    urls = [u.replace("http://HOST", stack.state["IMAGES_URL"], 1) for u in table.column("url").to_pylist()]
+    table = table.set_column(table.column_names.index("url"), "url", pa.array(urls, pa.string()))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    stack.s3().put_object(Bucket=bucket, Key=f"{name}/urls.parquet", Body=sink.getvalue().to_pybytes())
+    return f"s3://{bucket}/{name}/urls.parquet"
+
+
+def job_args(url_list: str, output: str, endpoint: str, a: argparse.Namespace) -> list[str]:
+    """The job's command line (after ``python``), as a user on this stack would type it."""
+    return [
+        "jobs/embed_laion.py", "--config", "jobs/demo.yaml",
+        "--input", url_list, "--output", output, "--s3-endpoint-url", endpoint,
+        "--allowed-networks", "127.0.0.1/32", "--image-size", str(a.image_size),
+        "--number-sample-per-shard", str(a.per_shard),
+        "--download-concurrency", str(a.download_concurrency),
+    ]  # fmt: skip
+
+
+def run_size(rows: int, a: argparse.Namespace, worlds: Path, log: Path) -> SizeResult:
+    """World (cached) -> fresh stack -> the job with memory sampling -> figures from _stats.json."""
+    name = make_world(worlds, rows, a.seed, a.min_side, a.max_side)
+    stack = Stack.up(a.cpus, a.object_store_mb, worlds)
+    try:
+        bucket = f"{BUCKET_PREFIX}-{uuid.uuid4().hex[:12]}"
+        stack.s3().create_bucket(Bucket=bucket)
+        url_list = upload_url_list(stack, worlds, name, bucket)
+        output = f"s3://{bucket}/{name}/out"
+        args = job_args(url_list, output, stack.s3_endpoint, a)
+        raylet = find_raylet(stack.run_dir)
+        started = time.perf_counter()
+        with open(log, "w") as out:
+            driver = subprocess.Popen([str(PY), *args], stdout=out, stderr=subprocess.STDOUT,
+                                      env=stack.driver_env(), cwd=REPO)
+            sampler = Sampler(driver.pid, raylet, a.interval, log)
+            sampler.start()
+            loopback_checked = False
+            try:
+                while driver.poll() is None:
+                    time.sleep(0.5)
+                    # Once the workers are up (the stream has started), every socket of the
+                    # run, the driver's included, must be on loopback.
+                    if not loopback_checked and len(sampler.peaks.workers_seen) >= 2:
+                        loopback_checked = True
+                        problem = stack.check_loopback()
+                        if problem:
+                            raise RuntimeError(f"a process of the run is not on loopback:\n{problem}")
+            finally:
+                if driver.poll() is None:
+                    driver.kill()
+                    driver.wait()
+                peaks = sampler.stop()
+        wall = time.perf_counter() - started
+        if driver.returncode != 0:
+            raise RuntimeError(f"the job failed (exit {driver.returncode}); log {log}:\n"
+                               + log.read_text()[-4000:])
+        stats = json.loads(stack.s3().get_object(Bucket=bucket, Key=f"{name}/out/_stats.json")["Body"].read())
+    finally:
+        stack.down()
+    if stats["rows"] != rows or sum(stats["status"].values()) != rows:
+        raise RuntimeError(f"{rows} input rows but the output has {stats['rows']} ({stats['status']})")
+    command = "python " + shlex.join(args)
+    # The printed summary's timings include the report's own, which _stats.json cannot hold.
+    timings = dict(stats.get("timings", {})) | log_timings(log.read_text(errors="replace"))
+    return SizeResult(rows, int(stats.get("shards") or 0), int(stats["rows"]), dict(stats["status"]), wall,
+                      timings, dict(stats.get("stages", {})), peaks, command, loopback_checked)
+
+
+def log_timings(text: str) -> dict[str, float]:
+    """Phase seconds from the job's last ``timings: plan 0.3 s, stream 27.8 s, ...`` line."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("timings: ")]
+    if not lines:
+        return {}
+    return {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+) s", lines[-1])}
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:,.0f}"
+
+
+def memory_table(results: list[SizeResult]) -> str:
+    """Markdown: one row per size, totals and memory peaks (MiB)."""
+    lines = [
+        "| rows | shards | output rows | ok | job wall s | rows/s (wall) | stream s | global pass s "
+        "| report s | driver peak RSS MiB | worker peak RSS MiB (largest process) "
+        "| workers peak RSS MiB (sum) | worker processes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        t = r.timings
+        lines.append(
+            f"| {r.rows:,} | {r.shards} | {r.output_rows:,} | {r.status.get('ok', 0):,} | {r.wall_s:.1f} "
+            f"| {r.rows / r.wall_s:.1f} | {t.get('stream', 0.0):.1f} | {t.get('global_pass', 0.0):.1f} "
+            f"| {t.get('report', 0.0):.1f} | {_mib(r.peaks.driver)} | {_mib(r.peaks.worker_process)} "
+            f"| {_mib(r.peaks.worker_total)} | {len(r.peaks.workers_seen)} |"
+        )
+    return "\n".join(lines)
+
+
+def phase_table(results: list[SizeResult]) -> str:
+    """Markdown: the driver's peak RSS (MiB) in each phase of the job, one column per size."""
+    phases = ["start", *(ph for _, ph in PHASES)]
+    head = "| driver peak RSS MiB in phase | " + " | ".join(f"{r.rows:,} rows" for r in results) + " |"
+    lines = [head, "|---|" + "---:|" * len(results)]
+    for ph in phases:
+        cells = [_mib(r.peaks.driver_by_phase[ph]) if ph in r.peaks.driver_by_phase else "-" for r in results]
+        lines.append(f"| {ph} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_table(results: list[SizeResult]) -> str:
+    """Markdown: rows/s of each stream stage (rows out / seconds from its first task's start
+    to its last task's end, as the job records them), one column per size."""
+    names = list(dict.fromkeys(n for r in results for n in r.stages))
+    head = "| stage | " + " | ".join(f"{r.rows:,} rows: rows/s (s)" for r in results) + " |"
+    lines = [head, "|---|" + "---:|" * len(results)]
+    for n in names:
+        cells = []
+        for r in results:
+            st = r.stages.get(n)
+            if st is None or not st.get("seconds"):
+                cells.append("-")
+            else:
+                cells.append(f"{st['rows'] / st['seconds']:.1f} ({st['seconds']:.1f})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_check(results: list[SizeResult]) -> tuple[str, bool]:
+    """Peak memory of the largest size over the smallest, per measure; (text, all within)."""
+    small, big = min(results, key=lambda r: r.rows), max(results, key=lambda r: r.rows)
+    if small.rows == big.rows:
+        return "one size only: no growth check", True
+    parts, ok = [], True
+    for label, attr in (("driver", "driver"), ("largest worker", "worker_process"),
+                        ("workers (sum)", "worker_total")):
+        a, b = getattr(small.peaks, attr), getattr(big.peaks, attr)
+        ratio = b / a if a else float("inf")
+        ok &= ratio <= TARGET_RATIO
+        parts.append(f"{label} {ratio:.2f}x")
+    verdict = "within" if ok else "NOT within"
+    text = (f"peak memory at {big.rows:,} rows vs {small.rows:,} rows: " + ", ".join(parts)
+            + f" -> {verdict} {TARGET_RATIO}x")
+    return text, ok
+
+
+def report(results: list[SizeResult], a: argparse.Namespace, argv: list[str], load: tuple[float, ...]) -> str:
+    """The Markdown section for bench/RESULTS.md (also what is printed)."""
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    check, _ = ratio_check(results)
+    cmd = "python bench/scale.py " + shlex.join(argv)
+    return (
+        f"\n## Scale: the whole job at {', '.join(f'{r.rows:,}' for r in results)} rows ({when})\n\n"
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; load average "
+        f"(1/5/15 min) before {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, after "
+        "{:.1f}/{:.1f}/{:.1f}. ".format(*os.getloadavg())
+        + f"Command: `{cmd}`. Each size on a fresh local stack (infra/local/up.sh, {a.cpus} "
+        f"logical CPUs, object store {a.object_store_mb} MB); synthetic world seed {a.seed}, long "
+        f"side {a.min_side}-{a.max_side} px, no 'large' images; job: `jobs/demo.yaml` (tiny-synthetic "
+        f"model, moderation, clip-score filter, dedup), image_size {a.image_size}, {a.per_shard} rows "
+        f"per shard. RSS sampled every {a.interval} s from /proc.\n\n"
+        f"Job command of the largest size: `{results[-1].command}`\n\n"
+        f"{memory_table(results)}\n\n{phase_table(results)}\n\n{stage_table(results)}\n\n{check}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> list[SizeResult]:
+    """Run every size; print (and with ``--append``, append) the Markdown section."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[2000, 10000, 50000])
+    p.add_argument("--per-shard", type=int, default=500, help="rows per shard")
+    p.add_argument("--image-size", type=int, default=64, help="stored image side (px)")
+    p.add_argument("--min-side", type=int, default=48, help="shortest long side of a source image")
+    p.add_argument("--max-side", type=int, default=96, help="longest long side of a source image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    p.add_argument("--object-store-mb", type=int, default=400)
+    p.add_argument("--download-concurrency", type=int, default=2)
+    p.add_argument("--interval", type=float, default=0.5, help="RSS sampling period (s)")
+    p.add_argument("--workdir", default="/tmp/clipcurate-bench-scale",
+                   help="cached worlds and job logs")
+    p.add_argument("--append", default=None, help="append the section to this Markdown file")
+    a = p.parse_args(argv)
+    if any(n < 1 for n in a.rows):
+        p.error("--rows must be >= 1")
+
+    work = Path(a.workdir)
+    worlds = work / "worlds"
+    worlds.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    results = []
+    for rows in sorted(a.rows):
+        log = work / f"job-{rows}.log"
+        t0 = time.perf_counter()
+        results.append(run_size(rows, a, worlds, log))
+        r = results[-1]
+        print(f"{rows} rows: job {r.wall_s:.1f} s (all in {time.perf_counter() - t0:.1f} s); "
+              f"driver {_mib(r.peaks.driver)} MiB, largest worker {_mib(r.peaks.worker_process)} MiB, "
+              f"workers {_mib(r.peaks.worker_total)} MiB; log {log}", file=sys.stderr, flush=True)
+    text = report(results, a, argv, load)
+    print(text)
+    if a.append:
+        with open(a.append, "a") as f:
+            f.write(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""bench/scale.py: the RSS probe against a process of known size, the growth check and the
+log parsing by hand-made examples, and one tiny end-to-end run of its main function (the whole
+job on a local stack) whose printed tables must account for every row."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_scale():
+    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "bench" / "scale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+scale = _load_scale()
+MIB = 1024 * 1024
+
+
+def test_rss_of_a_process_holding_256_mib_is_at_least_that_and_none_once_gone() -> None:
+    # The child touches every page of 256 MiB, so all of it is resident.
+    code = "import sys, time; b = bytearray(256 * 1024 * 1024); print('ready', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        rss = scale.rss_bytes(child.pid)
+        assert rss is not None and 256 * MIB <= rss < 256 * MIB + 200 * MIB
+    finally:
+        child.kill()
+        child.wait()
+    assert scale.rss_bytes(child.pid) is None
+
+
+def _result(rows: int, driver: int, worker: int, total: int) -> object:
+    peaks = scale.MemoryPeaks(driver=driver * MIB, worker_process=worker * MIB, worker_total=total * MIB)
+    return scale.SizeResult(rows, 1, rows, {"ok": rows}, 1.0, {}, {}, peaks, "python x")
+
+
+def test_growth_check_compares_largest_with_smallest_size_per_measure() -> None:
+    within = [_result(50000, 1300, 1000, 5000), _result(2000, 1000, 1000, 4000)]
+    text, ok = scale.ratio_check(within)
+    assert ok
+    assert "50,000 rows vs 2,000 rows" in text
+    assert "driver 1.30x" in text and "largest worker 1.00x" in text and "workers (sum) 1.25x" in text
+
+    text, ok = scale.ratio_check([_result(2000, 1000, 1000, 4000), _result(50000, 1000, 1400, 4000)])
+    assert not ok and "largest worker 1.40x" in text and "NOT within 1.3x" in text
+
+    text, ok = scale.ratio_check([_result(2000, 1000, 1000, 4000)])
+    assert ok and "no growth check" in text
+
+
+def test_log_timings_reads_the_last_summary_line() -> None:
+    log = ("timings: plan 9.0 s\n  shard 00000 embedded: 5 rows\n"
+           "timings: plan 0.3 s, stream 27.8 s, global_pass 1.0 s, total 33.1 s, report 4.0 s\n")
+    assert scale.log_timings(log) == {"plan": 0.3, "stream": 27.8, "global_pass": 1.0, "total": 33.1, "report": 4.0}
+    assert scale.log_timings("no summary") == {}
+
+
+@pytest.mark.slow
+def test_main_runs_the_job_and_reports_every_row_and_stage(tmp_path, capsys) -> None:
+    rows = 60
+    started = time.monotonic()
+    results = scale.main(["--rows", str(rows), "--per-shard", "20", "--workdir", str(tmp_path),
+                          "--interval", "0.2"])
+    assert time.monotonic() - started < 240
+    (r,) = results
+    assert (r.rows, r.output_rows, r.shards) == (rows, rows, 3)
+    assert sum(r.status.values()) == rows
+    # Every stream stage saw every row (the synthetic world has no failing rows).
+    for stage in ("ReadStage", "DownloadStage", "DecodeStage", "ShardStage", "PreprocessStage",
+                  "EmbedStage", "ModerateStage", "WriteStage"):
+        assert r.stages[stage]["rows"] == rows, (stage, r.stages[stage])
+    # The driver loads torch and the model: far above an idle interpreter's ~10 MiB.
+    assert r.loopback_checked
+    assert r.peaks.driver > 200 * MIB
+    assert r.peaks.worker_process > 100 * MIB
+    assert r.peaks.worker_total >= r.peaks.worker_process
+    assert len(r.peaks.workers_seen) >= 2
+    assert set(r.peaks.driver_by_phase) >= {"stream", "global pass", "report"}
+    assert max(r.peaks.driver_by_phase.values()) == r.peaks.driver
+    out = capsys.readouterr().out
+    assert f"| {rows} | 3 | {rows} | {r.status.get('ok', 0)} |" in out
+    assert "| EmbedStage |" in out and "one size only" in out
+    assert "--number-sample-per-shard 20" in r.command
