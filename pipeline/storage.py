@@ -2,7 +2,7 @@
 
 * :func:`filesystem_for` maps a URI to a pyarrow filesystem plus the path inside it (S3
   endpoint, region and retries from :class:`~pipeline.config.StorageConfig`, falling back to the
-  standard ``AWS_*`` variables), used to read URL lists.
+  standard ``AWS_*`` variables), used to read URL lists and write Parquet.
 * :class:`Storage` writes shard files with an atomic commit: locally to a temporary name in the
   same directory, then ``os.replace``; on S3 with one ``PutObject`` of the complete object, so
   a reader sees either nothing or the whole file, never a half-written shard under its final
@@ -10,6 +10,16 @@
 * :meth:`Storage.committed_shards` lists the shards a previous run finished, for resume. A shard
   is committed when its manifest exists and the tar and parquet it names exist with the sizes
   it records (the manifest is written last, so it is the commit marker).
+* :meth:`Storage.abort_incomplete_writes` removes what a killed writer leaves behind: incomplete
+  multipart uploads on S3 (invisible, but billed until aborted) and temporary files locally.
+
+Retries: ``StorageConfig.s3_retries`` is the number of retries after the first attempt, for
+boto3 (``total_max_attempts = s3_retries + 1``, standard mode: throttling, 5xx and connection
+errors, jittered exponential backoff) and for pyarrow (``AwsStandardS3RetryStrategy``, whose
+``max_attempts`` counts the first attempt too, as measured against a fault proxy). When the
+retries are spent, Storage raises :class:`StorageError` naming the operation and
+``s3://bucket/key``; pyarrow's own ``OSError`` names bucket and key as well. A missing object is
+``FileNotFoundError``, never ``StorageError``, so callers can tell "absent" from "unreachable".
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +39,19 @@ import pyarrow.fs as pafs
 from pipeline.config import StorageConfig
 
 MANIFEST_SUFFIX = ".manifest.json"
+# Names of temporary files written before an atomic rename: ``.<name>.<anything>.tmp-<8 hex>``
+# (write_atomic) or ``.<name>.tmp-<8 hex>`` (stages/write.py).
+_TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+
+
+class StorageError(RuntimeError):
+    """An S3 request failed after its retries; the message names the operation and the object.
+
+    Deliberately not an ``OSError``: stages record an unreadable *input* row as a per-row
+    failure by catching ``OSError``, and an unreachable object store must not turn into rows
+    marked failed; it fails the task instead, so the shard is redone on the next run.
+    """
 
 
 def is_s3(uri: str) -> bool:
@@ -65,7 +90,12 @@ def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.Fil
     if is_s3(uri):
         endpoint = _endpoint(cfg)
         kwargs: dict[str, Any] = {
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, cfg.s3_retries)),
+            # max_attempts counts the first attempt (max_attempts=1: no retry).
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.s3_retries + 1),
+            # A file smaller than one part (our Parquet files) then goes up as one PutObject when
+            # closed, instead of CreateMultipartUpload at open: a writer killed or failing
+            # mid-write leaves no incomplete multipart upload behind.
+            "allow_delayed_open": True,
         }
         region = _region(cfg)
         if region:
@@ -89,8 +119,32 @@ def _boto3_client(cfg: StorageConfig) -> Any:
         "s3",
         endpoint_url=_endpoint(cfg),
         region_name=_region(cfg) or "us-east-1",
-        config=Config(retries={"max_attempts": max(1, cfg.s3_retries), "mode": "standard"}),
+        # botocore's "max_attempts" means retries in some modes and attempts in others;
+        # "total_max_attempts" always counts the first attempt.
+        config=Config(retries={"total_max_attempts": cfg.s3_retries + 1, "mode": "standard"}),
     )
+
+
+def _s3_failure(op: str, bucket: str, key: str, cfg: StorageConfig, e: Exception) -> StorageError:
+    retries = None
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
+    done = f"{retries + 1} attempt(s)" if isinstance(retries, int) else "its retries"
+    return StorageError(
+        f"S3 {op} s3://{bucket}/{key} failed after {done} "
+        f"(storage.s3_retries={cfg.s3_retries}): {type(e).__name__}: {e}"
+    )
+
+
+def _is_not_found(e: Exception) -> bool:
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict):
+        return False
+    err = response.get("Error", {})
+    return err.get("Code") in _NOT_FOUND or str(
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    ) == "404"
 
 
 @dataclass
@@ -139,7 +193,7 @@ class Storage:
         if is_s3(self.root):
             bucket, key = self._bucket_key(rel)
             # One PutObject: S3 makes the object visible only once it is complete.
-            self._client.put_object(Bucket=bucket, Key=key, Body=data)
+            self._s3_call("PUT", bucket, key, lambda c: c.put_object(Bucket=bucket, Key=key, Body=data))
             return
         final = self.uri(rel)
         directory = os.path.dirname(final)
@@ -158,10 +212,32 @@ class Storage:
                 os.unlink(tmp)
             raise
 
+    def _s3_call(self, op: str, bucket: str, key: str, call: Callable[[Any], Any]) -> Any:
+        """``call(client)``; a failure after the client's retries becomes StorageError (or
+        FileNotFoundError for a missing object)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return call(self._client)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") == "NoSuchBucket":
+                raise StorageError(f"S3 {op} s3://{bucket}/{key}: bucket {bucket!r} does not exist") from e
+            if _is_not_found(e) and op != "PUT":
+                raise FileNotFoundError(f"s3://{bucket}/{key} does not exist") from e
+            raise _s3_failure(op, bucket, key, self.cfg, e) from e
+        except BotoCoreError as e:  # connection refused or reset, timeouts, truncated bodies
+            raise _s3_failure(op, bucket, key, self.cfg, e) from e
+
     def read_bytes(self, rel: str) -> bytes:
+        """The whole file. Raises FileNotFoundError when it does not exist, StorageError when
+        S3 cannot be read after the retries."""
         if is_s3(self.root):
             bucket, key = self._bucket_key(rel)
-            return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            # Reading the body inside the call: a connection dropped mid-body is retried by
+            # nothing else, so it must surface as StorageError like any other failure.
+            return self._s3_call(
+                "GET", bucket, key, lambda c: c.get_object(Bucket=bucket, Key=key)["Body"].read()
+            )
         with open(self.uri(rel), "rb") as f:
             return f.read()
 
@@ -170,11 +246,10 @@ class Storage:
         if is_s3(self.root):
             bucket, key = self._bucket_key(rel)
             try:
-                return int(self._client.head_object(Bucket=bucket, Key=key)["ContentLength"])
-            except self._client.exceptions.ClientError as e:
-                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
+                head = self._s3_call("HEAD", bucket, key, lambda c: c.head_object(Bucket=bucket, Key=key))
+            except FileNotFoundError:
+                return None
+            return int(head["ContentLength"])
         try:
             return os.path.getsize(self.uri(rel))
         except FileNotFoundError:
@@ -185,25 +260,25 @@ class Storage:
         if is_s3(self.root):
             bucket, prefix = split_s3(self.root)
             pre = f"{prefix}/" if prefix else ""
-            names: list[str] = []
-            paginator = self._client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=pre, Delimiter="/"):
-                for obj in page.get("Contents", []):
-                    names.append(obj["Key"][len(pre) :])
-            return sorted(names)
+            def listing(c: Any) -> list[str]:
+                names: list[str] = []
+                for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=pre, Delimiter="/"):
+                    names.extend(obj["Key"][len(pre) :] for obj in page.get("Contents", []))
+                return names
+
+            return sorted(self._s3_call("LIST", bucket, pre, listing))
         if not os.path.isdir(self.root):
             return []
         return sorted(e.name for e in os.scandir(self.root) if e.is_file())
 
     def read_manifest(self, shard: str) -> dict[str, Any] | None:
+        """The shard's manifest, or None when it is missing or not JSON. An unreachable store
+        raises StorageError: "cannot read" must never pass for "not committed", or a writer
+        would treat a shard's rows as complete with only the rows at hand."""
         try:
             return json.loads(self.read_bytes(f"{shard}{MANIFEST_SUFFIX}"))
         except (FileNotFoundError, ValueError):
             return None
-        except Exception as e:  # boto3 NoSuchKey has no common base we can name without boto3
-            if type(e).__name__ in ("NoSuchKey", "ClientError"):
-                return None
-            raise
 
     def manifest_matches(self, manifest: dict[str, Any]) -> bool:
         """True when every file a manifest names exists with the size it records."""
@@ -226,3 +301,44 @@ class Storage:
             if manifest is not None and self.manifest_matches(manifest):
                 done.add(shard)
         return done
+
+    def abort_incomplete_writes(self) -> list[str]:
+        """Remove what killed or failed writers left under the root; returns what was removed.
+
+        On S3: abort every incomplete multipart upload whose key is under the root (S3 keeps
+        their parts, billed and invisible, until aborted). Locally: delete temporary files of
+        an atomic write that never got renamed (``.<name>...tmp-<hex>``), in any subfolder.
+        Call it only while no other writer works on this root (one run per output)."""
+        removed: list[str] = []
+        if not is_s3(self.root):
+            if not os.path.isdir(self.root):
+                return removed
+            for folder, _, files in os.walk(self.root):
+                for name in files:
+                    if _TEMP_NAME.match(name):
+                        path = os.path.join(folder, name)
+                        try:
+                            os.unlink(path)
+                        except FileNotFoundError:
+                            continue
+                        removed.append(path)
+            return sorted(removed)
+        bucket, prefix = split_s3(self.root)
+        pre = f"{prefix}/" if prefix else ""
+
+        def pending(c: Any) -> list[tuple[str, str]]:
+            out = []
+            for page in c.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=pre):
+                out.extend((u["Key"], u["UploadId"]) for u in page.get("Uploads", []))
+            return out
+
+        for key, upload_id in self._s3_call("LIST-UPLOADS", bucket, pre, pending):
+            try:
+                self._s3_call(
+                    "ABORT-UPLOAD", bucket, key,
+                    lambda c, k=key, u=upload_id: c.abort_multipart_upload(Bucket=bucket, Key=k, UploadId=u),
+                )
+            except FileNotFoundError:  # NoSuchUpload: completed or aborted meanwhile
+                continue
+            removed.append(f"s3://{bucket}/{key} (upload {upload_id})")
+        return removed

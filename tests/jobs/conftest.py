@@ -69,8 +69,17 @@ class Stack:
         }
 
     def driver_env(self) -> dict[str, str]:
-        """Environment of a driver started here that joins the cluster (not via the job API)."""
-        return self.client_env() | self.aws_env() | {"RAY_ADDRESS": self.state["RAY_GCS_ADDRESS"]}
+        """Environment of a driver started here that joins the cluster (not via the job API).
+
+        Ray's local-only mode, as up.sh sets for the head: without it ray.init swaps the
+        loopback GCS address for the machine's own address and never reaches the head. The run
+        marker makes down.sh and check_loopback.sh count the driver as part of the run."""
+        return self.client_env() | self.aws_env() | {
+            "RAY_ADDRESS": self.state["RAY_GCS_ADDRESS"],
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "CLIPCURATE_LOCAL_RUN": str(self.run_dir),
+        }
 
     def s3(self):
         import boto3
