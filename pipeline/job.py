@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ from pipeline.decisions import DECISION_COLUMNS, decide, kept_rows
 from pipeline.report import HTML_NAME as REPORT_NAME
 from pipeline.report import STATS_NAME
 from pipeline.stages.base import Resources, Stage
-from pipeline.storage import Storage, filesystem_for
+from pipeline.storage import Storage, StorageError, filesystem_for
 from pipeline.takedown import TAKEDOWN
 
 log = logging.getLogger("clipcurate.job")
@@ -188,7 +189,10 @@ def stream(
     dim = int(model.text_projection.shape[1])
     emit(f"model {model_id(model)}: {dim}-d embeddings, {pp.image_size}px input")
 
-    ctx = ray.data.DataContext.get_current()
+    with warnings.catch_warnings():
+        # Ray's first get_current() sets its own deprecated fields and warns about them.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = ray.data.DataContext.get_current()
     ctx.target_max_block_size = max(ctx.target_max_block_size or 0, _MIN_TARGET_MAX_BLOCK_SIZE)
     ctx.enable_progress_bars = False
     download = cfg.download_job()
@@ -200,7 +204,7 @@ def stream(
                          storage=cfg.storage, resources=Resources(num_cpus=0.1))
         ds = apply_stage(ds, read, batch_size=1)
         applied.append(type(read).__name__)
-        for stage in build_stages(download, cfg.execution.download_concurrency):
+        for stage in build_stages(download, cfg.execution.download_concurrency, cfg.execution.decode_isolation):
             ds = apply_stage(ds, stage)
             applied.append(type(stage).__name__)
         parts.append(ds)
@@ -363,10 +367,8 @@ def _check_same_output(cfg: JobConfig, out: Storage) -> bool:
     exactly. Raises ConfigError when it differs in a shaping field."""
     try:
         text = out.read_bytes(CONFIG_NAME).decode("utf-8")
-    except Exception as e:  # missing (FileNotFoundError locally, NoSuchKey/ClientError on S3)
-        if isinstance(e, FileNotFoundError) or type(e).__name__ in ("NoSuchKey", "ClientError"):
-            return False
-        raise
+    except FileNotFoundError:  # Storage maps S3's NoSuchKey to it; other failures propagate
+        return False
     before = J.to_dict(J.from_yaml_text(text))
     now = J.to_dict(cfg)
     for path in SHAPING:
@@ -400,9 +402,23 @@ def run(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSummary
     started = time.time()
     out = Storage(cfg.output_root, cfg.storage)
     summary = JobSummary(output=cfg.output_root)
+    # A run killed mid-upload leaves incomplete multipart uploads (S3 bills their parts until
+    # they are aborted) or temporary files; this run owns the output now, so clear them.
+    try:
+        leftovers = out.abort_incomplete_writes()
+    except StorageError as e:  # e.g. no s3:ListBucketMultipartUploads: hygiene, not correctness
+        log.warning("could not clear incomplete uploads under %s: %s", cfg.output_root, e)
+        leftovers = []
+    if leftovers:
+        emit(f"removed {len(leftovers)} incomplete write(s) an earlier run left: "
+             + ", ".join(leftovers[:5]) + (" ..." if len(leftovers) > 5 else ""))
     same_config = _check_same_output(cfg, out)
-    if not same_config:
+    record_config = not same_config
+    if record_config and out.size(CONFIG_NAME) is None:
+        # A new output records what shapes its rows before the first row is stored; a changed
+        # config of an existing output is recorded after the report (_record_config).
         out.write_atomic(CONFIG_NAME, J.to_yaml(cfg).encode("utf-8"))
+        record_config = False
 
     from pipeline.stages.read import plan_shards
 
@@ -434,7 +450,17 @@ def run(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSummary
         raise RuntimeError(f"shards without an embeddings file after the stream: {missing[:20]}")
 
     changed = bool(to_download or to_embed or not same_config)
-    return _finish(cfg, names, summary, stages, changed, started, emit)
+    summary = _finish(cfg, names, summary, stages, changed, started, emit)
+    if record_config:
+        _record_config(cfg, out)
+    return summary
+
+
+def _record_config(cfg: JobConfig, out: Storage) -> None:
+    """Write a changed config.yaml, only once the report is written: a run killed between
+    rewriting decisions and writing the report leaves the old config behind, so the next run
+    still sees a change and rewrites the report instead of keeping a stale one."""
+    out.write_atomic(CONFIG_NAME, J.to_yaml(cfg).encode("utf-8"))
 
 
 def _embedded_shards(cfg: JobConfig) -> list[str]:
@@ -487,11 +513,11 @@ def redecide(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSu
     names = _embedded_shards(cfg)
     if not names:
         raise ConfigError(f"output: {cfg.output_root} has no embeddings files to deduplicate")
-    if not same_config:
-        out.write_atomic(CONFIG_NAME, J.to_yaml(cfg).encode("utf-8"))
     summary = JobSummary(output=cfg.output_root, shards_planned=len(names), shards_skipped=len(names))
     emit(f"{len(names)} embeddings files under {cfg.write.output_folder}")
     summary = _finish(cfg, names, summary, {}, not same_config, started, emit)
+    if not same_config:
+        _record_config(cfg, out)
     summary.input_rows = summary.rows
     return summary
 
