@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         batch = fuzz_batch(cases)
         t0 = time.perf_counter()
         try:
-            out = DecodeStage(cfg=cfg).process_batch(batch)
+            # In-process, not in the crash guard: a decoder crash must stop this run (and leave
+            # the in-flight batch on disk), not become a quarantined worker_crash row.
+            out = DecodeStage(cfg=cfg, isolate=False).process_batch(batch)
             took = time.perf_counter() - t0
             check_decoded(batch, out)
         except Exception:

@@ -14,13 +14,23 @@ shards of the input (including those committed by an earlier run).
 
 Resources (per task/actor): read 0.1 CPU; download runs as actors with 0 CPU, since its
 threads wait on the network; decode tasks take 1 CPU each (the work is there); the shard
-writer is one 0-CPU actor. So on an N-CPU machine N decode tasks run at once.
+writer is one 0-CPU actor. So on an N-CPU machine N decode tasks run at once. Each decode
+worker process keeps one crash-guard child (pipeline/crashguard.py) that does the decoding, so
+a row that crashes the decoder is quarantined (``worker_crash``) instead of killing the worker.
+
+Losing a worker, an actor or a whole node: Ray reruns a lost task at most
+``TASK_MAX_RETRIES`` times and restarts a lost actor at most ``ACTOR_MAX_RESTARTS`` times
+(resending its calls while it restarts), so a poison batch fails the job instead of looping. Every stage's side effects are
+idempotent (shards and Parquet files are committed whole under fixed names), so a rerun batch
+leaves each row exactly once in the output.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
 import warnings
 from collections import Counter
@@ -45,6 +55,40 @@ _MIN_TARGET_MAX_BLOCK_SIZE = 4 * 1024**3
 # Bounded retries: a poison input fails the job after a few attempts instead of looping.
 TASK_MAX_RETRIES = 2
 ACTOR_MAX_RESTARTS = 2
+# Calls to an actor are resent without limit while it restarts: a restart (on another node,
+# after a node is lost, with its model to load) takes longer than a few quick resends, each
+# of which Ray counts as a retry. Still bounded: a batch that kills its actor uses up one of
+# the actor's ACTOR_MAX_RESTARTS each time, and a dead actor fails the calls sent to it.
+# Exceptions raised in a call are never retried.
+ACTOR_TASK_MAX_RETRIES = -1
+
+
+# Test-only fault hook (issue 7): ``KILL_ENV="EmbedStage@2,DecodeStage@1"`` makes the first
+# worker process that finishes its 2nd EmbedStage call (1st DecodeStage call) SIGKILL itself
+# before returning the result, once per stage: the flag file ``<KILL_DIR_ENV>/<stage>.killed``
+# (created atomically, holding the pid) says it happened. The batch's side effects are done and
+# its result is lost, so Ray must rerun it. Inert unless both variables are set.
+KILL_ENV = "CLIPCURATE_TEST_KILL_WORKER"
+KILL_DIR_ENV = "CLIPCURATE_TEST_KILL_DIR"
+_calls: Counter[str] = Counter()
+
+
+def _maybe_kill_self(stage_name: str) -> None:
+    spec, folder = os.environ.get(KILL_ENV), os.environ.get(KILL_DIR_ENV)
+    if not spec or not folder:
+        return
+    _calls[stage_name] += 1
+    for item in spec.split(","):
+        name, _, nth = item.strip().partition("@")
+        if name != stage_name or _calls[stage_name] != int(nth or 1):
+            continue
+        try:
+            fd = os.open(os.path.join(folder, f"{stage_name}.killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # another process already died for this stage
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _StageActor:
@@ -55,12 +99,16 @@ class _StageActor:
         stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.stage.process_batch(batch)
+        out = self.stage.process_batch(batch)
+        _maybe_kill_self(type(self.stage).__name__)
+        return out
 
 
 def _stage_task(stage: Stage) -> Any:
     def run(batch: pa.Table) -> pa.Table:
-        return stage.process_batch(batch)
+        out = stage.process_batch(batch)
+        _maybe_kill_self(type(stage).__name__)
+        return out
 
     run.__name__ = type(stage).__name__
     return run
@@ -105,7 +153,7 @@ def apply_stage(
                 fn_constructor_args=(stage,),
                 compute=compute,
                 max_restarts=ACTOR_MAX_RESTARTS,
-                max_task_retries=TASK_MAX_RETRIES,
+                max_task_retries=ACTOR_TASK_MAX_RETRIES,
                 **common,
             )
         if stage.concurrency is not None:
@@ -141,8 +189,15 @@ class DownloadSummary:
         return {**asdict(self), "images_per_s": self.images_per_s}
 
 
-def build_stages(cfg: DownloadJobConfig, download_concurrency: int = 2) -> list[Stage]:
-    """The stages after read, in order, with the resources described in the module docstring."""
+def build_stages(
+    cfg: DownloadJobConfig, download_concurrency: int = 2, decode_isolation: bool = True
+) -> list[Stage]:
+    """The stages after read, in order, with the resources described in the module docstring.
+
+    ``decode_isolation``: decode in a crash-guard child process (see
+    :class:`~pipeline.stages.decode.DecodeStage`); off saves its small overhead but lets a row
+    that crashes the decoder kill the worker, and after Ray's bounded retries, the job.
+    """
     return [
         DownloadStage(
             config=cfg.download,
@@ -150,7 +205,7 @@ def build_stages(cfg: DownloadJobConfig, download_concurrency: int = 2) -> list[
             # Autoscaling from one actor, so a one-shard job does not start idle actors.
             concurrency=(1, download_concurrency),
         ),
-        DecodeStage(cfg=cfg.decode, resources=Resources(num_cpus=1)),
+        DecodeStage(cfg=cfg.decode, resources=Resources(num_cpus=1), isolate=decode_isolation),
         ShardStage(
             cfg=cfg.shard,
             storage=cfg.storage,
@@ -161,7 +216,9 @@ def build_stages(cfg: DownloadJobConfig, download_concurrency: int = 2) -> list[
     ]
 
 
-def run_download(cfg: DownloadJobConfig, download_concurrency: int = 2) -> DownloadSummary:
+def run_download(
+    cfg: DownloadJobConfig, download_concurrency: int = 2, decode_isolation: bool = True
+) -> DownloadSummary:
     """Run the download half on the current Ray cluster (``ray.init`` first, or one starts).
 
     Validates ``cfg`` (``ConfigError`` names the field), plans the shards, skips committed
@@ -193,7 +250,7 @@ def run_download(cfg: DownloadJobConfig, download_concurrency: int = 2) -> Downl
             cfg=cfg.read, number_sample_per_shard=n, storage=cfg.storage, resources=Resources(num_cpus=0.1)
         )
         ds = apply_stage(ds, read, batch_size=1)
-        for stage in build_stages(cfg, download_concurrency):
+        for stage in build_stages(cfg, download_concurrency, decode_isolation):
             ds = apply_stage(ds, stage)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for status in batch.column(S.STATUS).to_pylist():

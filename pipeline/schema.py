@@ -58,9 +58,15 @@ DOWNLOAD_STATUSES = frozenset(
         "download_error",
     }
 )
+# Statuses the decode stage sets when its crash guard (pipeline/crashguard.py) quarantines a
+# row: the decoder process died on it, or ran past the per-row timeout, on every attempt.
+WORKER_CRASH = "worker_crash"
+DECODE_TIMEOUT = "decode_timeout"
 # Statuses the decode stage sets.
 DECODE_STATUSES = frozenset(
     {
+        WORKER_CRASH,
+        DECODE_TIMEOUT,
         "decode_error",
         "unsupported_format",
         "too_many_pixels",

@@ -19,6 +19,11 @@ Per row with ``status == "ok"``, in this order, stopping at the first failure:
    closest Pillow match to OpenCV's area filter), Lanczos when enlarging.
 5. Re-encode (jpg with ``encode_quality``, png, or webp) and hash the stored bytes (sha256).
 
+Steps 2-5 run in a crash-guard child process (pipeline/crashguard.py) unless the stage's
+``isolate`` is off: a row whose bytes crash the decoder (a segfault in a C library) or hang it
+past ``timeout_s`` is tried twice, then quarantined as ``worker_crash`` / ``decode_timeout``,
+and the rest of the batch is decoded as usual.
+
 Sizes reported: ``original_width/height`` are the image as displayed (after EXIF orientation;
 img2dataset, reading with OpenCV's IMREAD_UNCHANGED, ignores orientation), ``width/height`` are
 the stored image's.
@@ -28,6 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
+import signal
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +46,7 @@ from PIL import Image, ImageOps
 
 from pipeline import schema as S
 from pipeline.config import DecodeConfig
+from pipeline.crashguard import Crashed, shared_sandbox
 from pipeline.stages.base import Stage
 
 # Pillow plugin name for each allowlist name.
@@ -126,7 +135,17 @@ def _failure(e: Exception) -> RowFailure:
     # Pillow reports a cut-off file as OSError "image file is truncated" (while decoding) or
     # "Truncated File Read" (while parsing headers); everything else is a plain decode error.
     status = "truncated" if "truncated" in str(e).lower() else "decode_error"
-    return RowFailure(status, f"{type(e).__name__}: {e}"[:300])
+    return RowFailure(status, _describe(e))
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _describe(e: Exception) -> str:
+    """``Type: message`` for a row's error, without object addresses (Pillow's "cannot
+    identify image file <_io.BytesIO object at 0x7f...>"), so a row's error is the same on
+    every run and in every process."""
+    return _ADDRESS.sub("", f"{type(e).__name__}: {e}")[:300]
 
 
 def _target_size(w: int, h: int, cfg: DecodeConfig) -> tuple[int, int] | None:
@@ -306,6 +325,45 @@ def _encode(im: Image.Image, cfg: DecodeConfig) -> bytes:
     return buf.getvalue()
 
 
+# Test-only fault hook (issue 7): when this variable names a non-empty marker, decoding a row
+# whose URL contains the marker kills the decoding process with SIGSEGV, as a decoder bug on
+# hostile bytes would. Inert unless the variable is set.
+CRASH_MARKER_ENV = "CLIPCURATE_TEST_CRASH_MARKER"
+
+
+def _crash_hook(url: str | None) -> None:
+    marker = os.environ.get(CRASH_MARKER_ENV)
+    if marker and url and marker in url:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def decode_row(item: tuple[bytes | None, str | None, DecodeConfig]) -> DecodedImage | tuple[str, str]:
+    """Decode one row: ``(image bytes, url, config)`` -> the stored image, or ``(status,
+    error)`` for a row that fails. Never raises for bad bytes. This is what the crash guard's
+    child process runs (by name), and what the stage runs in-process without isolation.
+    """
+    data, url, cfg = item
+    _crash_hook(url)
+    # Pillow's own bomb guard as a backstop for anything our header check does not see; set
+    # for this row only and restored, as it is process-global.
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (once per distinct message) about corrupt metadata and about sizes
+            # our own header check then refuses; on hostile input that is log noise, since each
+            # row's outcome is recorded in its status and error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            return decode_image(data, cfg)
+    except RowFailure as f:
+        return f.status, str(f)
+    except Exception as e:  # a Pillow bug on a hostile file must not kill the batch
+        return "decode_error", _describe(e)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+
 @dataclass
 class DecodeStage(Stage):
     """Consumes ``image_bytes`` (dropped) and adds the stored image and its sizes.
@@ -313,9 +371,19 @@ class DecodeStage(Stage):
     Adds ``image`` (binary), ``image_format``, ``width``, ``height``, ``original_width``,
     ``original_height`` (int32, pixels) and ``sha256`` (hex of ``image``). Rows whose status is
     not ``ok`` pass through with nulls in those columns.
+
+    ``isolate`` (default on): decode in a child process (:mod:`pipeline.crashguard`, one per
+    worker process, reused across batches), so a row that crashes the decoder (a segfault in
+    a C library) or runs past ``timeout_s`` seconds costs that row only: it is tried
+    ``max_attempts`` times in all, then gets status ``worker_crash`` or ``decode_timeout``,
+    and every other row of the batch is decoded as usual. Off: decode in the worker itself;
+    a crashing row then kills the worker and Ray's bounded retries fail the job.
     """
 
     cfg: DecodeConfig = field(default_factory=DecodeConfig)
+    isolate: bool = True
+    max_attempts: int = 2
+    timeout_s: float | None = 60.0
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -323,42 +391,33 @@ class DecodeStage(Stage):
         errors = batch.column(S.ERROR).to_pylist()
         has_bytes = S.IMAGE_BYTES in batch.column_names
         blobs = batch.column(S.IMAGE_BYTES) if has_bytes else None
+        urls = batch.column(S.URL).to_pylist() if S.URL in batch.column_names else [None] * n
         out: dict[str, list[Any]] = {
             k: [None] * n
             for k in (S.IMAGE, S.IMAGE_FORMAT, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.SHA256)
         }
-        # Pillow's own bomb guard as a backstop for anything our header check does not see;
-        # set for this batch only and restored, as it is process-global.
-        previous_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = self.cfg.max_image_pixels
-        with warnings.catch_warnings():
-            # Pillow warns (once per distinct message) about corrupt metadata and about sizes
-            # our own header check then refuses; on hostile input that is log noise, since each
-            # row's outcome is recorded in its status and error.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            try:
-                for i in range(n):
-                    if statuses[i] != S.OK:
-                        continue
-                    data = blobs[i].as_py() if blobs is not None else None
-                    try:
-                        img = decode_image(data, self.cfg)
-                    except RowFailure as f:
-                        statuses[i], errors[i] = f.status, str(f)
-                        continue
-                    except Exception as e:  # a Pillow bug on a hostile file must not kill the batch
-                        statuses[i], errors[i] = "decode_error", f"{type(e).__name__}: {e}"[:300]
-                        continue
-                    out[S.IMAGE][i] = img.data
-                    out[S.IMAGE_FORMAT][i] = img.image_format
-                    out[S.WIDTH][i] = img.width
-                    out[S.HEIGHT][i] = img.height
-                    out[S.ORIGINAL_WIDTH][i] = img.original_width
-                    out[S.ORIGINAL_HEIGHT][i] = img.original_height
-                    out[S.SHA256][i] = img.sha256
-            finally:
-                Image.MAX_IMAGE_PIXELS = previous_limit
+        todo = [i for i in range(n) if statuses[i] == S.OK]
+        items = [(blobs[i].as_py() if blobs is not None else None, urls[i], self.cfg) for i in todo]
+        if self.isolate:
+            box = shared_sandbox("pipeline.stages.decode:decode_row", self.max_attempts, self.timeout_s)
+            results = box.map(items)
+        else:
+            results = [decode_row(item) for item in items]
+        for i, res in zip(todo, results, strict=True):
+            if isinstance(res, Crashed):
+                statuses[i] = S.WORKER_CRASH if res.reason == "worker_crash" else S.DECODE_TIMEOUT
+                errors[i] = f"decoder process {res.detail} on this row ({res.attempts} attempts); quarantined"
+                continue
+            if isinstance(res, tuple):
+                statuses[i], errors[i] = res
+                continue
+            out[S.IMAGE][i] = res.data
+            out[S.IMAGE_FORMAT][i] = res.image_format
+            out[S.WIDTH][i] = res.width
+            out[S.HEIGHT][i] = res.height
+            out[S.ORIGINAL_WIDTH][i] = res.original_width
+            out[S.ORIGINAL_HEIGHT][i] = res.original_height
+            out[S.SHA256][i] = res.sha256
         table = batch.drop_columns([S.IMAGE_BYTES]) if has_bytes else batch
         table = table.set_column(table.schema.get_field_index(S.STATUS), S.STATUS, pa.array(statuses, pa.string()))
         table = table.set_column(table.schema.get_field_index(S.ERROR), S.ERROR, pa.array(errors, pa.string()))
