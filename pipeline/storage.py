@@ -137,6 +137,27 @@ def _s3_failure(op: str, bucket: str, key: str, cfg: StorageConfig, e: Exception
     )
 
 
+def _get_body(client: Any, bucket: str, key: str, retries: int) -> bytes:
+    """GetObject and read its body. botocore retries the request but not a connection that
+    drops while the body streams; that is retried here, ``retries`` times, with the same
+    jittered backoff idea. The last failure propagates (``_s3_call`` names the object)."""
+    import random
+    import time
+
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    for attempt in range(retries + 1):
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return body.read()
+        except (IncompleteReadError, ResponseStreamingError, ReadTimeoutError):
+            body.close()
+            if attempt == retries:
+                raise
+            time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+    raise AssertionError("unreachable")
+
+
 def _is_not_found(e: Exception) -> bool:
     response = getattr(e, "response", None)
     if not isinstance(response, dict):
@@ -233,11 +254,7 @@ class Storage:
         S3 cannot be read after the retries."""
         if is_s3(self.root):
             bucket, key = self._bucket_key(rel)
-            # Reading the body inside the call: a connection dropped mid-body is retried by
-            # nothing else, so it must surface as StorageError like any other failure.
-            return self._s3_call(
-                "GET", bucket, key, lambda c: c.get_object(Bucket=bucket, Key=key)["Body"].read()
-            )
+            return self._s3_call("GET", bucket, key, lambda c: _get_body(c, bucket, key, self.cfg.s3_retries))
         with open(self.uri(rel), "rb") as f:
             return f.read()
 

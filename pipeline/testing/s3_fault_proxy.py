@@ -64,6 +64,7 @@ class FaultRule:
     code: str = "SlowDown"
     message: str = "Please reduce your request rate."
     reset: bool = False  # drop the connection instead of answering
+    truncate: bool = False  # forward, send half the answer's body, then drop the connection
     hits: int = 0
     _keys_failed: set[str] = field(default_factory=set)
 
@@ -180,6 +181,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._reset()
             return
         rule = proxy._claim(self.command, path)
+        if rule is not None and rule.truncate:
+            self._truncated(proxy, path, split.query, body)
+            return
         if rule is not None and rule.reset:
             proxy._record(self.command, path, split.query, None, True)
             self._reset()
@@ -209,6 +213,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _truncated(self, proxy: S3FaultProxy, path: str, query: str, body: bytes) -> None:
+        # The headers promise the whole object; the connection dies half-way through its body.
+        status, headers, payload = proxy._forward(self.command, self.path, self.headers, body)
+        proxy._record(self.command, path, query, status, True)
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload[: len(payload) // 2])
+        self.wfile.flush()
+        self._reset()
 
     def _error(self, status: int, code: str, message: str, path: str) -> None:
         body = (
@@ -339,12 +357,14 @@ class S3FaultProxy:
         code: str = "SlowDown",
         message: str = "Please reduce your request rate.",
         reset: bool = False,
+        truncate: bool = False,
     ) -> FaultRule:
         """Fail requests that match: ``method`` (None: any) and ``key_pattern`` (a regex searched
         in ``bucket/key``; None: any). Exactly one of ``times`` (the next N matches fail),
         ``per_key`` (the first request for each distinct ``bucket/key`` fails, later ones pass)
         or ``seconds`` (every match for that many seconds from now) must limit the rule.
-        ``reset``: drop the connection instead of answering ``status``/``code``. Returns the
+        ``reset``: drop the connection instead of answering ``status``/``code``. ``truncate``:
+        forward the request, then drop the connection half-way through the answer's body. Returns the
         rule; its ``hits`` counts the requests it failed."""
         if sum((times is not None, per_key, seconds is not None)) != 1:
             raise ValueError("give exactly one of times, per_key or seconds")
@@ -358,6 +378,7 @@ class S3FaultProxy:
             code=code,
             message=message,
             reset=reset,
+            truncate=truncate,
         )
         with self._lock:
             self._rules.append(rule)

@@ -121,6 +121,19 @@ def test_reads_distinguish_missing_from_unreachable(proxy: S3FaultProxy, s3_serv
         missing_bucket.write_atomic("config.yaml", b"x")
 
 
+def test_a_body_cut_off_mid_stream_is_read_again(proxy: S3FaultProxy, s3_bucket: str) -> None:
+    store = Storage(f"s3://{s3_bucket}/out", _cfg(proxy, 2))
+    data = bytes(range(256)) * 4096  # 1 MiB, so half of it is well inside the stream
+    store.write_atomic("shards/00000.tar", data)
+    rule = proxy.fail(method="GET", key_pattern=r"00000\.tar$", times=2, truncate=True)
+    assert store.read_bytes("shards/00000.tar") == data
+    assert rule.hits == 2
+    rule = proxy.fail(method="GET", key_pattern=r"00000\.tar$", times=3, truncate=True)
+    with pytest.raises(StorageError, match=f"GET s3://{s3_bucket}/out/shards/00000.tar failed"):
+        store.read_bytes("shards/00000.tar")
+    assert rule.hits == 3
+
+
 @pytest.mark.parametrize("mode", ["503", "down"])
 def test_an_outage_of_two_seconds_is_survived_with_the_default_retries(
     mode: str, proxy: S3FaultProxy, s3_server: LocalS3, s3_bucket: str
