@@ -4,13 +4,17 @@ Generates (once, cached under --workdir) a synthetic URL list of --rows JPEGs wh
 is 300-1200 px, serves it from one loopback HTTP server process, then runs in this order:
 
 1. img2dataset.download(processes_count=2, thread_count=its default, output_format=webdataset)
-2. clipcurate's download half on a local Ray with num_cpus=2 (started before timing, as on a
-   cluster; Ray start-up time is printed separately)
+2. clipcurate's download half with ``--distributor multiprocessing``: ``--cpus`` local worker
+   processes (pipeline/local_runner.py, no Ray; worker start-up is inside the timed run)
+3. clipcurate's download half with ``--distributor ray``: local Ray with num_cpus=--cpus
+   (started before timing, as on a cluster; Ray start-up time is printed separately)
 
-both with image_size=256, resize_mode=border, JPEG quality 95, retries 0, and the same
-number_sample_per_shard. Prints images/s for each and the ratio; --append writes a section
-to bench/RESULTS.md. --profile runs cProfile over clipcurate's decode stage on the same
-images in this process and prints where the time goes.
+(``--distributor ray`` or ``multiprocessing`` runs only that one of 2 and 3.) All with
+image_size=256, resize_mode=border, JPEG quality 95, retries 0, decode isolation on (the
+default), and the same number_sample_per_shard. Prints images/s for each and each clipcurate
+run's ratio to img2dataset; --append writes a section to bench/RESULTS.md. --profile runs
+cProfile over clipcurate's decode stage on the same images in this process and prints where
+the time goes.
 
     python bench/download.py --rows 2000 --append
 """
@@ -31,6 +35,7 @@ import time
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -116,9 +121,7 @@ def run_img2dataset(url_list: Path, out: Path, per_shard: int) -> tuple[float, i
     return elapsed, ok
 
 
-def run_clipcurate(url_list: Path, out: Path, per_shard: int, cpus: int) -> tuple[float, int, float]:
-    import ray
-
+def _clipcurate_config(url_list: Path, out: Path, per_shard: int) -> Any:
     from pipeline.config import (
         DecodeConfig,
         DownloadConfig,
@@ -126,23 +129,41 @@ def run_clipcurate(url_list: Path, out: Path, per_shard: int, cpus: int) -> tupl
         ReadConfig,
         ShardConfig,
     )
+
+    return DownloadJobConfig(
+        read=ReadConfig(url_list=str(url_list)),
+        download=DownloadConfig(timeout=10, retries=0, allowed_networks=("127.0.0.1/32",)),
+        decode=DecodeConfig(image_size=256, resize_mode="border", encode_quality=95),
+        shard=ShardConfig(output_folder=str(out), number_sample_per_shard=per_shard),
+    )
+
+
+def run_clipcurate(url_list: Path, out: Path, per_shard: int, cpus: int) -> tuple[float, int, float]:
+    """The Ray distributor; returns (seconds, images stored, Ray start-up seconds)."""
+    import ray
+
     from pipeline.runner import run_download
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t0
-    cfg = DownloadJobConfig(
-        read=ReadConfig(url_list=str(url_list)),
-        download=DownloadConfig(timeout=10, retries=0, allowed_networks=("127.0.0.1/32",)),
-        decode=DecodeConfig(image_size=256, resize_mode="border", encode_quality=95),
-        shard=ShardConfig(output_folder=str(out), number_sample_per_shard=per_shard),
-    )
     try:
-        summary = run_download(cfg, download_concurrency=cpus)
+        summary = run_download(_clipcurate_config(url_list, out, per_shard), download_concurrency=cpus)
     finally:
         ray.shutdown()
     return summary.duration_s, summary.successes, ray_start
+
+
+def run_clipcurate_local(url_list: Path, out: Path, per_shard: int, cpus: int) -> tuple[float, int]:
+    """The multiprocessing distributor with ``cpus`` worker processes; returns (seconds,
+    images stored). Timed from before the worker processes start."""
+    from pipeline.local_runner import run_download_local
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = run_download_local(_clipcurate_config(url_list, out, per_shard), processes=cpus)
+    return time.perf_counter() - t0, summary.successes
 
 
 def profile_decode(world: Path, n: int) -> str:
@@ -178,6 +199,12 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/clipcurate-bench-download")
     ap.add_argument("--append", action="store_true", help="append the result to bench/RESULTS.md")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--distributor",
+        choices=("both", "multiprocessing", "ray"),
+        default="both",
+        help="which clipcurate distributor(s) to run against img2dataset (default: both)",
+    )
     args = ap.parse_args()
 
     workdir = Path(args.workdir)
@@ -190,20 +217,31 @@ def main() -> None:
         url_list = workdir / "urls-bench.parquet"
         n = write_url_list(world, base, url_list)
         i2d_s, i2d_ok = run_img2dataset(url_list, workdir / "out-img2dataset", args.per_shard)
-        cc_s, cc_ok, ray_start = run_clipcurate(url_list, workdir / "out-clipcurate", args.per_shard, args.cpus)
+        rows = [("img2dataset 1.47 (2 processes)", "img2dataset", i2d_ok, i2d_s)]
+        ray_start = None
+        if args.distributor in ("both", "multiprocessing"):
+            mp_s, mp_ok = run_clipcurate_local(url_list, workdir / "out-clipcurate-mp", args.per_shard, args.cpus)
+            rows.append((f"clipcurate (multiprocessing, {args.cpus} processes)", "multiprocessing", mp_ok, mp_s))
+        if args.distributor in ("both", "ray"):
+            cc_s, cc_ok, ray_start = run_clipcurate(
+                url_list, workdir / "out-clipcurate", args.per_shard, args.cpus
+            )
+            rows.append((f"clipcurate (Ray, num_cpus={args.cpus})", "Ray", cc_ok, cc_s))
     finally:
         proc.terminate()
         proc.wait(10)
-    i2d_rate, cc_rate = i2d_ok / i2d_s, cc_ok / cc_s
-    rows = [
-        ("img2dataset 1.47 (2 processes)", i2d_ok, i2d_s, i2d_rate),
-        (f"clipcurate (Ray, num_cpus={args.cpus})", cc_ok, cc_s, cc_rate),
-    ]
-    table = ["| tool | images stored | seconds | images/s |", "|---|---:|---:|---:|"]
-    table += [f"| {name} | {ok}/{n} | {s:.1f} | {r:.1f} |" for name, ok, s, r in rows]
-    ratio = cc_rate / i2d_rate
-    text = "\n".join(table) + f"\n\nratio clipcurate / img2dataset: {ratio:.2f}x (target >= 1.5x); "
-    text += f"Ray start-up (not in the clipcurate time): {ray_start:.1f} s\n"
+    i2d_rate = i2d_ok / i2d_s
+    table = ["| tool | images stored | seconds | images/s | vs img2dataset |", "|---|---:|---:|---:|---:|"]
+    for name, _, ok, s in rows:
+        table.append(f"| {name} | {ok}/{n} | {s:.1f} | {ok / s:.1f} | {ok / s / i2d_rate:.2f}x |")
+    text = "\n".join(table) + "\n\n"
+    text += "; ".join(
+        f"ratio clipcurate ({label}) / img2dataset: {ok / s / i2d_rate:.2f}x" for _, label, ok, s in rows[1:]
+    )
+    text += " (target >= 1.5x)"
+    if ray_start is not None:
+        text += f"; Ray start-up (not in the Ray time): {ray_start:.1f} s"
+    text += "\n"
     print(text)
     prof_text = profile_decode(world, 200) if args.profile else ""
     if prof_text:
@@ -214,7 +252,8 @@ def main() -> None:
             f.write(
                 f"\n## Download + resize + shard vs img2dataset ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
                 f"Machine: {machine}. Command: `python bench/download.py --rows {args.rows} "
-                f"--cpus {args.cpus} --per_shard {args.per_shard}`. {n} synthetic JPEGs (long side "
+                f"--cpus {args.cpus} --per_shard {args.per_shard} --distributor {args.distributor}`. "
+                f"{n} synthetic JPEGs (long side "
                 f"300-1200 px) served by one loopback server process; image_size 256, border, "
                 f"webdataset output.\n\n{text}"
             )

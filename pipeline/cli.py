@@ -9,7 +9,11 @@ so an img2dataset command line mostly works after swapping the program name. Opt
 exist here: ``--allowed_networks``, ``--max_image_pixels``, ``--max_frames``, ``--max_bytes``,
 ``--s3_endpoint_url``, ``--ray_address``, ``--download_concurrency``.
 
-The configuration is validated before Ray starts; a bad value exits with status 2 and a
+``--distributor`` (img2dataset's flag) picks what runs the stages: ``ray`` (default; Ray Data
+on a local or given cluster) or ``multiprocessing`` (``--processes_count`` local worker
+processes, one shard per task, no Ray; pipeline/local_runner.py). Both write the same shards.
+
+The configuration is validated before any work starts; a bad value exits with status 2 and a
 message naming the field. At the end a summary is printed (and ``--summary_json`` writes it).
 """
 
@@ -30,6 +34,8 @@ from pipeline.config import (
     ShardConfig,
     StorageConfig,
 )
+
+DISTRIBUTORS = ("ray", "multiprocessing")
 
 
 def _bool(v: str) -> bool:
@@ -97,8 +103,22 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_image_pixels", type=int, default=dc.max_image_pixels)
     g.add_argument("--max_frames", type=int, default=dc.max_frames)
     g = p.add_argument_group("execution")
-    g.add_argument("--ray_address", default=None, help="Ray cluster address; default: start locally")
-    g.add_argument("--download_concurrency", type=int, default=2, help="download actors")
+    g.add_argument(
+        "--distributor",
+        default="ray",
+        metavar="{" + ",".join(DISTRIBUTORS) + "}",
+        help="ray (default): Ray Data, local or --ray_address; multiprocessing: local worker "
+        "processes, one shard per task, no Ray (less overhead on one machine)",
+    )
+    g.add_argument(
+        "--processes_count",
+        type=int,
+        default=None,
+        help="multiprocessing: worker processes (default: one per CPU); each downloads its "
+        "next shard while it decodes the current one",
+    )
+    g.add_argument("--ray_address", default=None, help="ray: cluster address; default: start locally")
+    g.add_argument("--download_concurrency", type=int, default=2, help="ray: download actors")
     g.add_argument("--summary_json", default=None, help="also write the summary to this path")
 
 
@@ -140,6 +160,12 @@ def config_from_args(a: argparse.Namespace) -> DownloadJobConfig:
     cfg.validate()
     if a.download_concurrency < 1:
         raise ConfigError("execution.download_concurrency: must be >= 1")
+    if a.distributor not in DISTRIBUTORS:
+        raise ConfigError(f"execution.distributor: must be one of {', '.join(DISTRIBUTORS)}, got {a.distributor!r}")
+    if a.processes_count is not None and a.processes_count < 1:
+        raise ConfigError(f"execution.processes_count: must be >= 1, got {a.processes_count}")
+    if a.distributor != "ray" and a.ray_address:
+        raise ConfigError("execution.ray_address: only used with --distributor ray")
     return cfg
 
 
@@ -193,14 +219,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
-    import ray
-
-    from pipeline.runner import run_download
-
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, include_dashboard=False)
     try:
-        summary = run_download(cfg, download_concurrency=args.download_concurrency)
+        if args.distributor == "multiprocessing":
+            from pipeline.local_runner import run_download_local
+
+            summary = run_download_local(cfg, processes=args.processes_count)
+        else:
+            import ray
+
+            from pipeline.runner import run_download
+
+            if not ray.is_initialized():
+                ray.init(address=args.ray_address, include_dashboard=False)
+            summary = run_download(cfg, download_concurrency=args.download_concurrency)
     except ConfigError as e:  # input files or columns that do not exist
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2

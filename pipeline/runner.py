@@ -2,6 +2,9 @@
 
     shard descriptors -> read -> download -> decode -> shard
 
+(The same stages without Ray, one shard per local worker process: pipeline/local_runner.py,
+which shares :func:`plan_download` and :func:`finish_download` with this module.)
+
 Each shard travels as one block end to end: the descriptor dataset has one block per shard,
 read runs with ``batch_size=1`` (one descriptor in, one shard's rows out) and every later stage
 with ``batch_size=None`` (a whole block per call). ``target_max_block_size`` is raised so Ray
@@ -216,6 +219,60 @@ def build_stages(
     ]
 
 
+@dataclass
+class DownloadPlan:
+    """The shards of a download run: all of them (``shards``, in input order), the ones not
+    committed yet (``todo``), and the output folder (``storage``)."""
+
+    shards: list[ShardDescriptor]
+    todo: list[ShardDescriptor]
+    storage: Storage
+    started: float
+
+    @property
+    def skipped(self) -> int:
+        return len(self.shards) - len(self.todo)
+
+    def read_stage(self, cfg: DownloadJobConfig) -> ReadStage:
+        """The read stage for these shards (descriptor rows in, the shard's rows out)."""
+        return ReadStage(
+            cfg=cfg.read,
+            number_sample_per_shard=cfg.shard.number_sample_per_shard,
+            storage=cfg.storage,
+            resources=Resources(num_cpus=0.1),
+        )
+
+
+def plan_download(cfg: DownloadJobConfig) -> DownloadPlan:
+    """Validate ``cfg`` (``ConfigError`` names the field), plan the shards and find the ones an
+    earlier run committed; shared by every distributor of the download half."""
+    cfg.validate()
+    started = time.time()
+    shards = plan_shards(cfg.read, cfg.shard.number_sample_per_shard, cfg.storage)
+    storage = Storage(cfg.shard.output_folder, cfg.storage)
+    committed = storage.committed_shards()
+    todo = [d for d in shards if S.shard_name(d.shard_id) not in committed]
+    log.info(
+        "%d shards planned, %d already committed, %d to do", len(shards), len(shards) - len(todo), len(todo)
+    )
+    return DownloadPlan(shards, todo, storage, started)
+
+
+def finish_download(plan: DownloadPlan, status_this_run: Counter[str]) -> DownloadSummary:
+    """Check that every planned shard is committed (``RuntimeError`` naming the missing ones
+    otherwise), write ``_stats.json`` with the totals over all shards, and return them.
+
+    ``status_this_run``: rows per status that this run's stream returned."""
+    committed = plan.storage.committed_shards()
+    missing = [S.shard_name(d.shard_id) for d in plan.todo if S.shard_name(d.shard_id) not in committed]
+    if missing:
+        raise RuntimeError(f"shards not committed after the run: {missing[:20]}")
+    summary = _write_totals(plan.storage, plan.shards, plan.skipped, len(plan.todo), plan.started)
+    summary.rows_this_run = sum(status_this_run.values())
+    summary.successes_this_run = status_this_run.get(S.OK, 0)
+    return summary
+
+
 def run_download(
     cfg: DownloadJobConfig, download_concurrency: int = 2, decode_isolation: bool = True
 ) -> DownloadSummary:
@@ -224,32 +281,21 @@ def run_download(
     Validates ``cfg`` (``ConfigError`` names the field), plans the shards, skips committed
     ones, streams the rest through the stages, then writes ``_stats.json`` in the output
     folder. Raises ``RuntimeError`` if a planned shard is not committed at the end.
+    Without Ray: :func:`pipeline.local_runner.run_download_local`.
     """
     import ray
 
-    cfg.validate()
-    started = time.time()
-    n = cfg.shard.number_sample_per_shard
-    shards = plan_shards(cfg.read, n, cfg.storage)
-    storage = Storage(cfg.shard.output_folder, cfg.storage)
-    committed = storage.committed_shards()
-    todo = [d for d in shards if S.shard_name(d.shard_id) not in committed]
-    log.info(
-        "%d shards planned, %d already committed, %d to do", len(shards), len(shards) - len(todo), len(todo)
-    )
+    plan = plan_download(cfg)
     per_stage: Counter[str] = Counter()
     status_this_run: Counter[str] = Counter()
-    if todo:
+    if plan.todo:
         if not ray.is_initialized():
             ray.init()
         ctx = ray.data.DataContext.get_current()
         ctx.target_max_block_size = max(ctx.target_max_block_size or 0, _MIN_TARGET_MAX_BLOCK_SIZE)
         ctx.enable_progress_bars = False
-        ds = ray.data.from_items([d.as_row() for d in todo], override_num_blocks=len(todo))
-        read = ReadStage(
-            cfg=cfg.read, number_sample_per_shard=n, storage=cfg.storage, resources=Resources(num_cpus=0.1)
-        )
-        ds = apply_stage(ds, read, batch_size=1)
+        ds = ray.data.from_items([d.as_row() for d in plan.todo], override_num_blocks=len(plan.todo))
+        ds = apply_stage(ds, plan.read_stage(cfg), batch_size=1)
         for stage in build_stages(cfg, download_concurrency, decode_isolation):
             ds = apply_stage(ds, stage)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -257,15 +303,7 @@ def run_download(
                 status_this_run[status] += 1
                 per_stage[S.stage_of(status)] += 1
         log.info("rows this run by stage outcome: %s", dict(per_stage))
-    missing = [
-        S.shard_name(d.shard_id) for d in todo if S.shard_name(d.shard_id) not in storage.committed_shards()
-    ]
-    if missing:
-        raise RuntimeError(f"shards not committed after the run: {missing[:20]}")
-    summary = _write_totals(storage, shards, len(shards) - len(todo), len(todo), started)
-    summary.rows_this_run = sum(status_this_run.values())
-    summary.successes_this_run = status_this_run.get(S.OK, 0)
-    return summary
+    return finish_download(plan, status_this_run)
 
 
 def _write_totals(
@@ -297,7 +335,15 @@ def _write_totals(
     return summary
 
 
-__all__ = ["DownloadSummary", "apply_stage", "build_stages", "run_download"]
+__all__ = [
+    "DownloadPlan",
+    "DownloadSummary",
+    "apply_stage",
+    "build_stages",
+    "finish_download",
+    "plan_download",
+    "run_download",
+]
 
 
 # ==============================================================================================
