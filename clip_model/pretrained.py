@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 # sha256 of the bundled tiny model (clip_model/weights/tiny-synthetic.safetensors); the card
 # (tiny-synthetic.md) says how to reproduce it. Retraining changes the file and so this value.
-TINY_SYNTHETIC_SHA256: str | None = "4803e434e973047192f473dfc038d68e2051baaed2fe5d675605ae751658f55d"
+TINY_SYNTHETIC_SHA256: str | None = "73184a6ffc61a3217b7ad840ca7876c4068dfeb71adcc8222c56fcf339c4149d"
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough that hashing, not syscalls, dominates
 CACHE_ENV_VAR = "CLIPCURATE_CACHE"

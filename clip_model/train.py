@@ -83,9 +83,9 @@ RECIPES: dict[str, Recipe] = {
     "tiny-synthetic": Recipe(
         name="tiny-synthetic",
         model="tiny-synthetic",
-        steps=600,
+        steps=3000,
         batch_size=128,
-        lr=2e-3,
+        lr=1e-3,
         min_lr=1e-5,
         warmup_steps=50,
         weight_decay=0.1,

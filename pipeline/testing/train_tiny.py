@@ -45,7 +45,7 @@ TRAIN_SECOND_OBJECT_RATE = 0.5
 TRAIN_HAZARD_MENTION = 0.9
 # Share of captions that name just one thing (one object group, or the hazard), the kind of
 # short text that zero-shot prompts and moderation concepts are.
-SHORT_CAPTION_RATE = 0.15
+SHORT_CAPTION_RATE = 0.4
 
 
 # Share of each batch made of (scene, minimal variant) pairs. Random scenes differ in so many
@@ -53,13 +53,15 @@ SHORT_CAPTION_RATE = 0.15
 # shape or the hazard sign; a twin that differs in exactly one attribute forces it to see that
 # attribute. Weights: which attribute the twin changes.
 PAIRED_SHARE = 0.66
+# Shape is the attribute the image tower learns last (colour and layout come first), so most
+# twins differ in shape.
 VARIANT_WEIGHTS: dict[str, float] = {
-    "shape": 0.4,
-    "hazard": 0.25,
-    "color": 0.1,
-    "count": 0.08,
-    "size": 0.07,
-    "position": 0.1,
+    "shape": 0.7,
+    "hazard": 0.125,
+    "color": 0.05,
+    "count": 0.04,
+    "size": 0.035,
+    "position": 0.05,
 }
 
 

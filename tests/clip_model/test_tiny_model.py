@@ -40,11 +40,11 @@ def test_card_states_the_reproducing_command_and_seed():
     assert pretrained.TINY_SYNTHETIC_SHA256 in card
 
 
-# KNOWN GAP (see clip_model/weights/tiny-synthetic.md): the bundled weights have not learned
-# shape (accuracy at chance, ~0.23) nor the hazard sign well enough (AUC ~0.90). strict=True:
-# weights that meet the acceptance turn these into failures until the marks are removed.
+# KNOWN GAP (see clip_model/weights/tiny-synthetic.md): the bundled weights tell shapes apart
+# only ~70 % of the time (chance 20 %). strict=True: weights that meet the acceptance turn this
+# into a failure until the mark is removed.
 _GAP = pytest.mark.xfail(
-    strict=True, reason="bundled tiny-synthetic weights below acceptance (see weights card)"
+    strict=True, reason="bundled tiny-synthetic weights: shape accuracy ~0.7 < 0.95 (see weights card)"
 )
 
 
@@ -67,7 +67,6 @@ def test_hazard_cases_are_present(metrics):
     assert metrics["counts"]["hazard_unmentioned"] >= 15
 
 
-@_GAP
 def test_image_side_hazard_detection(metrics):
     assert metrics["hazard_auc"] >= 0.97
     assert metrics["hazard_auc_unmentioned"] >= 0.97

@@ -125,8 +125,11 @@ def runs(ray_local, s3_server, tmp_path_factory) -> Iterator[dict[str, Any]]:
     moderate = ModerateConfig(concepts=HAZARD, neutral_prompts=NEUTRAL)
     embed_cfg = EmbedConfig(model=MODEL, pretrained=WEIGHTS, rows_per_call=64, inference_batch=64,
                             concurrency=(1, 2), debug_worker_column=True)
+    # Image side only: a hazard scene is a picture with the sign, whatever its caption says. A
+    # caption side calibrated to the same recall target (0.95) sits at a margin where captions
+    # that do not name a hazard cross it too (~5% on world 101, 8% false positives in all here).
     doc = calibrate(_calibration_rows(cal_root, cal), moderate, embed_cfg, label_col="_gt_unsafe",
-                    caption_label_col="_gt_hazard_in_caption", target_recall=0.95)
+                    target_recall=0.95)
     thresholds = tmp / "thresholds.yaml"
     thresholds.write_text(yaml.safe_dump(doc))
 
@@ -232,12 +235,6 @@ def test_clip_score_separates_mismatched_captions(runs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bundled tiny model does not see the hazard sign well enough (image hazard ROC AUC "
-    "~0.85-0.90, clip_model/weights/tiny-synthetic.md); no threshold gives recall >= 0.9 at <= 5% "
-    "false positives until it is retrained. strict: passing makes this fail, remove the mark then.",
-)
 def test_hazard_scenes_flagged_with_thresholds_from_another_world(runs) -> None:
     gt = _truth(runs)
     ok = _ok_rows(runs)

@@ -220,9 +220,10 @@ def test_render_puts_each_group_in_its_region_and_the_hazard_in_its_corner():
             m = _mask(img, syn.COLORS[g.color])
             if g.color in hazard_colors:
                 hx, hy = syn._HAZARD_CENTER[scene.hazard_corner]
+                h = syn._HAZARD_FRACTION / 2 + 0.02
                 m[
-                    int((hy - 0.12) * side) : int((hy + 0.12) * side),
-                    int((hx - 0.12) * side) : int((hx + 0.12) * side),
+                    int((hy - h) * side) : int((hy + h) * side),
+                    int((hx - h) * side) : int((hx + h) * side),
                 ] = False
             ys, xs = np.nonzero(m)
             rx, ry = syn._REGION_ORIGIN[g.position]
@@ -230,7 +231,7 @@ def test_render_puts_each_group_in_its_region_and_the_hazard_in_its_corner():
             assert xs.min() >= rx * side - 1 and xs.max() <= (rx + 0.5) * side + 1, scene
             assert ys.min() >= ry * side - 1 and ys.max() <= (ry + 0.5) * side + 1, scene
             # ... and covers about count x the shape's area (no overlaps, nothing clipped).
-            r = syn._SIZE_FRACTION[g.size] * side / 2
+            r = syn.object_radius(g, side)
             area = {"circle": np.pi * r * r, "square": (1.6 * r) ** 2}.get(g.shape)
             if area is not None and not hazard_colors & {g.color}:
                 assert abs(m.sum() - g.count * area) < 0.15 * g.count * area, (scene, m.sum())
