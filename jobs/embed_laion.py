@@ -30,23 +30,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from pipeline import job_config as J  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The exception a failure started from: a StorageError (it names the object) if the chain
-    holds one, else the deepest cause. Follows ``__cause__``/``__context__`` and the ``cause``
-    attribute Ray's task errors carry across processes."""
-    chain, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        nxt = getattr(e, "cause", None)
-        e = nxt if isinstance(nxt, BaseException) else (e.__cause__ or e.__context__)
-    for e in chain:
-        if type(e).__name__ == "StorageError":
-            return e
-    return chain[-1]
+from pipeline.errors import failure_lines  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,13 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embed_laion.py: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        # Ray's traceback of a failed task is long and ends in "UDF failed"; keep it for
-        # debugging, then say in one line what broke and that a re-run resumes.
-        logging.getLogger("clipcurate.job").exception("run failed")
-        cause = root_cause(e)
-        print(f"embed_laion.py: error: {type(cause).__name__}: {cause}".splitlines()[0]
-              + "\nembed_laion.py: committed shards are kept; fix the cause and re-run the same "
-              "command to resume", file=sys.stderr, flush=True)
+        print(failure_lines("embed_laion.py", e), file=sys.stderr, flush=True)
         return 1
     print(format_summary(summary), flush=True)
     return 0

@@ -235,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:  # input files or columns that do not exist
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from pipeline.errors import failure_lines
+
+        print(failure_lines("clipcurate", e), file=sys.stderr, flush=True)
+        return 1
     _print_summary(summary)
     if args.summary_json:
         with open(args.summary_json, "w") as f:

@@ -258,9 +258,12 @@ class _Pool:
             detail = ", ".join(f"{k} {v}" for k, v in sorted(msg[2].items()))
             log.info("shard %s written (%s); %d shards done this run", name, detail, self.done)
         elif kind == "error":
+            # The worker's exception arrives as traceback text; its last line (type: message)
+            # goes first, so a one-line report names what broke.
+            last = msg[2].strip().splitlines()[-1] if msg[2].strip() else "unknown error"
             raise RuntimeError(
-                f"shard {name} failed in download worker pid {w.proc.pid}; committed shards are kept, "
-                f"rerun to resume:\n{msg[2]}"
+                f"shard {name} failed in download worker pid {w.proc.pid}: {last}\n{msg[2]}"
+                "committed shards are kept, rerun to resume"
             )
 
     def _replace(self, w: _Worker) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import root_cause
 from pipeline.storage import StorageError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,6 @@ class FakeRayTaskError(Exception):
 
 
 def test_root_cause_prefers_the_storage_error_anywhere_in_the_chain() -> None:
-    m = _entrypoint()
     store = StorageError("S3 PUT s3://b/run/shards/00000.tar failed after 1 attempt(s) (storage.s3_retries=0)")
     try:
         try:
@@ -37,10 +37,10 @@ def test_root_cause_prefers_the_storage_error_anywhere_in_the_chain() -> None:
             raise RuntimeError("UDF failed to process a batch") from inner
     except RuntimeError as outer:
         wrapped = FakeRayTaskError("ray::MapWorker failed", outer)
-    assert m.root_cause(wrapped) is store
+    assert root_cause(wrapped) is store
     plain = ValueError("bad bytes")
-    assert m.root_cause(FakeRayTaskError("x", RuntimeError("y"))).args == ("y",)
-    assert m.root_cause(plain) is plain
+    assert root_cause(FakeRayTaskError("x", RuntimeError("y"))).args == ("y",)
+    assert root_cause(plain) is plain
 
 
 def test_a_failed_run_exits_1_with_one_line_naming_the_object(

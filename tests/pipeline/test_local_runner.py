@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,6 +269,24 @@ def test_an_exception_in_a_stage_fails_the_run_naming_the_shard(world: tuple, tm
     summary = run_download_local(_cfg(url_list, out), processes=2)
     assert summary.shards_written >= 1 and summary.shards_written + summary.shards_skipped == summary.shards_planned
     _check_output(out, expected, sha)
+
+
+def test_cli_reports_a_failed_run_in_one_line_and_exits_1(
+    world: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, url_list, _, _ = world
+    out = tmp_path / "out"
+    (out / "00001.tar").mkdir(parents=True)  # the shard stage cannot put its tar there
+    args = _cli_args(url_list, out, "--distributor", "multiprocessing", "--processes_count", "2")
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        r"clipcurate: error: RuntimeError: shard 00001 failed in download worker pid \d+: "
+        r"IsADirectoryError: \[Errno 21\] Is a directory: .*00001\.tar.*",
+        err[-2],
+    ), err[-2:]
+    assert err[-1] == "clipcurate: committed shards are kept; fix the cause and re-run the same command to resume"
+    assert not (out / "_stats.json").exists()
 
 
 def test_a_decoder_crash_is_quarantined(world: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
