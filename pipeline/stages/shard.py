@@ -146,7 +146,7 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
             stored.append(keys[i])
     tar_bytes = tar_buf.getvalue()
 
-    table = _shard_table(rows, name, statuses, errors)
+    table = _shard_table(rows, name, statuses, errors, passthrough)
     pq_buf = io.BytesIO()
     pq.write_table(table, pq_buf)
     parquet_bytes = pq_buf.getvalue()
@@ -183,7 +183,9 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
     return ShardFiles(name, tar_bytes, parquet_bytes, stats_bytes, manifest)
 
 
-def _shard_table(rows: pa.Table, name: str, statuses: list[Any], errors: list[Any]) -> pa.Table:
+def _shard_table(
+    rows: pa.Table, name: str, statuses: list[Any], errors: list[Any], passthrough: tuple[str, ...]
+) -> pa.Table:
     n = rows.num_rows
     cols: dict[str, pa.Array] = {}
     for f in S.SHARD_TABLE_FIELDS:
@@ -198,7 +200,8 @@ def _shard_table(rows: pa.Table, name: str, statuses: list[Any], errors: list[An
         else:
             cols[f.name] = pa.nulls(n, f.type)
     for c in rows.column_names:
-        if c in cols or c in _INTERNAL or c.startswith("_"):
+        # "_"-names are the pipeline's bookkeeping, unless the user asked to keep the column.
+        if c in cols or c in _INTERNAL or (c.startswith("_") and c not in passthrough):
             continue
         t = rows.schema.field(c).type
         if pa.types.is_binary(t) or pa.types.is_large_binary(t):

@@ -41,6 +41,7 @@ def _rows(shard_id: int, statuses: list[str], n_per_shard: int = 100) -> pa.Tabl
             S.HTTP_STATUS: pa.array([200 if o else 404 for o in ok], pa.int32()),
             S.DOWNLOAD_S: pa.array([0.01] * n, pa.float32()),
             "source_id": list(range(n)),
+            "_label": [f"l{i}" for i in range(n)],
             S.IMAGE: pa.array(images, pa.binary()),
             S.IMAGE_FORMAT: ["jpg" if o else None for o in ok],
             S.WIDTH: pa.array([8 if o else None for o in ok], pa.int32()),
@@ -56,7 +57,7 @@ STATUSES = ["ok", "http_404", "ok", "decode_error", "ok", "too_small", "missing_
 
 
 def _stage(tmp_path: Path) -> ShardStage:
-    stage = ShardStage(cfg=ShardConfig(output_folder=str(tmp_path)), passthrough=("source_id",))
+    stage = ShardStage(cfg=ShardConfig(output_folder=str(tmp_path)), passthrough=("source_id", "_label"))
     stage.setup()
     return stage
 
@@ -83,6 +84,7 @@ def test_shard_files_layout_and_contents(tmp_path: Path) -> None:
         "url": "http://h/7/2",
         "caption": "caption 2",
         "source_id": 2,
+        "_label": "l2",
         "key": ok_keys[1],
         "status": "success",
         "error_message": None,
@@ -100,6 +102,8 @@ def test_shard_files_layout_and_contents(tmp_path: Path) -> None:
     assert table.column("status").to_pylist() == STATUSES
     assert table.column("shard").to_pylist() == ["00007"] * len(STATUSES)
     assert table.column("source_id").to_pylist() == list(range(len(STATUSES)))
+    # A passthrough column keeps its name even when it starts with "_"; bookkeeping columns don't.
+    assert table.column("_label").to_pylist() == [f"l{i}" for i in range(len(STATUSES))]
     assert "image" not in table.column_names and "_shard_rows" not in table.column_names
     assert table.schema.field("width").type == pa.int32()
 
