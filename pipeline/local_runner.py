@@ -49,13 +49,8 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import ConfigError, DownloadJobConfig
-from pipeline.runner import (
-    DownloadSummary,
-    _maybe_kill_self,
-    build_stages,
-    finish_download,
-    plan_download,
-)
+from pipeline.kill_hook import maybe_kill_self
+from pipeline.runner import DownloadSummary, build_stages, finish_download, plan_download
 from pipeline.stages.base import Stage
 from pipeline.stages.download import DownloadStage
 from pipeline.stages.read import ShardDescriptor
@@ -83,7 +78,7 @@ def _context() -> Any:
 
 def _staged(stage: Stage, table: pa.Table) -> pa.Table:
     out = stage.process_batch(table)
-    _maybe_kill_self(type(stage).__name__)  # the test-only fault hook of the Ray path
+    maybe_kill_self(type(stage).__name__)  # the test-only fault hook (pipeline/kill_hook.py)
     return out
 
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
 import warnings
 from collections import Counter
@@ -44,6 +42,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import ConfigError, DownloadJobConfig, EmbedConfig, ModerateConfig, WriteConfig
+from pipeline.kill_hook import maybe_kill_self
 from pipeline.stages.base import Resources, Stage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.download import DownloadStage
@@ -66,34 +65,6 @@ ACTOR_MAX_RESTARTS = 2
 ACTOR_TASK_MAX_RETRIES = -1
 
 
-# Test-only fault hook (issue 7): ``KILL_ENV="EmbedStage@2,DecodeStage@1"`` makes the first
-# worker process that finishes its 2nd EmbedStage call (1st DecodeStage call) SIGKILL itself
-# before returning the result, once per stage: the flag file ``<KILL_DIR_ENV>/<stage>.killed``
-# (created atomically, holding the pid) says it happened. The batch's side effects are done and
-# its result is lost, so Ray must rerun it. Inert unless both variables are set.
-KILL_ENV = "CLIPCURATE_TEST_KILL_WORKER"
-KILL_DIR_ENV = "CLIPCURATE_TEST_KILL_DIR"
-_calls: Counter[str] = Counter()
-
-
-def _maybe_kill_self(stage_name: str) -> None:
-    spec, folder = os.environ.get(KILL_ENV), os.environ.get(KILL_DIR_ENV)
-    if not spec or not folder:
-        return
-    _calls[stage_name] += 1
-    for item in spec.split(","):
-        name, _, nth = item.strip().partition("@")
-        if name != stage_name or _calls[stage_name] != int(nth or 1):
-            continue
-        try:
-            fd = os.open(os.path.join(folder, f"{stage_name}.killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return  # another process already died for this stage
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _StageActor:
     """Ray Data callable class: one stage object per actor, ``setup()`` once."""
 
@@ -103,14 +74,14 @@ class _StageActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = self.stage.process_batch(batch)
-        _maybe_kill_self(type(self.stage).__name__)
+        maybe_kill_self(type(self.stage).__name__)
         return out
 
 
 def _stage_task(stage: Stage) -> Any:
     def run(batch: pa.Table) -> pa.Table:
         out = stage.process_batch(batch)
-        _maybe_kill_self(type(stage).__name__)
+        maybe_kill_self(type(stage).__name__)
         return out
 
     run.__name__ = type(stage).__name__

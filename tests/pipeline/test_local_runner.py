@@ -25,8 +25,8 @@ from PIL import Image
 from pipeline import schema as S
 from pipeline.cli import main
 from pipeline.config import DecodeConfig, DownloadConfig, DownloadJobConfig, ReadConfig, ShardConfig
+from pipeline.kill_hook import KILL_DIR_ENV, KILL_ENV
 from pipeline.local_runner import run_download_local
-from pipeline.runner import KILL_DIR_ENV, KILL_ENV
 from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
 from pipeline.testing.http_server import FaultServer
 

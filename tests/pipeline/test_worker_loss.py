@@ -40,7 +40,8 @@ from pipeline.config import (
     ReadConfig,
     ShardConfig,
 )
-from pipeline.runner import KILL_DIR_ENV, KILL_ENV, run_download
+from pipeline.kill_hook import KILL_DIR_ENV, KILL_ENV
+from pipeline.runner import run_download
 from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
 from pipeline.testing.http_server import FaultServer
 from pipeline.testing.loopback_ray import LOOPBACK, loopback_ray_env
