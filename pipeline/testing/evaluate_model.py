@@ -14,6 +14,8 @@ prints one JSON object:
   mention the hazard as positives.
 - ``neardup_auc``: ROC AUC of image-embedding cosine, (near duplicate, its source) pairs vs all
   pairs of original rows with different descriptions.
+- ``shape_acc_by_group``: ``shape_acc`` split by the group's count and size ("1 large", "3
+  small", ...), where a model still mixes shapes up (small groups of two or three are hardest).
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ EVAL_KNOBS: dict = dict(
     min_side=96,
     max_side=512,
 )
+
+
+_COUNT_OF = {"a": 1, "an": 1, "two": 2, "three": 3}
 
 
 def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
@@ -140,6 +145,18 @@ def evaluate_world(
     shape_true = np.array([SHAPES.index(r["_gt_shape"]) for r in rows])
     color_true = np.array([list(COLORS).index(r["_gt_color"]) for r in rows])
     color_rows = single & ~gray
+    # describe() starts with the count word, then the size: "two small red stars ...".
+    group_kind = np.array(
+        [
+            f"{_COUNT_OF[r['_gt_description'].split()[0]]} {r['_gt_description'].split()[1]}"
+            for r in rows
+        ]
+    )
+    by_group = {
+        kind: float((shape_pred[sel] == shape_true[sel]).mean())
+        for kind in sorted(set(group_kind[single]))
+        for sel in [single & (group_kind == kind)]
+    }
 
     clip_score = (img * cap).sum(1).numpy()
     matched = np.array([r["_gt_caption_matches"] for r in rows])
@@ -170,9 +187,13 @@ def evaluate_world(
         "hazard_auc": roc_auc(hazard_score[orig], unsafe[orig]),
         "hazard_auc_unmentioned": roc_auc(hazard_score[unmentioned_rows], unsafe[unmentioned_rows]),
         "neardup_auc": roc_auc(pos + neg, [True] * len(pos) + [False] * len(neg)),
+        "shape_acc_by_group": by_group,
         "counts": {
             "rows": len(rows),
             "single_group": int(single.sum()),
+            "single_group_by_group": {
+                kind: int((single & (group_kind == kind)).sum()) for kind in by_group
+            },
             "mismatched": int((~matched & match_rows).sum()),
             "hazard": int((unsafe & orig).sum()),
             "hazard_unmentioned": int((unsafe & unmentioned_rows).sum()),

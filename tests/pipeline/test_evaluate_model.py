@@ -57,6 +57,13 @@ def test_an_untrained_model_scores_near_chance(tmp_path):
     assert m["shape_acc"] < 0.5 and m["color_acc"] < 0.4
     assert 0.3 < m["match_auc"] < 0.7
     assert m["counts"]["rows"] == 150 and m["counts"]["near_dup_pairs"] > 10
+    # The split by group covers every single-group scene once: its weighted mean is shape_acc.
+    by = m["shape_acc_by_group"]
+    assert set(by) <= {f"{c} {s}" for c in (1, 2, 3) for s in ("small", "large")} and len(by) >= 4
+    n = m["counts"]["single_group_by_group"]
+    assert sum(n.values()) == m["counts"]["single_group"]
+    weighted = sum(by[k] * n[k] for k in by) / m["counts"]["single_group"]
+    assert weighted == pytest.approx(m["shape_acc"])
     assert (tmp_path / "urls.parquet").is_file()
 
 
