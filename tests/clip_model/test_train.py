@@ -62,7 +62,7 @@ def test_contrastive_loss_matches_float64_reference():
 
 
 def test_learning_rate_schedule():
-    r = replace(tr.RECIPES["tiny-synthetic"], steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    r = replace(tr.RECIPES["tiny-synthetic-base"], steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
     assert tr.learning_rate(r, 0) == pytest.approx(1e-4)
     assert tr.learning_rate(r, 9) == pytest.approx(1e-3)
     assert tr.learning_rate(r, 10) == pytest.approx(1e-3)
@@ -85,7 +85,7 @@ def test_weight_decay_spares_gains_biases_positions_and_temperature():
 
 def _recipe(steps: int, workers: int = 0) -> tr.Recipe:
     return replace(
-        tr.RECIPES["tiny-synthetic"], steps=steps, batch_size=32, warmup_steps=min(5, steps - 1), lr=2e-3,
+        tr.RECIPES["tiny-synthetic-base"], steps=steps, batch_size=32, warmup_steps=min(5, steps - 1), lr=2e-3,
         data_workers=workers,
     )  # fmt: skip
 
@@ -159,7 +159,7 @@ def test_cli_trains_the_recipe_and_writes_loadable_weights(tmp_path):
             "-m",
             "clip_model.train",
             "--recipe",
-            "tiny-synthetic",
+            "tiny-synthetic-base",
             "--steps",
             "2",
             "--seed",
@@ -216,3 +216,73 @@ def test_training_batches_are_deterministic_and_hold_minimal_twins():
         positions = [g.position for g in twin.groups] + [twin.hazard_corner] * twin.hazard
         assert len(set(positions)) == len(positions)
     assert kinds == {"shape", "hazard", "color", "count", "size", "position"}
+
+
+def _two_step(name: str, **kw) -> tr.Recipe:
+    return replace(tr.RECIPES[name], steps=2, warmup_steps=1, data_workers=0, **kw)
+
+
+def test_second_stage_from_its_base_file_equals_training_the_base_in_the_same_run(
+    tmp_path, monkeypatch
+):
+    """The bundled recipe starts from its base recipe's weights; reading them from the base's
+    saved (float16) file or training the base first in the same run must give the same model."""
+    import pipeline.testing.train_tiny as tt
+
+    monkeypatch.setattr(tt, "SHAPE_SETS_PER_BATCH", 1)
+    base = _two_step("tiny-synthetic-base", batch_size=8)
+    stage = _two_step("tiny-synthetic", batch_size=10)
+    monkeypatch.setitem(tr.RECIPES, "tiny-synthetic-base", base)
+    base_model, _ = tr.run_recipe(base, seed=3)
+    path = tr.save_weights(base_model, tmp_path / "base.safetensors")
+    from_file, res_file = tr.run_recipe(stage, seed=3, init=path)
+    chained, res_chain = tr.run_recipe(stage, seed=3)
+    assert res_file.losses == res_chain.losses and len(res_file.losses) == 2
+    a, b = from_file.state_dict(), chained.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The stage trained: it moved away from the base's (float16) weights.
+    start = base_model.state_dict()
+    assert not torch.equal(a["text_projection"], start["text_projection"].half().float())
+    with pytest.raises(ValueError, match="random init"):
+        tr.run_recipe(base, seed=3, init=path)
+
+
+def test_shape_sets_differ_only_in_one_groups_shape():
+    import random
+
+    from pipeline.testing import synthetic as syn
+    from pipeline.testing.train_tiny import shape_set
+
+    nouns = {s: s for s in syn.SHAPES} | {p: s for s, p in syn.PLURALS.items()}
+    for seed, scene in enumerate(syn.sample_scenes(40, 8, unsafe_rate=0.3)):
+        images, texts = shape_set(scene, random.Random(seed), 64)
+        assert len(images) == len(texts) == 5
+        # One template: the captions differ in exactly one word, the shape of the changed group,
+        # and between them name all five shapes.
+        words = [t.split() for t in texts]
+        assert len({len(w) for w in words}) == 1, texts
+        differing = [k for k in range(len(words[0])) if len({w[k] for w in words}) > 1]
+        assert len(differing) == 1, texts
+        assert sorted(nouns[w[differing[0]].rstrip(",")] for w in words) == sorted(syn.SHAPES), (
+            texts
+        )
+        # The five images are different pictures (each drawn with its own shape).
+        pixels = [np.asarray(im.resize((64, 64)), int) for im in images]
+        assert all(np.abs(pixels[i] - pixels[j]).max() > 0 for i in range(5) for j in range(i))
+
+
+def test_shape_set_batches_shapes_determinism_and_batch_floor(monkeypatch):
+    import pipeline.testing.train_tiny as tt
+
+    monkeypatch.setattr(tt, "SHAPE_SETS_PER_BATCH", 2)
+    make = tt.shape_set_batches(32, 14, seed=4)
+    a, b, c = make(1), make(1), make(2)
+    assert a[0].shape == (14, 3, 32, 32) and a[0].dtype == torch.float32
+    assert a[1].shape == (14, 77) and a[1].dtype == torch.int64
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    # The first rows are a first-stage-style batch, but never the first stage's own scenes.
+    first = tt.synthetic_batches(32, 4, seed=4)(1)
+    assert not torch.equal(a[0][:4], first[0])
+    with pytest.raises(ValueError, match="batch_size must exceed 11"):
+        tt.shape_set_batches(32, 11, seed=4)

@@ -106,9 +106,10 @@ def test_exact_duplicates_precision_and_recall_one(world) -> None:
 
 
 # KNOWN GAP (issue 6 acceptance 2, clip_model/weights/tiny-synthetic.md): the bundled tiny model's
-# image embeddings are dominated by colour; scenes in the same colours that differ in count,
-# position or shape reach cosine 0.98-0.997 while some cropped or resized copies fall below 0.95.
-# At the demo's 0.99: near-duplicate recall 0.80, precision 0.85. strict: passing makes this fail.
+# image embeddings are dominated by colour; scenes in the same colours that differ in count or
+# position reach cosine 0.99+ while some cropped or re-encoded copies fall to 0.77-0.95. At the
+# demo's 0.99: near-duplicate recall 0.76 with 14 pairs of different scenes above the threshold.
+# strict: passing makes this fail.
 @pytest.mark.xfail(strict=True, reason="tiny model: near-duplicate recall/precision below target")
 def test_near_duplicates_against_ground_truth(world) -> None:
     gt = world["gt"]
@@ -144,12 +145,14 @@ def test_rerun_drops_images_resubmitted_from_a_previous_run(world) -> None:
     resubmitted = _embed([f"9{n:08d}" for n in range(40)], captions, images)
     current = pa.concat_tables([table.slice(half), resubmitted], promote_options="default")
     out = dedup_table(current, DedupConfig(threshold=THRESHOLD), previous=previous)
-    kinds = out.column("dup_kind").to_pylist()[-40:]
-    dups = out.column("duplicate_of").to_pylist()[-40:]
-    prev_keys = {world["keys"][i] for i in originals}
-    assert kinds == ["previous_run"] * 40
-    assert dups == [world["keys"][i] for i in again]
-    assert all(d in prev_keys for d in dups)
+    rows = {r[S.KEY]: r for r in out.to_pylist()}
+    for n, i in enumerate(again):
+        r = rows[f"9{n:08d}"]
+        if r["dup_kind"] == "exact":
+            # This run also holds another copy of the picture (the world's exact duplicates);
+            # whichever copy ranks first is the one dropped against the previous run.
+            r = rows[r["duplicate_of"]]
+        assert (r["dup_kind"], r["duplicate_of"]) == ("previous_run", world["keys"][i]), r[S.KEY]
     # Exact copies in the second half of a picture the previous run kept are dropped too. (Rows
     # wrongly matched to another scene of the previous run are the known gap above.)
     first = out.slice(0, ROWS - half).to_pylist()
