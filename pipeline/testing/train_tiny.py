@@ -31,6 +31,7 @@ from .synthetic import (
     QUADRANTS,
     SHAPES,
     SIZES,
+    ObjectGroup,
     Scene,
     caption,
     render,
@@ -108,13 +109,18 @@ def short_caption(scene: Scene, rng: random.Random) -> str:
             ("a hazard sign", "a warning sign", "a danger sign", "a striped hazard symbol")
         )
     g = rng.choice(scene.groups)
+    return rng.choice(_GROUP_PREFIXES) + group_words(g)
+
+
+_GROUP_PREFIXES = ("", "a photo of ", "a drawing of ")
+_COUNT_WORD = {2: "two", 3: "three"}
+
+
+def group_words(g: ObjectGroup) -> str:
+    """Count, colour and shape of one group: "an orange star", "two red circles"."""
     if g.count == 1:
-        noun = g.shape
-        article = "an" if g.color[0] in "aeiou" else "a"
-    else:
-        noun = PLURALS[g.shape]
-        article = {2: "two", 3: "three"}[g.count]
-    return rng.choice(("", "a photo of ", "a drawing of ")) + f"{article} {g.color} {noun}"
+        return f"{'an' if g.color[0] in 'aeiou' else 'a'} {g.color} {g.shape}"
+    return f"{_COUNT_WORD[g.count]} {g.color} {PLURALS[g.shape]}"
 
 
 def augmented_image(scene: Scene, rng: random.Random, image_size: int) -> Image.Image:
@@ -209,11 +215,7 @@ def shape_set(
         replay = random.Random()
         replay.setstate(state)
         if short:
-            if g.count == 1:
-                words = f"{'an' if g.color[0] in 'aeiou' else 'a'} {g.color} {shape}"
-            else:
-                words = f"{ {2: 'two', 3: 'three'}[g.count] } {g.color} {PLURALS[shape]}"
-            texts.append(replay.choice(("", "a photo of ", "a drawing of ")) + words)
+            texts.append(replay.choice(_GROUP_PREFIXES) + group_words(g))
         else:
             texts.append(caption(member, replay, mention_hazard=True))
         images.append(augmented_image(member, rng, image_size))
