@@ -5,8 +5,16 @@
 prints one JSON object:
 
 - ``shape_acc`` / ``color_acc``: zero-shot accuracy on the shape / colour of single-group scenes
-  (colour: grayscale files excluded, they carry no colour). Each class prompt is the mean of the
-  normalised embeddings of "a {colour} {shape}" over the other attribute (prompt ensembling).
+  (colour: grayscale files excluded, they carry no colour). The prompts are every way the world's
+  captions name one object group, without position: count word x optional size word x colour x
+  shape ("two small red stars", "an orange circle", 810 prompts); a class's score is the
+  log-sum-exp of the model's logits (cosine x its learned logit scale) over its prompts, i.e.
+  prompts are ensembled in probability space, so count, size and the other attribute are
+  marginalised out instead of being fixed or averaged away.
+- ``shape_acc_mean_prompt`` / ``color_acc_mean_prompt``: the same accuracies with one prompt per
+  class, the mean of the normalised embeddings of "a {colour} {shape}" over the other attribute
+  (the protocol of earlier model cards). It asks a group of two small stars whether it looks like
+  "a star", which penalises a model for reading the count.
 - ``match_auc``: ROC AUC of clip_score = cos(image, caption), matched vs mismatched captions
   (original rows, grayscale excluded: their matched captions name colours the file lacks).
 - ``hazard_auc``: ROC AUC of cos(image, "a hazard sign") for hazard scenes vs the rest, from the
@@ -32,7 +40,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .synthetic import COLORS, HAZARD_PROMPT, SHAPES, decode_display, generate_world
+from .synthetic import (
+    COLORS,
+    COUNT_WORDS,
+    HAZARD_PROMPT,
+    SHAPES,
+    SIZES,
+    ObjectGroup,
+    decode_display,
+    generate_world,
+    group_phrase,
+)
 
 # World knobs for evaluation: more of each rare case than the default world, so a few hundred
 # rows give every metric enough positives (~60 near duplicates, hazards and mismatches each at
@@ -100,6 +118,36 @@ def _class_prompts(
     return torch.stack(rows)
 
 
+def group_prompts() -> list[tuple[str, str, str]]:
+    """(text, shape, colour) for every way a caption names one object group, position left out:
+    each count's count words x (no size, each size) x colour x shape."""
+    out = []
+    for shape in SHAPES:
+        for color in COLORS:
+            for count, words in COUNT_WORDS.items():
+                for word in words:
+                    for size in (None, *SIZES):
+                        g = ObjectGroup(shape, color, count, size or SIZES[0], "center")
+                        out.append((group_phrase(g, word, size is not None, False), shape, color))
+    return out
+
+
+def zero_shot_predict(
+    logits: torch.Tensor, prompt_class: Sequence[int], n_classes: int
+) -> np.ndarray:
+    """Class per image from prompt logits, prompts ensembled in probability space.
+
+    logits: [N, P] float (cosine x logit scale); prompt_class: [P] class index of each prompt.
+    Returns [N] int64: argmax over classes of log-sum-exp of the class's prompt logits, which is
+    the argmax of the class's total probability under one softmax over all prompts.
+    """
+    label = torch.as_tensor(list(prompt_class))
+    scores = torch.stack(
+        [torch.logsumexp(logits[:, label == c], dim=1) for c in range(n_classes)], dim=1
+    )
+    return scores.argmax(1).numpy()
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -136,12 +184,24 @@ def evaluate_world(
             model, tokenize, list(COLORS), SHAPES, lambda c, s: f"{_article(c)} {c} {s}"
         )
         hazard = _embed_texts(model, tokenize, [HAZARD_PROMPT])[0]
+        prompts = group_prompts()
+        prompt_emb = _embed_texts(model, tokenize, [p[0] for p in prompts])
+        scale = getattr(model, "logit_scale", None)
+        # CLIP training clamps the scale at 100; a model without one gets that value.
+        scale = min(float(scale.detach().exp()), 100.0) if scale is not None else 100.0
+        prompt_logits = scale * (img @ prompt_emb.T)
 
     orig = np.array([r["_gt_duplicate_kind"] == "" for r in rows])
     gray = np.array([r["_gt_format"] == "grayscale" for r in rows])
     single = np.array([r["_gt_num_groups"] == 1 for r in rows]) & orig
-    shape_pred = (img @ shape_cls.T).argmax(1).numpy()
-    color_pred = (img @ color_cls.T).argmax(1).numpy()
+    shape_pred = zero_shot_predict(
+        prompt_logits, [SHAPES.index(p[1]) for p in prompts], len(SHAPES)
+    )
+    color_pred = zero_shot_predict(
+        prompt_logits, [list(COLORS).index(p[2]) for p in prompts], len(COLORS)
+    )
+    shape_pred_mean = (img @ shape_cls.T).argmax(1).numpy()
+    color_pred_mean = (img @ color_cls.T).argmax(1).numpy()
     shape_true = np.array([SHAPES.index(r["_gt_shape"]) for r in rows])
     color_true = np.array([list(COLORS).index(r["_gt_color"]) for r in rows])
     color_rows = single & ~gray
@@ -183,6 +243,10 @@ def evaluate_world(
     return {
         "shape_acc": float((shape_pred[single] == shape_true[single]).mean()),
         "color_acc": float((color_pred[color_rows] == color_true[color_rows]).mean()),
+        "shape_acc_mean_prompt": float((shape_pred_mean[single] == shape_true[single]).mean()),
+        "color_acc_mean_prompt": float(
+            (color_pred_mean[color_rows] == color_true[color_rows]).mean()
+        ),
         "match_auc": roc_auc(clip_score[match_rows], matched[match_rows]),
         "hazard_auc": roc_auc(hazard_score[orig], unsafe[orig]),
         "hazard_auc_unmentioned": roc_auc(hazard_score[unmentioned_rows], unsafe[unmentioned_rows]),

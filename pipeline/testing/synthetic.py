@@ -127,7 +127,12 @@ _HAZARD_CENTER = {
     "bottom left": (0.16, 0.84),
     "bottom right": (0.84, 0.84),
 }
-_COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of"), 3: ("three",)}
+# How captions say each count ("a" becomes "an" before a vowel).
+COUNT_WORDS: dict[int, tuple[str, ...]] = {
+    1: ("a", "one", "a single"),
+    2: ("two", "a pair of"),
+    3: ("three",),
+}
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,9 @@ class Scene:
         return describe(self)
 
 
-def _group_phrase(g: ObjectGroup, count_word: str, with_size: bool, with_position: bool) -> str:
+def group_phrase(g: ObjectGroup, count_word: str, with_size: bool, with_position: bool) -> str:
+    """How a caption names one group: "two small red stars in the top left", "an orange circle"
+    (``count_word`` one of ``COUNT_WORDS[g.count]``)."""
     noun = g.shape if g.count == 1 else PLURALS[g.shape]
     words = []
     if with_size:
@@ -177,7 +184,7 @@ def _article(word: str, following: str) -> str:
 
 def describe(scene: Scene) -> str:
     """Canonical, complete description of a scene (every attribute, fixed word order)."""
-    parts = [_group_phrase(g, _COUNT_WORDS[g.count][0], True, True) for g in scene.groups]
+    parts = [group_phrase(g, COUNT_WORDS[g.count][0], True, True) for g in scene.groups]
     text = (
         " and ".join(parts) + f" on {_article('a', scene.background)} {scene.background} background"
     )
@@ -264,9 +271,9 @@ def caption(scene: Scene, rng: random.Random, *, mention_hazard: bool | None = N
     if len(groups) == 2 and rng.random() < 0.5:
         groups.reverse()
     phrases = [
-        _group_phrase(
+        group_phrase(
             g,
-            rng.choice(_COUNT_WORDS[g.count]),
+            rng.choice(COUNT_WORDS[g.count]),
             with_size=rng.random() < 0.75,
             with_position=rng.random() < 0.8,
         )

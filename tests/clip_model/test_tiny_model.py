@@ -40,20 +40,11 @@ def test_card_states_the_reproducing_command_and_seed():
     assert pretrained.TINY_SYNTHETIC_SHA256 in card
 
 
-# KNOWN GAP (see clip_model/weights/tiny-synthetic.md): the bundled weights tell shapes apart
-# 84-88 % of the time (chance 20 %); groups of two or three small objects are the misses. strict=True: weights that meet the acceptance turn this
-# into a failure until the mark is removed.
-_GAP = pytest.mark.xfail(
-    strict=True, reason="bundled tiny-synthetic weights: shape accuracy ~0.85 < 0.95 (see weights card)"
-)
-
-
 def test_zero_shot_colour(metrics):
     assert metrics["counts"]["single_group"] >= 100
     assert metrics["color_acc"] >= 0.95
 
 
-@_GAP
 def test_zero_shot_shape(metrics):
     assert metrics["shape_acc"] >= 0.95
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import clip_model
-from pipeline.testing.evaluate_model import evaluate, roc_auc
+from pipeline.testing.evaluate_model import evaluate, group_prompts, roc_auc, zero_shot_predict
+from pipeline.testing.synthetic import generate_world
 
 
 def test_roc_auc_hand_worked_example_with_a_tie():
@@ -46,6 +47,38 @@ def test_roc_auc_extremes_and_errors():
         roc_auc([1, float("nan")], [True, False])
     with pytest.raises(ValueError, match="length"):
         roc_auc([1, 2, 3], [True, False])
+
+
+def test_zero_shot_predict_sums_class_probabilities():
+    # Hand-worked: class 0 has the single best prompt (4.0), but class 1's two prompts at 3.5
+    # hold more probability (2 e^3.5 = 66.2 > e^4 = 54.6): the ensemble picks class 1, a max
+    # over prompts would pick class 0.
+    logits = torch.tensor([[4.0, 3.5, 3.5, 0.0], [1.0, 0.0, 0.0, 2.0]])
+    assert zero_shot_predict(logits, [0, 1, 1, 2], 3).tolist() == [1, 2]
+
+
+def test_zero_shot_predict_matches_float64_softmax_marginal():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 4, size=(50, 30))
+    label = rng.integers(0, 4, size=30)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    expected = np.stack([p[:, label == c].sum(1) for c in range(4)], 1).argmax(1)
+    got = zero_shot_predict(torch.tensor(logits, dtype=torch.float32), label.tolist(), 4)
+    assert got.tolist() == expected.tolist()
+
+
+def test_group_prompts_are_the_words_captions_use(tmp_path):
+    prompts = group_prompts()
+    assert len(prompts) == len({t for t, _, _ in prompts}) == 810
+    table = generate_world(tmp_path, 120, 11, "http://127.0.0.1/")
+    rows = [r for r in table.to_pylist() if r["_gt_num_groups"] == 1 and r["_gt_caption_matches"]]
+    assert len(rows) > 40
+    for r in rows:
+        # Every single-group caption names its group with one of its own class's prompts.
+        caption = " " + r["caption"] + " "
+        own = [t for t, s, c in prompts if s == r["_gt_shape"] and c == r["_gt_color"]]
+        assert any(f" {t} " in caption or f" {t}," in caption for t in own), r["caption"]
 
 
 def test_an_untrained_model_scores_near_chance(tmp_path):
