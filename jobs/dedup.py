@@ -4,8 +4,9 @@
         --dedup-threshold 0.9 --dedup-against s3://bucket/curated/2026-11-22
 
 Reads ``<output>/config.yaml`` (written by jobs/embed_laion.py), applies the flags and
-``--set section.field=value`` overrides (only ``filter.*``, ``dedup.*``, ``storage.*`` and
-``execution.*`` may change: the rest shaped the stored rows), recomputes ``duplicate_of``,
+``--set section.field=value`` overrides (only ``filter.*``, ``dedup.*`` except
+``dedup.pixel_check``, ``storage.*`` and ``execution.*`` may change: the rest shaped the stored
+rows), recomputes ``duplicate_of``,
 ``keep`` and ``drop_reason`` over ``<output>/embeddings/*.parquet``, rewrites only the files
 whose decisions change, and rewrites ``_stats.json`` / ``report.html`` when something did.
 """

@@ -179,6 +179,12 @@ class DedupConfig:
     second_cluster_margin: float = 0.05
     kmeans_iterations: int = 10
     against: str | None = None  # an earlier run's output (folder or s3:// URI) to dedup against
+    # Confirm each embedding pair by its aligned thumbnails (pipeline/pixel_check.py): then
+    # `threshold` only picks candidates and a pair is a duplicate when the thumbnails' mean and
+    # blob differences (0-255 pixel units) are both within these bounds.
+    pixel_check: bool = False
+    pixel_mean_max: float = 4.5
+    pixel_blob_max: float = 23.0
 
     def validate(self, section: str = "dedup") -> None:
         _check(0 < self.threshold <= 1, section, "threshold", f"must be in (0, 1], got {self.threshold}")
@@ -196,6 +202,9 @@ class DedupConfig:
             f"must be in [0, 2], got {self.second_cluster_margin}",
         )
         _check(self.kmeans_iterations >= 1, section, "kmeans_iterations", "must be >= 1")
+        for name in ("pixel_mean_max", "pixel_blob_max"):
+            v = getattr(self, name)
+            _check(0 <= v <= 255, section, name, f"must be in [0, 255] (pixel units), got {v}")
         _check(
             self.against is None or bool(self.against),
             section,

@@ -17,7 +17,8 @@ order and the first that applies is recorded:
    ``clip_score<0.28 (<model>; no caption)``).
 4. ``dedup:exact(sha256)``, ``dedup:semantic(cos>=0.95; <model>)``,
    ``dedup:previous_run(cos>=0.95 or sha256; <model>)``: a duplicate found by
-   :func:`pipeline.dedup.dedup_table`, when ``filter.duplicates`` is on.
+   :func:`pipeline.dedup.dedup_table`, when ``filter.duplicates`` is on. With
+   ``dedup.pixel_check`` the cosine test reads ``cos>=0.9 & pixels(mean<=4.5,blob<=23)``.
 
 Dedup runs only over the rows that pass 0-3, so a duplicate is dropped only in favour of a row
 that is itself kept. Everything is recomputed from the measured columns (status, scores,
@@ -118,9 +119,12 @@ def dedup_reason(kind: str, model: str | None, cfg: DedupConfig) -> str:
     """The drop reason of a duplicate of ``kind`` (``exact``, ``semantic``, ``previous_run``)."""
     if kind == "exact":
         return "dedup:exact(sha256)"
+    test = f"cos>={cfg.threshold:g}"
+    if cfg.pixel_check:
+        test += f" & pixels(mean<={cfg.pixel_mean_max:g},blob<={cfg.pixel_blob_max:g})"
     if kind == "semantic":
-        return f"dedup:semantic(cos>={cfg.threshold:g}; {short_model(model)})"
-    return f"dedup:previous_run(cos>={cfg.threshold:g} or sha256; {short_model(model)})"
+        return f"dedup:semantic({test}; {short_model(model)})"
+    return f"dedup:previous_run({test} or sha256; {short_model(model)})"
 
 
 def decide(
@@ -149,7 +153,7 @@ def decide(
 
         passing = np.array([i for i, r in enumerate(reasons) if r is None], np.int64)
         if len(passing):
-            cols = [c for c in (S.KEY, S.STATUS, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING) if c in table.column_names]
+            cols = [c for c in (S.KEY, S.STATUS, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in table.column_names]
             sub = table.select(cols).take(pa.array(passing))
             for name, typ in ((S.SHA256, pa.string()), (S.CLIP_SCORE, pa.float32())):
                 if name not in sub.column_names:

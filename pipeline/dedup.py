@@ -28,6 +28,11 @@ states a direct relation (same bytes, cosine >= threshold, or a repeat of an ear
 names a kept row except for an exact duplicate whose representative was itself dropped; one
 more step along ``duplicate_of`` reaches the kept row then. ``dup_group_size`` counts every
 row whose chain ends at the same kept row.
+
+Pixel check (``dedup.pixel_check``): an embedding pair is also required to pass
+:func:`pipeline.pixel_check.confirm_pairs` (the two rows' 32 x 32 thumbnails, aligned by a
+scale and shift search, differ little on average and nowhere by much). ``threshold`` then only
+selects candidates and can be looser; every "similar" above means "similar and confirmed".
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ KIND_SEMANTIC = "semantic"
 KIND_PREVIOUS = "previous_run"
 
 # Columns read from an earlier run's Parquet files.
-PREVIOUS_COLUMNS = ("key", "sha256", "image_embedding", "status", "duplicate_of")
+PREVIOUS_COLUMNS = ("key", "sha256", "image_embedding", "status", "duplicate_of", "image_thumb")
 
 
 @dataclass(frozen=True)
@@ -414,6 +419,45 @@ def _unit_rows(emb: np.ndarray, block_rows: int = 65_536) -> tuple[np.ndarray, n
     return fixed, good
 
 
+def _thumbs_of(col: pa.ChunkedArray | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Thumbnails (uint8 [len(rows), S, S, 3]) and their validity for ``rows`` of ``col``; all
+    invalid when the column is missing."""
+    from pipeline.pixel_check import thumbs_array
+
+    if col is None:
+        return thumbs_array([None] * len(rows))
+    return thumbs_array(col.take(pa.array(rows, pa.int64())).to_pylist())
+
+
+def _pixel_confirmed(
+    cfg: DedupConfig,
+    col_i: pa.ChunkedArray | None,
+    rows_i: np.ndarray,
+    col_j: pa.ChunkedArray | None,
+    rows_j: np.ndarray,
+    pi: np.ndarray,
+    pj: np.ndarray,
+) -> np.ndarray:
+    """bool [E]: pairs (row ``rows_i[pi[e]]`` of ``col_i``, row ``rows_j[pj[e]]`` of ``col_j``)
+    whose thumbnails agree (:func:`pipeline.pixel_check.confirm_pairs`). Only the thumbnails of
+    rows in some pair are materialised (3 KiB each)."""
+    from pipeline.pixel_check import confirm_pairs
+
+    if len(pi) == 0:
+        return np.zeros(0, dtype=bool)
+    ui, inv_i = np.unique(pi, return_inverse=True)
+    uj, inv_j = np.unique(pj, return_inverse=True)
+    ti, oki = _thumbs_of(col_i, rows_i[ui])
+    tj, okj = _thumbs_of(col_j, rows_j[uj])
+    missing = int((~oki).sum() + (~okj).sum())
+    if missing:
+        log.warning(
+            "dedup: %d rows in candidate pairs have no thumbnail; their pairs are not duplicates",
+            missing,
+        )
+    return confirm_pairs(ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max)
+
+
 def _eligible(table: pa.Table) -> np.ndarray:
     mask = pc.is_valid(table["image_embedding"])
     if "status" in table.column_names:
@@ -446,7 +490,10 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
     ``image_embedding`` (fixed_size_list<float16>[D]); only rows with ``status == "ok"`` (when
     the column exists) and a non-null embedding take part. ``previous``: rows of earlier runs
     (at least ``key`` and ``image_embedding``; ``sha256``, ``status`` and ``duplicate_of`` are
-    used when present); new rows that repeat one of them are dropped.
+    used when present); new rows that repeat one of them are dropped. With ``cfg.pixel_check``
+    the input also needs ``image_thumb`` (binary, see :mod:`pipeline.pixel_check`), and an
+    embedding pair counts only when the two thumbnails agree once aligned (an earlier run's row
+    without a thumbnail then repeats nothing but its exact bytes).
 
     Returns ``table`` with ``duplicate_of`` (string, the kept row's key, null when the row is
     kept or did not take part), ``dup_group_size`` (int32: the kept row plus every row whose
@@ -457,6 +504,9 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
     """
     cfg.validate()
     _require(table, ("key", "sha256", "clip_score", "image_embedding"), "input")
+    if cfg.pixel_check:
+        _require(table, ("image_thumb",), "input (dedup.pixel_check)")
+    thumbs = table["image_thumb"] if cfg.pixel_check else None
     n_rows = table.num_rows
     rows = _eligible(table)
     take = pa.array(rows, pa.int64())
@@ -532,10 +582,16 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
             )
             live = ~claimed[pp.i]
             pi, pj, psim = pp.i[live], pp.j[live], pp.sim[live]
+            if cfg.pixel_check:
+                pthumbs = prev["image_thumb"] if "image_thumb" in prev.column_names else None
+                sure = _pixel_confirmed(
+                    cfg, thumbs, rows[cand], pthumbs, np.arange(prev.num_rows), pi, pj
+                )
+                pi, pj, psim = pi[sure], pj[sure], psim[sure]
             # The most similar earlier row is named (ties: the earlier row read first).
             by_best = np.lexsort((pj, -psim, pi))
             a_sorted = pi[by_best]
-            first_of_row = by_best[np.r_[True, a_sorted[1:] != a_sorted[:-1]]]
+            first_of_row = by_best[np.r_[True, a_sorted[1:] != a_sorted[:-1]][: len(by_best)]]
             for c, b in zip(pi[first_of_row].tolist(), pj[first_of_row].tolist(), strict=True):
                 r = int(cand[c])
                 prev_key[r], kind[r] = pkeys[b], KIND_PREVIOUS
@@ -555,9 +611,11 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
         )
         # Rows an earlier run claims are gone already and must not keep anyone out.
         live = ~(claimed[sp.i] | claimed[sp.j])
-        keep_of = choose_keepers(
-            len(cand), sp.i[live], sp.j[live], np.argsort(rank[cand], kind="stable")
-        )
+        si, sj = sp.i[live], sp.j[live]
+        if cfg.pixel_check:
+            sure = _pixel_confirmed(cfg, thumbs, rows[cand], thumbs, rows[cand], si, sj)
+            si, sj = si[sure], sj[sure]
+        keep_of = choose_keepers(len(cand), si, sj, np.argsort(rank[cand], kind="stable"))
         dropped = np.flatnonzero(keep_of >= 0)
         keeper_idx[cand[dropped]] = cand[keep_of[dropped]]
         for r in cand[dropped].tolist():
@@ -615,8 +673,8 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
 
 def read_previous_run(path: str, filesystem: object | None = None) -> pa.Table:
     """The Parquet rows of an earlier run (a local folder or an ``s3://`` URI), only the columns
-    dedup uses (``key``, ``sha256``, ``image_embedding``, ``status``, ``duplicate_of``; the
-    last three when present). ``filesystem``: a ``pyarrow.fs.FileSystem`` for object stores
+    dedup uses (``key``, ``sha256``, ``image_embedding``, ``status``, ``duplicate_of``,
+    ``image_thumb``; all but ``key`` and ``image_embedding`` when present). ``filesystem``: a ``pyarrow.fs.FileSystem`` for object stores
     that need an endpoint or credentials (then ``path`` has no scheme)."""
     import pyarrow.dataset as ds
 

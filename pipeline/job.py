@@ -49,7 +49,9 @@ log = logging.getLogger("clipcurate.job")
 
 CONFIG_NAME = "config.yaml"
 # Sections (or section.field) a later run on the same output must not change.
-SHAPING = ("input", "read", "decode", "shard", "embed.model", "embed.pretrained", "moderate")
+# dedup.pixel_check decides whether rows carry thumbnails: rows written without them cannot be
+# pixel-checked later.
+SHAPING = ("input", "read", "decode", "shard", "embed.model", "embed.pretrained", "moderate", "dedup.pixel_check")
 
 
 # ------------------------------------------------------------------------------- summary
@@ -218,7 +220,9 @@ def stream(
     # One dataset, so both sources share one embedding actor pool and one writer.
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # preprocess -> embed -> moderate -> write, wired as pipeline.runner does for run_curate.
-    tail = build_embed_stages(download, cfg.embed, cfg.moderate, cfg.write, model=model)
+    tail = build_embed_stages(
+        download, cfg.embed, cfg.moderate, cfg.write, model=model, thumbnails=cfg.dedup.pixel_check
+    )
     del model
     ds = apply_embed_stages(ds, tail)
     applied += [type(stage).__name__ for stage in tail]
@@ -301,13 +305,13 @@ def read_previous(against: str, storage: StorageConfig) -> pa.Table:
     missing = [c for c in (S.KEY, S.IMAGE_EMBEDDING) if c not in have]
     if missing:
         raise ConfigError(f"dedup.against: {against!r} lacks column(s) {missing}")
-    cols = [c for c in (S.KEY, S.SHA256, S.IMAGE_EMBEDDING, S.STATUS, S.DUPLICATE_OF, S.KEEP) if c in have]
+    cols = [c for c in (S.KEY, S.SHA256, S.IMAGE_EMBEDDING, S.STATUS, S.DUPLICATE_OF, S.KEEP, S.IMAGE_THUMB) if c in have]
     return kept_rows(dataset.to_table(columns=cols))
 
 
 _DECISION_INPUTS = [
     S.KEY, S.SHARD, S.URL, S.CAPTION, S.STATUS, S.ERROR, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING,
-    S.UNSAFE_SCORE, S.UNSAFE_CONCEPT, S.UNSAFE_SOURCE, S.MODEL, TAKEDOWN,
+    S.UNSAFE_SCORE, S.UNSAFE_CONCEPT, S.UNSAFE_SOURCE, S.MODEL, TAKEDOWN, S.IMAGE_THUMB,
 ]
 
 
@@ -332,7 +336,7 @@ def global_pass(cfg: JobConfig, shards: list[str], emit: Callable[[str], None]) 
         emit(f"  dedup against {cfg.dedup.against}: {previous.num_rows} kept rows")
     rules = resolve_rules(cfg.moderate, cfg.storage) if cfg.moderate.enabled else None
     decided = decide(table, cfg.filter, cfg.dedup, rules, previous)
-    decided = decided.drop_columns([S.IMAGE_EMBEDDING])
+    decided = decided.drop_columns([c for c in (S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in decided.column_names])
 
     rewritten = 0
     shard_col = decided.column(S.SHARD).to_pylist()

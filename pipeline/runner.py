@@ -371,11 +371,13 @@ def build_embed_stages(
     moderate: ModerateConfig,
     write: WriteConfig,
     model: Any = None,
+    thumbnails: bool = False,
 ) -> list[Stage]:
     """preprocess, embed, moderate (when enabled) and write, configured and ready to apply.
 
     ``model``: a clip_model CLIP for ``embed`` already loaded in the driver (it embeds the
-    moderation prompts); loaded on CPU when None.
+    moderation prompts); loaded on CPU when None. ``thumbnails``: store each row's
+    ``image_thumb`` (on when ``dedup.pixel_check`` is).
     """
     from pipeline.stages.embed import EmbedStage, PreprocessStage, load_model
     from pipeline.stages.moderate import ModerateStage
@@ -391,6 +393,7 @@ def build_embed_stages(
             shard_folder=download.shard.output_folder,
             storage=download.storage,
             context_length=model.context_length,
+            thumbnails=thumbnails,
             resources=Resources(num_cpus=embed.preprocess_num_cpus),
         ),
         EmbedStage(

@@ -153,6 +153,9 @@ IMAGE_EMBEDDING = "image_embedding"  # fixed_size_list<float16>[D], unit norm
 TEXT_EMBEDDING = "text_embedding"  # fixed_size_list<float16>[D], unit norm
 CLIP_SCORE = "clip_score"  # float32: cosine of the two (float32) unit embeddings
 MODEL = "model"  # "<architecture>@sha256:<hex of the weights>" (or "@random-init")
+# binary: 32 x 32 RGB uint8 thumbnail of the stored image (pipeline/pixel_check.py), set by the
+# preprocess stage when dedup.pixel_check is on, else null
+IMAGE_THUMB = "image_thumb"
 EMBED_WORKER = "embed_worker"  # optional debug column: "<host>:<pid>" of the embedding actor
 
 # --- columns set by the moderate stage ----------------------------------------------------
@@ -199,6 +202,7 @@ def output_fields(dim: int) -> tuple[pa.Field, ...]:
         pa.field(KEEP, pa.bool_()),
         pa.field(DROP_REASON, pa.string()),
         pa.field(MODEL, pa.string()),
+        pa.field(IMAGE_THUMB, pa.binary()),
     )
 
 

@@ -4,7 +4,8 @@ A takedown never deletes a row (every input row stays in the output exactly once
 the image and everything computed from its pixels:
 
 * ``embeddings/<shard>.parquet``: ``keep = false``, ``drop_reason = "takedown: <reason>"``,
-  ``image_embedding = null``, and a ``takedown`` column holding the reason (status unchanged);
+  ``image_embedding = null`` (and ``image_thumb = null``), and a ``takedown`` column holding the
+  reason (status unchanged);
 * ``shards/<shard>.parquet``: the same ``takedown`` column (status unchanged);
 * ``shards/<shard>.tar``: rewritten without the taken-down samples (``.jpg``, ``.json`` and
   ``.txt``); every other member keeps its exact header and bytes;
@@ -341,11 +342,12 @@ def _mark_embeddings(table: pa.Table, hit_keys: set[str], reason: str) -> tuple[
     out = _set(table, S.KEEP, pa.array(keep, pa.bool_()))
     out = _set(out, S.DROP_REASON, pa.array(drop, pa.string()))
     out = _set(out, TAKEDOWN, pa.array(mark, pa.string()))
-    if S.IMAGE_EMBEDDING in out.column_names:
-        col = out.column(S.IMAGE_EMBEDDING)
-        vals = col.to_pylist()
-        vals = [None if h else v for h, v in zip(hit, vals, strict=True)]
-        out = _set(out, S.IMAGE_EMBEDDING, pa.array(vals, col.type))
+    # The thumbnail (dedup.pixel_check) is the picture itself, only smaller.
+    for name in (S.IMAGE_EMBEDDING, S.IMAGE_THUMB):
+        if name in out.column_names:
+            col = out.column(name)
+            vals = [None if h else v for h, v in zip(hit, col.to_pylist(), strict=True)]
+            out = _set(out, name, pa.array(vals, col.type))
     return out, newly
 
 

@@ -119,13 +119,16 @@ class PreprocessStage(Stage):
     ``shard_folder``: where the shard tars are (the shard stage's output folder); needed unless
     the rows carry an ``image`` column. An ``ok`` row whose image is not in its tar becomes
     ``image_missing``; one Pillow cannot decode becomes ``preprocess_error``. Both keep their
-    caption tokens. The ``image`` column, if any, is dropped.
+    caption tokens. The ``image`` column, if any, is dropped. With ``thumbnails`` each decoded
+    row also gets ``image_thumb`` (:func:`pipeline.pixel_check.thumbnail`, for dedup's pixel
+    check).
     """
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     shard_folder: str | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
     context_length: int = 77
+    thumbnails: bool = False
 
     def _images(self, batch: pa.Table, ok: list[int]) -> dict[int, bytes | None]:
         if S.IMAGE in batch.column_names:
@@ -150,11 +153,13 @@ class PreprocessStage(Stage):
 
         from clip_model.tokenizer import default_tokenizer
         from clip_model.transform import resize_crop_uint8
+        from pipeline.pixel_check import thumbnail
 
         n = batch.num_rows
         statuses, errors = _col(batch, S.STATUS), _col(batch, S.ERROR)
         ok = [i for i in range(n) if statuses[i] == S.OK]
         pixels: list[bytes | None] = [None] * n
+        thumbs: list[bytes | None] = [None] * n
         try:
             images = self._images(batch, ok)
         except (OSError, tarfile.TarError) as e:
@@ -171,6 +176,8 @@ class PreprocessStage(Stage):
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     pixels[i] = resize_crop_uint8(img, self.preprocess).tobytes()
+                    if self.thumbnails:
+                        thumbs[i] = thumbnail(img)
             except Exception as e:  # Pillow raises many types for bad data; the row records it
                 statuses[i], errors[i] = "preprocess_error", f"{type(e).__name__}: {e}"
 
@@ -187,6 +194,8 @@ class PreprocessStage(Stage):
         out = _set(out, S.STATUS, pa.array(statuses, pa.string()))
         out = _set(out, S.ERROR, pa.array(errors, pa.string()))
         out = _set(out, S.PIXELS, pa.array(pixels, pa.binary()))
+        if self.thumbnails:
+            out = _set(out, S.IMAGE_THUMB, pa.array(thumbs, pa.binary()))
         return _set(out, S.TOKENS, pa.array(token_rows, pa.list_(pa.int32())))
 
 

@@ -41,6 +41,7 @@ def test_an_output_refuses_a_config_that_would_change_its_rows(tmp_path) -> None
         (["--number-sample-per-shard", "10"], "shard.number_sample_per_shard"),
         (["--unsafe-threshold", "0.3"], "moderate.default_threshold"),
         (["--input", "other.parquet"], "input"),
+        (["--set", "dedup.pixel_check=true"], "dedup.pixel_check"),  # rows were stored without thumbnails
     ):
         with pytest.raises(ConfigError, match=rf"^{field}: .* was written with"):
             job._check_same_output(J.from_args(base + extra), out)

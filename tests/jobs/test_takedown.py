@@ -16,11 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from jobs.takedown import main
 from pipeline import report
 from pipeline import schema as S
 from pipeline.config import WriteConfig
+from pipeline.pixel_check import thumbnail
 from pipeline.stages.shard import build_shard, commit_shard
 from pipeline.stages.write import output_table, write_parquet
 from pipeline.storage import Storage
@@ -78,6 +80,9 @@ def _build(root: str) -> dict[str, str]:
                      S.embedding_type(DIM)),
         ).append_column(
             S.TEXT_EMBEDDING, pa.array([list(e.astype(np.float16)) for e in emb], S.embedding_type(DIM))
+        ).append_column(
+            S.IMAGE_THUMB,
+            pa.array([thumbnail(Image.open(io.BytesIO(r[S.IMAGE]))) if r[S.IMAGE] else None for r in rows], pa.binary()),
         )
         dup = [S.make_key(0, 1, PER_SHARD) if (shard, i) == (1, 2) else None for i in range(4)]
         rest = rest.append_column(S.DUPLICATE_OF, pa.array(dup, pa.string()))
@@ -181,6 +186,7 @@ def test_takedown_by_url_and_hash(output: str, tmp_path: Path, capsys) -> None:
                 assert new_row[S.KEEP] is False
                 assert new_row[S.DROP_REASON] == "takedown: DMCA 118"
                 assert new_row[S.IMAGE_EMBEDDING] is None
+                assert new_row[S.IMAGE_THUMB] is None and old_row[S.IMAGE_THUMB] is not None
                 assert new_row[S.STATUS] == old_row[S.STATUS] == S.OK
                 assert new_row[TAKEDOWN] == "DMCA 118"
             else:

@@ -385,6 +385,14 @@ def test_dedup_against_previous_run_drops_resubmitted_items(tmp_path):
         assert dup_of[40:] == [None] * 30 and kind[40:] == [None] * 30
 
 
+def test_previous_run_with_nothing_similar_drops_nothing():
+    # No pair above the threshold with the earlier run (this once raised an IndexError).
+    prev = _table(["p0"], _angles(0))
+    res = dedup_table(_table(["n0", "n1"], _angles(40, 80)), DedupConfig(), previous=prev)
+    assert res["duplicate_of"].to_pylist() == [None, None]
+    assert res["dup_kind"].to_pylist() == [None, None]
+
+
 def test_previous_run_rows_that_were_duplicates_are_not_targets():
     emb = _angles(0, 0.5, 60)
     prev = _table(["p0", "p1", "p2"], emb, extra={"duplicate_of": pa.array([None, "p0", None])})

@@ -110,6 +110,20 @@ def test_preprocess_pixels_and_tokens_match_open_clip(reference) -> None:
     assert len(out.column(S.TOKENS)[3].as_py()) == 77  # long caption truncated at the context
 
 
+def test_preprocess_thumbnails_for_the_pixel_check() -> None:
+    pp = resolve_preprocess(ARCH, None)
+    images = [_jpeg((120, 90), 1), b"not an image", _jpeg((64, 64), 3, "PNG", "RGBA"), None]
+    batch = _rows(images, [S.OK, S.OK, S.OK, "http_404"], ["a", "b", "c", "d"])
+    assert S.IMAGE_THUMB not in PreprocessStage(preprocess=pp).process_batch(batch).column_names
+    out = PreprocessStage(preprocess=pp, thumbnails=True).process_batch(batch)
+    thumbs = out.column(S.IMAGE_THUMB).to_pylist()
+    assert thumbs[1] is None and thumbs[3] is None  # undecodable, failed upstream
+    assert out.column(S.STATUS).to_pylist()[1] == "preprocess_error"
+    for i in (0, 2):
+        ref = Image.open(io.BytesIO(images[i])).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+        assert thumbs[i] == ref.tobytes() and len(thumbs[i]) == 32 * 32 * 3
+
+
 def test_preprocess_records_bad_rows_and_reads_tars(tmp_path) -> None:
     pp = resolve_preprocess(ARCH, None)
     good = _jpeg((80, 60), 5)

@@ -1,0 +1,143 @@
+"""Near-duplicate dedup on synthetic worlds: embedding alone vs embedding + pixel check.
+
+For each seed, generates an 800-row world (5 % exact copies, 10 % near copies: cropped, resized
+and re-encoded), runs it through the job's decode (centre crop 128), preprocess (with
+thumbnails) and embed stages with the bundled tiny model, then ``dedup_table`` with
+
+* ``cos>=0.99``: the embedding alone, at the threshold the demo used before the pixel check;
+* ``cos>=0.9 + pixels``: the demo's settings (jobs/demo.yaml).
+
+Reports, against the world's ground truth: near-duplicate recall (near copies whose
+``duplicate_of`` chain meets their original's), precision of the semantic drops, rows dropped in
+favour of a scene with another description ("crossed"), and the pixel check's cost (candidate
+pairs, seconds, pairs/s on one thread).
+
+    .venv/bin/python bench/pixel_check.py --seeds 2026 555 7 99 4242 --append bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import yaml
+
+from pipeline import dedup as D
+from pipeline import schema as S
+from pipeline.config import DecodeConfig, DedupConfig, EmbedConfig
+from pipeline.pixel_check import confirm_pairs, thumbs_array
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
+from pipeline.testing.synthetic import generate_world
+
+MACHINE = "2-core CI box, CPU, shared with other work"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def embedded_world(seed: int, rows: int) -> tuple[list[dict], pa.Table]:
+    with tempfile.TemporaryDirectory() as tmp:
+        gt = generate_world(
+            Path(tmp), rows, seed, "http://127.0.0.1/", exact_dup_rate=0.05, near_dup_rate=0.1,
+            unsafe_rate=0.1, min_side=96, max_side=400,
+        )  # fmt: skip
+        images = [(Path(tmp) / p).read_bytes() for p in gt.column("_gt_path").to_pylist()]
+    table = pa.table(
+        {
+            S.KEY: [f"{i:09d}" for i in range(rows)],
+            S.CAPTION: gt.column("caption"),
+            S.STATUS: [S.OK] * rows,
+            S.ERROR: pa.nulls(rows, pa.string()),
+            S.IMAGE_BYTES: pa.array(images, pa.binary()),
+        }
+    )
+    table = DecodeStage(cfg=DecodeConfig(image_size=128, resize_mode="center_crop")).process_batch(
+        table
+    )
+    pp = resolve_preprocess("tiny-synthetic", "synthetic")
+    table = PreprocessStage(preprocess=pp, thumbnails=True).process_batch(table)
+    embed = EmbedStage(
+        cfg=EmbedConfig(model="tiny-synthetic", pretrained="synthetic"), preprocess=pp
+    )
+    return gt.to_pylist(), embed.process_batch(table)
+
+
+def score(gt: list[dict], out: list[dict]) -> tuple[float, float, int]:
+    """(near-duplicate recall, semantic precision, crossed drops) against the ground truth."""
+    index = {r[S.KEY]: i for i, r in enumerate(out)}
+    dup_of = [None if r["duplicate_of"] is None else index[r["duplicate_of"]] for r in out]
+
+    def keeper(i: int) -> int:
+        while dup_of[i] is not None:
+            i = dup_of[i]
+        return i
+
+    group = [i if r["_gt_duplicate_of"] < 0 else r["_gt_duplicate_of"] for i, r in enumerate(gt)]
+    near = [i for i, r in enumerate(gt) if r["_gt_duplicate_kind"] == "near"]
+    recall = sum(keeper(i) == keeper(gt[i]["_gt_duplicate_of"]) for i in near) / len(near)
+    sem = [i for i, r in enumerate(out) if r["dup_kind"] == "semantic"]
+    precision = sum(group[i] == group[dup_of[i]] for i in sem) / max(1, len(sem))
+    crossed = sum(
+        1
+        for i, j in enumerate(dup_of)
+        if j is not None and gt[i]["_gt_description"] != gt[j]["_gt_description"]
+    )
+    return recall, precision, crossed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[2026, 555, 7])
+    p.add_argument("--rows", type=int, default=800)
+    p.add_argument("--append", help="append the table to this Markdown file")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    demo = DedupConfig(**yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())["dedup"])
+    plain = dataclasses.replace(demo, threshold=0.99, pixel_check=False)
+    lines = [
+        "| seed | dedup | near-dup recall | semantic precision | crossed | candidate pairs | pixel check s | pairs/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for seed in a.seeds:
+        gt, table = embedded_world(seed, a.rows)
+        for name, cfg in (("cos>=0.99", plain), (f"cos>={demo.threshold:g} + pixels", demo)):
+            out = D.dedup_table(table, cfg).to_pylist()
+            recall, precision, crossed = score(gt, out)
+            cost = ["", "", ""]
+            if cfg.pixel_check:
+                emb = np.array(table.column(S.IMAGE_EMBEDDING).to_pylist(), dtype=np.float16)
+                pairs = D.semantic_pairs(emb, cfg.threshold)
+                thumbs, ok = thumbs_array(table.column(S.IMAGE_THUMB).to_pylist())
+                start = time.perf_counter()
+                confirm_pairs(thumbs, ok, thumbs, ok, pairs.i, pairs.j)
+                secs = time.perf_counter() - start
+                cost = [str(len(pairs.i)), f"{secs:.2f}", f"{len(pairs.i) / secs:,.0f}"]
+            lines.append(
+                f"| {seed} | {name} | {recall:.3f} | {precision:.3f} | {crossed} | "
+                + " | ".join(cost)
+                + " |"
+            )
+            print(lines[-1], flush=True)
+    if a.append:
+        cmd = "python " + " ".join(shlex.quote(x) for x in sys.argv)
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(a.append, "a") as f:
+            f.write(f"\n## Near-duplicate dedup: embedding alone vs + pixel check ({now})\n\n")
+            f.write(f"Machine: {MACHINE}. Command: `{cmd}`. {a.rows}-row worlds, tiny model, ")
+            f.write(
+                "one torch thread; crossed = rows dropped for a scene with another description.\n\n"
+            )
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Pixel confirmation of near-duplicate pairs (pipeline/pixel_check.py) and its use by dedup."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline import schema as S
+from pipeline.config import ConfigError, DedupConfig
+from pipeline.decisions import dedup_reason
+from pipeline.dedup import dedup_table
+from pipeline.pixel_check import (
+    THUMB_BYTES,
+    THUMB_SIDE,
+    confirm_pairs,
+    contrast,
+    residuals,
+    thumbnail,
+    thumbs_array,
+)
+from pipeline.testing.synthetic import ObjectGroup, Scene, perturb, render
+
+SCENE = Scene(
+    scene_id=0,
+    background="blue",
+    groups=(ObjectGroup("star", "yellow", 2, "large", "top left"),),
+    hazard=False,
+    hazard_corner="",
+    layout_seed=11,
+)
+
+
+def _thumb(img: Image.Image) -> np.ndarray:
+    return np.frombuffer(thumbnail(img), np.uint8).reshape(THUMB_SIDE, THUMB_SIDE, 3)
+
+
+def _stored(scene: Scene, side: int = 128) -> Image.Image:
+    """The scene as the decode stage stores it: a square of ``side`` px, JPEG round trip."""
+    buf = io.BytesIO()
+    render(scene, side).save(buf, "JPEG", quality=90)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def _near_copy(img: Image.Image, seed: int) -> Image.Image:
+    """A near duplicate as the synthetic world makes them (crop, resize, re-encode), brought
+    back to the stored square size as the decode stage would."""
+    near, quality, _ = perturb(img, random.Random(seed))
+    buf = io.BytesIO()
+    near.save(buf, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB").resize(img.size)
+
+
+def _variant(**changes) -> Scene:
+    return dataclasses.replace(SCENE, groups=(dataclasses.replace(SCENE.groups[0], **changes),))
+
+
+def test_thumbnail_bytes_and_array_round_trip() -> None:
+    img = _stored(SCENE)
+    data = thumbnail(img)
+    assert len(data) == THUMB_BYTES == 32 * 32 * 3
+    arr, ok = thumbs_array([data, None, b"short"])
+    assert ok.tolist() == [True, False, False]
+    expected = np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(arr[0], expected) and not arr[1].any() and not arr[2].any()
+
+
+def test_identical_and_offset_thumbnails_hand_worked() -> None:
+    a = _thumb(_stored(SCENE))[None]
+    mean, blob = residuals(a, a.copy())
+    assert mean[0] == pytest.approx(0.0, abs=1e-6) and blob[0] == pytest.approx(0.0, abs=1e-6)
+    # Every pixel 10 levels brighter (the scene's colours stay inside 0..245): at the identity
+    # pose the difference is exactly 10 everywhere. Another pose may blur edges into a slightly
+    # lower mean, but no pose can remove a uniform offset.
+    assert a.max() <= 245 and contrast(a)[0] >= 64
+    mean, blob = residuals(a, a + np.uint8(10))
+    assert 9.5 <= mean[0] <= 10.0 + 1e-4 and blob[0] >= 9.5
+
+
+def test_contrast_is_the_spread_of_the_most_varied_channel() -> None:
+    t = np.zeros((1, 4, 4, 3), np.uint8)
+    t[0, :, :, 1] = np.arange(16).reshape(4, 4) * 10  # green 0..150
+    t[0, :, :, 2] = 7
+    ref = np.percentile(np.arange(16) * 10.0, 99) - np.percentile(np.arange(16) * 10.0, 1)
+    assert contrast(t)[0] == pytest.approx(ref)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_near_copies_are_confirmed(seed: int) -> None:
+    img = _stored(SCENE)
+    a, b = _thumb(img)[None], _thumb(_near_copy(img, seed))[None]
+    assert confirm_pairs(a, np.array([True]), b, np.array([True]), [0], [0]).tolist() == [True]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"position": "bottom right"}, {"position": "center"}, {"count": 3}, {"shape": "square"}, {"color": "red"}],
+)
+def test_different_scenes_are_not_confirmed(changes: dict) -> None:
+    a = _thumb(_stored(SCENE))[None]
+    b = _thumb(_stored(_variant(**changes)))[None]
+    mean, blob = residuals(a, b)
+    assert not confirm_pairs(a, np.array([True]), b, np.array([True]), [0], [0])[0], (mean, blob)
+
+
+def test_faint_pictures_are_compared_at_full_contrast() -> None:
+    # Two scenes that differ in where the stars are, washed out to 8 % of their contrast (as a
+    # dim grayscale file can be): raw differences are tiny, the contrast gain restores them.
+    def faint(scene: Scene) -> np.ndarray:
+        t = _thumb(_stored(scene)).astype(np.float64)
+        return (128 + 0.08 * (t - t.mean())).round().astype(np.uint8)[None]
+
+    a, b = faint(SCENE), faint(_variant(position="bottom right"))
+    assert contrast(a)[0] < 20
+    raw = np.abs(a.astype(float) - b.astype(float)).mean()
+    assert raw < 4.5  # below the mean bound without the gain
+    assert not confirm_pairs(a, np.array([True]), b, np.array([True]), [0], [0])[0]
+    # A faint picture still matches itself.
+    assert confirm_pairs(a, np.array([True]), a.copy(), np.array([True]), [0], [0])[0]
+
+
+def test_pairs_without_a_thumbnail_are_not_confirmed() -> None:
+    a = _thumb(_stored(SCENE))[None]
+    got = confirm_pairs(a, np.array([False]), a, np.array([True]), [0], [0])
+    assert got.tolist() == [False]
+
+
+# ------------------------------------------------------------------------------ in dedup
+
+
+def _table(thumbs: list[bytes | None], emb: np.ndarray) -> pa.Table:
+    n = len(thumbs)
+    flat = pa.array(emb.astype(np.float16).reshape(-1), pa.float16())
+    return pa.table(
+        {
+            "key": [f"k{i}" for i in range(n)],
+            "status": ["ok"] * n,
+            "sha256": [f"h{i}" for i in range(n)],
+            "clip_score": pa.array([0.5 - 0.01 * i for i in range(n)], pa.float32()),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1]),
+            S.IMAGE_THUMB: pa.array(thumbs, pa.binary()),
+        }
+    )
+
+
+def test_dedup_drops_only_pixel_confirmed_pairs() -> None:
+    img = _stored(SCENE)
+    thumbs = [
+        thumbnail(img),  # k0: the picture
+        thumbnail(_near_copy(img, 3)),  # k1: its near copy
+        thumbnail(_stored(_variant(position="bottom right"))),  # k2: another scene
+        None,  # k3: no thumbnail
+    ]
+    emb = np.tile(np.eye(1, 8), (4, 1))  # all four embed identically: cosine 1
+    cfg = DedupConfig(threshold=0.9, pixel_check=True)
+    out = dedup_table(_table(thumbs, emb), cfg)
+    assert out["duplicate_of"].to_pylist() == [None, "k0", None, None]
+    assert out["dup_kind"].to_pylist() == [None, "semantic", None, None]
+    # Without the check the embedding alone drops all three.
+    plain = dedup_table(_table(thumbs, emb), DedupConfig(threshold=0.9))
+    assert plain["duplicate_of"].to_pylist() == [None, "k0", "k0", "k0"]
+
+
+def test_dedup_against_previous_run_checks_pixels_too() -> None:
+    img = _stored(SCENE)
+    other = _stored(_variant(count=3))
+    emb = np.tile(np.eye(1, 8), (2, 1))
+    previous = _table([thumbnail(img)], emb[:1]).set_column(0, "key", pa.array(["old"]))
+    current = _table([thumbnail(_near_copy(img, 1)), thumbnail(other)], emb)
+    out = dedup_table(current, DedupConfig(threshold=0.9, pixel_check=True), previous=previous)
+    assert out["duplicate_of"].to_pylist() == ["old", None]
+    assert out["dup_kind"].to_pylist() == ["previous_run", None]
+
+
+def test_pixel_check_needs_thumbnails_and_valid_bounds() -> None:
+    emb = np.tile(np.eye(1, 8), (2, 1))
+    table = _table([None, None], emb).drop_columns([S.IMAGE_THUMB])
+    with pytest.raises(ValueError, match="image_thumb"):
+        dedup_table(table, DedupConfig(pixel_check=True))
+    for kwargs, field in (({"pixel_mean_max": -1.0}, "dedup.pixel_mean_max"), ({"pixel_blob_max": 300.0}, "dedup.pixel_blob_max")):
+        with pytest.raises(ConfigError, match=field):
+            DedupConfig(**kwargs).validate()
+
+
+def test_drop_reason_names_the_pixel_bounds() -> None:
+    cfg = DedupConfig(threshold=0.9, pixel_check=True)
+    assert dedup_reason("semantic", "tiny-synthetic@sha256:ab", cfg).startswith(
+        "dedup:semantic(cos>=0.9 & pixels(mean<=4.5,blob<=23); "
+    )
+    assert "pixels" not in dedup_reason("semantic", "m", DedupConfig(threshold=0.9))
