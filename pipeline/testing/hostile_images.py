@@ -16,7 +16,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +23,9 @@ from PIL import Image
 
 from pipeline import schema as S
 from pipeline.config import DecodeConfig
+from pipeline.testing.testdata import PHOTOS_DIR
 
-TESTDATA = Path("/work/shared/testdata/img2dataset-resize")
+TESTDATA = PHOTOS_DIR
 
 MAGICS: tuple[bytes, ...] = (
     b"\xff\xd8\xff",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import io
 import pickle
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -20,8 +19,9 @@ from clip_model.transform import (
     resize_crop_uint8,
     resize_size,
 )
+from pipeline.testing.testdata import photos
 
-PHOTOS = sorted(Path("/work/shared/testdata/img2dataset-resize").glob("*.jpg"))
+PHOTOS = photos()
 
 # (width, height): square, one pixel off 224 either way, much smaller, much larger, extreme
 # aspect ratios, odd sizes.

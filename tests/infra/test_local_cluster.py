@@ -28,10 +28,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.testing.testdata import PHOTOS_DIR
+
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "infra" / "local"
 VENV = Path(sys.prefix)
-PHOTO = Path("/work/shared/testdata/img2dataset-resize/123_456.jpg")
+PHOTO = PHOTOS_DIR / "123_456.jpg"
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the local stack scripts read /proc (Linux)"

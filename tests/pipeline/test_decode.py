@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -28,6 +27,7 @@ from pipeline.stages.decode import (
     sniff_format,
 )
 from pipeline.testing.http_server import bomb_gif, bomb_png
+from pipeline.testing.testdata import photos
 
 # img2dataset (the reference) imports imghdr and passes a deprecated albumentations argument.
 pytestmark = pytest.mark.filterwarnings(
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:value is deprecated, use fill instead:DeprecationWarning",
 )
 
-PHOTOS = sorted(Path("/work/shared/testdata/img2dataset-resize").glob("*.jpg"))
+PHOTOS = photos()
 
 
 def _encode(im: Image.Image, fmt: str, **kw: object) -> bytes:

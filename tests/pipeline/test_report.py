@@ -25,8 +25,9 @@ import pytest
 from PIL import Image
 
 from pipeline import report
+from pipeline.testing.testdata import photos
 
-PHOTOS = sorted(Path("/work/shared/testdata/img2dataset-resize").glob("*.jpg"))
+PHOTOS = photos()
 HOSTILE = '<script>document.title="pwned"</script><img src=x onerror="document.title=1">'
 MODEL = "ViT-B-32@sha256:" + "ab" * 32
 CLIP_T = 0.2
