@@ -31,6 +31,10 @@ cosine >= 0.9) and checked on three more (7, 99, 4242): 635 of 640 duplicate pai
 no pair of different scenes. Duplicate pairs reach mean 4.7 and blob 31 at most; no pair of
 different scenes has a mean <= 4.5, and one has a blob <= 23 (with mean 6.0).
 `bench/pixel_check.py` measures recall, precision and cost per world.
+On the seven real camera photos in ``../shared/testdata`` (centre crop 128), each against 8 near
+copies made the same way: 54 of 56 original/copy pairs confirmed, none of the 1,701 pairs of
+different photos (textured photos sit closer to the mean bound: copy/copy pairs, two crops
+compounded, 224 of 252).
 """
 
 from __future__ import annotations
