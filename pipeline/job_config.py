@@ -324,6 +324,10 @@ FLAGS: dict[str, tuple[str, str]] = {
     ),
     "--dedup-threshold": ("dedup.threshold", "cosine at or above which images are duplicates"),
     "--dedup-against": ("dedup.against", "an earlier run's output to deduplicate against"),
+    "--dedup-pixel-check": (
+        "dedup.pixel_check",
+        "true: confirm each pair by aligned thumbnails (3 KiB per row); the threshold picks candidates",
+    ),
     "--download-concurrency": ("execution.download_concurrency", "download actors"),
     "--ray-address": ("execution.ray_address", "Ray cluster; default $RAY_ADDRESS or local Ray"),
 }

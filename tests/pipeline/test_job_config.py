@@ -95,6 +95,7 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
         (["--concurrency", "3,1"], "embed.concurrency: must be (min, max)"),
         (["--clip-score-threshold", "2"], "filter.clip_score_threshold: must be a cosine in [-1, 1]"),
         (["--dedup-threshold", "0"], "dedup.threshold: must be in (0, 1]"),
+        (["--dedup-pixel-check", "maybe"], "dedup.pixel_check"),
         (["--allowed-networks", "not-a-net"], "download.allowed_networks: 'not-a-net' is not a CIDR"),
         (["--set", "shard.output_folder=/elsewhere"], "shard.output_folder: follows from output"),
     ],
@@ -134,7 +135,8 @@ def test_flags_map_to_their_fields() -> None:
            "--allowed-networks", "127.0.0.1/32", "--allowed-networks", "127.0.0.3/32",
            "--image-size", "224", "--number-sample-per-shard", "500", "--batch-size", "512",
            "--concurrency", "1,4", "--num-gpus-per-actor", "1", "--clip-score-threshold", "0.3",
-           "--unsafe-threshold", "0.02", "--dedup-threshold", "0.9", "--dedup-against", "s3://old"]
+           "--unsafe-threshold", "0.02", "--dedup-threshold", "0.9", "--dedup-against", "s3://old",
+           "--dedup-pixel-check", "yes"]
     )
     assert (cfg.embed.model, cfg.embed.pretrained) == ("ViT-L-14", "openai")
     assert cfg.storage.s3_endpoint_url == "http://127.0.0.1:9000"
@@ -146,6 +148,7 @@ def test_flags_map_to_their_fields() -> None:
     assert cfg.filter.clip_score_threshold == 0.3
     assert cfg.moderate.default_threshold == 0.02
     assert cfg.dedup.threshold == 0.9 and cfg.dedup.against == "s3://old"
+    assert cfg.dedup.pixel_check is True
 
 
 def test_yaml_round_trip_of_a_resolved_config(tmp_path) -> None:
