@@ -19,6 +19,15 @@ follow and are tested: every dropped row is similar (cosine >= threshold) to the
 and no two kept rows are similar. In the chain A ~ B ~ C (A first) A is kept, B is dropped as
 a duplicate of A, and C is kept.
 
+The keep decision needs, for each row, only its similar rows of higher priority, and among
+them only the best-ranked one that was kept. So :func:`keep_greedily` never lists every
+similar pair (m near copies of one picture make m^2 / 2 of them: 10,000 copies, 5e7 pairs):
+each row keeps its 16 best-ranked similar rows (:func:`earlier_neighbours`), tries them in
+order, and only a row whose listed rows were all dropped while more exist is compared again
+with the kept rows of its clusters. The result equals :func:`choose_keepers` over all pairs
+(tested, and checked by bench/dedup.py). :func:`semantic_pairs` still lists pairs where they
+are the answer (an earlier run's rows; the benchmark's recall).
+
 Rows with the same ``sha256`` are one item: the best of them (same priority rule) represents
 the hash group in the semantic pass and the others are dropped with ``dup_kind`` = ``"exact"``
 and ``duplicate_of`` = the representative. Rows kept by an earlier run always win: a row of
@@ -39,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +57,7 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.config import DedupConfig
+from pipeline.pixel_check import confirm_pairs, thumbs_array
 
 log = logging.getLogger(__name__)
 
@@ -298,31 +308,50 @@ def semantic_pairs(
     m = 0 if other is None else other.shape[0]
     if n == 0 or (other is None and n < 2) or (other is not None and m == 0):
         return _unique_pairs([], [], [], 1)
+    if other is None:
+        members = semantic_clusters(
+            emb, n_clusters, sample_size, seed, second_cluster_margin, kmeans_iterations
+        )
+        return pairs_within_clusters(emb, members, threshold)
     k = n_clusters if n_clusters is not None else auto_n_clusters(n + m)
     if k <= 1:
         members = [np.arange(n, dtype=np.int64)]
-        other_members = [np.arange(m, dtype=np.int64)] if other is not None else None
-        return pairs_within_clusters(emb, members, threshold, other, other_members)
-    if other is None:
-        cent = fit_centroids(emb, k, sample_size, kmeans_iterations, seed)
-    else:
-        # Fit on a sample of the union without concatenating the two full matrices.
-        rng = np.random.default_rng(seed)
-        take = min(sample_size, n + m)
-        pick = np.sort(rng.choice(n + m, size=take, replace=False))
-        both = np.concatenate([emb[pick[pick < n]], other[pick[pick >= n] - n]])
-        cent = fit_centroids(both, k, take, kmeans_iterations, seed)
-        del both
+        return pairs_within_clusters(emb, members, threshold, other, [np.arange(m, dtype=np.int64)])
+    # Fit on a sample of the union without concatenating the two full matrices.
+    rng = np.random.default_rng(seed)
+    take = min(sample_size, n + m)
+    pick = np.sort(rng.choice(n + m, size=take, replace=False))
+    both = np.concatenate([emb[pick[pick < n]], other[pick[pick >= n] - n]])
+    cent = fit_centroids(both, k, take, kmeans_iterations, seed)
+    del both
     k = cent.shape[0]
     p, s2 = assign_clusters(emb, cent, second_cluster_margin)
     members = cluster_members(p, s2, k)
-    other_members = None
-    if other is not None:
-        # A row of this run already carries two clusters when its margin is small; giving the
-        # earlier rows a second cluster as well covers a boundary crossing from either side.
-        po, so = assign_clusters(other, cent, second_cluster_margin)
-        other_members = cluster_members(po, so, k)
+    # A row of this run already carries two clusters when its margin is small; giving the
+    # earlier rows a second cluster as well covers a boundary crossing from either side.
+    po, so = assign_clusters(other, cent, second_cluster_margin)
+    other_members = cluster_members(po, so, k)
     return pairs_within_clusters(emb, members, threshold, other, other_members)
+
+
+def semantic_clusters(
+    emb: np.ndarray,
+    n_clusters: int | None = None,
+    sample_size: int = 100_000,
+    seed: int = 0,
+    second_cluster_margin: float = 0.05,
+    kmeans_iterations: int = 10,
+) -> list[np.ndarray]:
+    """The clusters :func:`semantic_pairs` compares within: ``members[c]`` ascending int64 row
+    indices of ``emb`` ([N, D] unit rows); one cluster of every row when ``n_clusters`` (or
+    :func:`auto_n_clusters`) is 1."""
+    n = emb.shape[0]
+    k = n_clusters if n_clusters is not None else auto_n_clusters(n)
+    if k <= 1 or n < 2:
+        return [np.arange(n, dtype=np.int64)]
+    cent = fit_centroids(emb, k, sample_size, kmeans_iterations, seed)
+    p, s2 = assign_clusters(emb, cent, second_cluster_margin)
+    return cluster_members(p, s2, cent.shape[0])
 
 
 # --------------------------------------------------------------------------- keepers
@@ -368,6 +397,127 @@ def choose_keepers(
         nb = nb[~decided[nb]]
         result[nb] = row
         decided[nb] = True
+    return result
+
+
+def earlier_neighbours(
+    emb: np.ndarray, members: list[np.ndarray], threshold: float, rank: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's best-ranked similar rows: of the rows that share a cluster with it, rank
+    before it and have cosine >= ``threshold``, the ``limit`` with the smallest rank.
+
+    ``emb``: [N, D] unit rows; ``members``: as :func:`cluster_members`; ``rank``: int64 [N]
+    (0 = best). Returns CSR (``start`` int64 [N + 1], ``nbr`` int64 [E], each row's slice in
+    rank order) and ``overflow`` bool [N]: True where more such rows exist than are listed.
+    Memory: O(N * limit) however large a group of near copies is (all pairs would be m^2 / 2).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    n = emb.shape[0]
+    rows_parts: list[np.ndarray] = []
+    nbr_parts: list[np.ndarray] = []
+    overflow = np.zeros(n, dtype=bool)
+    for idx in members:
+        if len(idx) < 2:
+            continue
+        idx = idx[np.argsort(rank[idx], kind="stable")]  # cluster members best first
+        x = torch.from_numpy(np.asarray(emb[idx], dtype=np.float32))
+        step = max(1, _BLOCK_ENTRIES // len(idx))
+        for s in range(0, len(idx), step):
+            e = min(s + step, len(idx))
+            # Row s + r may only name columns before it: the strictly lower triangle of
+            # [s:e, :e] (zeroed entries are below any threshold > 0).
+            hit = torch.tril(x[s:e] @ x[:e].T, diagonal=s - 1) >= threshold
+            over = hit.sum(dim=1) > limit
+            if over.any():
+                # Only rows with more than ``limit`` hits pay for a running count.
+                overflow[idx[s:e][over.numpy()]] = True
+                sub = hit[over]
+                hit[over] = sub & (sub.to(torch.int32).cumsum(dim=1, dtype=torch.int32) <= limit)
+            r, q = torch.nonzero(hit, as_tuple=True)
+            rows_parts.append(idx[(r + s).numpy()])
+            nbr_parts.append(idx[q.numpy()])
+    if rows_parts:
+        rows = np.concatenate(rows_parts)
+        nbr = np.concatenate(nbr_parts)
+    else:
+        rows = nbr = np.empty(0, dtype=np.int64)
+    # A row in two clusters may list a neighbour twice and more than ``limit`` in all.
+    code = np.unique(rows * np.int64(max(n, 1)) + nbr)
+    rows, nbr = code // max(n, 1), code % max(n, 1)
+    order = np.lexsort((rank[nbr], rows))
+    rows, nbr = rows[order], nbr[order]
+    start = np.searchsorted(rows, np.arange(n + 1))
+    within = np.arange(len(rows)) - start[rows]
+    overflow[rows[within >= limit]] = True
+    keep = within < limit
+    rows, nbr = rows[keep], nbr[keep]
+    return np.searchsorted(rows, np.arange(n + 1)), nbr, overflow
+
+
+def keep_greedily(
+    emb: np.ndarray,
+    members: list[np.ndarray],
+    threshold: float,
+    order: np.ndarray,
+    confirm: Callable[[int, int], bool] | None = None,
+    skip: np.ndarray | None = None,
+    limit: int = 16,
+) -> np.ndarray:
+    """:func:`choose_keepers` over the graph "shares a cluster, cosine >= ``threshold`` and
+    ``confirm(i, j)``", without listing every pair of it.
+
+    A row is kept unless a kept row of higher priority is similar to it; then that row's
+    keeper is the best-ranked such row. Each row's ``limit`` best-ranked similar rows
+    (:func:`earlier_neighbours`) are tried first, in rank order; only a row all of whose listed
+    rows were dropped, with more unlisted, is compared again with every kept row of its
+    clusters. ``order``: int64 [N] rows best first; ``skip``: bool [N] rows that take no part
+    (neither kept nor keepers). ``confirm`` is asked only about (row, kept row) candidates, in
+    rank order, so a group of m copies costs about m checks, not m^2 / 2.
+    Returns int64 [N]: -1 for a kept (or skipped) row, else the keeper's index.
+    """
+    n = emb.shape[0]
+    result = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return result
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+    start, nbr, overflow = earlier_neighbours(emb, members, threshold, rank, limit)
+    skip = np.zeros(n, dtype=bool) if skip is None else np.asarray(skip, dtype=bool)
+    # Rows with nothing similar before them are kept whatever happens to the others.
+    kept = ~skip
+    busy = (np.diff(start) > 0) | overflow
+    busy &= ~skip
+    kept[busy] = False
+    clusters_of: dict[int, list[int]] | None = None
+    for row in order[busy[order]].tolist():
+        keeper = -1
+        for j in nbr[start[row] : start[row + 1]].tolist():
+            if kept[j] and (confirm is None or confirm(row, j)):
+                keeper = j
+                break
+        if keeper < 0 and overflow[row]:
+            if clusters_of is None:
+                clusters_of = {}
+                for c, idx in enumerate(members):
+                    for r in idx[overflow[idx]].tolist():
+                        clusters_of.setdefault(r, []).append(c)
+            listed = nbr[start[row] : start[row + 1]]
+            cand = np.unique(np.concatenate([members[c] for c in clusters_of[row]]))
+            cand = cand[kept[cand] & (rank[cand] < rank[row]) & ~np.isin(cand, listed)]
+            if len(cand):
+                sims = torch.from_numpy(np.asarray(emb[cand], dtype=np.float32)) @ torch.from_numpy(
+                    np.asarray(emb[row], dtype=np.float32)
+                )
+                cand = cand[(sims >= threshold).numpy()]
+                for j in cand[np.argsort(rank[cand], kind="stable")].tolist():
+                    if confirm is None or confirm(row, j):
+                        keeper = j
+                        break
+        if keeper >= 0:
+            result[row] = keeper
+        else:
+            kept[row] = True
     return result
 
 
@@ -422,8 +572,6 @@ def _unit_rows(emb: np.ndarray, block_rows: int = 65_536) -> tuple[np.ndarray, n
 def _thumbs_of(col: pa.ChunkedArray | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Thumbnails (uint8 [len(rows), S, S, 3]) and their validity for ``rows`` of ``col``; all
     invalid when the column is missing."""
-    from pipeline.pixel_check import thumbs_array
-
     if col is None:
         return thumbs_array([None] * len(rows))
     return thumbs_array(col.take(pa.array(rows, pa.int64())).to_pylist())
@@ -441,8 +589,6 @@ def _pixel_confirmed(
     """bool [E]: pairs (row ``rows_i[pi[e]]`` of ``col_i``, row ``rows_j[pj[e]]`` of ``col_j``)
     whose thumbnails agree (:func:`pipeline.pixel_check.confirm_pairs`). Only the thumbnails of
     rows in some pair are materialised (3 KiB each)."""
-    from pipeline.pixel_check import confirm_pairs
-
     if len(pi) == 0:
         return np.zeros(0, dtype=bool)
     ui, inv_i = np.unique(pi, return_inverse=True)
@@ -456,6 +602,42 @@ def _pixel_confirmed(
             missing,
         )
     return confirm_pairs(ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max)
+
+
+class _PixelConfirm:
+    """``confirm(i, j)`` for :func:`keep_greedily`: do rows ``rows[i]`` and ``rows[j]`` of the
+    thumbnail column look alike (:func:`pipeline.pixel_check.confirm_pairs`)? Each row's
+    thumbnail is decoded once; a row without one confirms nothing."""
+
+    def __init__(self, cfg: DedupConfig, col: pa.ChunkedArray | None, rows: np.ndarray) -> None:
+        self.cfg, self.col, self.rows = cfg, col, rows
+        self.cache: dict[int, tuple[np.ndarray, bool]] = {}
+        self.missing = 0
+
+    def _thumb(self, i: int) -> tuple[np.ndarray, bool]:
+        if i not in self.cache:
+            value = None if self.col is None else self.col[int(self.rows[i])].as_py()
+            arr, ok = thumbs_array([value])
+            self.cache[i] = (arr, bool(ok[0]))
+            self.missing += int(not ok[0])
+        return self.cache[i]
+
+    def __call__(self, i: int, j: int) -> bool:
+        (a, oka), (b, okb) = self._thumb(i), self._thumb(j)
+        if not (oka and okb):
+            return False
+        return bool(
+            confirm_pairs(
+                a,
+                np.ones(1, bool),
+                b,
+                np.ones(1, bool),
+                [0],
+                [0],
+                self.cfg.pixel_mean_max,
+                self.cfg.pixel_blob_max,
+            )[0]
+        )
 
 
 def _eligible(table: pa.Table) -> np.ndarray:
@@ -600,22 +782,29 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
 
     # Semantic, among the representatives that no earlier run claims.
     if len(cand) >= 2:
-        sp = semantic_pairs(
+        members = semantic_clusters(
             emb,
-            cfg.threshold,
             cfg.n_clusters,
             cfg.sample_size,
             cfg.seed,
             cfg.second_cluster_margin,
             cfg.kmeans_iterations,
         )
+        confirm = _PixelConfirm(cfg, thumbs, rows[cand]) if cfg.pixel_check else None
         # Rows an earlier run claims are gone already and must not keep anyone out.
-        live = ~(claimed[sp.i] | claimed[sp.j])
-        si, sj = sp.i[live], sp.j[live]
-        if cfg.pixel_check:
-            sure = _pixel_confirmed(cfg, thumbs, rows[cand], thumbs, rows[cand], si, sj)
-            si, sj = si[sure], sj[sure]
-        keep_of = choose_keepers(len(cand), si, sj, np.argsort(rank[cand], kind="stable"))
+        keep_of = keep_greedily(
+            emb,
+            members,
+            cfg.threshold,
+            np.argsort(rank[cand], kind="stable"),
+            confirm,
+            skip=claimed,
+        )
+        if confirm is not None and confirm.missing:
+            log.warning(
+                "dedup: %d rows in candidate pairs have no thumbnail; they are nobody's duplicate",
+                confirm.missing,
+            )
         dropped = np.flatnonzero(keep_of >= 0)
         keeper_idx[cand[dropped]] = cand[keep_of[dropped]]
         for r in cand[dropped].tolist():

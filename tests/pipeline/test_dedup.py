@@ -17,10 +17,13 @@ from pipeline.dedup import (
     choose_keepers,
     cluster_members,
     dedup_table,
+    earlier_neighbours,
     exact_groups,
+    keep_greedily,
     pairs_within_clusters,
     priority_order,
     read_previous_run,
+    semantic_clusters,
     semantic_pairs,
 )
 
@@ -181,6 +184,53 @@ def test_clustered_search_recall_against_brute_force():
 
 
 # -------------------------------------------------------------------------- keeper rule
+
+
+def _oracle(emb, members, threshold, order, confirm=None, skip=None):
+    """choose_keepers over every pair (the graph keep_greedily must reproduce)."""
+    p = pairs_within_clusters(emb, members, threshold)
+    i, j = p.i, p.j
+    live = np.ones(len(i), dtype=bool)
+    if confirm is not None:
+        live &= np.array([confirm(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True)], dtype=bool)
+    if skip is not None:
+        live &= ~(skip[i] | skip[j])
+    return choose_keepers(len(emb), i[live], j[live], order)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 16])
+@pytest.mark.parametrize("with_confirm", [False, True])
+def test_keep_greedily_equals_choose_keepers_over_all_pairs(limit: int, with_confirm: bool):
+    # Topical data (rows in two clusters near boundaries), chains straddling the threshold; a
+    # tiny limit forces the "all listed neighbours were dropped" fallback.
+    emb = _topical(1500, 24, 5, seed=3)
+    members = semantic_clusters(emb, n_clusters=6, second_cluster_margin=0.1, seed=1)
+    assert sum(len(m) for m in members) > len(emb)  # some rows are in two clusters
+    rng = np.random.default_rng(4)
+    order = priority_order(rng.random(len(emb)), [f"{i:05d}" for i in range(len(emb))])
+    confirm = (lambda a, b: (a + b) % 5 != 0) if with_confirm else None
+    skip = rng.random(len(emb)) < 0.02
+    for sk in (None, skip):
+        got = keep_greedily(emb, members, 0.95, order, confirm, skip=sk, limit=limit)
+        assert np.array_equal(got, _oracle(emb, members, 0.95, order, confirm, sk))
+    assert (got >= 0).sum() > 50  # there was something to decide
+
+
+def test_keep_greedily_on_many_copies_lists_few_pairs_and_checks_few():
+    # 3,000 near copies of one picture: all pairs would be 4.5 million; each row lists at most
+    # `limit` earlier neighbours and the check is asked about one pair per dropped copy.
+    rng = np.random.default_rng(0)
+    base = _unit(rng.standard_normal((1, 32)))
+    emb = _unit(base + 0.02 * rng.standard_normal((3000, 32))).astype(np.float16)
+    members = [np.arange(3000, dtype=np.int64)]
+    order = np.arange(3000, dtype=np.int64)
+    rank = order.copy()
+    start, nbr, overflow = earlier_neighbours(emb, members, 0.95, rank, 4)
+    assert len(nbr) <= 4 * 3000 and overflow[5:].all() and not overflow[:5].any()
+    calls = []
+    got = keep_greedily(emb, members, 0.95, order, lambda a, b: calls.append((a, b)) or True, limit=4)
+    assert got[0] == -1 and (got[1:] == 0).all()
+    assert len(calls) == 2999
 
 
 def test_chain_keeps_both_ends_when_they_differ():
