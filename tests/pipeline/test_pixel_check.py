@@ -234,3 +234,5 @@ def test_real_photographs_near_copies_confirmed_other_photos_not() -> None:
     to_copies = np.isin(i, originals) & (src[i] == src[j])
     assert confirmed[to_copies].sum() >= 52, confirmed[to_copies].sum()  # of 56; 54 when written
     assert not confirmed[src[i] != src[j]].any()  # 1,701 pairs of different photos
+    # Symmetric: the same answer whichever row is named first.
+    assert np.array_equal(confirm_pairs(thumbs, ok, thumbs, ok, j, i), confirmed)
