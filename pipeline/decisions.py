@@ -31,6 +31,7 @@ column keeps the full id), so reasons group well in counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,7 @@ def decide(
     dedup: DedupConfig,
     rules: Any = None,
     previous: pa.Table | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> pa.Table:
     """``table`` with ``duplicate_of``, ``dup_group_size``, ``dup_kind``, ``keep`` and
     ``drop_reason`` (re)computed; same rows, same order, other columns untouched.
@@ -141,7 +143,7 @@ def decide(
     ``unsafe_concept``, ``unsafe_source``, ``model`` and dedup ``sha256`` and
     ``image_embedding`` (fixed_size_list<float16>[D]) where present. ``rules``: the moderate
     stage's resolved rules, for thresholds in unsafe reasons. ``previous``: rows an earlier run
-    kept (see :func:`pipeline.dedup.dedup_table`).
+    kept (see :func:`pipeline.dedup.dedup_table`); ``progress`` gets dedup's phase lines.
     """
     n = table.num_rows
     reasons = filter_reasons(table, filters, rules)
@@ -158,7 +160,7 @@ def decide(
             for name, typ in ((S.SHA256, pa.string()), (S.CLIP_SCORE, pa.float32())):
                 if name not in sub.column_names:
                     sub = sub.append_column(name, pa.nulls(len(passing), typ))
-            marked = dedup_table(sub, dedup, previous)
+            marked = dedup_table(sub, dedup, previous, progress)
             models = _col(table, S.MODEL)
             sub_dup = marked.column(S.DUPLICATE_OF).to_pylist()
             sub_size = marked.column(DUP_GROUP_SIZE).to_pylist()

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -613,6 +614,8 @@ class _PixelConfirm:
         self.cfg, self.col, self.rows = cfg, col, rows
         self.cache: dict[int, tuple[np.ndarray, bool]] = {}
         self.missing = 0
+        self.calls = 0
+        self.passed = 0
 
     def _thumb(self, i: int) -> tuple[np.ndarray, bool]:
         if i not in self.cache:
@@ -623,21 +626,17 @@ class _PixelConfirm:
         return self.cache[i]
 
     def __call__(self, i: int, j: int) -> bool:
+        self.calls += 1
         (a, oka), (b, okb) = self._thumb(i), self._thumb(j)
         if not (oka and okb):
             return False
-        return bool(
-            confirm_pairs(
-                a,
-                np.ones(1, bool),
-                b,
-                np.ones(1, bool),
-                [0],
-                [0],
-                self.cfg.pixel_mean_max,
-                self.cfg.pixel_blob_max,
-            )[0]
+        one = np.ones(1, dtype=bool)
+        cfg = self.cfg
+        ok = bool(
+            confirm_pairs(a, one, b, one, [0], [0], cfg.pixel_mean_max, cfg.pixel_blob_max)[0]
         )
+        self.passed += ok
+        return ok
 
 
 def _eligible(table: pa.Table) -> np.ndarray:
@@ -665,7 +664,12 @@ def _previous_kept(previous: pa.Table) -> pa.Table:
     return previous.filter(mask)
 
 
-def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = None) -> pa.Table:
+def dedup_table(
+    table: pa.Table,
+    cfg: DedupConfig,
+    previous: pa.Table | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> pa.Table:
     """Mark duplicates in a finished run's table.
 
     ``table`` needs ``key`` (string), ``sha256`` (string), ``clip_score`` (float) and
@@ -682,7 +686,8 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
     ``duplicate_of`` chain ends at it; null when the row did not take part) and ``dup_kind`` (string: ``exact``,
     ``semantic``, ``previous_run`` or null), replacing those columns if present. Rows are
     never removed or reordered, and ``keep``/``drop_reason`` are left alone: the final decision
-    (which also weighs the other filters) is :func:`pipeline.decisions.decide`'s.
+    (which also weighs the other filters) is :func:`pipeline.decisions.decide`'s. ``progress``
+    receives one line per phase (counts and seconds), for the job log.
     """
     cfg.validate()
     _require(table, ("key", "sha256", "clip_score", "image_embedding"), "input")
@@ -780,8 +785,14 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
                 claimed[c] = True
         del pemb
 
+    say = progress or (lambda line: None)
+    say(
+        f"  dedup: {n:,} rows, {len(cand):,} distinct images by sha256"
+        + (f", {int(claimed.sum()):,} repeat an earlier run" if previous is not None else "")
+    )
     # Semantic, among the representatives that no earlier run claims.
     if len(cand) >= 2:
+        started = time.perf_counter()
         members = semantic_clusters(
             emb,
             cfg.n_clusters,
@@ -799,6 +810,12 @@ def dedup_table(table: pa.Table, cfg: DedupConfig, previous: pa.Table | None = N
             np.argsort(rank[cand], kind="stable"),
             confirm,
             skip=claimed,
+        )
+        checks = f", {confirm.calls:,} pixel checks ({confirm.passed:,} passed)" if confirm else ""
+        say(
+            f"  dedup: {int((keep_of >= 0).sum()):,} semantic duplicates at cosine >= "
+            f"{cfg.threshold:g} in {len(members):,} clusters{checks}, "
+            f"{time.perf_counter() - started:.1f} s"
         )
         if confirm is not None and confirm.missing:
             log.warning(

@@ -335,7 +335,7 @@ def global_pass(cfg: JobConfig, shards: list[str], emit: Callable[[str], None]) 
         previous = read_previous(cfg.dedup.against, cfg.storage)
         emit(f"  dedup against {cfg.dedup.against}: {previous.num_rows} kept rows")
     rules = resolve_rules(cfg.moderate, cfg.storage) if cfg.moderate.enabled else None
-    decided = decide(table, cfg.filter, cfg.dedup, rules, previous)
+    decided = decide(table, cfg.filter, cfg.dedup, rules, previous, progress=emit)
     decided = decided.drop_columns([c for c in (S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in decided.column_names])
 
     rewritten = 0

@@ -4,6 +4,7 @@ an earlier run's kept rows are deduplicated against, and a second pass rewrites 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -154,7 +155,11 @@ def test_jobs_dedup_redecides_a_finished_output(runs, tmp_path, capsys) -> None:
     (root / "config.yaml").write_text(J.to_yaml(cfg))
     main = _dedup_main()
     assert main(["--output", str(root)]) == 0
-    assert "rows: 7 total, 0 this run, 3 kept, 4 dropped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "rows: 7 total, 0 this run, 3 kept, 4 dropped" in printed
+    # The global pass reports dedup's phases as it goes.
+    assert re.search(r"dedup: \d+ rows, \d+ distinct images by sha256", printed), printed
+    assert re.search(r"dedup: \d+ semantic duplicates at cosine >= 0.95 in 1 clusters, [\d.]+ s", printed), printed
     assert (root / "report.html").exists() and (root / "_stats.json").exists()
     # Without the clip filter and with a cosine above the near twins' 0.9988, both are kept.
     assert main(["--output", str(root), "--clip-score-threshold", "null", "--dedup-threshold", "0.999"]) == 0

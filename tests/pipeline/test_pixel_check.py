@@ -158,7 +158,12 @@ def test_dedup_drops_only_pixel_confirmed_pairs() -> None:
     ]
     emb = np.tile(np.eye(1, 8), (4, 1))  # all four embed identically: cosine 1
     cfg = DedupConfig(threshold=0.9, pixel_check=True)
-    out = dedup_table(_table(thumbs, emb), cfg)
+    lines: list[str] = []
+    out = dedup_table(_table(thumbs, emb), cfg, progress=lines.append)
+    # Checks, in rank order against kept rows only: k1-k0 passes; k2-k0 fails (k1, dropped, is
+    # not asked about); k3-k0 and k3-k2 fail (no thumbnail).
+    assert lines[0] == "  dedup: 4 rows, 4 distinct images by sha256"
+    assert lines[1].startswith("  dedup: 1 semantic duplicates at cosine >= 0.9 in 1 clusters, 4 pixel checks (1 passed), ")
     assert out["duplicate_of"].to_pylist() == [None, "k0", None, None]
     assert out["dup_kind"].to_pylist() == [None, "semantic", None, None]
     # Without the check the embedding alone drops all three.
