@@ -570,73 +570,62 @@ def _unit_rows(emb: np.ndarray, block_rows: int = 65_536) -> tuple[np.ndarray, n
     return fixed, good
 
 
-def _thumbs_of(col: pa.ChunkedArray | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Thumbnails (uint8 [len(rows), S, S, 3]) and their validity for ``rows`` of ``col``; all
-    invalid when the column is missing."""
-    if col is None:
-        return thumbs_array([None] * len(rows))
-    return thumbs_array(col.take(pa.array(rows, pa.int64())).to_pylist())
-
-
-def _pixel_confirmed(
-    cfg: DedupConfig,
-    col_i: pa.ChunkedArray | None,
-    rows_i: np.ndarray,
-    col_j: pa.ChunkedArray | None,
-    rows_j: np.ndarray,
-    pi: np.ndarray,
-    pj: np.ndarray,
-) -> np.ndarray:
-    """bool [E]: pairs (row ``rows_i[pi[e]]`` of ``col_i``, row ``rows_j[pj[e]]`` of ``col_j``)
-    whose thumbnails agree (:func:`pipeline.pixel_check.confirm_pairs`). Only the thumbnails of
-    rows in some pair are materialised (3 KiB each)."""
-    if len(pi) == 0:
-        return np.zeros(0, dtype=bool)
-    ui, inv_i = np.unique(pi, return_inverse=True)
-    uj, inv_j = np.unique(pj, return_inverse=True)
-    ti, oki = _thumbs_of(col_i, rows_i[ui])
-    tj, okj = _thumbs_of(col_j, rows_j[uj])
-    missing = int((~oki).sum() + (~okj).sum())
-    if missing:
-        log.warning(
-            "dedup: %d rows in candidate pairs have no thumbnail; their pairs are not duplicates",
-            missing,
-        )
-    return confirm_pairs(ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max)
-
-
 class _PixelConfirm:
-    """``confirm(i, j)`` for :func:`keep_greedily`: do rows ``rows[i]`` and ``rows[j]`` of the
-    thumbnail column look alike (:func:`pipeline.pixel_check.confirm_pairs`)? Each row's
-    thumbnail is decoded once; a row without one confirms nothing."""
+    """Do rows look alike by their thumbnails (:func:`pipeline.pixel_check.confirm_pairs`)?
 
-    def __init__(self, cfg: DedupConfig, col: pa.ChunkedArray | None, rows: np.ndarray) -> None:
-        self.cfg, self.col, self.rows = cfg, col, rows
-        self.cache: dict[int, tuple[np.ndarray, bool]] = {}
-        self.missing = 0
-        self.calls = 0
-        self.passed = 0
+    Pairs are (row ``rows_i[i]`` of ``col_i``, row ``rows_j[j]`` of ``col_j``); the j side
+    defaults to the i side. ``confirm(i, j)`` answers one pair (what :func:`keep_greedily`
+    asks), :meth:`many` a batch. Each row's thumbnail is decoded once, when first needed
+    (3 KiB each); a missing column or value confirms nothing. ``calls``, ``passed`` and
+    ``missing`` count pairs asked, pairs confirmed and rows without a thumbnail."""
 
-    def _thumb(self, i: int) -> tuple[np.ndarray, bool]:
-        if i not in self.cache:
-            value = None if self.col is None else self.col[int(self.rows[i])].as_py()
-            arr, ok = thumbs_array([value])
-            self.cache[i] = (arr, bool(ok[0]))
-            self.missing += int(not ok[0])
-        return self.cache[i]
+    def __init__(
+        self,
+        cfg: DedupConfig,
+        col_i: pa.ChunkedArray | None,
+        rows_i: np.ndarray,
+        col_j: pa.ChunkedArray | None = None,
+        rows_j: np.ndarray | None = None,
+    ) -> None:
+        self.cfg = cfg
+        side_i = (col_i, rows_i, {})
+        self.sides = (side_i, side_i if rows_j is None else (col_j, rows_j, {}))
+        self.calls = self.passed = self.missing = 0
+
+    def _thumbs(self, side: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        col, rows, cache = self.sides[side]
+        for i in idx.tolist():
+            if i not in cache:
+                value = None if col is None else col[int(rows[i])].as_py()
+                arr, ok = thumbs_array([value])
+                cache[i] = (arr[0], bool(ok[0]))
+                self.missing += int(not ok[0])
+        got = [cache[i] for i in idx.tolist()]
+        return np.stack([g[0] for g in got]), np.array([g[1] for g in got], dtype=bool)
+
+    def many(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
+        """bool [E] for the pairs (``pi[e]``, ``pj[e]``)."""
+        if len(pi) == 0:
+            return np.zeros(0, dtype=bool)
+        ui, inv_i = np.unique(np.asarray(pi, dtype=np.int64), return_inverse=True)
+        uj, inv_j = np.unique(np.asarray(pj, dtype=np.int64), return_inverse=True)
+        ti, oki = self._thumbs(0, ui)
+        tj, okj = self._thumbs(1, uj)
+        cfg = self.cfg
+        out = confirm_pairs(ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max)
+        self.calls += len(out)
+        self.passed += int(out.sum())
+        return out
 
     def __call__(self, i: int, j: int) -> bool:
-        self.calls += 1
-        (a, oka), (b, okb) = self._thumb(i), self._thumb(j)
-        if not (oka and okb):
-            return False
-        one = np.ones(1, dtype=bool)
-        cfg = self.cfg
-        ok = bool(
-            confirm_pairs(a, one, b, one, [0], [0], cfg.pixel_mean_max, cfg.pixel_blob_max)[0]
-        )
-        self.passed += ok
-        return ok
+        return bool(self.many(np.array([i]), np.array([j]))[0])
+
+    def warn_missing(self) -> None:
+        if self.missing:
+            log.warning(
+                "dedup: %d rows in candidate pairs have no thumbnail; they are nobody's duplicate",
+                self.missing,
+            )
 
 
 def _eligible(table: pa.Table) -> np.ndarray:
@@ -771,9 +760,9 @@ def dedup_table(
             pi, pj, psim = pp.i[live], pp.j[live], pp.sim[live]
             if cfg.pixel_check:
                 pthumbs = prev["image_thumb"] if "image_thumb" in prev.column_names else None
-                sure = _pixel_confirmed(
-                    cfg, thumbs, rows[cand], pthumbs, np.arange(prev.num_rows), pi, pj
-                )
+                check = _PixelConfirm(cfg, thumbs, rows[cand], pthumbs, np.arange(prev.num_rows))
+                sure = check.many(pi, pj)
+                check.warn_missing()
                 pi, pj, psim = pi[sure], pj[sure], psim[sure]
             # The most similar earlier row is named (ties: the earlier row read first).
             by_best = np.lexsort((pj, -psim, pi))
@@ -817,11 +806,8 @@ def dedup_table(
             f"{cfg.threshold:g} in {len(members):,} clusters{checks}, "
             f"{time.perf_counter() - started:.1f} s"
         )
-        if confirm is not None and confirm.missing:
-            log.warning(
-                "dedup: %d rows in candidate pairs have no thumbnail; they are nobody's duplicate",
-                confirm.missing,
-            )
+        if confirm is not None:
+            confirm.warn_missing()
         dropped = np.flatnonzero(keep_of >= 0)
         keeper_idx[cand[dropped]] = cand[keep_of[dropped]]
         for r in cand[dropped].tolist():
