@@ -767,7 +767,9 @@ def dedup_table(
             # The most similar earlier row is named (ties: the earlier row read first).
             by_best = np.lexsort((pj, -psim, pi))
             a_sorted = pi[by_best]
-            first_of_row = by_best[np.r_[True, a_sorted[1:] != a_sorted[:-1]][: len(by_best)]]
+            first = np.ones(len(a_sorted), dtype=bool)  # the first (best) pair of each new row
+            first[1:] = a_sorted[1:] != a_sorted[:-1]
+            first_of_row = by_best[first]
             for c, b in zip(pi[first_of_row].tolist(), pj[first_of_row].tolist(), strict=True):
                 r = int(cand[c])
                 prev_key[r], kind[r] = pkeys[b], KIND_PREVIOUS
