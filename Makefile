@@ -26,7 +26,7 @@ test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check clip_model pipeline jobs bench tests
+	$(VENV)/bin/ruff check clip_model pipeline testkit jobs bench tests
 
 # The whole job on a loopback Ray head + local S3 + synthetic image server (jobs/demo.sh).
 demo: $(STAMP)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     from clip_model.transform import resize_crop_uint8
     from pipeline.config import DecodeConfig
     from pipeline.stages.decode import decode_image
-    from pipeline.testing.synthetic import generate_world
+    from testkit.synthetic import generate_world
 
     with tempfile.TemporaryDirectory(prefix="clipcurate-cpu-cost-") as tmp:
         generate_world(tmp, a.rows, a.seed, "http://127.0.0.1/", formats={"jpeg": 1.0},

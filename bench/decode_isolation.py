@@ -29,7 +29,7 @@ from pipeline import schema as S  # noqa: E402
 from pipeline.config import DecodeConfig  # noqa: E402
 from pipeline.crashguard import close_shared  # noqa: E402
 from pipeline.stages.decode import DecodeStage  # noqa: E402
-from pipeline.testing.hostile_images import TESTDATA  # noqa: E402
+from testkit.hostile_images import TESTDATA  # noqa: E402
 
 
 def _rows(blobs: list[bytes]) -> pa.Table:

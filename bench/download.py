@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 def make_world(workdir: Path, rows: int, seed: int) -> Path:
     """Synthetic images + URL list (URLs carry a placeholder host, rewritten per run)."""
-    from pipeline.testing.synthetic import generate_world
+    from testkit.synthetic import generate_world
 
     world = workdir / f"world-{rows}-{seed}"
     if not (world / "urls.parquet").exists():
@@ -66,7 +66,7 @@ def make_world(workdir: Path, rows: int, seed: int) -> Path:
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.testing.http_server", "--root", str(root), "--port", str(port)],
+        [sys.executable, "-m", "testkit.http_server", "--root", str(root), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -48,7 +48,7 @@ def make_shards(folder: Path, rows: int, per_shard: int, seed: int) -> int:
     from pipeline.stages.decode import DecodeStage
     from pipeline.stages.shard import build_shard, commit_shard
     from pipeline.storage import Storage
-    from pipeline.testing.synthetic import generate_world
+    from testkit.synthetic import generate_world
 
     world_dir = folder / "world"
     world = generate_world(world_dir, rows, seed, "http://127.0.0.1/", min_side=300, max_side=800)

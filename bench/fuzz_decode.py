@@ -2,7 +2,7 @@
 
     python bench/fuzz_decode.py --seconds 180 --crash-dir /tmp/fuzz-crashes
 
-Cases come from pipeline.testing.hostile_images (the generator tests/pipeline/test_decode_fuzz.py
+Cases come from testkit.hostile_images (the generator tests/pipeline/test_decode_fuzz.py
 uses), in batches of --batch rows with one DecodeConfig drawn per batch, and every output is
 checked with the test's invariants. Batch ``i`` is generated from ``random.Random(seed + i)``, so
 any batch replays from its number. A batch that raises or breaks an invariant is saved to
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import schema as S  # noqa: E402
 from pipeline.stages.decode import DecodeStage  # noqa: E402
-from pipeline.testing.hostile_images import check_decoded, fuzz_batch, fuzz_config, hostile_case  # noqa: E402
+from testkit.hostile_images import check_decoded, fuzz_batch, fuzz_config, hostile_case  # noqa: E402
 
 
 def _save_batch(folder: Path, seed: int, kinds: list[str], cases: list[bytes], extra: dict) -> None:

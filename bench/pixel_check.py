@@ -37,7 +37,7 @@ from pipeline.config import DecodeConfig, DedupConfig, EmbedConfig
 from pipeline.pixel_check import confirm_pairs, thumbs_array
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
-from pipeline.testing.synthetic import generate_world
+from testkit.synthetic import generate_world
 
 MACHINE = "2-core CI box, CPU, shared with other work"
 REPO = Path(__file__).resolve().parents[1]

@@ -59,7 +59,7 @@ MIB = 1024 * 1024
 
 def _format_mix() -> dict[str, float]:
     # "large" images are 1500-4000 px whatever min/max side say: not what a 2-core scale run needs.
-    from pipeline.testing.synthetic import DEFAULT_FORMAT_MIX
+    from testkit.synthetic import DEFAULT_FORMAT_MIX
 
     return {k: v for k, v in DEFAULT_FORMAT_MIX.items() if k != "large"}
 
@@ -77,7 +77,7 @@ def make_world(worlds: Path, rows: int, seed: int, min_side: int, max_side: int)
     URLs in its ``urls.parquet`` carry the placeholder ``http://HOST/<name>/``; they are
     rewritten to the image server's address per run (:func:`upload_url_list`).
     """
-    from pipeline.testing.synthetic import generate_world
+    from testkit.synthetic import generate_world
 
     name = f"r{rows}-s{seed}-{min_side}-{max_side}"
     if not (worlds / name / "urls.parquet").exists():

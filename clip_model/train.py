@@ -3,7 +3,7 @@
 This module knows models, losses, optimisers and named recipes, but no data set: a recipe names
 its data provider as ``"module:function"``, imported only when that recipe runs. That keeps
 ``clip_model`` free of any dependency on ``pipeline`` (the synthetic world that trains the bundled
-``tiny-synthetic`` model lives in ``pipeline.testing``), while the documented command
+``tiny-synthetic`` model lives in ``testkit``), while the documented command
 
     python -m clip_model.train --recipe tiny-synthetic --out clip_model/weights/tiny-synthetic.safetensors --seed 0
 
@@ -96,7 +96,7 @@ _TINY_BASE = Recipe(
     min_lr=1e-5,
     warmup_steps=50,
     weight_decay=0.1,
-    data="pipeline.testing.train_tiny:synthetic_batches",
+    data="testkit.train_tiny:synthetic_batches",
 )
 RECIPES: dict[str, Recipe] = {
     _TINY_BASE.name: _TINY_BASE,
@@ -107,7 +107,7 @@ RECIPES: dict[str, Recipe] = {
         name="tiny-synthetic",
         steps=2000,
         warmup_steps=30,
-        data="pipeline.testing.train_tiny:shape_set_batches",
+        data="testkit.train_tiny:shape_set_batches",
         init=_TINY_BASE.name,
     ),
 }

@@ -50,7 +50,7 @@ source "$RUN_DIR/state.env"
 echo "Ray dashboard $RAY_ADDRESS, S3 $S3_ENDPOINT_URL, images $IMAGES_URL"
 
 say "generating $ROWS synthetic rows"
-"$PY" -m pipeline.testing.synthetic --rows "$ROWS" --seed 0 --out "$WORLD" \
+"$PY" -m testkit.synthetic --rows "$ROWS" --seed 0 --out "$WORLD" \
   --base-url "$IMAGES_URL/" --min-side 128 --max-side 640 --unsafe-rate 0.1
 "$PY" - "$S3_ENDPOINT_URL" "$BUCKET" "$WORLD/urls.parquet" <<'PY'
 import sys

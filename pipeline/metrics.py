@@ -1,6 +1,6 @@
 """Choosing a decision threshold on a labelled sample (used by ``clipcurate calibrate``).
 
-ROC AUC lives in :func:`pipeline.testing.evaluate_model.roc_auc`; this module only picks
+ROC AUC lives in :func:`testkit.evaluate_model.roc_auc`; this module only picks
 thresholds. The decision rule everywhere is ``flagged = score > threshold``.
 """
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.testing.s3_server import LocalS3
+from testkit.s3_server import LocalS3
 
 # Variables that could point boto3/pyarrow at a real account or profile while the local S3
 # server is in use.

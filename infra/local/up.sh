@@ -103,7 +103,7 @@ S3_ENDPOINT_URL=""
 S3_PID=""
 if (( WITH_S3 )); then
   rm -f "$RUN_DIR/s3.port"
-  ( cd "$REPO" && exec "${MARK[@]}" setsid "$PY" -m pipeline.testing.s3_server --port 0 \
+  ( cd "$REPO" && exec "${MARK[@]}" setsid "$PY" -m testkit.s3_server --port 0 \
       --port-file "$RUN_DIR/s3.port" </dev/null >"$LOGS/s3.log" 2>&1 ) &
   S3_PID=$!
   for _ in $(seq 600); do [[ -s "$RUN_DIR/s3.port" ]] && break; kill -0 "$S3_PID" 2>/dev/null || break; sleep 0.1; done
@@ -124,7 +124,7 @@ fi
 IMAGES_URL=""
 IMAGES_PID=""
 if [[ -n "$IMAGES" ]]; then
-  ( cd "$REPO" && exec "${MARK[@]}" setsid "$PY" -u -m pipeline.testing.http_server --root "$IMAGES" \
+  ( cd "$REPO" && exec "${MARK[@]}" setsid "$PY" -u -m testkit.http_server --root "$IMAGES" \
       --port 0 --host 127.0.0.1 </dev/null >"$LOGS/images.log" 2>&1 ) &
   IMAGES_PID=$!
   for _ in $(seq 300); do

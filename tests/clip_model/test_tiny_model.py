@@ -11,7 +11,7 @@ import torch
 
 import clip_model
 from clip_model import pretrained
-from pipeline.testing.evaluate_model import evaluate
+from testkit.evaluate_model import evaluate
 
 WEIGHTS = Path(clip_model.__file__).parent / "weights"
 # Never used by training: clip_model.train's synthetic data is seeded "train-<seed>-<step>".

@@ -91,7 +91,7 @@ def _recipe(steps: int, workers: int = 0) -> tr.Recipe:
 
 
 def test_short_training_run_lowers_the_loss():
-    from pipeline.testing.train_tiny import synthetic_batches
+    from testkit.train_tiny import synthetic_batches
 
     torch.set_num_threads(1)
     # Three fixed batches of 24 synthetic pairs, cycled: 30 steps are enough to fit them.
@@ -107,7 +107,7 @@ def test_short_training_run_lowers_the_loss():
 
 
 def test_runs_are_reproducible_with_and_without_worker_processes():
-    from pipeline.testing.train_tiny import synthetic_batches
+    from testkit.train_tiny import synthetic_batches
 
     torch.set_num_threads(1)
     runs = []
@@ -136,10 +136,10 @@ def test_save_weights_fp16_roundtrip_and_metadata(tmp_path):
 
 def test_load_data_factory_errors():
     with pytest.raises(ValueError, match="module:function"):
-        tr.load_data_factory("pipeline.testing.train_tiny")
+        tr.load_data_factory("testkit.train_tiny")
     with pytest.raises(ValueError, match="callable"):
-        tr.load_data_factory("pipeline.testing.train_tiny:TRAIN_UNSAFE_RATE")
-    assert callable(tr.load_data_factory("pipeline.testing.train_tiny:synthetic_batches"))
+        tr.load_data_factory("testkit.train_tiny:TRAIN_UNSAFE_RATE")
+    assert callable(tr.load_data_factory("testkit.train_tiny:synthetic_batches"))
 
 
 def test_clip_model_train_does_not_import_pipeline():
@@ -184,8 +184,8 @@ def test_cli_trains_the_recipe_and_writes_loadable_weights(tmp_path):
 def test_training_batches_are_deterministic_and_hold_minimal_twins():
     import random
 
-    from pipeline.testing import synthetic as syn
-    from pipeline.testing.train_tiny import synthetic_batches, variant
+    from testkit import synthetic as syn
+    from testkit.train_tiny import synthetic_batches, variant
 
     make = synthetic_batches(32, 12, seed=4)
     a, b, c = make(3), make(3), make(4)
@@ -227,7 +227,7 @@ def test_second_stage_from_its_base_file_equals_training_the_base_in_the_same_ru
 ):
     """The bundled recipe starts from its base recipe's weights; reading them from the base's
     saved (float16) file or training the base first in the same run must give the same model."""
-    import pipeline.testing.train_tiny as tt
+    import testkit.train_tiny as tt
 
     monkeypatch.setattr(tt, "SHAPE_SETS_PER_BATCH", 1)
     base = _two_step("tiny-synthetic-base", batch_size=8)
@@ -250,8 +250,8 @@ def test_second_stage_from_its_base_file_equals_training_the_base_in_the_same_ru
 def test_shape_sets_differ_only_in_one_groups_shape():
     import random
 
-    from pipeline.testing import synthetic as syn
-    from pipeline.testing.train_tiny import shape_set
+    from testkit import synthetic as syn
+    from testkit.train_tiny import shape_set
 
     nouns = {s: s for s in syn.SHAPES} | {p: s for s, p in syn.PLURALS.items()}
     for seed, scene in enumerate(syn.sample_scenes(40, 8, unsafe_rate=0.3)):
@@ -272,7 +272,7 @@ def test_shape_sets_differ_only_in_one_groups_shape():
 
 
 def test_shape_set_batches_shapes_determinism_and_batch_floor(monkeypatch):
-    import pipeline.testing.train_tiny as tt
+    import testkit.train_tiny as tt
 
     monkeypatch.setattr(tt, "SHAPE_SETS_PER_BATCH", 2)
     make = tt.shape_set_batches(32, 14, seed=4)

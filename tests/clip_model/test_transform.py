@@ -19,7 +19,7 @@ from clip_model.transform import (
     resize_crop_uint8,
     resize_size,
 )
-from pipeline.testing.testdata import photos
+from testkit.testdata import photos
 
 PHOTOS = photos()
 

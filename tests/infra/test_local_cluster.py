@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.testing.testdata import PHOTOS_DIR
+from testkit.testdata import PHOTOS_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "infra" / "local"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.synthetic import generate_world
+from testkit.http_server import FaultServer
+from testkit.synthetic import generate_world
 
 from .conftest import REPO, Stack
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.s3_fault_proxy import S3FaultProxy
+from testkit.http_server import FaultServer
+from testkit.s3_fault_proxy import S3FaultProxy
 
 from .conftest import Stack
 from .driver import (

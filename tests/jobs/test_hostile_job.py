@@ -37,9 +37,9 @@ from pipeline.config import (
     ReadConfig,
     ShardConfig,
 )
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.loopback_ray import loopback_ray_env
-from pipeline.testing.synthetic import generate_world
+from testkit.http_server import FaultServer
+from testkit.loopback_ray import loopback_ray_env
+from testkit.synthetic import generate_world
 
 PER_SHARD = 8
 BIG = "".join(chr(0x41 + i % 26) for i in range(1 << 20))  # 1 MiB of ASCII

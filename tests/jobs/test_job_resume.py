@@ -17,8 +17,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.synthetic import generate_world
+from testkit.http_server import FaultServer
+from testkit.synthetic import generate_world
 
 from .conftest import REPO, VENV, Stack
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.s3_fault_proxy import S3FaultProxy
+from testkit.http_server import FaultServer
+from testkit.s3_fault_proxy import S3FaultProxy
 
 from .conftest import Stack
 from .driver import Driver, check_complete, job_args, objects, pending_uploads, write_world

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from pipeline import job_config as J
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.synthetic import generate_world
+from testkit.http_server import FaultServer
+from testkit.synthetic import generate_world
 
 from .conftest import REPO, VENV, Stack
 

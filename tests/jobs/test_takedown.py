@@ -27,7 +27,7 @@ from pipeline.stages.shard import build_shard, commit_shard
 from pipeline.stages.write import output_table, write_parquet
 from pipeline.storage import Storage
 from pipeline.takedown import AUDIT_NAME, TAKEDOWN, Matchers, TakedownError, takedown
-from pipeline.testing.testdata import photos
+from testkit.testdata import photos
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = photos()

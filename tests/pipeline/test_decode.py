@@ -26,8 +26,8 @@ from pipeline.stages.decode import (
     decode_image,
     sniff_format,
 )
-from pipeline.testing.http_server import bomb_gif, bomb_png
-from pipeline.testing.testdata import photos
+from testkit.http_server import bomb_gif, bomb_png
+from testkit.testdata import photos
 
 # img2dataset (the reference) imports imghdr and passes a deprecated albumentations argument.
 pytestmark = pytest.mark.filterwarnings(
@@ -287,7 +287,7 @@ _MEMORY_PROBE = textwrap.dedent(
     from PIL import Image
     from pipeline.config import DecodeConfig
     from pipeline.stages.decode import DecodeStage
-    from pipeline.testing.http_server import bomb_gif, bomb_png
+    from testkit.http_server import bomb_gif, bomb_png
 
     stage = DecodeStage(cfg=DecodeConfig())
     png, gif = bomb_png(), bomb_gif()

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import schema as S
 from pipeline.config import DecodeConfig
 from pipeline.stages.decode import DecodeStage
-from pipeline.testing.hostile_images import (
+from testkit.hostile_images import (
     FUZZ_PIXELS,
     check_decoded,
     fuzz_batch,

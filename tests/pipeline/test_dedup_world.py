@@ -23,7 +23,7 @@ from pipeline.config import DecodeConfig, DedupConfig, EmbedConfig
 from pipeline.dedup import dedup_table
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
-from pipeline.testing.synthetic import decode_display, generate_world, perturb
+from testkit.synthetic import decode_display, generate_world, perturb
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL, WEIGHTS = "tiny-synthetic", "synthetic"

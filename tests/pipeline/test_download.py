@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline.config import DownloadConfig
 from pipeline.netguard import Resolver
 from pipeline.stages.download import DownloadStage
-from pipeline.testing.http_server import FaultServer, bomb_gif, bomb_png
+from testkit.http_server import FaultServer, bomb_gif, bomb_png
 
 TIMEOUT = 1.0
 

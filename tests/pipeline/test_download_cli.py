@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.testing.http_server import FaultServer
+from testkit.http_server import FaultServer
 
 N_GOOD = 40
 PER_SHARD = 16

@@ -43,9 +43,9 @@ from pipeline.config import (
 from pipeline.runner import run_curate
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
-from pipeline.testing.evaluate_model import roc_auc
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.synthetic import HAZARD_PROMPT, generate_world
+from testkit.evaluate_model import roc_auc
+from testkit.http_server import FaultServer
+from testkit.synthetic import HAZARD_PROMPT, generate_world
 
 MODEL, WEIGHTS = "tiny-synthetic", "synthetic"
 ROWS = 500

@@ -28,7 +28,7 @@ from pipeline.config import DecodeConfig, DownloadConfig, DownloadJobConfig, Rea
 from pipeline.kill_hook import KILL_DIR_ENV, KILL_ENV
 from pipeline.local_runner import run_download_local
 from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
-from pipeline.testing.http_server import FaultServer
+from testkit.http_server import FaultServer
 
 N_GOOD = 30
 PER_SHARD = 8

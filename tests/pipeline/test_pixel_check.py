@@ -24,7 +24,7 @@ from pipeline.pixel_check import (
     thumbnail,
     thumbs_array,
 )
-from pipeline.testing.synthetic import ObjectGroup, Scene, perturb, render
+from testkit.synthetic import ObjectGroup, Scene, perturb, render
 
 SCENE = Scene(
     scene_id=0,
@@ -206,7 +206,7 @@ def test_real_photographs_near_copies_confirmed_other_photos_not() -> None:
     # images (centre crop 128), each against 8 near copies made as the synthetic world makes them.
     from pipeline.config import DecodeConfig
     from pipeline.stages.decode import DecodeStage
-    from pipeline.testing.testdata import photos
+    from testkit.testdata import photos
 
     paths = photos()
     assert len(paths) == 7

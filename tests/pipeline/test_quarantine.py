@@ -25,7 +25,7 @@ from pipeline import schema as S
 from pipeline.config import DecodeConfig
 from pipeline.crashguard import Crashed, Sandbox, SandboxError
 from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
-from pipeline.testing.hostile_images import TESTDATA, fuzz_batch, fuzz_config, hostile_case
+from testkit.hostile_images import TESTDATA, fuzz_batch, fuzz_config, hostile_case
 
 WORK = f"{__name__}:work"
 MARKER = "SEGV-HERE"

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from pipeline import report
-from pipeline.testing.testdata import photos
+from testkit.testdata import photos
 
 PHOTOS = photos()
 HOSTILE = '<script>document.title="pwned"</script><img src=x onerror="document.title=1">'

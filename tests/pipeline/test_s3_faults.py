@@ -24,8 +24,8 @@ import pytest
 from pipeline.config import StorageConfig, WriteConfig
 from pipeline.stages.write import write_parquet
 from pipeline.storage import Storage, StorageError, filesystem_for
-from pipeline.testing.s3_fault_proxy import S3FaultProxy
-from pipeline.testing.s3_server import LocalS3
+from testkit.s3_fault_proxy import S3FaultProxy
+from testkit.s3_server import LocalS3
 
 
 @pytest.fixture

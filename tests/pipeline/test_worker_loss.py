@@ -43,9 +43,9 @@ from pipeline.config import (
 from pipeline.kill_hook import KILL_DIR_ENV, KILL_ENV
 from pipeline.runner import run_download
 from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
-from pipeline.testing.http_server import FaultServer
-from pipeline.testing.loopback_ray import LOOPBACK, loopback_ray_env
-from pipeline.testing.synthetic import generate_world
+from testkit.http_server import FaultServer
+from testkit.loopback_ray import LOOPBACK, loopback_ray_env
+from testkit.synthetic import generate_world
 
 ROWS = 60
 PER_SHARD = 20
@@ -69,7 +69,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Faul
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Any]:
     """A head node and a second node, 2 logical CPUs each, on 127.0.0.1 only, with a private
-    Ray temp dir (see pipeline.testing.loopback_ray)."""
+    Ray temp dir (see testkit.loopback_ray)."""
     import ray
     from ray.cluster_utils import Cluster
 

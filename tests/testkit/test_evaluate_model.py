@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import clip_model
-from pipeline.testing.evaluate_model import evaluate, group_prompts, roc_auc, zero_shot_predict
-from pipeline.testing.synthetic import generate_world
+from testkit import subprocess_env
+from testkit.evaluate_model import evaluate, group_prompts, roc_auc, zero_shot_predict
+from testkit.synthetic import generate_world
 
 
 def test_roc_auc_hand_worked_example_with_a_tie():
@@ -105,7 +106,7 @@ def test_cli_prints_one_json_object_for_the_bundled_model():
         [
             sys.executable,
             "-m",
-            "pipeline.testing.evaluate_model",
+            "testkit.evaluate_model",
             "--model",
             "tiny-synthetic",
             "--rows",
@@ -118,6 +119,7 @@ def test_cli_prints_one_json_object_for_the_bundled_model():
         capture_output=True,
         text=True,
         check=True,
+        env=subprocess_env(),
     )
     out = json.loads(proc.stdout)
     assert out["pretrained"] == "synthetic" and out["rows"] == 60

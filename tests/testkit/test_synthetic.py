@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.testing import synthetic as syn
+from testkit import subprocess_env
+from testkit import synthetic as syn
 
 BASE = "http://127.0.0.1:9999/world/"
 
@@ -294,15 +295,15 @@ def test_bad_knobs_raise_clear_errors(tmp_path):
 
 def test_cli_writes_images_and_url_list(tmp_path):
     out = tmp_path / "w"
-    cmd = [sys.executable, "-m", "pipeline.testing.synthetic", "--rows", "25", "--seed", "2",
+    cmd = [sys.executable, "-m", "testkit.synthetic", "--rows", "25", "--seed", "2",
            "--out", str(out), "--base-url", "http://127.0.0.1:8000", "--formats", "jpeg=1,webp=1"]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, env=subprocess_env())
     t = pq.read_table(out / "urls.parquet")
     assert t.num_rows == 25
     assert set(t.column("_gt_format").to_pylist()) <= {"jpeg", "webp"}
     for url, rel in zip(t.column("url").to_pylist(), t.column("_gt_path").to_pylist(), strict=True):
         assert url == "http://127.0.0.1:8000/" + rel and (out / rel).is_file()
-    bad = subprocess.run(cmd[:-1] + ["tiff=1"], capture_output=True, text=True)
+    bad = subprocess.run(cmd[:-1] + ["tiff=1"], capture_output=True, text=True, env=subprocess_env())
     assert bad.returncode == 2 and "formats" in bad.stderr
 
 

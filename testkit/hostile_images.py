@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline import schema as S
 from pipeline.config import DecodeConfig
-from pipeline.testing.testdata import PHOTOS_DIR
+from testkit.testdata import PHOTOS_DIR
 
 TESTDATA = PHOTOS_DIR
 

@@ -13,7 +13,8 @@ import urllib.request
 import boto3
 import pytest
 
-from pipeline.testing.s3_server import LocalS3
+from testkit import subprocess_env
+from testkit.s3_server import LocalS3
 
 
 def _connects(host: str, port: int) -> bool:
@@ -84,8 +85,9 @@ def test_command_line_entry_serves_until_terminated() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.testing.s3_server", "--port", str(port)],
+        [sys.executable, "-m", "testkit.s3_server", "--port", str(port)],
         stdout=subprocess.PIPE,
+        env=subprocess_env(),
         stderr=subprocess.DEVNULL,
     )
     try:

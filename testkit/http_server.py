@@ -39,7 +39,7 @@ header to the response (``optout=noai``, ``optout=clipcurate:noimageai``).
 Every request is recorded (:class:`RequestRecord`: path, query, headers, monotonic time) for
 assertions such as "requested once" or "retried after the Retry-After gap".
 
-Command line (for the demo): ``python -m pipeline.testing.http_server --root DIR --port N
+Command line (for the demo): ``python -m testkit.http_server --root DIR --port N
 --host 127.0.0.1`` serves until interrupted.
 """
 

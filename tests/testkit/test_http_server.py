@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.testing.http_server import FaultServer, bomb_gif, bomb_png
+from testkit import subprocess_env
+from testkit.http_server import FaultServer, bomb_gif, bomb_png
 
 
 def _get(srv: FaultServer, target: str) -> tuple[int, dict[str, list[str]], bytes]:
@@ -161,13 +162,14 @@ def test_command_line_entry(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipeline.testing.http_server",
+            "testkit.http_server",
             "--root",
             str(tmp_path),
             "--port",
             str(port),
         ],
         stdout=subprocess.PIPE,
+        env=subprocess_env(),
         text=True,
     )
     try:

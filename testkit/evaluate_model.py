@@ -1,6 +1,6 @@
 """Score a CLIP model on a freshly generated synthetic world.
 
-    python -m pipeline.testing.evaluate_model --model tiny-synthetic --rows 400 --seed 12345
+    python -m testkit.evaluate_model --model tiny-synthetic --rows 400 --seed 12345
 
 prints one JSON object:
 
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import clip_model
 
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.testing.evaluate_model",
+        prog="python -m testkit.evaluate_model",
         description="Score a CLIP model on a fresh synthetic world; prints one JSON object.",
     )
     p.add_argument("--model", required=True, help="architecture, e.g. tiny-synthetic")

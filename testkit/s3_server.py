@@ -9,7 +9,7 @@ test uses its real boto3 / pyarrow S3 paths rather than in-process mocks.
 
 or from a shell (runs until killed):
 
-    python -m pipeline.testing.s3_server --port 9000
+    python -m testkit.s3_server --port 9000
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+
+from testkit import subprocess_env
 
 HOST = "127.0.0.1"
 
@@ -108,14 +110,15 @@ class LocalS3:
         cmd = [
             sys.executable,
             "-m",
-            "pipeline.testing.s3_server",
+            "testkit.s3_server",
             "--port",
             str(self._requested_port),
             "--port-file",
             str(port_file),
         ]
         self._proc = subprocess.Popen(
-            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=subprocess_env(),
         )
         try:
             self.port = self._wait_for_port(port_file, log_path)

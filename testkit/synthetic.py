@@ -9,7 +9,7 @@ generated URL list carries its ground truth in ``_gt_*`` columns, so filters can
 In-memory helpers (no disk): :func:`sample_scenes`, :func:`render`, :func:`caption`,
 :func:`describe`, :func:`perturb`, :func:`encode_image`. On disk: :func:`generate_world` and the CLI
 
-    python -m pipeline.testing.synthetic --rows N --seed S --out DIR --base-url URL [knobs]
+    python -m testkit.synthetic --rows N --seed S --out DIR --base-url URL [knobs]
 
 which writes ``DIR/images/...`` and ``DIR/urls.parquet`` (url = URL + path relative to DIR).
 """
@@ -728,7 +728,7 @@ def _parse_formats(text: str) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.testing.synthetic",
+        prog="python -m testkit.synthetic",
         description="Write a synthetic image world: DIR/images/... and DIR/urls.parquet.",
     )
     p.add_argument("--rows", type=int, required=True)
