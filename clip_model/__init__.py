@@ -5,45 +5,45 @@
     with torch.inference_mode():
         image_features = model.encode_image(preprocess(img)[None], normalize=True)
         text_features = model.encode_text(tokens, normalize=True)
+
+Importing the package, ``clip_model.config``, ``clip_model.tokenizer`` (for token ids) or
+``clip_model.transform.resize_crop_uint8`` does not import torch: the pipeline's CPU workers
+make model inputs and token ids with them, and a worker without a model never pays torch's
+start-up (~1 s, ~300 MB). Everything that builds or runs a model is resolved on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from .config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
-from .factory import create_model, create_model_and_transforms, get_model_config, list_models
-from .model import CLIP
+
+# name -> module that defines it, imported on first attribute access.
+_LAZY = {
+    "CLIP": ".model",
+    "create_model": ".factory",
+    "create_model_and_transforms": ".factory",
+    "get_model_config": ".factory",
+    "list_models": ".factory",
+    "image_transform": ".transform",
+    "list_pretrained": ".pretrained",
+    "tokenize": ".tokenizer",
+}
 
 __all__ = [
-    "CLIP",
     "CLIPConfig",
     "PreprocessConfig",
     "TextConfig",
     "VisionConfig",
-    "create_model",
-    "create_model_and_transforms",
-    "get_model_config",
-    "image_transform",
-    "list_models",
-    "list_pretrained",
-    "tokenize",
+    *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # Resolved on first use so that `import clip_model` stays cheap (the tokenizer loads its
-    # vocabulary on import) and a model-only user never pays for it.
-    if name == "tokenize":
-        from .tokenizer import tokenize
-
-        return tokenize
-    if name == "image_transform":
-        from .transform import image_transform
-
-        return image_transform
-    if name == "list_pretrained":
-        from .pretrained import list_pretrained
-
-        return list_pretrained
-    raise AttributeError(f"module 'clip_model' has no attribute {name!r}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clip_model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

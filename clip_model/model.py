@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPConfig
+from .tokenizer import Tokenizer
 from .transformer import LayerNorm, ModifiedResNet, Transformer, VisionTransformer
 
 # Text rows per chunk below which splitting a batch by length stops paying (small GEMMs), and
@@ -51,6 +52,15 @@ class CLIP(nn.Module):
     @property
     def image_size(self) -> int:
         return self.cfg.vision.image_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The text tower's tokenizer at this model's context length: ``token_ids(texts)`` gives
+        the ids :meth:`encode_text` takes once right-padded with ``pad_id``. Picklable and
+        torch-free, so CPU workers tokenize without the model."""
+        from .tokenizer import _tokenizer_for
+
+        return _tokenizer_for(None, self.context_length)
 
     @property
     def dtype(self) -> torch.dtype:

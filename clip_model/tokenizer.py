@@ -23,11 +23,14 @@ import threading
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
 import numpy as np
 import regex
-import torch
+
+if TYPE_CHECKING:  # only the tensor-returning calls need torch; token_ids runs without it
+    import torch
 
 DEFAULT_CONTEXT_LENGTH = 77
 SOT_TOKEN = "<start_of_text>"
@@ -143,6 +146,7 @@ class Tokenizer:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         path = Path(vocab_path) if vocab_path is not None else DEFAULT_VOCAB_PATH
+        self._vocab_path = path
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         # Line 0 is the "#version" header.
@@ -279,7 +283,7 @@ class Tokenizer:
         Raises:
             ValueError: an id outside [0, vocab_size), or ``ids`` not 1-D.
         """
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "detach"):  # a torch tensor
             ids = ids.detach().cpu().numpy()
         if isinstance(ids, np.ndarray):
             if ids.ndim != 1:
@@ -342,7 +346,51 @@ class Tokenizer:
             n = min(len(ids), room)
             out[row, 1 : 1 + n] = ids[:n]
             out[row, 1 + n] = self.eot_token_id
+        import torch
+
         return torch.from_numpy(out)
+
+    # -- the pipeline's interface (shared by every text tower's tokenizer) ---------------------
+
+    @property
+    def pad_id(self) -> int:
+        """Id that right-pads rows of :meth:`token_ids` to a common width (CLIP pads with 0)."""
+        return 0
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Variable-length ids per text, ready for ``encode_text`` once right-padded with
+        :attr:`pad_id`: ``<start_of_text>``, the text's ids, ``<end_of_text>``, at most
+        ``context_length`` ids (truncated as :meth:`__call__` truncates). No torch needed.
+
+        Raises:
+            TypeError: an element is not a str (its index is named).
+        """
+        room = self.context_length - 2
+        out: list[list[int]] = []
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{row}] must be str, got {type(text).__name__}")
+            ids = self.encode(text, max_tokens=room)[:room]
+            out.append([self.sot_token_id, *ids, self.eot_token_id])
+        return out
+
+    def with_context_length(self, context_length: int) -> Tokenizer:
+        """This vocabulary with another default row length; shares the merge tables and the
+        word cache (cheap)."""
+        _check_context_length(context_length)
+        if context_length == self.context_length:
+            return self
+        twin = object.__new__(Tokenizer)
+        twin.__dict__.update(self.__dict__)
+        twin.context_length = context_length
+        return twin
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Sent to worker processes by value would copy ~50k merges and a lock (not picklable);
+        # each process builds the shipped vocabulary once instead.
+        if self._vocab_path != DEFAULT_VOCAB_PATH:
+            return _tokenizer_for, (str(self._vocab_path), self.context_length)
+        return _tokenizer_for, (None, self.context_length)
 
 
 def _check_context_length(context_length: int) -> None:
@@ -359,6 +407,17 @@ def _check_context_length(context_length: int) -> None:
 def default_tokenizer() -> Tokenizer:
     """The process-wide tokenizer on the shipped vocabulary (built on first use, ~0.3 s)."""
     return Tokenizer()
+
+
+@lru_cache(maxsize=8)
+def _vocab_tokenizer(vocab_path: str) -> Tokenizer:
+    return Tokenizer(vocab_path)
+
+
+def _tokenizer_for(vocab_path: str | None, context_length: int) -> Tokenizer:
+    """The process-wide tokenizer of a vocabulary (None: the shipped one) at a row length."""
+    base = default_tokenizer() if vocab_path is None else _vocab_tokenizer(vocab_path)
+    return base.with_context_length(context_length)
 
 
 def tokenize(

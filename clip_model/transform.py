@@ -24,11 +24,15 @@ normalisation batched on the model's device: ``resize_crop_uint8`` (PIL, one ima
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
 from clip_model.config import PreprocessConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used: resize_crop_uint8 runs without it
+    import torch
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -85,7 +89,7 @@ def normalize_uint8(
     batch: torch.Tensor | np.ndarray,
     cfg: PreprocessConfig,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Turn a batch of RGB uint8 images into normalised model input.
 
@@ -97,13 +101,18 @@ def normalize_uint8(
         batch: uint8 [N, S, S, 3] (as stacked from ``resize_crop_uint8``), numpy or torch.
         cfg: the weights' preprocessing (image_size S, mean, std).
         device: where the result lives; None keeps the input's device (CPU for numpy).
-        dtype: floating dtype of the result (float32, float16, bfloat16, float64).
+        dtype: floating dtype of the result (float32, float16, bfloat16, float64); None:
+            float32.
     Returns:
         torch tensor [N, 3, S, S] of ``dtype`` on ``device``, contiguous (channels first).
     Raises:
         TypeError: ``batch`` is not uint8 numpy/torch, or ``dtype`` is not floating.
         ValueError: ``batch`` is not shaped [N, S, S, 3].
     """
+    import torch
+
+    if dtype is None:
+        dtype = torch.float32
     if isinstance(batch, np.ndarray):
         if batch.dtype != np.uint8:
             raise TypeError(f"batch must be uint8, got numpy {batch.dtype}")
