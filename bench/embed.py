@@ -85,6 +85,8 @@ def save_random_weights(path: Path) -> None:
 
 
 def run_clipcurate(folder: Path, weights: Path, rows_per_call: int, batch: int, cpus: int) -> float:
+    from pipeline.runner import run_curate
+
     from pipeline.config import (
         DownloadJobConfig,
         EmbedConfig,
@@ -93,7 +95,6 @@ def run_clipcurate(folder: Path, weights: Path, rows_per_call: int, batch: int, 
         ShardConfig,
         WriteConfig,
     )
-    from pipeline.runner import run_curate
 
     # The URL list only plans the shards; they are all committed, so nothing is downloaded.
     job = DownloadJobConfig(

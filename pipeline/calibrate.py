@@ -35,7 +35,8 @@ import pyarrow as pa
 from pipeline import schema as S
 from pipeline.config import ConfigError, EmbedConfig, ModerateConfig, StorageConfig
 from pipeline.metrics import ThresholdChoice, UnreachableTarget, threshold_for
-from pipeline.stages.moderate import ModerateStage, embedding_matrix, margins
+from pipeline.schema import embedding_matrix
+from pipeline.stages.moderate import Moderation, margins
 
 
 def _labels(table: pa.Table, col: str, concept: str) -> np.ndarray:
@@ -86,10 +87,12 @@ def calibrate(
     if (target_recall is None) == (target_precision is None):
         raise ConfigError("calibrate: give exactly one of target_recall and target_precision")
     # The file's own thresholds are what is being replaced: calibrate from the prompts alone.
-    stage = ModerateStage(cfg=replace(moderate, thresholds_file=None), embed=embed, storage=storage or StorageConfig())
-    stage.prepare(model)
+    if model is None:
+        from pipeline.stages.embed import load_model
+
+        model, _ = load_model(embed.model, embed.pretrained)
+    stage = Moderation.prepare(replace(moderate, thresholds_file=None), storage or StorageConfig(), model)
     rules = stage.rules
-    assert rules is not None and stage.neutral is not None
     if S.MODEL in table.column_names:
         ids = {m for m in table.column(S.MODEL).to_pylist() if m is not None}
         if ids and ids != {stage.model_id}:

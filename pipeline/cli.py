@@ -7,11 +7,12 @@ Flag names are img2dataset's (``--url_list``, ``--output_folder``, ``--input_for
 ``--retries``, ``--thread_count``, ``--user_agent_token``, ``--disallowed_header_directives``),
 so an img2dataset command line mostly works after swapping the program name. Options that only
 exist here: ``--allowed_networks``, ``--max_image_pixels``, ``--max_frames``, ``--max_bytes``,
-``--s3_endpoint_url``, ``--ray_address``, ``--download_concurrency``.
+``--s3_endpoint_url``, ``--ray_address``.
 
-``--distributor`` (img2dataset's flag) picks what runs the stages: ``ray`` (default; Ray Data
-on a local or given cluster) or ``multiprocessing`` (``--processes_count`` local worker
-processes, one shard per task, no Ray; pipeline/local_runner.py). Both write the same shards.
+``--distributor`` (img2dataset's flag) picks what runs the stages: ``multiprocessing``
+(default, as in img2dataset: ``--processes_count`` local worker processes, one shard per task,
+no Ray; pipeline/schedulers/local.py) or ``ray`` (Ray Data on ``--ray_address`` or
+``$RAY_ADDRESS``, else a local Ray). Both write the same shards.
 
 The configuration is validated before any work starts; a bad value exits with status 2 and a
 message naming the field. At the end a summary is printed (and ``--summary_json`` writes it).
@@ -30,12 +31,15 @@ from pipeline.config import (
     DecodeConfig,
     DownloadConfig,
     DownloadJobConfig,
+    ExecutionConfig,
     ReadConfig,
     ShardConfig,
     StorageConfig,
 )
 
-DISTRIBUTORS = ("ray", "multiprocessing")
+DISTRIBUTORS = ("multiprocessing", "ray")
+# img2dataset's distributor names -> the scheduler that runs the stage graph.
+_SCHEDULER = {"multiprocessing": "local", "ray": "ray"}
 
 
 def _bool(v: str) -> bool:
@@ -105,10 +109,10 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument(
         "--distributor",
-        default="ray",
+        default="multiprocessing",
         metavar="{" + ",".join(DISTRIBUTORS) + "}",
-        help="ray (default): Ray Data, local or --ray_address; multiprocessing: local worker "
-        "processes, one shard per task, no Ray (less overhead on one machine)",
+        help="multiprocessing (default): local worker processes, one shard per task, no Ray; "
+        "ray: Ray Data on --ray_address or $RAY_ADDRESS, else a local Ray",
     )
     g.add_argument(
         "--processes_count",
@@ -117,8 +121,7 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
         help="multiprocessing: worker processes (default: one per CPU); each downloads its "
         "next shard while it decodes the current one",
     )
-    g.add_argument("--ray_address", default=None, help="ray: cluster address; default: start locally")
-    g.add_argument("--download_concurrency", type=int, default=2, help="ray: download actors")
+    g.add_argument("--ray_address", default=None, help="ray: cluster address; default: $RAY_ADDRESS or start locally")
     g.add_argument("--summary_json", default=None, help="also write the summary to this path")
 
 
@@ -158,15 +161,21 @@ def config_from_args(a: argparse.Namespace) -> DownloadJobConfig:
         storage=StorageConfig(s3_endpoint_url=a.s3_endpoint_url),
     )
     cfg.validate()
-    if a.download_concurrency < 1:
-        raise ConfigError("execution.download_concurrency: must be >= 1")
-    if a.distributor not in DISTRIBUTORS:
-        raise ConfigError(f"execution.distributor: must be one of {', '.join(DISTRIBUTORS)}, got {a.distributor!r}")
-    if a.processes_count is not None and a.processes_count < 1:
-        raise ConfigError(f"execution.processes_count: must be >= 1, got {a.processes_count}")
-    if a.distributor != "ray" and a.ray_address:
-        raise ConfigError("execution.ray_address: only used with --distributor ray")
     return cfg
+
+
+def execution_from_args(a: argparse.Namespace) -> ExecutionConfig:
+    """The execution settings of parsed ``download`` arguments (validated; errors name the
+    flag as the field it sets)."""
+    if a.distributor not in DISTRIBUTORS:
+        raise ConfigError(f"--distributor: must be one of {', '.join(DISTRIBUTORS)}, got {a.distributor!r}")
+    if a.processes_count is not None and a.processes_count < 1:
+        raise ConfigError(f"--processes_count: must be >= 1, got {a.processes_count}")
+    if a.distributor != "ray" and a.ray_address:
+        raise ConfigError("--ray_address: only used with --distributor ray")
+    ex = ExecutionConfig(scheduler=_SCHEDULER[a.distributor], ray_address=a.ray_address, processes=a.processes_count)
+    ex.validate()
+    return ex
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,22 +225,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_calibrate(args)
     try:
         cfg = config_from_args(args)
+        execution = execution_from_args(args)
     except ConfigError as e:
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.distributor == "multiprocessing":
-            from pipeline.local_runner import run_download_local
+        from pipeline.download_job import run_download
 
-            summary = run_download_local(cfg, processes=args.processes_count)
-        else:
-            import ray
-
-            from pipeline.runner import run_download
-
-            if not ray.is_initialized():
-                ray.init(address=args.ray_address, include_dashboard=False)
-            summary = run_download(cfg, download_concurrency=args.download_concurrency)
+        summary = run_download(cfg, execution)
     except ConfigError as e:  # input files or columns that do not exist
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2

@@ -225,20 +225,20 @@ class EmbedConfig:
     """CLIP embedding: one model per actor, one GPU per actor where GPUs exist.
 
     precision: "auto" autocasts to fp16 on GPU and runs fp32 on CPU; "fp32" never autocasts;
-    "fp16"/"bf16" autocast to that dtype (weights stay fp32). rows_per_call is the Ray batch an
-    actor receives; inference_batch the images (or captions) per forward pass inside it.
-    concurrency is the actor pool's (min, max); num_gpus/num_cpus are per actor.
+    "fp16"/"bf16" autocast to that dtype (weights stay fp32). Each embedding worker receives one
+    shard per call; inference_batch is the images (or captions) per forward pass inside it.
+    concurrency is the worker pool's (min, max), None: sized from the machine or cluster (one
+    worker per GPU; on CPUs one locally, 1 to half the CPUs on Ray). num_gpus / num_cpus are
+    per worker; num_gpus None: one GPU each where there are GPUs, else the CPU.
     """
 
-    model: str = "ViT-B-32"
-    pretrained: str | None = None
+    model: str = "tiny-synthetic"
+    pretrained: str | None = "synthetic"
     precision: str = "auto"
-    rows_per_call: int = 256
     inference_batch: int = 64
-    concurrency: tuple[int, int] = (1, 1)
-    num_gpus: float = 0.0
+    concurrency: tuple[int, int] | None = None
+    num_gpus: float | None = None
     num_cpus: float = 1.0
-    preprocess_num_cpus: float = 1.0
     # Adds an ``embed_worker`` column ("<host>:<pid>" of the actor) for debugging placement.
     debug_worker_column: bool = False
 
@@ -250,13 +250,21 @@ class EmbedConfig:
             "precision",
             f"must be one of {', '.join(_PRECISIONS)}, got {self.precision!r}",
         )
-        _check(self.rows_per_call >= 1, section, "rows_per_call", "must be >= 1")
         _check(self.inference_batch >= 1, section, "inference_batch", "must be >= 1")
-        lo, hi = self.concurrency
-        _check(1 <= lo <= hi, section, "concurrency", f"must be (min, max) with 1 <= min <= max, got {self.concurrency}")
-        _check(self.num_gpus >= 0, section, "num_gpus", "must be >= 0")
+        if self.concurrency is not None:
+            lo, hi = self.concurrency
+            _check(1 <= lo <= hi, section, "concurrency",
+                   f"must be (min, max) with 1 <= min <= max, or unset; got {self.concurrency}")
+        _check(self.num_gpus is None or self.num_gpus >= 0, section, "num_gpus", "must be >= 0 or unset")
         _check(self.num_cpus >= 0, section, "num_cpus", "must be >= 0")
-        _check(self.preprocess_num_cpus > 0, section, "preprocess_num_cpus", "must be > 0")
+
+    def with_gpus(self, available: int) -> EmbedConfig:
+        """``num_gpus`` resolved: unset becomes 1 when ``available`` GPUs > 0, else 0."""
+        from dataclasses import replace
+
+        if self.num_gpus is not None:
+            return self
+        return replace(self, num_gpus=1.0 if available > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -350,29 +358,58 @@ class FilterConfig:
                f"must be a cosine in [-1, 1] or unset, got {t}")
 
 
+SCHEDULERS = ("auto", "local", "ray")
+
+
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """How the job runs on Ray; nothing here changes what it writes."""
+    """How the job runs; nothing here changes what it writes.
 
+    scheduler: ``local`` runs the stage graph in local worker processes (one machine, no Ray:
+    the cheapest on one box); ``ray`` runs it on Ray Data (a cluster, or a local Ray);
+    ``auto`` (default) picks ``ray`` when a Ray address is given (``ray_address`` or
+    ``$RAY_ADDRESS``, which ``ray job submit`` sets) and ``local`` otherwise.
+    """
+
+    scheduler: str = "auto"
     ray_address: str | None = None  # None: $RAY_ADDRESS (set under `ray job submit`) or local Ray
-    download_concurrency: int = 2  # download actors (each runs download.thread_count threads)
+    processes: int | None = None  # local: CPU worker processes (None: one per CPU)
+    prefetch: int = 1  # local: shards a CPU worker downloads ahead of the one it decodes
+    # Tries per shard when the process running it dies (local: a worker process; Ray: a task
+    # or actor); a shard that kills its worker this many times fails the run, naming it.
+    attempts: int = 3
+    # CPUs one download+decode+shard task reserves on Ray. Below 1 lets a core decode one shard
+    # while another shard downloads (the download mostly waits on the network).
+    task_cpus: float = 0.5
     # Decode each image in a crash-guard child process: a row that crashes the decoder becomes
-    # worker_crash instead of killing the worker (and, after Ray's retries, the job). Costs
+    # worker_crash instead of killing the worker (and, after bounded retries, the job). Costs
     # ~7-11 % of decode throughput and ~63 MB per decode worker (bench/decode_isolation.py).
     decode_isolation: bool = True
 
     def validate(self, section: str = "execution") -> None:
+        _check(self.scheduler in SCHEDULERS, section, "scheduler",
+               f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         _check(self.ray_address is None or bool(self.ray_address), section, "ray_address",
                "must be an address or unset")
-        _check(self.download_concurrency >= 1, section, "download_concurrency", "must be >= 1")
+        _check(not (self.scheduler == "local" and self.ray_address), section, "ray_address",
+               "is only used with scheduler ray (or auto)")
+        _check(self.processes is None or self.processes >= 1, section, "processes",
+               f"must be >= 1 or unset, got {self.processes}")
+        _check(self.prefetch >= 0, section, "prefetch", f"must be >= 0, got {self.prefetch}")
+        _check(self.attempts >= 1, section, "attempts", f"must be >= 1, got {self.attempts}")
+        _check(0 < self.task_cpus <= 64, section, "task_cpus", f"must be in (0, 64], got {self.task_cpus}")
+
+    def resolved_scheduler(self) -> str:
+        """``local`` or ``ray``, with ``auto`` decided from the address (see the class)."""
+        import os
+
+        if self.scheduler != "auto":
+            return self.scheduler
+        return "ray" if (self.ray_address or os.environ.get("RAY_ADDRESS")) else "local"
 
 
 SHARDS_DIR = "shards"
 EMBEDDINGS_DIR = "embeddings"
-
-
-def _tiny_embed() -> EmbedConfig:
-    return EmbedConfig(model="tiny-synthetic", pretrained="synthetic")
 
 
 @dataclass(frozen=True)
@@ -393,7 +430,7 @@ class JobConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    embed: EmbedConfig = field(default_factory=_tiny_embed)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     moderate: ModerateConfig = field(default_factory=ModerateConfig)
     write: WriteConfig = field(default_factory=WriteConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)

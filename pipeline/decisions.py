@@ -40,12 +40,10 @@ import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.config import DedupConfig, FilterConfig
-from pipeline.takedown import REASON_PREFIX as TAKEDOWN_PREFIX
-from pipeline.takedown import TAKEDOWN
 
-DUP_GROUP_SIZE = "dup_group_size"
-DUP_KIND = "dup_kind"
-DECISION_COLUMNS = (S.DUPLICATE_OF, DUP_GROUP_SIZE, DUP_KIND, S.KEEP, S.DROP_REASON)
+DECISION_COLUMNS = (S.DUPLICATE_OF, S.DUP_GROUP_SIZE, S.DUP_KIND, S.KEEP, S.DROP_REASON)
+# How a takedown's reason starts in drop_reason (pipeline/takedown.py writes the rest).
+TAKEDOWN_PREFIX = "takedown: "
 
 _SHA = "@sha256:"
 
@@ -59,16 +57,6 @@ def short_model(model: str | None) -> str:
     if sep and len(digest) > 12:
         return f"{name}{sep}{digest[:12]}…"
     return model
-
-
-def _col(table: pa.Table, name: str) -> list[Any]:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-
-
-def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, arr)
-    return table.append_column(name, arr)
 
 
 def unsafe_reason(concept: str, source: str | None, model: str | None, rules: Any = None) -> str:
@@ -91,13 +79,13 @@ def unsafe_reason(concept: str, source: str | None, model: str | None, rules: An
 
 def filter_reasons(table: pa.Table, filters: FilterConfig, rules: Any = None) -> list[str | None]:
     """Reasons 0-3 of the module docstring for every row (None: the row passes them)."""
-    taken_down = _col(table, TAKEDOWN)
-    statuses = _col(table, S.STATUS)
-    scores = _col(table, S.CLIP_SCORE)
-    unsafe = _col(table, S.UNSAFE_SCORE)
-    concepts = _col(table, S.UNSAFE_CONCEPT)
-    sources = _col(table, S.UNSAFE_SOURCE)
-    models = _col(table, S.MODEL)
+    taken_down = S.column_list(table, S.TAKEDOWN)
+    statuses = S.column_list(table, S.STATUS)
+    scores = S.column_list(table, S.CLIP_SCORE)
+    unsafe = S.column_list(table, S.UNSAFE_SCORE)
+    concepts = S.column_list(table, S.UNSAFE_CONCEPT)
+    sources = S.column_list(table, S.UNSAFE_SOURCE)
+    models = S.column_list(table, S.MODEL)
     threshold = filters.clip_score_threshold
     out: list[str | None] = []
     for i, status in enumerate(statuses):
@@ -161,19 +149,39 @@ def decide(
                 if name not in sub.column_names:
                     sub = sub.append_column(name, pa.nulls(len(passing), typ))
             marked = dedup_table(sub, dedup, previous, progress)
-            models = _col(table, S.MODEL)
+            models = S.column_list(table, S.MODEL)
             sub_dup = marked.column(S.DUPLICATE_OF).to_pylist()
-            sub_size = marked.column(DUP_GROUP_SIZE).to_pylist()
-            sub_kind = marked.column(DUP_KIND).to_pylist()
+            sub_size = marked.column(S.DUP_GROUP_SIZE).to_pylist()
+            sub_kind = marked.column(S.DUP_KIND).to_pylist()
             for j, i in enumerate(passing.tolist()):
                 dup_of[i], group[i], kinds[i] = sub_dup[j], sub_size[j], sub_kind[j]
                 if sub_kind[j] is not None:
                     reasons[i] = dedup_reason(sub_kind[j], models[i], dedup)
-    out = _set(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
-    out = _set(out, DUP_GROUP_SIZE, pa.array(group, pa.int32()))
-    out = _set(out, DUP_KIND, pa.array(kinds, pa.string()))
-    out = _set(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))
-    return _set(out, S.DROP_REASON, pa.array(reasons, pa.string()))
+    out = S.set_column(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
+    out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(group, pa.int32()))
+    out = S.set_column(out, S.DUP_KIND, pa.array(kinds, pa.string()))
+    out = S.set_column(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))
+    return S.set_column(out, S.DROP_REASON, pa.array(reasons, pa.string()))
+
+
+def first_decisions(table: pa.Table, filters: FilterConfig, rules: Any = None) -> pa.Table:
+    """``table`` with ``keep``/``drop_reason`` from reasons 0-3 only and empty duplicate
+    columns: what the write stage stores before the global pass. For a row that no duplicate
+    search touches it equals :func:`decide`'s result, so the global pass rewrites only the
+    files where dedup dropped (or linked) something."""
+    reasons = filter_reasons(table, filters, rules)
+    n = table.num_rows
+    # A row dedup will look at (it passes the filters and has an image embedding) is its own
+    # group of one until the global pass finds another.
+    has_emb = [False] * n
+    if filters.duplicates and S.IMAGE_EMBEDDING in table.column_names:
+        has_emb = pc.is_valid(table.column(S.IMAGE_EMBEDDING)).to_pylist()
+    size = [1 if r is None and e else None for r, e in zip(reasons, has_emb, strict=True)]
+    out = S.set_column(table, S.DUPLICATE_OF, pa.nulls(n, pa.string()))
+    out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(size, pa.int32()))
+    out = S.set_column(out, S.DUP_KIND, pa.nulls(n, pa.string()))
+    out = S.set_column(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))
+    return S.set_column(out, S.DROP_REASON, pa.array(reasons, pa.string()))
 
 
 def kept_rows(previous: pa.Table) -> pa.Table:
@@ -186,9 +194,9 @@ def kept_rows(previous: pa.Table) -> pa.Table:
 
 __all__ = [
     "DECISION_COLUMNS",
-    "DUP_GROUP_SIZE",
-    "DUP_KIND",
+    "TAKEDOWN_PREFIX",
     "decide",
+    "first_decisions",
     "dedup_reason",
     "filter_reasons",
     "kept_rows",

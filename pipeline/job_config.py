@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, JobConfig
+
+log = logging.getLogger("clipcurate.config")
 
 _TRUE = {"true", "yes", "y", "on", "1"}
 _FALSE = {"false", "no", "n", "off", "0"}
@@ -56,6 +59,9 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if args is not None:
         if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # "X | None": X's own message says what is wrong
+            return coerce(value, real[0], name)
         for arg in args:
             if arg is type(None):
                 continue
@@ -151,10 +157,24 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Fields earlier versions had, dropped with a warning when a config (an output's recorded
+# config.yaml, or a user's file) still names them: field -> why it is gone.
+RETIRED = {
+    "embed.rows_per_call": "each embedding call now receives one whole shard",
+    "embed.preprocess_num_cpus": "the decode task makes the model input (no preprocess stage)",
+    "execution.download_concurrency": "downloads run inside each shard's task",
+}
+
+
 def _build(cls: type, doc: Mapping[str, Any], prefix: str, base: Any = None) -> Any:
     """``cls`` from a mapping of its fields over ``base`` (or the defaults); nested dataclass
     fields merge field by field, every other field is replaced."""
     types_ = _field_types(cls)
+    retired = [k for k in doc if f"{prefix}.{k}" in RETIRED]
+    if retired:
+        doc = {k: v for k, v in doc.items() if k not in retired}
+        for k in retired:
+            log.warning("%s.%s is ignored: %s", prefix, k, RETIRED[f"{prefix}.{k}"])
     unknown = [k for k in doc if k not in types_]
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -311,12 +331,9 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--image-size": ("decode.image_size", "stored image size in pixels"),
     "--resize-mode": ("decode.resize_mode", "no | border | center_crop | keep_ratio"),
     "--number-sample-per-shard": ("shard.number_sample_per_shard", "rows per shard"),
-    "--batch-size": (
-        "embed.inference_batch",
-        "images (or captions) per forward pass; rows per actor call is raised to at least this",
-    ),
-    "--concurrency": ("embed.concurrency", "embedding actors: N or MIN,MAX"),
-    "--num-gpus-per-actor": ("embed.num_gpus", "GPUs per embedding actor (0: CPU)"),
+    "--batch-size": ("embed.inference_batch", "images (or captions) per forward pass"),
+    "--concurrency": ("embed.concurrency", "embedding workers: N or MIN,MAX (default: one per GPU)"),
+    "--num-gpus-per-actor": ("embed.num_gpus", "GPUs per embedding worker (0: CPU; default: 1 where there are GPUs)"),
     "--clip-score-threshold": ("filter.clip_score_threshold", "drop rows whose clip_score is below"),
     "--unsafe-threshold": (
         "moderate.default_threshold",
@@ -328,8 +345,12 @@ FLAGS: dict[str, tuple[str, str]] = {
         "dedup.pixel_check",
         "true: confirm each pair by aligned thumbnails (3 KiB per row); the threshold picks candidates",
     ),
-    "--download-concurrency": ("execution.download_concurrency", "download actors"),
-    "--ray-address": ("execution.ray_address", "Ray cluster; default $RAY_ADDRESS or local Ray"),
+    "--scheduler": (
+        "execution.scheduler",
+        "auto (default: ray with a Ray address, else local) | local (worker processes, no Ray) | ray",
+    ),
+    "--processes": ("execution.processes", "local scheduler: CPU worker processes (default: one per CPU)"),
+    "--ray-address": ("execution.ray_address", "Ray cluster; default $RAY_ADDRESS (set by ray job submit)"),
 }
 _REPEATABLE = {"--allowed-networks"}
 
@@ -377,8 +398,6 @@ def from_namespace(ns: argparse.Namespace) -> JobConfig:
         if flag in _REPEATABLE:
             value = ",".join(value)
         cfg = set_value(cfg, path, value)
-        if path == "embed.inference_batch" and cfg.embed.rows_per_call < cfg.embed.inference_batch:
-            cfg = set_value(cfg, "embed.rows_per_call", cfg.embed.inference_batch)
     for assignment in getattr(ns, "overrides", []):
         cfg = apply_set(cfg, assignment)
     return validate(cfg)

@@ -10,7 +10,7 @@ same order):
 - ``download_s`` (float32): wall seconds spent on the row, retries and waits included; null for
   rows that were not ``ok`` on input.
 
-Failure statuses (:data:`FAILURE_STATUSES`): ``http_<code>``, ``timeout`` (the total deadline
+Failure statuses (:data:`pipeline.schema.DOWNLOAD_STATUSES`): ``http_<code>``, ``timeout`` (the total deadline
 of one attempt: connect + headers + body), ``connection_error``, ``tls_error``,
 ``incomplete_body`` (the connection ended before the declared Content-Length), ``too_large``
 (declared or streamed size over ``max_bytes``), ``blocked_address``, ``bad_scheme``, ``bad_url``,
@@ -21,8 +21,9 @@ Retries: connection errors, incomplete bodies, 429 and 5xx only, ``config.retrie
 row can therefore take up to ``(retries + 1) * timeout`` plus the waits between attempts.
 
 Threads: ``config.thread_count`` workers inside each ``process_batch`` call share one pooled
-client, so an actor keeps its connections warm across batches. Without Ray, call ``setup()``
-(optional; done lazily) and ``process_batch()``, then ``close()``.
+client, made once per process (``per_process``), so a worker keeps its connections warm
+across shards. Call ``setup()`` (optional; done lazily) and ``process_batch()``, then
+``close()`` when the process is done with the stage.
 """
 
 from __future__ import annotations
@@ -30,37 +31,24 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from pipeline import schema as S
 from pipeline.config import DownloadConfig
 from pipeline.fetch import Fetcher, FetchResult
 from pipeline.netguard import Resolver
-from pipeline.stages.base import Stage
-
-# Failure statuses this stage sets, besides the open-ended ``http_<code>``.
-FAILURE_STATUSES = frozenset(
-    {
-        "timeout",
-        "connection_error",
-        "tls_error",
-        "incomplete_body",
-        "too_large",
-        "blocked_address",
-        "bad_scheme",
-        "bad_url",
-        "opt_out",
-        "too_many_redirects",
-        "download_error",
-    }
-)
+from pipeline.stages.base import Resources, Stage, forget, per_process
 
 
 @dataclass
 class DownloadStage(Stage):
     """HTTP download of the ``url`` column; see the module docstring for the columns."""
 
+    io_bound: ClassVar[bool] = True
+
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=0))
     config: DownloadConfig = field(default_factory=DownloadConfig)
     # Tests inject a resolver with a fake getaddrinfo; None means the system resolver.
     resolver: Resolver | None = None
@@ -71,15 +59,23 @@ class DownloadStage(Stage):
         self.config.validate()
 
     def setup(self) -> None:
-        """Create the HTTP client and the worker threads (once per actor or process)."""
+        """Get this process's HTTP client and worker threads for this config (made once)."""
         if self._fetcher is None:
-            self._fetcher = Fetcher(self.config, self.resolver)
-            self._pool = ThreadPoolExecutor(
-                self.config.thread_count, thread_name_prefix="clipcurate-download"
+            self._fetcher, self._pool = per_process(
+                self._key(),
+                lambda: (
+                    Fetcher(self.config, self.resolver),
+                    ThreadPoolExecutor(self.config.thread_count, thread_name_prefix="clipcurate-download"),
+                ),
             )
 
+    def _key(self) -> tuple[Any, ...]:
+        return ("download", self.config, id(self.resolver) if self.resolver is not None else None)
+
     def close(self) -> None:
-        """Stop the worker threads and drop pooled connections."""
+        """Stop the worker threads and drop pooled connections (this process's, for this
+        config: call it when the process is done with the stage)."""
+        forget(self._key())
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._fetcher is not None:
@@ -136,37 +132,8 @@ class DownloadStage(Stage):
             codes[i] = result.http_status
             seconds[i] = spent
             bodies[i] = result.body if result.status == "ok" else None
-        out = batch
-        for name in ("image_bytes", "http_status", "download_s"):
-            if name in out.column_names:
-                out = out.drop_columns([name])
-        out = _put(out, "status", pa.array(statuses, pa.string()))
-        out = _put(out, "error", pa.array(errors, pa.string()))
-        out = out.append_column("image_bytes", _binary_column(bodies))
-        out = out.append_column("http_status", pa.array(codes, pa.int32()))
-        out = out.append_column("download_s", pa.array(seconds, pa.float32()))
-        return out
-
-
-_MAX_CHUNK_BYTES = 1 << 30
-
-
-def _binary_column(values: list[bytes | None]) -> pa.ChunkedArray:
-    """A ``binary`` column split into chunks below 1 GiB each: one ``binary`` array's 32-bit
-    offsets cannot address more than 2 GiB, which a batch of large images can reach."""
-    chunks: list[pa.Array] = []
-    start, size = 0, 0
-    for i, v in enumerate(values):
-        if v is not None and size + len(v) > _MAX_CHUNK_BYTES and i > start:
-            chunks.append(pa.array(values[start:i], pa.binary()))
-            start, size = i, 0
-        size += 0 if v is None else len(v)
-    chunks.append(pa.array(values[start:], pa.binary()))
-    return pa.chunked_array(chunks, pa.binary())
-
-
-def _put(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    """Replace column ``name`` in place (keeping its position) or append it."""
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, values)
-    return table.append_column(name, values)
+        out = S.set_column(batch, S.STATUS, pa.array(statuses, pa.string()))
+        out = S.set_column(out, S.ERROR, pa.array(errors, pa.string()))
+        out = S.set_column(out, S.IMAGE_BYTES, S.binary_column(bodies))
+        out = S.set_column(out, S.HTTP_STATUS, pa.array(codes, pa.int32()))
+        return S.set_column(out, S.DOWNLOAD_S, pa.array(seconds, pa.float32()))

@@ -127,7 +127,7 @@ def hostile_run(ray_local: None, s3_server: Any, tmp_path_factory: pytest.TempPa
             download=DownloadConfig(timeout=10, retries=0, allowed_networks=("127.0.0.1/32",)),
             decode=DecodeConfig(image_size=64, resize_mode="center_crop"),
             shard=ShardConfig(number_sample_per_shard=PER_SHARD),
-            embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", rows_per_call=16),
+            embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", inference_batch=16),
             moderate=ModerateConfig(enabled=False),
             # Only byte-identical images count as duplicates here (cos >= 1).
             dedup=DedupConfig(threshold=1.0),

@@ -19,10 +19,9 @@ import pytest
 import yaml
 
 from pipeline import schema as S
-from pipeline.config import DecodeConfig, DedupConfig, EmbedConfig
+from pipeline.config import DecodeConfig, DedupConfig
 from pipeline.dedup import dedup_table
-from pipeline.stages.decode import DecodeStage
-from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
+from testkit.embedding import embed_images
 from testkit.synthetic import decode_display, generate_world, perturb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,20 +33,7 @@ DECODE = DecodeConfig(image_size=128, resize_mode="center_crop")
 
 
 def _embed(keys: list[str], captions: list[str], images: list[bytes]) -> pa.Table:
-    n = len(keys)
-    rows = pa.table(
-        {
-            S.KEY: keys,
-            S.CAPTION: captions,
-            S.STATUS: [S.OK] * n,
-            S.ERROR: pa.nulls(n, pa.string()),
-            S.IMAGE_BYTES: pa.array(images, pa.binary()),
-        }
-    )
-    rows = DecodeStage(cfg=DECODE).process_batch(rows)
-    pp = resolve_preprocess(MODEL, WEIGHTS)
-    rows = PreprocessStage(preprocess=pp, thumbnails=DEDUP.pixel_check).process_batch(rows)
-    return EmbedStage(cfg=EmbedConfig(model=MODEL, pretrained=WEIGHTS), preprocess=pp).process_batch(rows)
+    return embed_images(images, captions, MODEL, WEIGHTS, DECODE, thumbnails=DEDUP.pixel_check, keys=keys)
 
 
 @pytest.fixture(scope="module")
