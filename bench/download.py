@@ -142,11 +142,12 @@ def run_clipcurate(url_list: Path, out: Path, per_shard: int, cpus: int) -> tupl
     """The Ray distributor; returns (seconds, images stored, Ray start-up seconds)."""
     import ray
 
+    from pipeline.ray_start import init_ray
     from pipeline.runner import run_download
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t0
     try:
         summary = run_download(_clipcurate_config(url_list, out, per_shard), download_concurrency=cpus)

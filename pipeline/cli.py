@@ -225,12 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             summary = run_download_local(cfg, processes=args.processes_count)
         else:
-            import ray
-
+            from pipeline.ray_start import init_ray
             from pipeline.runner import run_download
 
-            if not ray.is_initialized():
-                ray.init(address=args.ray_address, include_dashboard=False)
+            init_ray(args.ray_address)
             summary = run_download(cfg, download_concurrency=args.download_concurrency)
     except ConfigError as e:  # input files or columns that do not exist
         print(f"clipcurate: error: {e}", file=sys.stderr)

@@ -166,6 +166,7 @@ def stream(
     """
     import ray
 
+    from pipeline.ray_start import init_ray
     from pipeline.runner import (
         _MIN_TARGET_MAX_BLOCK_SIZE,
         apply_embed_stages,
@@ -177,9 +178,8 @@ def stream(
     from pipeline.stages.embed import load_model, model_id
     from pipeline.stages.read import ReadStage
 
-    if not ray.is_initialized():
-        # log_to_driver=False: worker logs stay in Ray's log files; the driver prints progress.
-        ray.init(address=cfg.execution.ray_address, log_to_driver=False)
+    # log_to_driver=False: worker logs stay in Ray's log files; the driver prints progress.
+    init_ray(cfg.execution.ray_address, log_to_driver=False)
     try:
         check_gpus(cfg.embed)
     except RuntimeError as e:  # GPUs asked for that the cluster lacks: a configuration error
@@ -400,7 +400,8 @@ def _differences(path: str, a: Any, b: Any) -> list[tuple[str, Any, Any]]:
 def run(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSummary:
     """Run the job. Validates ``cfg`` first (``ConfigError`` names the bad field). Ray is
     only needed when shards must be streamed: then the current Ray connection is used, or
-    ``ray.init(execution.ray_address)`` joins ``$RAY_ADDRESS`` or starts a local Ray."""
+    ``init_ray(execution.ray_address)`` joins ``$RAY_ADDRESS`` or starts a loopback-only local Ray
+    (pipeline/ray_start.py)."""
     emit = emit or (lambda line: print(line, flush=True))
     cfg = J.validate(cfg)
     started = time.time()

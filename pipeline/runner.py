@@ -260,8 +260,9 @@ def run_download(
     per_stage: Counter[str] = Counter()
     status_this_run: Counter[str] = Counter()
     if plan.todo:
-        if not ray.is_initialized():
-            ray.init()
+        from pipeline.ray_start import init_ray
+
+        init_ray()
         ctx = ray.data.DataContext.get_current()
         ctx.target_max_block_size = max(ctx.target_max_block_size or 0, _MIN_TARGET_MAX_BLOCK_SIZE)
         ctx.enable_progress_bars = False
@@ -463,8 +464,9 @@ def run_curate(
     if write.output_folder.rstrip("/") == download.shard.output_folder.rstrip("/"):
         raise ConfigError("write.output_folder: must differ from shard.output_folder (both hold <shard>.parquet)")
     started = time.time()
-    if not ray.is_initialized():
-        ray.init()
+    from pipeline.ray_start import init_ray
+
+    init_ray()
     check_gpus(embed)
     n = download.shard.number_sample_per_shard
     shards = plan_shards(download.read, n, download.storage)

@@ -100,10 +100,12 @@ def ray_local(s3_server: Any) -> Iterator[None]:
     """Local Ray on 127.0.0.1, started after the S3 server so workers inherit its endpoint."""
     import ray
 
+    from pipeline.ray_start import init_ray
+
     if ray.is_initialized():  # an earlier module's Ray lacks this module's S3 settings
         ray.shutdown()
     with loopback_ray_env():
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
         try:
             yield
         finally:

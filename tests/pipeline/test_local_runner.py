@@ -165,6 +165,7 @@ def _check_output(out: Path, expected: dict[int, str], sha: dict[int, str]) -> p
 def test_same_output_as_the_ray_distributor(world: tuple, tmp_path: Path) -> None:
     import ray
 
+    from pipeline.ray_start import init_ray
     from pipeline.runner import run_download
 
     srv, url_list, expected, sha = world
@@ -175,7 +176,7 @@ def test_same_output_as_the_ray_distributor(world: tuple, tmp_path: Path) -> Non
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         run_download(_cfg(url_list, tmp_path / "ray"))
     finally:
