@@ -9,9 +9,11 @@ Field names follow img2dataset's flags where a user of img2dataset would look fo
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field, fields
 
 USER_AGENT_TOKEN = "clipcurate"
+_TOKEN = re.compile(r"[a-z0-9_.*-]+")
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,9 @@ class DownloadConfig:
     backoff_base: float = 0.5  # first retry waits ~backoff_base s (jittered, doubling)
     max_retry_after: float = 30.0  # cap on an honoured Retry-After
     user_agent_token: str = USER_AGENT_TOKEN
+    # X-Robots-Tag directives addressed to any of these tokens (and to user_agent_token) are
+    # honoured: site owners opted out of img2dataset by its name, and we do its job.
+    optout_tokens: tuple[str, ...] = (USER_AGENT_TOKEN, "img2dataset")
     respect_optout: bool = True
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     # CIDR networks that are allowed even though the guard refuses them by default
@@ -76,6 +81,9 @@ class DownloadConfig:
             "user_agent_token",
             f"must be letters, digits, '-', '_' or '.' (X-Robots-Tag addresses it), got {token!r}",
         )
+        for t in self.optout_tokens:
+            _check(bool(_TOKEN.fullmatch(t.strip().lower())), section, "optout_tokens",
+                   f"{t!r} is not a user-agent token (letters, digits, '-', '_', '.')")
         _check(self.ca_certs is None or bool(self.ca_certs), section, "ca_certs", "must be a path")
         _check(self.retries >= 0, section, "retries", f"must be >= 0, got {self.retries}")
         _check(self.max_bytes > 0, section, "max_bytes", f"must be > 0, got {self.max_bytes}")
@@ -151,6 +159,36 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class BlocklistConfig:
+    """Lists of URLs, domains and image hashes never stored (pipeline/blocklist.py).
+
+    Each of ``urls`` .. ``pdq`` is a tuple of lists: a path or ``s3://`` URI of a text file
+    (one entry a line) or a Parquet file, optionally named ``name=uri`` (a blocked row's error
+    names the list; default: the file's stem). ``outputs``: earlier job outputs whose own
+    blocklists (their takedowns) apply too; a job always applies its own output's and
+    ``dedup.against``'s. ``pdq_threshold``: Hamming distance (bits of 256) at or below which a
+    PDQ entry matches; ``pdq_dihedral``: also match rotated and mirrored images.
+    """
+
+    urls: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    md5: tuple[str, ...] = ()
+    sha1: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
+    pdq: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    pdq_threshold: int = 31
+    pdq_dihedral: bool = False
+
+    def validate(self, section: str = "blocklist") -> None:
+        _check(0 <= self.pdq_threshold <= 63, section, "pdq_threshold",
+               f"must be a Hamming distance in 0..63 bits, got {self.pdq_threshold}")
+        for name in ("urls", "domains", "md5", "sha1", "sha256", "pdq", "outputs"):
+            for entry in getattr(self, name):
+                _check(bool(entry.strip()), section, name, "has an empty entry")
+
+
+@dataclass(frozen=True)
 class DownloadJobConfig:
     """The download half on its own (``clipcurate download``)."""
 
@@ -159,6 +197,7 @@ class DownloadJobConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
 
     def validate(self) -> None:
         for f in fields(self):
@@ -399,6 +438,7 @@ class JobConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
 
     @property
     def output_root(self) -> str:
@@ -447,5 +487,18 @@ class JobConfig:
 
     def download_job(self) -> DownloadJobConfig:
         """The download half of this job (resolved)."""
+        from dataclasses import replace
+
         cfg = self.resolved()
-        return DownloadJobConfig(cfg.read, cfg.download, cfg.decode, cfg.shard, cfg.storage)
+        # The stages see one list of outputs whose takedowns apply: the named ones and ours.
+        own = tuple(dict.fromkeys((*cfg.blocklist.outputs, *cfg.blocklist_outputs())))
+        blocklist = replace(cfg.blocklist, outputs=own)
+        return DownloadJobConfig(cfg.read, cfg.download, cfg.decode, cfg.shard, cfg.storage, blocklist)
+
+    def blocklist_outputs(self) -> tuple[str, ...]:
+        """Outputs whose own blocklists (takedowns) this job applies besides
+        ``blocklist.outputs``: its own output and ``dedup.against``."""
+        out = [self.output_root]
+        if self.dedup.against:
+            out.append(self.dedup.against.rstrip("/"))
+        return tuple(out)

@@ -41,6 +41,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline import schema as S
+from pipeline.blocklist import BlocklistSpec
 from pipeline.config import ConfigError, DownloadJobConfig, EmbedConfig, ModerateConfig, WriteConfig
 from pipeline.kill_hook import maybe_kill_self
 from pipeline.stages.base import Resources, Stage
@@ -175,11 +176,13 @@ def build_stages(
     return [
         DownloadStage(
             config=cfg.download,
+            blocklist=BlocklistSpec(cfg.blocklist, cfg.storage),
             resources=Resources(num_cpus=0),
             # Autoscaling from one actor, so a one-shard job does not start idle actors.
             concurrency=(1, download_concurrency),
         ),
-        DecodeStage(cfg=cfg.decode, resources=Resources(num_cpus=1), isolate=decode_isolation),
+        DecodeStage(cfg=cfg.decode, resources=Resources(num_cpus=1), isolate=decode_isolation,
+                    blocklist=BlocklistSpec(cfg.blocklist, cfg.storage)),
         ShardStage(
             cfg=cfg.shard,
             storage=cfg.storage,

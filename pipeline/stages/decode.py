@@ -45,6 +45,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from pipeline import schema as S
+from pipeline.blocklist import BlocklistSpec, get_blocklist
 from pipeline.config import DecodeConfig
 from pipeline.crashguard import Crashed, shared_sandbox
 from pipeline.stages.base import Stage
@@ -214,10 +215,16 @@ class DecodedImage:
     original_width: int
     original_height: int
     sha256: str
+    # PDQ hash of the whole picture (32 bytes), for the blocklist check; with dihedral, also
+    # its 7 rotations and mirror images.
+    pdq: bytes | None = None
+    pdq_dihedral: tuple[bytes, ...] | None = None
 
 
-def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
-    """Check, decode, resize and re-encode one image; raises :class:`RowFailure` with a status."""
+def decode_image(data: bytes | None, cfg: DecodeConfig, pdq_dihedral: bool = False) -> DecodedImage:
+    """Check, decode, resize and re-encode one image; raises :class:`RowFailure` with a status.
+
+    Also hashes the picture with PDQ (``pdq_dihedral``: in all 8 orientations) for blocklists."""
     if not data:
         raise RowFailure("decode_error", "no image bytes")
     fmt = sniff_format(data)
@@ -270,6 +277,7 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
         if orientation != 1:
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
+        pdq: tuple[bytes, ...] | None = None
         if target is not None:
             shrinking = target[0] < ow or target[1] < oh
             if rgb.size != target:
@@ -281,7 +289,10 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
                     rgb = rgb.resize(target, Image.Resampling.HAMMING, reducing_gap=2.0)
                 else:
                     rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+            pdq = _pdq(rgb, pdq_dihedral)  # blocklists: the whole picture, before pad/crop
             rgb = _place(rgb, cfg)
+        if pdq is None:
+            pdq = _pdq(rgb, pdq_dihedral)
     except RowFailure:
         raise
     except Exception as e:
@@ -295,7 +306,15 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
         original_width=ow,
         original_height=oh,
         sha256=hashlib.sha256(encoded).hexdigest(),
+        pdq=pdq[0],
+        pdq_dihedral=pdq[1:] if pdq_dihedral else None,
     )
+
+
+def _pdq(rgb: Image.Image, dihedral: bool) -> tuple[bytes, ...]:
+    from pipeline.blocklist import pdq_dihedral_of, pdq_of
+
+    return tuple(pdq_dihedral_of(rgb)) if dihedral else (pdq_of(rgb),)
 
 
 def _place(im: Image.Image, cfg: DecodeConfig) -> Image.Image:
@@ -337,12 +356,12 @@ def _crash_hook(url: str | None) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
 
 
-def decode_row(item: tuple[bytes | None, str | None, DecodeConfig]) -> DecodedImage | tuple[str, str]:
-    """Decode one row: ``(image bytes, url, config)`` -> the stored image, or ``(status,
+def decode_row(item: tuple[Any, ...]) -> DecodedImage | tuple[str, str]:
+    """Decode one row: ``(image bytes, url, config[, pdq_dihedral])`` -> the stored image, or ``(status,
     error)`` for a row that fails. Never raises for bad bytes. This is what the crash guard's
     child process runs (by name), and what the stage runs in-process without isolation.
     """
-    data, url, cfg = item
+    data, url, cfg, *rest = item
     _crash_hook(url)
     # Pillow's own bomb guard as a backstop for anything our header check does not see; set
     # for this row only and restored, as it is process-global.
@@ -355,7 +374,7 @@ def decode_row(item: tuple[bytes | None, str | None, DecodeConfig]) -> DecodedIm
             # row's outcome is recorded in its status and error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            return decode_image(data, cfg)
+            return decode_image(data, cfg, bool(rest and rest[0]))
     except RowFailure as f:
         return f.status, str(f)
     except Exception as e:  # a Pillow bug on a hostile file must not kill the batch
@@ -384,6 +403,9 @@ class DecodeStage(Stage):
     isolate: bool = True
     max_attempts: int = 2
     timeout_s: float | None = 60.0
+    # The job's blocklists: a picture within the PDQ distance of a listed hash gets status
+    # ``blocked`` here, before anything of it leaves this stage (pipeline/blocklist.py).
+    blocklist: BlocklistSpec | None = None
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -394,10 +416,12 @@ class DecodeStage(Stage):
         urls = batch.column(S.URL).to_pylist() if S.URL in batch.column_names else [None] * n
         out: dict[str, list[Any]] = {
             k: [None] * n
-            for k in (S.IMAGE, S.IMAGE_FORMAT, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.SHA256)
+            for k in (S.IMAGE, S.IMAGE_FORMAT, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.SHA256, S.PDQ)
         }
         todo = [i for i in range(n) if statuses[i] == S.OK]
-        items = [(blobs[i].as_py() if blobs is not None else None, urls[i], self.cfg) for i in todo]
+        blocklist = get_blocklist(self.blocklist)
+        dihedral = blocklist is not None and blocklist.has_pdq and blocklist.pdq_dihedral
+        items = [(blobs[i].as_py() if blobs is not None else None, urls[i], self.cfg, dihedral) for i in todo]
         if self.isolate:
             box = shared_sandbox("pipeline.stages.decode:decode_row", self.max_attempts, self.timeout_s)
             results = box.map(items)
@@ -411,7 +435,12 @@ class DecodeStage(Stage):
             if isinstance(res, tuple):
                 statuses[i], errors[i] = res
                 continue
+            hit = blocklist.check_pdq(res.pdq, list(res.pdq_dihedral or ())) if blocklist is not None else None
+            if hit is not None:  # nothing of the picture is kept, not even its hashes
+                statuses[i], errors[i] = S.BLOCKED, hit.reason()
+                continue
             out[S.IMAGE][i] = res.data
+            out[S.PDQ][i] = res.pdq.hex() if res.pdq is not None else None
             out[S.IMAGE_FORMAT][i] = res.image_format
             out[S.WIDTH][i] = res.width
             out[S.HEIGHT][i] = res.height
@@ -419,12 +448,18 @@ class DecodeStage(Stage):
             out[S.ORIGINAL_HEIGHT][i] = res.original_height
             out[S.SHA256][i] = res.sha256
         table = batch.drop_columns([S.IMAGE_BYTES]) if has_bytes else batch
+        if S.SOURCE_SHA256 in table.column_names:  # a blocked row keeps no hash of its bytes
+            src = table.column(S.SOURCE_SHA256).to_pylist()
+            src = [None if st == S.BLOCKED else v for st, v in zip(statuses, src, strict=True)]
+            table = table.set_column(table.schema.get_field_index(S.SOURCE_SHA256), S.SOURCE_SHA256,
+                                     pa.array(src, pa.string()))
         table = table.set_column(table.schema.get_field_index(S.STATUS), S.STATUS, pa.array(statuses, pa.string()))
         table = table.set_column(table.schema.get_field_index(S.ERROR), S.ERROR, pa.array(errors, pa.string()))
         types = {
             S.IMAGE: pa.binary(),
             S.IMAGE_FORMAT: pa.string(),
             S.SHA256: pa.string(),
+            S.PDQ: pa.string(),
         }
         for name, values in out.items():
             table = table.append_column(name, pa.array(values, types.get(name, pa.int32())))

@@ -8,14 +8,20 @@ same order):
   of a refused, opted-out, oversized or timed-out response;
 - ``http_status`` (int32): the last HTTP status received, null when no response came;
 - ``download_s`` (float32): wall seconds spent on the row, retries and waits included; null for
-  rows that were not ``ok`` on input.
+  rows that were not ``ok`` on input;
+- ``source_sha256`` (string): hex sha256 of the downloaded bytes (the hash image hash lists
+  use; ``sha256`` is the stored, re-encoded file's), only for rows that end ``ok``.
+
+Blocklists (``blocklist``, pipeline/blocklist.py): a URL or domain on a list is never requested
+(checked at every redirect hop too), and downloaded bytes whose md5, sha1 or sha256 is listed
+are dropped at once; either way the row gets status ``blocked`` and an error naming the list.
 
 Failure statuses (:data:`FAILURE_STATUSES`): ``http_<code>``, ``timeout`` (the total deadline
 of one attempt: connect + headers + body), ``connection_error``, ``tls_error``,
 ``incomplete_body`` (the connection ended before the declared Content-Length), ``too_large``
 (declared or streamed size over ``max_bytes``), ``blocked_address``, ``bad_scheme``, ``bad_url``,
-``opt_out`` (X-Robots-Tag), ``too_many_redirects``, ``download_error`` (an unexpected exception,
-recorded rather than raised).
+``opt_out`` (X-Robots-Tag), ``too_many_redirects``, ``blocked`` (a blocklist names the URL, a
+domain or the bytes), ``download_error`` (an unexpected exception, recorded rather than raised).
 
 Retries: connection errors, incomplete bodies, 429 and 5xx only, ``config.retries`` times; a
 row can therefore take up to ``(retries + 1) * timeout`` plus the waits between attempts.
@@ -27,6 +33,7 @@ client, so an actor keeps its connections warm across batches. Without Ray, call
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +41,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.blocklist import BlocklistSpec, get_blocklist
 from pipeline.config import DownloadConfig
 from pipeline.fetch import Fetcher, FetchResult
 from pipeline.netguard import Resolver
@@ -52,6 +60,7 @@ FAILURE_STATUSES = frozenset(
         "bad_url",
         "opt_out",
         "too_many_redirects",
+        "blocked",
         "download_error",
     }
 )
@@ -64,6 +73,8 @@ class DownloadStage(Stage):
     config: DownloadConfig = field(default_factory=DownloadConfig)
     # Tests inject a resolver with a fake getaddrinfo; None means the system resolver.
     resolver: Resolver | None = None
+    # The job's blocklists; loaded once per worker process (None or empty: no checks).
+    blocklist: BlocklistSpec | None = None
     _fetcher: Fetcher | None = field(default=None, init=False, repr=False, compare=False)
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -73,7 +84,7 @@ class DownloadStage(Stage):
     def setup(self) -> None:
         """Create the HTTP client and the worker threads (once per actor or process)."""
         if self._fetcher is None:
-            self._fetcher = Fetcher(self.config, self.resolver)
+            self._fetcher = Fetcher(self.config, self.resolver, get_blocklist(self.blocklist))
             self._pool = ThreadPoolExecutor(
                 self.config.thread_count, thread_name_prefix="clipcurate-download"
             )
@@ -102,6 +113,8 @@ class DownloadStage(Stage):
         else:
             try:
                 result = self._fetcher.fetch(str(url))
+                if result.status == "ok" and result.body is not None:
+                    result = _check_bytes(result, self._fetcher.blocklist)
             except Exception as e:  # noqa: BLE001 - a row's failure must not fail the batch
                 result = FetchResult("download_error", f"{type(e).__name__}: {e}")
         return result, time.monotonic() - start
@@ -126,6 +139,7 @@ class DownloadStage(Stage):
         bodies: list[bytes | None] = [None] * n
         codes: list[int | None] = [None] * n
         seconds: list[float | None] = [None] * n
+        digests: list[str | None] = [None] * n
         for i, (result, spent) in zip(
             todo, self._pool.map(self._fetch_row, [urls[i] for i in todo]), strict=True
         ):
@@ -136,8 +150,9 @@ class DownloadStage(Stage):
             codes[i] = result.http_status
             seconds[i] = spent
             bodies[i] = result.body if result.status == "ok" else None
+            digests[i] = result.sha256 if result.status == "ok" else None
         out = batch
-        for name in ("image_bytes", "http_status", "download_s"):
+        for name in ("image_bytes", "http_status", "download_s", "source_sha256"):
             if name in out.column_names:
                 out = out.drop_columns([name])
         out = _put(out, "status", pa.array(statuses, pa.string()))
@@ -145,7 +160,20 @@ class DownloadStage(Stage):
         out = out.append_column("image_bytes", _binary_column(bodies))
         out = out.append_column("http_status", pa.array(codes, pa.int32()))
         out = out.append_column("download_s", pa.array(seconds, pa.float32()))
+        out = out.append_column("source_sha256", pa.array(digests, pa.string()))
         return out
+
+
+def _check_bytes(result: FetchResult, blocklist: Any) -> FetchResult:
+    """Hash a fetched body (``result.sha256``, hex) and drop it when a hash list names it."""
+    assert result.body is not None
+    digest = hashlib.sha256(result.body)
+    if blocklist is not None:
+        hit = blocklist.check_bytes(result.body, digest.digest())
+        if hit is not None:
+            return FetchResult("blocked", hit.reason(), result.http_status, attempts=result.attempts)
+    result.sha256 = digest.hexdigest()
+    return result
 
 
 _MAX_CHUNK_BYTES = 1 << 30
