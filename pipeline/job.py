@@ -39,6 +39,7 @@ from pipeline import job_config as J
 from pipeline import schema as S
 from pipeline.config import ConfigError, JobConfig, ReadConfig, StorageConfig
 from pipeline.decisions import DECISION_COLUMNS, decide, kept_rows
+from pipeline.model_defaults import notes as model_defaults_notes
 from pipeline.report import HTML_NAME as REPORT_NAME
 from pipeline.report import STATS_NAME
 from pipeline.stages.base import Resources, Stage
@@ -404,6 +405,9 @@ def run(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSummary
     (pipeline/ray_start.py)."""
     emit = emit or (lambda line: print(line, flush=True))
     cfg = J.validate(cfg)
+    from pipeline.safety import preflight
+
+    preflight(cfg, emit)  # blocklists, head: one-line ConfigError before Ray starts
     started = time.time()
     out = Storage(cfg.output_root, cfg.storage)
     summary = JobSummary(output=cfg.output_root)
@@ -546,6 +550,7 @@ def write_report(
         thumbnails=thumbs,
         storage=cfg.storage,
         extra={
+            "notes": model_defaults_notes(cfg),
             "shards_downloaded": summary.shards_downloaded,
             "shards_reembedded": summary.shards_reembedded,
             "shards_skipped": summary.shards_skipped,

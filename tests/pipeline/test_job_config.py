@@ -83,9 +83,9 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
     [
         (["--set", "embed.rows_per_call=many"], "embed.rows_per_call: expected an integer, got 'many'"),
         (["--set", "embed.concurrency=1,2,3"], "embed.concurrency: expected 2 values"),
-        (["--set", "filter.unsafe=perhaps"], "filter.unsafe: expected true or false"),
+        (["--set", "filter.unsafe=perhaps"], "filter.unsafe: must be true, false, or 'auto'"),
         (["--set", "decode.image_size=1.5"], "decode.image_size: expected an integer"),
-        (["--set", "moderate.concepts=[a, b]"], "moderate.concepts: expected a mapping"),
+        (["--set", "moderate.concepts=[a, b]"], "moderate.concepts: expected dict"),
         (["--set", "embedding.model=x"], "embedding: unknown section"),
         (["--set", "embed.modle=x"], "embed.modle: unknown field"),
         (["--set", "embed.model.name=x"], "embed.model: is a value, not a section"),
