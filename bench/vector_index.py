@@ -26,8 +26,11 @@ import resource
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MACHINE = "2-core CI box, CPU, shared with other work"
 

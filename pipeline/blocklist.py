@@ -24,10 +24,11 @@ rotations and mirror images.
 
 Memory (bytes per entry, sorted arrays, no per-entry Python object): url and domain 16 (a
 128-bit digest of the normalised text; a false match needs a 2^-128 collision), md5 16, sha1
-20, sha256 32, pdq 96 (the 32-byte hash plus a multi-index of sixteen 16-bit chunks: by the
+20, sha256 32 (plus 2 bytes naming the list), pdq 98 + 8 MB (the 32-byte hash plus a
+multi-index of sixteen 16-bit chunks: by the
 pigeonhole principle a hash within 31 bits of an entry agrees with it to within one bit on at
 least one chunk, so a lookup probes 16 x 17 buckets instead of scanning). 10 million sha256
-entries take 320 MB, 1 million PDQ entries 100 MB (bench/blocklist.py measures both).
+entries take 340 MB, 1 million PDQ entries 107 MB (bench/blocklist.py measures both).
 
 Loading: :func:`validate` in the driver, before Ray starts, reads every list completely and
 raises :class:`BlocklistError` naming ``file:line`` for the first bad entry (a malformed or
@@ -85,10 +86,20 @@ class BlockMatch(NamedTuple):
 # ------------------------------------------------------------------------ normalisation
 
 
+_PLAIN_URL = re.compile(r"(https?)://([A-Za-z0-9.-]+)(?::([0-9]{1,5}))?([/?][^#]*)?(?:#.*)?", re.I | re.S)
+
+
 def normalize_url(url: str) -> str:
     """The form URLs are compared in: stripped, scheme and host lower-cased, the default port
     and the fragment dropped; path and query unchanged."""
     url = url.strip()
+    m = _PLAIN_URL.fullmatch(url)
+    if m is not None and m[2].strip("."):  # the common case, without urlsplit (lists of 10M)
+        scheme, host = m[1].lower(), m[2].lower().rstrip(".")
+        port = int(m[3]) if m[3] else None
+        if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+            host += f":{port}"
+        return f"{scheme}://{host}{m[4] or ''}"
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").rstrip(".")
@@ -195,7 +206,7 @@ class PdqIndex:
     hashes: np.ndarray
     list_ids: np.ndarray
     order: np.ndarray  # uint32 [16, N]
-    starts: np.ndarray  # uint32 [16, 65537]
+    starts: np.ndarray  # int64 [16, 65537]
 
     @classmethod
     def build(cls, parts: list[tuple[int, bytearray]]) -> PdqIndex:
@@ -205,7 +216,7 @@ class PdqIndex:
         n = as_bytes.shape[0]
         chunks = as_bytes.view(">u2").astype(np.uint16)  # [N, 16]
         order = np.empty((_CHUNKS, n), np.uint32)
-        starts = np.empty((_CHUNKS, 65537), np.uint32)
+        starts = np.empty((_CHUNKS, 65537), np.int64)
         for c in range(_CHUNKS):
             col = chunks[:, c]
             o = np.argsort(col, kind="stable").astype(np.uint32)
@@ -213,6 +224,14 @@ class PdqIndex:
             starts[c] = np.searchsorted(col[o], np.arange(65537), side="left")
         hashes = as_bytes.view(">u8").astype(np.uint64)
         return cls(hashes, ids, order, starts)
+
+    def __post_init__(self) -> None:
+        # Flat views and per-chunk offsets, so a lookup is a handful of vectorised gathers.
+        n = self.hashes.shape[0]
+        self._starts_flat = self.starts.ravel()
+        self._order_flat = self.order.ravel()
+        self._row_base = (np.arange(_CHUNKS, dtype=np.int64) * 65537)[:, None]
+        self._order_base = np.arange(_CHUNKS, dtype=np.int64) * n
 
     def __len__(self) -> int:
         return int(self.hashes.shape[0])
@@ -230,19 +249,21 @@ class PdqIndex:
             return None
         q = np.frombuffer(pdq, np.uint8)
         q16 = q.view(">u2").astype(np.int64)  # [16]
-        probes = q16[:, None] ^ masks[None, :]  # [16, P]
-        rows = np.arange(_CHUNKS)[:, None]
-        lo = self.starts[rows, probes].astype(np.int64).ravel()
-        hi = self.starts[rows, probes + 1].astype(np.int64).ravel()
-        lengths = hi - lo
+        # Flat positions into starts [16 * 65537]: chunk c's probe values v at c * 65537 + v.
+        flat = ((q16[:, None] ^ masks[None, :]) + self._row_base).ravel()
+        lo = self._starts_flat[flat]
+        lengths = self._starts_flat[flat + 1] - lo
+        keep = lengths > 0
+        lengths = lengths[keep]
         total = int(lengths.sum())
         if total == 0:
             return None
-        base = (np.repeat(np.arange(_CHUNKS), probes.shape[1]) * n + lo)[lengths > 0]
-        lengths = lengths[lengths > 0]
-        # Positions base[k] .. base[k] + lengths[k] - 1 of the flattened order array.
-        offsets = np.repeat(base - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-        cand = np.unique(self.order.ravel()[offsets + np.arange(total)])
+        base = lo[keep] + self._order_base[flat[keep] // 65537]
+        # Positions base[k] .. base[k] + lengths[k] - 1 of the flattened order array; an entry
+        # found through several chunks is simply scored more than once.
+        ends = np.cumsum(lengths)
+        offsets = np.repeat(base - (ends - lengths), lengths)
+        cand = self._order_flat[offsets + np.arange(total)]
         qw = q.view(">u8").astype(np.uint64)
         dist = _popcount64(self.hashes[cand] ^ qw).sum(axis=1)
         best = int(np.argmin(dist))
@@ -362,28 +383,50 @@ def _exists(uri: str, storage: StorageConfig) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
-def _lines(uri: str, storage: StorageConfig) -> Iterator[tuple[int, bytes]]:
-    """(line number, stripped first token) of each non-blank, non-comment line."""
+def _blocks(uri: str, storage: StorageConfig) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, block) of whole lines, about 8 MB at a time."""
     with _open(uri, storage) as f:
         rest = b""
-        lineno = 0
+        lineno = 1
         while True:
             block = f.read(_READ_BLOCK)
             data = rest + block
             if not block:
-                lines, rest = (data.split(b"\n") if data else []), b""
-            else:
-                lines = data.split(b"\n")
-                rest = lines.pop()
-            for line in lines:
-                lineno += 1
-                token = line.strip()
-                if not token or token.startswith(b"#"):
-                    continue
-                token = token.split(None, 1)[0].split(b",", 1)[0]
-                yield lineno, token
-            if not block:
+                if data:
+                    yield lineno, data
                 return
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield lineno, data[:cut]
+                lineno += data.count(b"\n", 0, cut)
+
+
+def _tokens(first: int, block: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line number, stripped first token) of each non-blank, non-comment line of a block."""
+    for k, line in enumerate(block.split(b"\n")):
+        token = line.strip()
+        if not token or token.startswith(b"#"):
+            continue
+        yield first + k, token.split(None, 1)[0].split(b",", 1)[0]
+
+
+def _lines(uri: str, storage: StorageConfig) -> Iterator[tuple[int, bytes]]:
+    """(line number, stripped first token) of each non-blank, non-comment line."""
+    for first, block in _blocks(uri, storage):
+        yield from _tokens(first, block)
+
+
+def _fast_hex_block(block: bytes, digits: int) -> bytes | None:
+    """The raw digests of a block that is nothing but ``digits``-long hex lines ending in
+    ``\\n`` (how hash lists are distributed), without a Python step per line; None when the
+    block holds anything else (comments, other columns, a bad line), for the line-by-line path."""
+    body = block if block.endswith(b"\n") else block + b"\n"
+    if len(body) % (digits + 1) or body.translate(None, b"0123456789abcdefABCDEF\n"):
+        return None
+    if body[digits :: digits + 1].count(b"\n") != len(body) // (digits + 1):
+        return None
+    return bytes.fromhex(body.replace(b"\n", b"").decode("ascii"))
 
 
 def _parquet_values(uri: str, kind: str, storage: StorageConfig) -> Iterator[tuple[int, bytes]]:
@@ -411,10 +454,19 @@ def _parquet_values(uri: str, kind: str, storage: StorageConfig) -> Iterator[tup
                 yield row, v
 
 
-def _entries(src: ListSource, storage: StorageConfig) -> Iterator[tuple[int, bytes]]:
+def _entries(src: ListSource, storage: StorageConfig, raw: bytearray | None = None) -> Iterator[tuple[int, bytes]]:
+    """The entries of a list; for a text hash list with ``raw``, blocks of plain hex lines
+    go straight into ``raw`` and only the other blocks are yielded line by line."""
     if src.uri.endswith(".parquet"):
-        return _parquet_values(src.uri, src.kind, storage)
-    return _lines(src.uri, storage)
+        yield from _parquet_values(src.uri, src.kind, storage)
+        return
+    for first, block in _blocks(src.uri, storage):
+        if raw is not None:
+            fast = _fast_hex_block(block, HEX_DIGITS[src.kind])
+            if fast is not None:
+                raw.extend(fast)
+                continue
+        yield from _tokens(first, block)
 
 
 def _where(src: ListSource, line: int) -> str:
@@ -446,7 +498,7 @@ def _read_hashes(src: ListSource, storage: StorageConfig) -> bytearray:
         lines_of.clear()
 
     lines_of: list[int] = []
-    for lineno, token in _entries(src, storage):
+    for lineno, token in _entries(src, storage, out):
         if len(token) != digits:
             what = "a PDQ hash" if src.kind == "pdq" else f"an {src.kind}" if src.kind == "md5" else f"a {src.kind}"
             raise BlocklistError(
@@ -471,7 +523,7 @@ def _read_texts(src: ListSource, storage: StorageConfig) -> bytearray:
         except UnicodeDecodeError:
             raise BlocklistError(f"{_where(src, lineno)}: not UTF-8 text") from None
         if src.kind == "url":
-            if "://" not in text or not url_host(text):
+            if _PLAIN_URL.fullmatch(text.strip()) is None and ("://" not in text or not url_host(text)):
                 raise BlocklistError(f"{_where(src, lineno)}: {text[:120]!r} is not a URL with a host")
             out.extend(_text_digest(normalize_url(text)))
         else:

@@ -214,6 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
             description="Choose per-concept unsafe thresholds for a target precision or recall.",
         )
     )
+    from pipeline.head_train import add_arguments as _add_head_args
+
+    _add_head_args(
+        sub.add_parser(
+            "train-head",
+            help="train an unsafe-classifier head (MLP over image embeddings) -> safetensors",
+            description="Train a p_unsafe head on a labelled output; moderate.head_path loads it.",
+        )
+    )
     return p
 
 
@@ -240,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.calibrate import run as run_calibrate
 
         return run_calibrate(args)
+    if args.command == "train-head":
+        from pipeline.head_train import run as run_train_head
+
+        return run_train_head(args)
     try:
         cfg = config_from_args(args)
         from pipeline.safety import check_blocklists

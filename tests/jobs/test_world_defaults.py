@@ -150,3 +150,50 @@ def test_similarity_takedown_removes_a_scenes_near_copies_and_nothing_else(world
     assert recall >= 0.95, (recall, sorted(want - taken))
     others = sorted(taken - want)
     assert others == [], [(k, after[k][S.CAPTION]) for k in others]
+
+
+def test_a_head_trained_on_the_world_filters_a_fresh_world(world_run: dict[str, Any], tmp_path: Path) -> None:
+    """Scope 6 end to end: label a run's output, `clipcurate train-head`, `clipcurate calibrate
+    --head`, then a job on a fresh world that moderates with the head alone."""
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401  (pa.compute)
+    import yaml
+
+    from pipeline.cli import main as cli
+
+    table = pq.read_table(world_run["out"] / "embeddings")
+    unsafe = {r["url"]: r["_gt_unsafe"] for r in world_run["gt"]}
+    labelled = table.append_column("_gt_unsafe", pa.array([unsafe[u] for u in table.column(S.URL).to_pylist()]))
+    # Train on half the sample, pick the threshold on the other half (a threshold chosen on the
+    # training rows sits where the head is overconfident).
+    half = pa.array([int(k) % 2 == 0 for k in labelled.column(S.KEY).to_pylist()])
+    pq.write_table(labelled.filter(half), tmp_path / "train.parquet")
+    pq.write_table(labelled.filter(pa.compute.invert(half)), tmp_path / "calibrate.parquet")
+    head = tmp_path / "hazard-head.safetensors"
+    assert cli(["train-head", "--input", str(tmp_path / "train.parquet"), "--label_col", "_gt_unsafe",
+                "--out", str(head)]) == 0
+    assert cli(["calibrate", "--input", str(tmp_path / "calibrate.parquet"), "--model", "tiny-synthetic",
+                "--pretrained", "synthetic", "--concept", "hazard=a hazard sign|a warning sign",
+                "--head", str(head), "--label_col", "_gt_unsafe", "--target_recall", "0.97",
+                "--out", str(tmp_path / "thresholds.yaml")]) == 0
+    threshold = yaml.safe_load((tmp_path / "thresholds.yaml").read_text())["head_threshold"]
+
+    root = tmp_path / "fresh"
+    with FaultServer(root) as srv:
+        gt = {r["url"]: r for r in generate_world(root, 160, SEED + 1, srv.base_url + "/", unsafe_rate=0.15).to_pylist()}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env |= {"RAY_TMPDIR": tempfile.mkdtemp(prefix="cch-", dir="/tmp"), "PYTHONPATH": str(REPO)}
+        done = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / "embed_laion.py"), "--input", str(root / "urls.parquet"),
+             "--output", str(root / "out"), "--allowed-networks", "127.0.0.1/32", "--head", str(head),
+             "--set", "moderate.concepts={}", "--set", f"moderate.head_threshold={threshold}"],
+            capture_output=True, text=True, timeout=1200, env=env, cwd=root,
+        )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [r for r in pq.read_table(root / "out" / "embeddings").to_pylist() if r[S.STATUS] == S.OK]
+    pos = [r for r in rows if gt[r[S.URL]]["_gt_unsafe"]]
+    neg = [r for r in rows if not gt[r[S.URL]]["_gt_unsafe"]]
+    recall = sum(r[S.UNSAFE_SOURCE] == "head" for r in pos) / len(pos)
+    fpr = sum(r[S.UNSAFE_SOURCE] is not None for r in neg) / len(neg)
+    assert recall >= 0.9 and fpr <= 0.02, (recall, fpr, threshold)
+    assert all(r[S.DROP_REASON].startswith("unsafe:head(head probability>") for r in pos if r[S.UNSAFE_SOURCE])

@@ -198,4 +198,4 @@ def test_memory_is_bytes_per_entry() -> None:
     n = 20000
     sha = bytearray(rng.integers(0, 256, n * 32, dtype=np.uint8).tobytes())
     assert DigestSet.build(32, [(0, sha)]).nbytes == n * (32 + 2)
-    assert PdqIndex.build([(0, sha)]).nbytes == n * (32 + 2 + 16 * 4) + 16 * 65537 * 4
+    assert PdqIndex.build([(0, sha)]).nbytes == n * (32 + 2 + 16 * 4) + 16 * 65537 * 8
