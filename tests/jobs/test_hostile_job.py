@@ -32,6 +32,7 @@ from pipeline.config import (
     DedupConfig,
     DownloadConfig,
     EmbedConfig,
+    FilterConfig,
     JobConfig,
     ModerateConfig,
     ReadConfig,
@@ -133,6 +134,9 @@ def hostile_run(ray_local: None, s3_server: Any, tmp_path_factory: pytest.TempPa
             moderate=ModerateConfig(enabled=False),
             # Only byte-identical images count as duplicates here (cos >= 1).
             dedup=DedupConfig(threshold=1.0),
+            # Hostile captions do not describe their images: no clip_score filter (the model's
+            # default would drop them), so every ok row but the duplicate is kept.
+            filter=FilterConfig(clip_score_threshold=None),
         )
         lines: list[str] = []
         summary = job.run(cfg, emit=lines.append)
