@@ -32,8 +32,9 @@ entries take 340 MB, 1 million PDQ entries 107 MB (bench/blocklist.py measures b
 
 Loading: :func:`validate` in the driver, before Ray starts, reads every list completely and
 raises :class:`BlocklistError` naming ``file:line`` for the first bad entry (a malformed or
-wrong-length hash, an unreadable file). Workers call :func:`get_blocklist`, which loads each
-:class:`BlocklistSpec` once per process and keeps it.
+wrong-length hash, an unreadable file). Workers call :func:`get_blocklist`, which loads the
+kinds a stage checks once per process and keeps them: download workers the URL, domain and
+hash lists, decode workers (one per core) only the PDQ index.
 
 An output's own blocklist (``<output>/_blocklist/``, written by takedowns,
 :func:`append_to_output`) holds ``urls.txt``, ``sha256.txt`` and ``pdq.txt``; every run that
@@ -641,13 +642,19 @@ class Blocklist:
         return "; ".join(f"{name} ({kind}): {n} entries" for (kind, name), n in self.counts.items() if n)
 
 
-def load(cfg: BlocklistConfig, storage: StorageConfig, own_outputs: Iterable[str] = ()) -> Blocklist:
-    """Read and index every list of ``cfg`` (and the own blocklists of ``own_outputs``).
-    Raises :class:`BlocklistError` naming the file and line of the first bad entry."""
+def load(
+    cfg: BlocklistConfig, storage: StorageConfig, own_outputs: Iterable[str] = (), kinds: Iterable[str] = KINDS
+) -> Blocklist:
+    """Read and index every list of ``cfg`` (and the own blocklists of ``own_outputs``) of the
+    given ``kinds``. Raises :class:`BlocklistError` naming the file and line of the first bad
+    entry."""
+    wanted = set(kinds)
     names: list[str] = []
     parts: dict[str, list[tuple[int, bytearray]]] = {k: [] for k in KINDS}
     counts: dict[tuple[str, str], int] = {}
     for src in sources(cfg, own_outputs):
+        if src.kind not in wanted:
+            continue
         raw = read_list(src, storage)
         if raw is None:
             continue
@@ -684,26 +691,35 @@ class BlocklistSpec:
         return bool(self.own_outputs or c.outputs or any(getattr(c, _FIELD[k]) for k in KINDS))
 
 
-_CACHE: dict[BlocklistSpec, Blocklist] = {}
+_CACHE: dict[tuple[BlocklistSpec, tuple[str, ...]], Blocklist] = {}
 _CACHE_LOCK = threading.Lock()
+# What each stage checks: the download stage never needs the PDQ index, the decode stage
+# (one process per core) only needs it.
+DOWNLOAD_KINDS = ("url", "domain", *HASH_KINDS)
+DECODE_KINDS = ("pdq",)
 
 
-def get_blocklist(spec: BlocklistSpec | None) -> Blocklist | None:
-    """The lists of ``spec``, loaded once per process (None when nothing is configured)."""
+def get_blocklist(spec: BlocklistSpec | None, kinds: Iterable[str] = KINDS) -> Blocklist | None:
+    """The lists of ``spec`` of the given ``kinds``, loaded once per process (None when
+    nothing is configured)."""
     if spec is None or not spec.configured:
         return None
+    key = (spec, tuple(sorted(set(kinds))))
     with _CACHE_LOCK:
-        bl = _CACHE.get(spec)
+        bl = _CACHE.get(key)
         if bl is None:
-            bl = load(spec.config, spec.storage, spec.own_outputs)
-            _CACHE[spec] = bl
+            bl = load(spec.config, spec.storage, spec.own_outputs, key[1])
+            _CACHE[key] = bl
         return bl
 
 
 def validate(spec: BlocklistSpec | None) -> Blocklist | None:
-    """Load every list of ``spec`` now (in the driver, before Ray starts) and keep it for this
-    process; :class:`BlocklistError` names the first bad file and line."""
-    return get_blocklist(spec)
+    """Read every list of ``spec`` now (in the driver, before Ray starts);
+    :class:`BlocklistError` names the first bad file and line. The lists are not kept: the
+    driver checks no row."""
+    if spec is None or not spec.configured:
+        return None
+    return load(spec.config, spec.storage, spec.own_outputs)
 
 
 # ---------------------------------------------------------------------- an output's own list

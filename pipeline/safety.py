@@ -24,7 +24,10 @@ def check_blocklists(cfg: JobConfig | DownloadJobConfig, emit: Callable[[str], N
     """Load every list now; ConfigError (a BlocklistError) names the first bad file and line."""
     bl = validate(blocklist_spec(cfg))
     if bl is not None and emit is not None and not bl.empty:
-        emit(f"blocklists: {bl.summary()} ({bl.nbytes / 1e6:.1f} MB per worker process)")
+        exact = sum(s.nbytes for s in bl.sets.values())
+        pdq = bl.pdq.nbytes if bl.pdq is not None else 0
+        emit(f"blocklists: {bl.summary()} ({exact / 1e6:.1f} MB in each download worker, "
+             f"{pdq / 1e6:.1f} MB in each decode worker)")
 
 
 def check_head(cfg: JobConfig) -> None:

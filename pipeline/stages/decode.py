@@ -45,7 +45,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from pipeline import schema as S
-from pipeline.blocklist import BlocklistSpec, get_blocklist
+from pipeline.blocklist import DECODE_KINDS, BlocklistSpec, get_blocklist
 from pipeline.config import DecodeConfig
 from pipeline.crashguard import Crashed, shared_sandbox
 from pipeline.stages.base import Stage
@@ -419,7 +419,7 @@ class DecodeStage(Stage):
             for k in (S.IMAGE, S.IMAGE_FORMAT, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.SHA256, S.PDQ)
         }
         todo = [i for i in range(n) if statuses[i] == S.OK]
-        blocklist = get_blocklist(self.blocklist)
+        blocklist = get_blocklist(self.blocklist, DECODE_KINDS)
         dihedral = blocklist is not None and blocklist.has_pdq and blocklist.pdq_dihedral
         items = [(blobs[i].as_py() if blobs is not None else None, urls[i], self.cfg, dihedral) for i in todo]
         if self.isolate:

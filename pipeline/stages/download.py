@@ -41,7 +41,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.blocklist import BlocklistSpec, get_blocklist
+from pipeline.blocklist import DOWNLOAD_KINDS, BlocklistSpec, get_blocklist
 from pipeline.config import DownloadConfig
 from pipeline.fetch import Fetcher, FetchResult
 from pipeline.netguard import Resolver
@@ -84,7 +84,7 @@ class DownloadStage(Stage):
     def setup(self) -> None:
         """Create the HTTP client and the worker threads (once per actor or process)."""
         if self._fetcher is None:
-            self._fetcher = Fetcher(self.config, self.resolver, get_blocklist(self.blocklist))
+            self._fetcher = Fetcher(self.config, self.resolver, get_blocklist(self.blocklist, DOWNLOAD_KINDS))
             self._pool = ThreadPoolExecutor(
                 self.config.thread_count, thread_name_prefix="clipcurate-download"
             )
