@@ -139,6 +139,14 @@ def test_similarity_takedown_removes_a_scenes_near_copies_and_nothing_else(world
     assert "<img" in (review / "review.html").read_text()
     assert not any(r[TAKEDOWN] for r in pq.read_table(world_run["out"] / "embeddings").to_pylist() if TAKEDOWN in r)
 
+    # Text queries: the rows whose picture matches "a hazard sign" (CLIP's shared space).
+    text_review = tmp_path / "text-review"
+    assert takedown_main(["--output", out, "--like-text", "a hazard sign", "--threshold", "0.48",
+                          "--dry-run", "--review", str(text_review)]) == 0
+    found = {m["key"] for m in pq.read_table(text_review / "matches.parquet").to_pylist()}
+    hazard = {r[S.KEY] for r in ok if r["gt"]["_gt_unsafe"]}
+    assert len(found & hazard) >= 0.9 * len(hazard) and len(found - hazard) <= 0.05 * len(found)
+
     argv = ["--output", out, "--reason", "look-alikes"]
     for key in queries.values():
         argv += ["--like", key]

@@ -120,3 +120,17 @@ def test_job_run_directly_local_ray_listens_on_loopback_only(url_list: Path, tmp
     )
     _check(result, seen)
     assert (tmp_path / "out" / "embeddings" / "00000.parquet").exists()
+
+
+def test_joining_a_cluster_is_left_to_that_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only a Ray the project starts is made loopback-only: an address (given or in
+    $RAY_ADDRESS, as under ``ray job submit``) is joined as it is."""
+    from pipeline.ray_start import _will_start_local
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster recorded by `ray start` here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _will_start_local(None) is True
+    assert _will_start_local("local") is True
+    assert _will_start_local("10.0.0.5:6379") is False
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert _will_start_local(None) is False
