@@ -144,10 +144,11 @@ def run_clipcurate(url_list: Path, out: Path, per_shard: int, cpus: int) -> tupl
 
     from pipeline.config import ExecutionConfig
     from pipeline.download_job import run_download
+    from pipeline.ray_start import init_ray
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t0
     try:
         summary = run_download(_clipcurate_config(url_list, out, per_shard), ExecutionConfig(scheduler="ray"))

@@ -5,7 +5,7 @@ and re-encoded), runs it through the job's decode (centre crop 128), preprocess 
 thumbnails) and embed stages with the bundled tiny model, then ``dedup_table`` with
 
 * ``cos>=0.99``: the embedding alone, at the threshold the demo used before the pixel check;
-* ``cos>=0.9 + pixels``: the demo's settings (jobs/demo.yaml).
+* ``cos>=0.9 + pixels``: the demo's settings (the tiny model's defaults).
 
 Reports, against the world's ground truth: near-duplicate recall (near copies whose
 ``duplicate_of`` chain meets their original's), precision of the semantic drops, rows dropped in
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-import yaml
 
 from pipeline import dedup as D
+from pipeline import job_config as J
 from pipeline import schema as S
-from pipeline.config import DecodeConfig, DedupConfig
+from pipeline.config import DecodeConfig
 from pipeline.pixel_check import confirm_pairs
 from pipeline.thumbnails import thumbs_array
 from testkit.embedding import embed_images
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append", help="append the table to this Markdown file")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    demo = DedupConfig(**yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())["dedup"])
+    demo = J.from_args(["--config", str(REPO / "jobs" / "demo.yaml"), "--input", "x", "--output", "y"]).dedup
     plain = dataclasses.replace(demo, threshold=0.99, pixel_check=False)
     lines = [
         "| seed | dedup | near-dup recall | semantic precision | crossed | candidate pairs | pixel check s | pairs/s |",

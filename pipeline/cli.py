@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.config import (
+    BlocklistConfig,
     ConfigError,
     DecodeConfig,
     DownloadConfig,
@@ -123,6 +124,29 @@ def _add_download_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--ray_address", default=None, help="ray: cluster address; default: $RAY_ADDRESS or start locally")
     g.add_argument("--summary_json", default=None, help="also write the summary to this path")
+    g = p.add_argument_group("safety")
+    g.add_argument("--optout_tokens", type=_list, default=dl.optout_tokens,
+                   help="X-Robots-Tag tokens whose opt-outs are honoured besides --user_agent_token")
+    g.add_argument("--blocklist", action="append", default=[], metavar="KIND=[NAME=]PATH",
+                   help="a list never to store: KIND is url, domain, md5, sha1, sha256 or pdq; PATH a text "
+                   "or Parquet file or s3:// URI (repeatable)")
+    g.add_argument("--blocklist_output", action="append", default=[],
+                   help="a job output whose takedowns (its _blocklist/) apply (repeatable)")
+    g.add_argument("--pdq_threshold", type=int, default=31, help="PDQ match distance in bits")
+
+
+_BLOCKLIST_FIELDS = {"url": "urls", "domain": "domains", "md5": "md5", "sha1": "sha1", "sha256": "sha256", "pdq": "pdq"}
+
+
+def _blocklist_config(a: argparse.Namespace) -> BlocklistConfig:
+    lists: dict[str, list[str]] = {f: [] for f in _BLOCKLIST_FIELDS.values()}
+    for entry in a.blocklist:
+        kind, sep, rest = entry.partition("=")
+        if not sep or kind.strip().lower() not in _BLOCKLIST_FIELDS or not rest:
+            raise ConfigError(f"blocklist: {entry!r} is not KIND=[NAME=]PATH with KIND one of {', '.join(_BLOCKLIST_FIELDS)}")
+        lists[_BLOCKLIST_FIELDS[kind.strip().lower()]].append(rest)
+    return BlocklistConfig(**{k: tuple(v) for k, v in lists.items()}, outputs=tuple(a.blocklist_output),
+                           pdq_threshold=a.pdq_threshold)
 
 
 def config_from_args(a: argparse.Namespace) -> DownloadJobConfig:
@@ -144,6 +168,7 @@ def config_from_args(a: argparse.Namespace) -> DownloadJobConfig:
             thread_count=a.thread_count,
             user_agent_token=a.user_agent_token,
             disallowed_header_directives=tuple(a.disallowed_header_directives),
+            optout_tokens=tuple(a.optout_tokens),
             allowed_networks=tuple(x for group in a.allowed_networks for x in group),
         ),
         decode=DecodeConfig(
@@ -159,6 +184,7 @@ def config_from_args(a: argparse.Namespace) -> DownloadJobConfig:
         ),
         shard=ShardConfig(output_folder=a.output_folder, number_sample_per_shard=a.number_sample_per_shard),
         storage=StorageConfig(s3_endpoint_url=a.s3_endpoint_url),
+        blocklist=_blocklist_config(a),
     )
     cfg.validate()
     return cfg
@@ -197,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
             description="Choose per-concept unsafe thresholds for a target precision or recall.",
         )
     )
+    from pipeline.head_train import add_arguments as _add_head_args
+
+    _add_head_args(
+        sub.add_parser(
+            "train-head",
+            help="train an unsafe-classifier head (MLP over image embeddings) -> safetensors",
+            description="Train a p_unsafe head on a labelled output; moderate.head_path loads it.",
+        )
+    )
     return p
 
 
@@ -223,9 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.calibrate import run as run_calibrate
 
         return run_calibrate(args)
+    if args.command == "train-head":
+        from pipeline.head_train import run as run_train_head
+
+        return run_train_head(args)
     try:
         cfg = config_from_args(args)
         execution = execution_from_args(args)
+        from pipeline.safety import check_blocklists
+
+        check_blocklists(cfg, lambda line: logging.getLogger("clipcurate").info(line))  # before Ray
     except ConfigError as e:
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2

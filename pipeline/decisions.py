@@ -20,8 +20,11 @@ order and the first that applies is recorded:
    :func:`pipeline.dedup.dedup_table`, when ``filter.duplicates`` is on. With
    ``dedup.pixel_check`` the cosine test reads ``cos>=0.9 & pixels(mean<=4.5,blob<=23)``.
 
-Dedup runs only over the rows that pass 0-3, so a duplicate is dropped only in favour of a row
-that is itself kept. Everything is recomputed from the measured columns (status, scores,
+Duplicate links (``duplicate_of``, ``dup_kind``) are recorded for every ``ok`` row that was not
+taken down, whatever else drops it, so an exact copy dropped as unsafe still names its image's
+other rows. Rows that pass 0-3 rank before all others, so a passing row is linked (and dropped
+as a duplicate) only in favour of a passing row that is itself kept; a row dropped by 1-3 keeps
+that reason and only gains the link. Everything is recomputed from the measured columns (status, scores,
 embeddings), never from an earlier ``keep``/``drop_reason``: running the decisions again on
 their own output gives the same result, which is what makes a re-run change nothing.
 
@@ -141,21 +144,33 @@ def decide(
     if filters.duplicates and S.IMAGE_EMBEDDING in table.column_names:
         from pipeline.dedup import dedup_table
 
-        passing = np.array([i for i, r in enumerate(reasons) if r is None], np.int64)
-        if len(passing):
+        # Links are found for every ok row, whatever else drops it ("every copy of this
+        # image" must include copies dropped as unsafe), but rows that pass the filters rank
+        # before all others: a passing row is only ever linked to another passing row, so
+        # which passing rows are kept does not depend on the filtered ones.
+        statuses = S.column_list(table, S.STATUS)
+        taken_down = S.column_list(table, S.TAKEDOWN)
+        linked = np.array([i for i, r in enumerate(reasons)
+                           if statuses[i] == S.OK and taken_down[i] is None], np.int64)
+        if len(linked):
             cols = [c for c in (S.KEY, S.STATUS, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in table.column_names]
-            sub = table.select(cols).take(pa.array(passing))
+            sub = table.select(cols).take(pa.array(linked))
             for name, typ in ((S.SHA256, pa.string()), (S.CLIP_SCORE, pa.float32())):
                 if name not in sub.column_names:
-                    sub = sub.append_column(name, pa.nulls(len(passing), typ))
+                    sub = sub.append_column(name, pa.nulls(len(linked), typ))
+            passes = np.array([reasons[i] is None for i in linked.tolist()], bool)
+            score = pc.cast(sub.column(S.CLIP_SCORE), pa.float64()).to_numpy(zero_copy_only=False)
+            score = np.where(np.isnan(score), -2.0, score)  # cosines lie in [-1, 1]
+            rank = np.where(passes, score, score - 10.0)
+            sub = sub.set_column(sub.column_names.index(S.CLIP_SCORE), S.CLIP_SCORE, pa.array(rank, pa.float64()))
             marked = dedup_table(sub, dedup, previous, progress)
             models = S.column_list(table, S.MODEL)
             sub_dup = marked.column(S.DUPLICATE_OF).to_pylist()
             sub_size = marked.column(S.DUP_GROUP_SIZE).to_pylist()
             sub_kind = marked.column(S.DUP_KIND).to_pylist()
-            for j, i in enumerate(passing.tolist()):
+            for j, i in enumerate(linked.tolist()):
                 dup_of[i], group[i], kinds[i] = sub_dup[j], sub_size[j], sub_kind[j]
-                if sub_kind[j] is not None:
+                if sub_kind[j] is not None and passes[j]:
                     reasons[i] = dedup_reason(sub_kind[j], models[i], dedup)
     out = S.set_column(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
     out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(group, pa.int32()))
@@ -165,18 +180,20 @@ def decide(
 
 
 def first_decisions(table: pa.Table, filters: FilterConfig, rules: Any = None) -> pa.Table:
-    """``table`` with ``keep``/``drop_reason`` from reasons 0-3 only and empty duplicate
-    columns: what the write stage stores before the global pass. For a row that no duplicate
-    search touches it equals :func:`decide`'s result, so the global pass rewrites only the
+    """``table`` with ``keep``/``drop_reason`` from reasons 0-3 only and no duplicate links
+    yet: what the write stage stores before the global pass. For a row that no duplicate
+    search links it equals :func:`decide`'s result, so the global pass rewrites only the
     files where dedup dropped (or linked) something."""
     reasons = filter_reasons(table, filters, rules)
     n = table.num_rows
-    # A row dedup will look at (it passes the filters and has an image embedding) is its own
-    # group of one until the global pass finds another.
+    # A row dedup will look at (ok, not taken down, with an image embedding: see decide) is
+    # its own group of one until the global pass finds another.
     has_emb = [False] * n
     if filters.duplicates and S.IMAGE_EMBEDDING in table.column_names:
         has_emb = pc.is_valid(table.column(S.IMAGE_EMBEDDING)).to_pylist()
-    size = [1 if r is None and e else None for r, e in zip(reasons, has_emb, strict=True)]
+    statuses, taken_down = S.column_list(table, S.STATUS), S.column_list(table, S.TAKEDOWN)
+    size = [1 if e and st == S.OK and td is None else None
+            for e, st, td in zip(has_emb, statuses, taken_down, strict=True)]
     out = S.set_column(table, S.DUPLICATE_OF, pa.nulls(n, pa.string()))
     out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(size, pa.int32()))
     out = S.set_column(out, S.DUP_KIND, pa.nulls(n, pa.string()))

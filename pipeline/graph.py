@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clip_model.config import PreprocessConfig
+from pipeline.blocklist import BlocklistSpec
 from pipeline.config import DownloadJobConfig, EmbedConfig, FilterConfig, WriteConfig
 from pipeline.stages.base import Resources, Stage
 from pipeline.stages.decode import DecodeStage
@@ -131,13 +132,14 @@ def download_stages(cfg: DownloadJobConfig, model: ModelSpec | None = None, thum
                     decode_isolation: bool = True, decode_cpus: float = 1.0) -> list[Stage]:
     """read -> download -> decode -> shard (-> tokenize, with a model): the fresh-shard
     source. With ``model`` the decode stage also makes the model's input (decode once)."""
+    lists = BlocklistSpec(cfg.blocklist, cfg.storage)
     stages: list[Stage] = [
         ReadStage(cfg=cfg.read, number_sample_per_shard=cfg.shard.number_sample_per_shard,
                   storage=cfg.storage, resources=Resources(num_cpus=0.1)),
-        DownloadStage(config=cfg.download, resources=Resources(num_cpus=0)),
+        DownloadStage(config=cfg.download, blocklist=lists, resources=Resources(num_cpus=0)),
         DecodeStage(cfg=cfg.decode, model_input=model.preprocess if model else None,
                     thumbnails=thumbnails and model is not None, isolate=decode_isolation,
-                    resources=Resources(num_cpus=decode_cpus)),
+                    blocklist=lists, resources=Resources(num_cpus=decode_cpus)),
         ShardStage(cfg=cfg.shard, storage=cfg.storage, passthrough=tuple(cfg.read.save_additional_columns)),
     ]
     if model is not None:

@@ -43,6 +43,7 @@ from pipeline import job_config as J
 from pipeline import schema as S
 from pipeline.config import ConfigError, JobConfig
 from pipeline.global_pass import global_pass
+from pipeline.model_defaults import notes as model_defaults_notes
 from pipeline.report import HTML_NAME as REPORT_NAME
 from pipeline.report import STATS_NAME
 from pipeline.storage import Storage, StorageError
@@ -285,6 +286,9 @@ def run(
     is given (``execution.scheduler``). ``wrap_graph``: see :func:`stream`."""
     emit = emit or (lambda line: print(line, flush=True))
     cfg = J.validate(cfg)
+    from pipeline.safety import preflight
+
+    preflight(cfg, emit)  # blocklists, head: one-line ConfigError before Ray starts
     started = time.time()
     out = Storage(cfg.output_root, cfg.storage)
     summary = JobSummary(output=cfg.output_root)
@@ -427,6 +431,7 @@ def write_report(
         thumbnails=thumbs,
         storage=cfg.storage,
         extra={
+            "notes": model_defaults_notes(cfg),
             "shards_downloaded": summary.shards_downloaded,
             "shards_reembedded": summary.shards_reembedded,
             "shards_skipped": summary.shards_skipped,

@@ -303,9 +303,13 @@ def to_yaml(cfg: JobConfig) -> str:
 
 def validate(cfg: JobConfig) -> JobConfig:
     """Validate every section and return the resolved config (derived output folders filled
-    in). Raises ``ConfigError`` naming the first bad field."""
+    in, model-owned settings taken from the model unless set: pipeline/model_defaults.py).
+    Raises ``ConfigError`` naming the first bad field."""
+    from pipeline.model_defaults import apply_model_defaults
+
+    cfg = apply_model_defaults(cfg.resolved())
     cfg.validate()
-    return cfg.resolved()
+    return cfg
 
 
 # ------------------------------------------------------------------------------ flags
@@ -334,12 +338,16 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--batch-size": ("embed.inference_batch", "images (or captions) per forward pass"),
     "--concurrency": ("embed.concurrency", "embedding workers: N or MIN,MAX (default: one per GPU)"),
     "--num-gpus-per-actor": ("embed.num_gpus", "GPUs per embedding worker (0: CPU; default: 1 where there are GPUs)"),
-    "--clip-score-threshold": ("filter.clip_score_threshold", "drop rows whose clip_score is below"),
+    "--clip-score-threshold": ("filter.clip_score_threshold", "drop rows whose clip_score is below (default: the model's; null: off)"),
     "--unsafe-threshold": (
         "moderate.default_threshold",
         "concept margin above which a row is unsafe (concepts without their own threshold)",
     ),
-    "--dedup-threshold": ("dedup.threshold", "cosine at or above which images are duplicates"),
+    "--dedup-threshold": ("dedup.threshold", "cosine at or above which images are duplicates (default: the model's)"),
+    "--unsafe-filter": ("filter.unsafe", "true/false: drop flagged rows (default auto: when calibrated for the model)"),
+    "--head": ("moderate.head_path", "unsafe-classifier head (safetensors MLP over image embeddings)"),
+    "--head-preset": ("moderate.head_preset", "published head threshold: re-laion-research-safe (0.45)"),
+    "--blocklist-output": ("blocklist.outputs", "earlier outputs whose takedowns apply (a,b)"),
     "--dedup-against": ("dedup.against", "an earlier run's output to deduplicate against"),
     "--dedup-pixel-check": (
         "dedup.pixel_check",

@@ -30,6 +30,7 @@ SHARD_STARTED = "_shard_started"  # float64: unix time the read stage emitted th
 IMAGE_BYTES = "image_bytes"
 HTTP_STATUS = "http_status"
 DOWNLOAD_S = "download_s"
+SOURCE_SHA256 = "source_sha256"  # hex sha256 of the downloaded bytes (what hash lists name)
 
 # --- columns set by the decode stage ------------------------------------------------------
 IMAGE = "image"
@@ -39,11 +40,15 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
+PDQ = "pdq"  # hex PDQ hash of the decoded picture (pipeline/blocklist.py), before resizing
 
 # --- column set by the shard stage --------------------------------------------------------
 SHARD = "shard"  # "00012": the file stem of the tar/parquet holding the row
 
 OK = "ok"
+# A blocklist (URL, domain, md5/sha1/sha256 of the bytes, PDQ of the picture) names the row:
+# nothing of it is stored; its error names the list.
+BLOCKED = "blocked"
 
 # Statuses the read stage sets.
 READ_STATUSES = frozenset({"missing_url", "malformed_row"})
@@ -61,6 +66,7 @@ DOWNLOAD_STATUSES = frozenset(
         "tls_error",
         "incomplete_body",
         "download_error",
+        BLOCKED,
     }
 )
 # Statuses the decode stage sets when its crash guard (pipeline/crashguard.py) quarantines a
@@ -141,6 +147,8 @@ SHARD_TABLE_FIELDS: tuple[pa.Field, ...] = (
     pa.field(ORIGINAL_WIDTH, pa.int32()),
     pa.field(ORIGINAL_HEIGHT, pa.int32()),
     pa.field(SHA256, pa.string()),
+    pa.field(SOURCE_SHA256, pa.string()),
+    pa.field(PDQ, pa.string()),
 )
 SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_TABLE_FIELDS))
 
@@ -207,6 +215,8 @@ def output_fields(dim: int) -> tuple[pa.Field, ...]:
         pa.field(ORIGINAL_WIDTH, pa.int32()),
         pa.field(ORIGINAL_HEIGHT, pa.int32()),
         pa.field(SHA256, pa.string()),
+        pa.field(SOURCE_SHA256, pa.string()),
+        pa.field(PDQ, pa.string()),
         pa.field(IMAGE_EMBEDDING, embedding_type(dim)),
         pa.field(TEXT_EMBEDDING, embedding_type(dim)),
         pa.field(CLIP_SCORE, pa.float32()),

@@ -208,6 +208,7 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
 @dataclass
 class _Worker:
     pool: str
+    slot: int  # its place in the pool (a model worker's GPU)
     proc: Any
     tasks: Connection
     results: Connection
@@ -262,8 +263,9 @@ class LocalScheduler:
         return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
     def pool_size(self, seg: Segment) -> int:
-        """Model workers for a stateful segment: its declared maximum, else one per GPU it
-        can have (GPU stages) or one (CPU stages: the other cores decode)."""
+        """Model workers for a stateful segment: its declared maximum, else as many as the
+        GPUs hold at ``num_gpus`` each (GPU stages; each worker sees only its own devices
+        through ``CUDA_VISIBLE_DEVICES``) or one (CPU stages: the other cores decode)."""
         c = seg.concurrency
         if c is not None:
             return c[1] if isinstance(c, tuple) else c
@@ -333,14 +335,22 @@ class _Run:
 
     # -- workers -------------------------------------------------------------------------
 
-    def _start(self, pool: str) -> _Worker:
+    def _start(self, pool: str, slot: int) -> _Worker:
         segs = {i: self.segs[i].stages for i, p in self.pool_of.items() if p == pool}
         prefixes = {i: self.segs[i].io_bound_prefix if pool == "cpu" else 0 for i in segs}
+        env = dict(os.environ)
+        gpus_each = max((self.segs[i].resources.num_gpus for i in segs), default=0.0)
+        if gpus_each > 0:
+            # Each model worker sees only its own device(s), as Ray does for a GPU actor.
+            n = max(1, int(gpus_each)) if gpus_each >= 1 else 1
+            per_device = max(1, int(1 / gpus_each)) if gpus_each < 1 else 1
+            first = (slot // per_device) * n
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + k) for k in range(n))
         task_r, task_w = self.ctx.Pipe(duplex=False)
         result_r, result_w = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(task_r, result_w, segs, prefixes, dict(os.environ), f"cc-{pool}"),
+            args=(task_r, result_w, segs, prefixes, env, f"cc-{pool}"),
             name=f"clipcurate-{pool}-worker",
             daemon=True,
         )
@@ -348,14 +358,14 @@ class _Run:
         # The parent keeps only its own ends, so a dead worker shows as EOF on `results`.
         task_r.close()
         result_w.close()
-        return _Worker(pool, proc, task_w, result_r)
+        return _Worker(pool, slot, proc, task_w, result_r)
 
     def run(self) -> dict[str, dict[str, Any]]:
         if self.total == 0:
             return {}
         try:
             for pool, n in self.pool_sizes.items():
-                self.workers += [self._start(pool) for _ in range(n)]
+                self.workers += [self._start(pool, slot) for slot in range(n)]
             while self.done < self.total:
                 self._feed()
                 self._assign()
@@ -469,7 +479,7 @@ class _Run:
             self.ready[t.segment].appendleft(t)
         w.tasks.close()
         w.results.close()
-        self.workers[self.workers.index(w)] = self._start(w.pool)
+        self.workers[self.workers.index(w)] = self._start(w.pool, w.slot)
 
     def _stop(self) -> None:
         for w in self.workers:

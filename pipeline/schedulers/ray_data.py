@@ -87,11 +87,12 @@ class RayDataScheduler:
         self.attempts = attempts
 
     def connect(self) -> None:
-        import ray
+        """Join ``address`` (or ``$RAY_ADDRESS``), or start a loopback-only local Ray
+        (pipeline/ray_start.py); nothing when this process is connected already."""
+        from pipeline.ray_start import init_ray
 
-        if not ray.is_initialized():
-            # log_to_driver=False: worker logs stay in Ray's log files; the driver prints progress.
-            ray.init(address=self.address, log_to_driver=False)
+        # log_to_driver=False: worker logs stay in Ray's log files; the driver prints progress.
+        init_ray(self.address, log_to_driver=False)
 
     def resources(self) -> dict[str, float]:
         """The cluster's total resources (``CPU``, ``GPU``, ...)."""
@@ -115,7 +116,11 @@ class RayDataScheduler:
             "num_cpus": res.num_cpus,
         }
         if res.num_gpus:
-            common["num_gpus"] = res.num_gpus
+            # Through ray_remote_args_fn: map_batches refuses num_gpus with batch_size=None
+            # (it wants a GPU batch size), but a call here is one whole shard by design, and
+            # the stage cuts it into inference batches itself.
+            gpus = res.num_gpus
+            common["ray_remote_args_fn"] = lambda: {"num_gpus": gpus}
         # Ray Data retries forever by default and has no named parameter to bound it yet;
         # remote args are the only way, so its deprecation notice is silenced here only.
         with warnings.catch_warnings():

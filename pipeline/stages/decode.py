@@ -53,6 +53,7 @@ from PIL import Image, ImageOps
 
 from clip_model.config import PreprocessConfig
 from pipeline import schema as S
+from pipeline.blocklist import DECODE_KINDS, BlocklistSpec, get_blocklist
 from pipeline.config import DecodeConfig
 from pipeline.crashguard import Crashed, shared_sandbox
 from pipeline.stages.base import Resources, Stage
@@ -227,16 +228,22 @@ class DecodedImage:
     sha256: str
     pixels: bytes | None = None
     thumb: bytes | None = None
+    # PDQ hash of the whole picture (32 bytes), for the blocklist check; with dihedral, also
+    # its 7 rotations and mirror images.
+    pdq: bytes | None = None
+    pdq_dihedral: tuple[bytes, ...] | None = None
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
     """What one decode makes besides the stored copy: the embedding model's input (its
-    preprocessing, None: no model input) and a dedup thumbnail."""
+    preprocessing, None: no model input), a dedup thumbnail, and PDQ hashes in all eight
+    orientations (``pdq_dihedral``; the upright one is always made)."""
 
     cfg: DecodeConfig
     model_input: PreprocessConfig | None = None
     thumbnails: bool = False
+    pdq_dihedral: bool = False
 
 
 def _draft_request(raw_w: int, raw_h: int, swapped: bool, target: tuple[int, int] | None,
@@ -332,6 +339,7 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
         pixels = thumb = None
         if opts.model_input is not None:
             pixels, thumb = _model_input(rgb, opts.model_input, opts.thumbnails)
+        pdq: tuple[bytes, ...] | None = None
         if target is not None:
             shrinking = target[0] < ow or target[1] < oh
             if rgb.size != target:
@@ -343,7 +351,10 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
                     rgb = rgb.resize(target, Image.Resampling.HAMMING, reducing_gap=2.0)
                 else:
                     rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+            pdq = _pdq(rgb, opts.pdq_dihedral)  # blocklists: the whole picture, before pad/crop
             rgb = _place(rgb, cfg)
+        if pdq is None:
+            pdq = _pdq(rgb, opts.pdq_dihedral)
     except RowFailure:
         raise
     except Exception as e:
@@ -359,7 +370,15 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
         sha256=hashlib.sha256(encoded).hexdigest(),
         pixels=pixels,
         thumb=thumb,
+        pdq=pdq[0],
+        pdq_dihedral=pdq[1:] if opts.pdq_dihedral else None,
     )
+
+
+def _pdq(rgb: Image.Image, dihedral: bool) -> tuple[bytes, ...]:
+    from pipeline.blocklist import pdq_dihedral_of, pdq_of
+
+    return tuple(pdq_dihedral_of(rgb)) if dihedral else (pdq_of(rgb),)
 
 
 def _place(im: Image.Image, cfg: DecodeConfig) -> Image.Image:
@@ -446,6 +465,9 @@ class DecodeStage(Stage):
     max_attempts: int = 2
     timeout_s: float | None = 60.0
     decoder: str = "pipeline.stages.decode:decode_row"
+    # The job's blocklists: a picture within the PDQ distance of a listed hash gets status
+    # ``blocked`` here, before anything of it leaves this stage (pipeline/blocklist.py).
+    blocklist: BlocklistSpec | None = None
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -455,8 +477,10 @@ class DecodeStage(Stage):
         blobs = batch.column(S.IMAGE_BYTES) if has_bytes else None
         urls = S.column_list(batch, S.URL)
         names = [S.IMAGE, S.IMAGE_FORMAT, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.SHA256]
-        out: dict[str, list[Any]] = {k: [None] * n for k in (*names, S.PIXELS, S.IMAGE_THUMB)}
-        opts = DecodeOptions(self.cfg, self.model_input, self.thumbnails)
+        out: dict[str, list[Any]] = {k: [None] * n for k in (*names, S.PDQ, S.PIXELS, S.IMAGE_THUMB)}
+        blocklist = get_blocklist(self.blocklist, DECODE_KINDS)
+        dihedral = blocklist is not None and blocklist.has_pdq and blocklist.pdq_dihedral
+        opts = DecodeOptions(self.cfg, self.model_input, self.thumbnails, dihedral)
         todo = [i for i in range(n) if statuses[i] == S.OK]
         items = [(blobs[i].as_py() if blobs is not None else None, urls[i], opts) for i in todo]
         if self.isolate:
@@ -474,7 +498,12 @@ class DecodeStage(Stage):
             if isinstance(res, tuple):
                 statuses[i], errors[i] = res
                 continue
+            hit = blocklist.check_pdq(res.pdq, list(res.pdq_dihedral or ())) if blocklist is not None else None
+            if hit is not None:  # nothing of the picture is kept, not even its hashes
+                statuses[i], errors[i] = S.BLOCKED, hit.reason()
+                continue
             out[S.IMAGE][i] = res.data
+            out[S.PDQ][i] = res.pdq.hex() if res.pdq is not None else None
             out[S.IMAGE_FORMAT][i] = res.image_format
             out[S.WIDTH][i] = res.width
             out[S.HEIGHT][i] = res.height
@@ -484,10 +513,14 @@ class DecodeStage(Stage):
             out[S.PIXELS][i] = res.pixels
             out[S.IMAGE_THUMB][i] = res.thumb
         table = S.drop_if_present(batch, [S.IMAGE_BYTES])
+        if S.SOURCE_SHA256 in table.column_names:  # a blocked row keeps no hash of its bytes
+            src = table.column(S.SOURCE_SHA256).to_pylist()
+            src = [None if st == S.BLOCKED else v for st, v in zip(statuses, src, strict=True)]
+            table = S.set_column(table, S.SOURCE_SHA256, pa.array(src, pa.string()))
         table = S.set_column(table, S.STATUS, pa.array(statuses, pa.string()))
         table = S.set_column(table, S.ERROR, pa.array(errors, pa.string()))
-        types = {S.IMAGE_FORMAT: pa.string(), S.SHA256: pa.string()}
-        for name in names:
+        types = {S.IMAGE_FORMAT: pa.string(), S.SHA256: pa.string(), S.PDQ: pa.string()}
+        for name in (*names, S.PDQ):
             if name == S.IMAGE:
                 table = S.set_column(table, name, S.binary_column(out[name]))
             else:

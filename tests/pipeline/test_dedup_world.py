@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import yaml
 
+from pipeline import job_config as J
 from pipeline import schema as S
-from pipeline.config import DecodeConfig, DedupConfig
+from pipeline.config import DecodeConfig
 from pipeline.dedup import dedup_table
 from testkit.embedding import embed_images
 from testkit.synthetic import decode_display, generate_world, perturb
@@ -27,8 +27,9 @@ from testkit.synthetic import decode_display, generate_world, perturb
 REPO = Path(__file__).resolve().parents[2]
 MODEL, WEIGHTS = "tiny-synthetic", "synthetic"
 ROWS = 800
-# The dedup settings the demo job runs with (jobs/demo.yaml), so this checks what users get.
-DEDUP = DedupConfig(**yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())["dedup"])
+# The dedup settings the demo job runs with (the tiny model's, via jobs/demo.yaml), so this
+# checks what users get.
+DEDUP = J.from_args(["--config", str(REPO / "jobs" / "demo.yaml"), "--input", "x", "--output", "y"]).dedup
 DECODE = DecodeConfig(image_size=128, resize_mode="center_crop")
 
 

@@ -36,9 +36,11 @@ def ray_local(s3_server: object) -> Iterator[None]:
     # from the environment, as they would inherit real ones on a cluster.
     import ray
 
+    from pipeline.ray_start import init_ray
+
     if ray.is_initialized():  # an earlier module's local Ray lacks this module's S3 settings
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

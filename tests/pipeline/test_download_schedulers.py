@@ -185,9 +185,11 @@ def test_same_output_as_the_ray_data_scheduler(world: tuple, tmp_path: Path) -> 
     assert summary.shards_written == summary.shards_planned and summary.shards_skipped == 0
     mp_rows = _check_output(tmp_path / "mp", expected, sha)
 
+    from pipeline.ray_start import init_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         summary = run_download(_cfg(url_list, tmp_path / "ray"), ExecutionConfig(scheduler="ray"))
         assert summary.scheduler == "ray"

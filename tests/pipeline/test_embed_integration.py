@@ -73,9 +73,11 @@ def ray_local(s3_server):
     No GPUs, whatever the machine has: the fail-fast test relies on it."""
     import ray
 
+    from pipeline.ray_start import init_ray
+
     if ray.is_initialized():  # started before the S3 server: its workers lack the endpoint
         ray.shutdown()
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
