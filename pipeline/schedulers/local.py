@@ -364,6 +364,12 @@ class _Run:
         if self.total == 0:
             return {}
         try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+    def _run(self) -> dict[str, dict[str, Any]]:
+        try:
             for pool, n in self.pool_sizes.items():
                 self.workers += [self._start(pool, slot) for slot in range(n)]
             while self.done < self.total:
@@ -376,8 +382,7 @@ class _Run:
                         self._service(w)
         finally:
             self._stop()
-            shutil.rmtree(self.spool, ignore_errors=True)
-        return self.stats
+        return {name: {"rows": st["rows"], "seconds": st["seconds"]} for name, st in self.stats.items()}
 
     def _feed(self) -> None:
         """Start new shards while few are between segments."""

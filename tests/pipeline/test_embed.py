@@ -389,3 +389,22 @@ def test_decode_task_embedding_equals_the_model_transform_on_a_real_size_vit() -
                                  normalize=True).numpy()
     cos = (ours * ref).sum(axis=1)
     assert cos.min() >= 0.9999, cos
+
+
+def test_the_model_input_does_not_depend_on_how_the_copy_is_stored() -> None:
+    """Acceptance (issue 14.5): with decode once, border (the default) and center_crop storage
+    hand the model the same pixels (for JPEGs large enough to be drafted, the draft scale
+    follows the larger of the two targets and may differ by mode, never below 3x the model's
+    size), so clip_score separates captions equally in both modes (bench/clip_score_modes.py:
+    0.9979 AUC in both, against 0.9536 when border-padded stored copies were embedded)."""
+    pp = resolve_preprocess(ARCH)
+    images = [_jpeg((300, 120), 40), _jpeg((90, 400), 41, "PNG"), _jpeg((256, 256), 42)]
+    rows = pa.table({S.KEY: ["a", "b", "c"], S.STATUS: [S.OK] * 3, S.ERROR: pa.nulls(3, pa.string()),
+                     S.IMAGE_BYTES: pa.array(images, pa.binary())})
+    got = {}
+    for mode in ("border", "center_crop", "keep_ratio", "no"):
+        out = DecodeStage(cfg=DecodeConfig(image_size=128, resize_mode=mode), model_input=pp,
+                          isolate=False).process_batch(rows)
+        got[mode] = out.column(S.PIXELS).to_pylist()
+        assert out.column(S.IMAGE).to_pylist() != got[mode]  # the stored copies differ by mode
+    assert got["border"] == got["center_crop"] == got["keep_ratio"] == got["no"]
