@@ -32,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipeline.config import ConfigError, StorageConfig  # noqa: E402
+from pipeline import job_config as J  # noqa: E402
+from pipeline.config import ConfigError, JobConfig  # noqa: E402
 from pipeline.takedown import (  # noqa: E402
     Matchers,
     TakedownError,
@@ -40,6 +41,9 @@ from pipeline.takedown import (  # noqa: E402
     read_list_file,
     takedown,
 )
+
+# The job's own flags, read by the same loader (pipeline/job_config.py).
+FLAGS = {"--s3-endpoint-url": J.FLAGS["--s3-endpoint-url"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--urls-file", action="append", default=[], help="file with one URL per line")
     p.add_argument("--sha256", action="append", default=[], help="sha256 hex of a stored image (repeatable)")
     p.add_argument("--hashes-file", action="append", default=[], help="file with one sha256 per line")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint")
+    J.add_flags(p, FLAGS)
     p.add_argument("--reason", default="request", help="recorded in drop_reason and the audit log")
     p.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
     p.add_argument("--like", action="append", default=[],
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             urls += read_list_file(Path(path).read_text(encoding="utf-8"))
         for path in args.hashes_file:
             hashes += read_list_file(Path(path).read_text(encoding="utf-8"))
-        storage = StorageConfig(s3_endpoint_url=args.s3_endpoint_url)
+        storage = J.apply_flags(JobConfig(), args, FLAGS).storage
         keys: list[str] = []
         if args.like or args.like_text:
             from pipeline.similar import find_similar, write_review

@@ -195,7 +195,7 @@ class BlocklistConfig:
 
 @dataclass(frozen=True)
 class DownloadJobConfig:
-    """The download half on its own (``clipcurate download``)."""
+    """The download half on its own (``clipcurate download``), and how it runs."""
 
     read: ReadConfig = field(default_factory=ReadConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -203,6 +203,7 @@ class DownloadJobConfig:
     shard: ShardConfig = field(default_factory=ShardConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
+    execution: ExecutionConfig = field(default_factory=lambda: ExecutionConfig())
 
     def validate(self) -> None:
         for f in fields(self):
@@ -292,6 +293,11 @@ class EmbedConfig:
 
     def validate(self, section: str = "embed") -> None:
         _check(bool(self.model), section, "model", "must name an architecture or weights file")
+        # "synthetic" is the default pretrained only because tiny-synthetic is the default model;
+        # a user who names another model and not its weights must not get a baffling load error.
+        _check(self.pretrained != "synthetic" or self.model == "tiny-synthetic", section, "pretrained",
+               f"'synthetic' is the bundled tiny-synthetic model's weights; give {self.model}'s weights "
+               "(a tag such as openai, a path, URL or s3:// URI) or none for random weights")
         _check(
             self.precision in _PRECISIONS,
             section,
@@ -581,7 +587,7 @@ class JobConfig:
         # The stages see one list of outputs whose takedowns apply: the named ones and ours.
         own = tuple(dict.fromkeys((*cfg.blocklist.outputs, *cfg.blocklist_outputs())))
         blocklist = replace(cfg.blocklist, outputs=own)
-        return DownloadJobConfig(cfg.read, cfg.download, cfg.decode, cfg.shard, cfg.storage, blocklist)
+        return DownloadJobConfig(cfg.read, cfg.download, cfg.decode, cfg.shard, cfg.storage, blocklist, cfg.execution)
 
     def blocklist_outputs(self) -> tuple[str, ...]:
         """Outputs whose own blocklists (takedowns) this job applies besides

@@ -65,8 +65,8 @@ def run_download(
     execution: ExecutionConfig | None = None,
     wrap_graph: Callable[[Graph], Graph] | None = None,
 ) -> DownloadSummary:
-    """Run the download half on the scheduler ``execution`` picks (default: local worker
-    processes; Ray Data with a Ray address or ``scheduler: ray``).
+    """Run the download half on the scheduler ``execution`` picks (default: ``cfg.execution``,
+    local worker processes unless a Ray address is given or ``scheduler: ray``).
 
     Validates ``cfg`` (``ConfigError`` names the field), plans the shards, skips committed
     ones, streams the rest, then writes ``_stats.json`` in the output folder. Raises
@@ -76,7 +76,7 @@ def run_download(
     from pipeline.graph import build_download_graph
     from pipeline.schedulers import scheduler_for
 
-    execution = execution or ExecutionConfig()
+    execution = execution or cfg.execution
     cfg.validate()
     execution.validate()
     started = time.time()

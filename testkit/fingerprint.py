@@ -13,7 +13,8 @@ Normalisation: Parquet files are compared by their rows (Arrow IPC of the table 
 ``download_s``); tars by member names and contents; manifests without ``created_at`` and file
 digests; per-shard stats without their times; ``_stats.json`` without ``timings``,
 ``generated_at`` and stage seconds; ``report.html`` with numbers next to ``s`` / ``rows/s``
-and the generation time masked.
+and the generation time masked; the work folder's path and the server's port are masked
+everywhere, so two runs in different folders compare equal.
 """
 
 from __future__ import annotations
@@ -35,8 +36,14 @@ VOLATILE_COLUMNS = ("download_s",)
 _HOST = re.compile(rb"http://127\.0\.0\.1:\d+")
 
 
+_MASKS: list[bytes] = []  # paths that differ between runs (the work folder)
+
+
 def _unhost(data: bytes) -> bytes:
-    return _HOST.sub(b"http://HOST", data)
+    data = _HOST.sub(b"http://HOST", data)
+    for m in _MASKS:
+        data = data.replace(m, b"WORKDIR")
+    return data
 
 
 def _digest(data: bytes) -> str:
@@ -135,6 +142,7 @@ def run(workdir: Path, rows: int, seed: int) -> dict[str, str]:
             "--scheduler", "local", "--processes", "1", "--set", "read.save_additional_columns=_gt_row",
         ])  # fmt: skip
         run_job(cfg, lambda line: None)
+    _MASKS[:] = [str(workdir.resolve()).encode(), str(workdir).encode()]
     return fingerprint(workdir / "out")
 
 

@@ -344,9 +344,11 @@ def test_cli_default_runs_without_ray_or_torch(world: tuple, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        (("--distributor", "spark"), "--distributor"),
-        (("--distributor", "multiprocessing", "--processes_count", "0"), "--processes_count"),
-        (("--distributor", "multiprocessing", "--ray_address", "auto"), "--ray_address"),
+        (("--distributor", "spark"), "execution.scheduler (--distributor)"),
+        (("--distributor", "multiprocessing", "--processes_count", "0"), "execution.processes"),
+        (("--distributor", "multiprocessing", "--ray_address", "auto"), "execution.ray_address"),
+        (("--processes_count", "two"), "execution.processes"),
+        (("--image_size", "0"), "decode.image_size"),
     ],
 )
 def test_cli_rejects_bad_distributor_settings(

@@ -26,7 +26,7 @@ def test_yaml_then_flags_then_set(tmp_path) -> None:
         "input: /data/urls.parquet\n"
         "output: /data/out\n"
         "decode:\n  image_size: 128\n  resize_mode: center_crop\n"
-        "embed:\n  model: ViT-B-32\n  concurrency: [1, 3]\n"
+        "embed:\n  model: ViT-B-32\n  pretrained: openai\n  concurrency: [1, 3]\n"
         "moderate:\n  concepts:\n    hazard: [a hazard sign, a warning sign]\n"
         "filter:\n  clip_score_threshold: 0.28\n"
     )
@@ -37,7 +37,7 @@ def test_yaml_then_flags_then_set(tmp_path) -> None:
     assert cfg.decode.image_size == 64  # --set wins over the flag, the flag over the YAML
     assert cfg.decode.resize_mode == "center_crop"  # a section given in part keeps the rest
     assert cfg.decode.encode_format == "jpg"
-    assert cfg.embed.model == "ViT-B-32" and cfg.embed.pretrained == "synthetic"
+    assert cfg.embed.model == "ViT-B-32" and cfg.embed.pretrained == "openai"
     assert cfg.embed.concurrency == (1, 3)
     assert cfg.moderate.concepts == {"hazard": ("a hazard sign", "a warning sign")}
     assert cfg.filter.clip_score_threshold == 0.28
@@ -88,7 +88,7 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
         (["--set", "embed.concurrency=1,2,3"], "embed.concurrency: expected 2 values"),
         (["--set", "filter.unsafe=perhaps"], "filter.unsafe: must be true, false, or 'auto'"),
         (["--set", "decode.image_size=1.5"], "decode.image_size: expected an integer"),
-        (["--set", "moderate.concepts=[a, b]"], "moderate.concepts: expected dict"),
+        (["--set", "moderate.concepts=[a, b]"], "moderate.concepts: expected a mapping"),
         (["--set", "embedding.model=x"], "embedding: unknown section"),
         (["--set", "embed.modle=x"], "embed.modle: unknown field"),
         (["--set", "embed.model.name=x"], "embed.model: is a value, not a section"),
@@ -96,6 +96,8 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
         # Values of the right type that a section's validation refuses.
         (["--image-size", "0"], "decode.image_size: must be > 0"),
         (["--concurrency", "3,1"], "embed.concurrency: must be (min, max)"),
+        # Another model without its weights would try to load the tiny model's file.
+        (["--model", "ViT-B-32"], "embed.pretrained: 'synthetic' is the bundled tiny-synthetic model's weights"),
         (["--clip-score-threshold", "2"], "filter.clip_score_threshold: must be a cosine in [-1, 1]"),
         (["--dedup-threshold", "0"], "dedup.threshold: must be in (0, 1]"),
         (["--dedup-pixel-check", "maybe"], "dedup.pixel_check"),

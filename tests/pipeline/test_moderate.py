@@ -274,7 +274,7 @@ def test_calibrate_cli_writes_yaml(tiny, tmp_path, capsys) -> None:
     # The CLI loads its own copy: the seeded random init makes it the same model as ``tiny``.
     out = tmp_path / "t.yaml"
     rc = calibrate_main(["--input", str(tmp_path / "sample.parquet"), "--out", str(out),
-                         "--model", "tiny-synthetic", "--concept", "hazard=a hazard sign",
+                         "--model", "tiny-synthetic", "--pretrained", "none", "--concept", "hazard=a hazard sign",
                          "--neutral", "a photo", "--label_col", "is_unsafe", "--target_precision", "0.9"])
     assert rc == 0
     doc = yaml.safe_load(out.read_text())
@@ -282,7 +282,7 @@ def test_calibrate_cli_writes_yaml(tiny, tmp_path, capsys) -> None:
     assert doc["concepts"]["hazard"]["caption_threshold"] is None
     assert "hazard (image): threshold" in capsys.readouterr().out
     rc = calibrate_main(["--input", str(tmp_path / "sample.parquet"), "--out", str(out),
-                         "--model", "tiny-synthetic", "--label_col", "missing", "--target_recall", "0.9"])
+                         "--model", "tiny-synthetic", "--pretrained", "none", "--label_col", "missing", "--target_recall", "0.9"])
     assert rc == 2
 
 
@@ -296,7 +296,7 @@ def test_clipcurate_calibrate_subcommand(tiny, tmp_path) -> None:
     pq.write_table(_labelled_sample(probe, 200, seed=6), tmp_path / "sample.parquet")
     out = tmp_path / "t.yaml"
     rc = clipcurate(["calibrate", "--input", str(tmp_path / "sample.parquet"), "--out", str(out),
-                     "--model", "tiny-synthetic", "--concept", "hazard=a hazard sign",
+                     "--model", "tiny-synthetic", "--pretrained", "none", "--concept", "hazard=a hazard sign",
                      "--neutral", "a photo", "--label_col", "is_unsafe",
                      "--caption_label_col", "says_unsafe", "--target_recall", "0.9"])
     assert rc == 0
