@@ -626,7 +626,7 @@ def test_stage_pickles_without_its_threads(server: FaultServer) -> None:
         clone = pickle.loads(pickle.dumps(stage))
     finally:
         stage.close()
-    assert clone.config == stage.config and clone.needs_actor
+    assert clone.config == stage.config and clone.io_bound and clone._fetcher is None
     try:
         out = clone.process_batch(pa.table({"url": [server.url("/a.jpg")]}))
     finally:

@@ -112,10 +112,12 @@ def test_clipcurate_download_local_ray_listens_on_loopback_only(url_list: Path, 
 
 @pytest.mark.slow
 def test_job_run_directly_local_ray_listens_on_loopback_only(url_list: Path, tmp_path: Path) -> None:
+    # Without an address the job runs on local processes (no Ray at all); asked for the Ray
+    # scheduler it starts its own Ray, which must listen on loopback only.
     result, seen = _run_watched(
         [sys.executable, str(REPO / "jobs" / "embed_laion.py"), "--input", str(url_list / "urls.parquet"),
          "--output", str(tmp_path / "out"), "--allowed-networks", "127.0.0.1/32",
-         "--number-sample-per-shard", "3"],
+         "--number-sample-per-shard", "3", "--scheduler", "ray"],
         REPO,
     )
     _check(result, seen)
