@@ -66,17 +66,43 @@ def _poses(scales: Sequence[float], shifts: Sequence[float]) -> torch.Tensor:
 
 _COARSE = _poses((0.94, 0.97, 1.0, 1.03, 1.06), np.linspace(-0.09, 0.09, 7).tolist())
 _FINE_DELTA = _poses((-0.015, 0.0, 0.015), (-0.015, 0.0, 0.015))
+# How far (in output pixels) any searched pose moves a sample: |s - 1| <= 0.075 and
+# |shift| <= 0.105 in [-1, 1] coordinates give at most 0.18 * S / 2 pixels; bilinear sampling
+# reads the pixel below and the one after, so a warped pixel is a mix of the input within
+# this many pixels of it (border padding keeps it inside the image).
+_MAX_SCALE_DEV = 0.075
+_MAX_SHIFT = 0.105
 
 
-def _residual_maps(
-    a: torch.Tensor, b: torch.Tensor, poses: torch.Tensor, border: int
-) -> torch.Tensor:
+_GRIDS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _coarse_grid(s: int) -> torch.Tensor:
+    """affine_grid of every coarse pose at side ``s``: [K, s, s, 2] (made once: the poses are
+    the same for every pair)."""
+    key = (-1, s)
+    if key not in _GRIDS:
+        _GRIDS[key] = F.affine_grid(_COARSE, [len(_COARSE), 3, s, s], align_corners=False)
+    return _GRIDS[key]
+
+
+def _fine_grid(best: int, s: int) -> torch.Tensor:
+    """affine_grid of the fine poses around coarse pose ``best`` at side ``s``: [9, s, s, 2]
+    (made once per coarse pose; the same values a per-pair computation gives)."""
+    key = (best, s)
+    if key not in _GRIDS:
+        poses = _COARSE[best][None] + _FINE_DELTA
+        _GRIDS[key] = F.affine_grid(poses, [len(poses), 3, s, s], align_corners=False)
+    return _GRIDS[key]
+
+
+def _residual_maps(a: torch.Tensor, b: torch.Tensor, grid: torch.Tensor, border: int) -> torch.Tensor:
     """|a - warp(b, pose)| averaged over channels, interior only: [P, K, h, w].
 
-    a, b: [P, 3, S, S] float32; poses: [P, K, 2, 3]."""
-    p, k = poses.shape[:2]
+    a, b: [P, 3, S, S] float32; grid: [P, K, S, S, 2], each pair's poses as affine grids."""
+    p, k = grid.shape[:2]
     s = a.shape[-1]
-    grid = F.affine_grid(poses.reshape(p * k, 2, 3), [p * k, 3, s, s], align_corners=False)
+    grid = grid.reshape(p * k, s, s, 2)
     src = b[:, None].expand(p, k, 3, s, s).reshape(p * k, 3, s, s)
     warped = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
     diff = (warped.reshape(p, k, 3, s, s) - a[:, None]).abs().mean(2)
@@ -90,12 +116,15 @@ def contrast(t: np.ndarray) -> np.ndarray:
     return (np.percentile(flat, 99, axis=1) - np.percentile(flat, 1, axis=1)).max(axis=1)
 
 
-def residuals(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def residuals(
+    a: np.ndarray, b: np.ndarray, contrast_a: np.ndarray | None = None, contrast_b: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Aligned differences of thumbnail pairs ``a[i]``/``b[i]`` (uint8 [P, S, S, 3] each).
 
     Returns float64 [P] ``mean`` and [P] ``blob`` in 0-255 units (see the module docstring):
     ``b`` is warped onto ``a`` at the pose that minimises the mean; both are scaled up for
-    pairs fainter than ``MIN_CONTRAST``.
+    pairs fainter than ``MIN_CONTRAST``. ``contrast_a``/``contrast_b``: :func:`contrast` of
+    ``a`` and ``b`` when the caller has them already.
     """
     if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
         raise ValueError(f"a and b must both be [P, S, S, 3], got {a.shape} and {b.shape}")
@@ -103,7 +132,7 @@ def residuals(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     border = max(1, int(BORDER * s))
     mean = np.zeros(p, dtype=np.float64)
     blob = np.zeros(p, dtype=np.float64)
-    with torch.inference_mode():
+    with torch.inference_mode(), _one_thread():
         for start in range(0, p, _PAIRS_PER_BATCH):
             # torch.tensor copies: the inputs may be read-only views of Arrow memory.
             ta = torch.tensor(a[start : start + _PAIRS_PER_BATCH]).permute(0, 3, 1, 2).float()
@@ -111,15 +140,16 @@ def residuals(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             m = ta.shape[0]
             # The coarse search runs at half resolution: a quarter of the cost, and its poses
             # only need to land within the fine search's reach.
+            half = F.avg_pool2d(ta, 2)
             coarse = _residual_maps(
-                F.avg_pool2d(ta, 2),
+                half,
                 F.avg_pool2d(tb, 2),
-                _COARSE.expand(m, -1, -1, -1),
+                _coarse_grid(half.shape[-1]).expand(m, -1, -1, -1, -1),
                 max(1, border // 2),
             )
             best = coarse.mean((2, 3)).argmin(1)
             # Finer poses around each pair's best coarse pose.
-            fine = _COARSE[best][:, None] + _FINE_DELTA[None]
+            fine = torch.stack([_fine_grid(int(k), s) for k in best.tolist()])
             maps = _residual_maps(ta, tb, fine, border)
             means = maps.mean((2, 3))
             pick = means.argmin(1)
@@ -127,9 +157,50 @@ def residuals(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             mean[start : start + m] = means[rows, pick].double().numpy()
             at_best = maps[rows, pick][:, None]
             blob[start : start + m] = F.avg_pool2d(at_best, 3, 1).amax((1, 2, 3)).double().numpy()
-    pair_contrast = (contrast(a) + contrast(b)) / 2
-    gain = MIN_CONTRAST / np.clip(pair_contrast, 1.0, MIN_CONTRAST)
+    ca = contrast(a) if contrast_a is None else contrast_a
+    cb = contrast(b) if contrast_b is None else contrast_b
+    gain = MIN_CONTRAST / np.clip((ca + cb) / 2, 1.0, MIN_CONTRAST)
     return mean * gain, blob * gain
+
+
+class _one_thread:
+    """torch on one thread for the duration: these tensors are tiny, and idle OpenMP threads
+    spinning for work cost far more CPU than they save (the driver runs this after the
+    stream, often beside other work)."""
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        if self.before != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before != 1:
+            torch.set_num_threads(self.before)
+
+
+def _reach(side: int) -> int:
+    move = (_MAX_SCALE_DEV + _MAX_SHIFT) * side / 2
+    return int(np.floor(move)) + 1
+
+
+def mean_lower_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 [P]: a lower bound, over every pose the search tries, of the interior mean of
+    |a - warp(b)| (uint8 [P, S, S, 3] each; before the contrast gain). A warped pixel of b is
+    a convex mix of b's pixels within :func:`_reach` of it, so it lies between their minimum
+    and maximum; its distance to a's pixel can be no smaller than a's distance to that range.
+    Lets :func:`confirm_pairs` skip the search for pairs that cannot pass (no answer changes)."""
+    p, s = a.shape[0], a.shape[1]
+    r = _reach(s)
+    border = max(1, int(BORDER * s))
+    with torch.inference_mode(), _one_thread():
+        tb = torch.from_numpy(np.ascontiguousarray(b)).permute(0, 3, 1, 2).float()
+        padded = F.pad(tb, (r, r, r, r), mode="replicate")
+        hi = F.max_pool2d(padded, 2 * r + 1, stride=1)
+        lo = -F.max_pool2d(-padded, 2 * r + 1, stride=1)
+        ta = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()
+        dist = (torch.clamp(lo - ta, min=0) + torch.clamp(ta - hi, min=0)).mean(1)
+        inner = dist[:, border : s - border, border : s - border]
+        return inner.mean((1, 2)).double().numpy().reshape(p)
 
 
 def confirm_pairs(
@@ -154,10 +225,20 @@ def confirm_pairs(
     have = np.flatnonzero(ok_i[i] & ok_j[j])
     if len(have):
         a, b = thumbs_i[i[have]], thumbs_j[j[have]]
-        mean, blob = residuals(a, b)
-        out[have] = (mean <= mean_max) & (blob <= blob_max)
-        retry = ~out[have]
-        if retry.any():
-            mean, blob = residuals(b[retry], a[retry])
-            out[have[retry]] = (mean <= mean_max) & (blob <= blob_max)
+        ca, cb = contrast(a), contrast(b)
+        gain = MIN_CONTRAST / np.clip((ca + cb) / 2, 1.0, MIN_CONTRAST)
+        # Most candidates are different pictures: skip each direction's search when even
+        # the best pose cannot bring the mean within bounds.
+        forward = np.flatnonzero(mean_lower_bound(a, b) * gain <= mean_max)
+        passed = np.zeros(len(have), dtype=bool)
+        if len(forward):
+            mean, blob = residuals(a[forward], b[forward], ca[forward], cb[forward])
+            passed[forward] = (mean <= mean_max) & (blob <= blob_max)
+        retry = np.flatnonzero(~passed)
+        if len(retry):
+            retry = retry[mean_lower_bound(b[retry], a[retry]) * gain[retry] <= mean_max]
+        if len(retry):
+            mean, blob = residuals(b[retry], a[retry], cb[retry], ca[retry])
+            passed[retry] = (mean <= mean_max) & (blob <= blob_max)
+        out[have] = passed
     return out

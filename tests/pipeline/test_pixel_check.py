@@ -234,3 +234,29 @@ def test_real_photographs_near_copies_confirmed_other_photos_not() -> None:
     assert not confirmed[src[i] != src[j]].any()  # 1,701 pairs of different photos
     # Symmetric: the same answer whichever row is named first.
     assert np.array_equal(confirm_pairs(thumbs, ok, thumbs, ok, j, i), confirmed)
+
+
+def test_the_lower_bound_never_exceeds_the_searched_mean_and_skips_change_no_answer() -> None:
+    """confirm_pairs skips the pose search where mean_lower_bound proves it cannot pass; the
+    bound must hold for every pose the search tries (float64 reference: the search itself)."""
+    from pipeline.pixel_check import MIN_CONTRAST, mean_lower_bound
+
+    rng = np.random.default_rng(11)
+    n = 60
+    a = rng.integers(0, 256, (n, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+    b = a.copy()
+    b[: n // 3] = np.roll(a[: n // 3], (2, -3), axis=(1, 2))  # shifted copies: must stay candidates
+    b[n // 3 : 2 * n // 3] = rng.integers(0, 256, (n // 3, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+    b[2 * n // 3 :] = (a[2 * n // 3 :] // 2 + 60).astype(np.uint8)  # same layout, other colours
+    searched, _ = residuals(a, b)
+    gain = MIN_CONTRAST / np.clip((contrast(a) + contrast(b)) / 2, 1.0, MIN_CONTRAST)
+    bound = mean_lower_bound(a, b)
+    assert (bound <= searched / gain + 1e-9).all()
+    assert (bound[n // 3 : 2 * n // 3] > 0).all()  # different pictures get a useful bound
+    ok = np.ones(n, bool)
+    idx = np.arange(n)
+    fast = confirm_pairs(a, ok, b, ok, idx, idx)
+    mean_f, blob_f = residuals(a, b)
+    mean_r, blob_r = residuals(b, a)
+    full = ((mean_f <= 4.5) & (blob_f <= 23.0)) | ((mean_r <= 4.5) & (blob_r <= 23.0))
+    assert np.array_equal(fast, full)
