@@ -22,6 +22,10 @@ class PreprocessConfig:
     interpolation: "bicubic" or "bilinear" (the resize of the shortest side).
     resize_mode: "shortest" (resize shortest side then center crop, OpenAI/open_clip
         default) or "squash" (resize both sides to image_size).
+    crop_rounding: how the centre crop's offset ``(side - image_size) / 2`` becomes a pixel:
+        "round" (Python's round, as torchvision's CenterCrop and so OpenAI / open_clip) or
+        "floor" (as transformers' image processors, e.g. Chinese-CLIP folders). They differ by
+        one pixel when the excess is odd.
     """
 
     image_size: int = 224
@@ -29,6 +33,7 @@ class PreprocessConfig:
     std: tuple[float, float, float] = OPENAI_STD
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
+    crop_rounding: str = "round"
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -46,6 +51,11 @@ class PreprocessConfig:
             raise ValueError(
                 f"PreprocessConfig.resize_mode must be 'shortest' or 'squash', "
                 f"got {self.resize_mode!r}"
+            )
+        if self.crop_rounding not in ("round", "floor"):
+            raise ValueError(
+                f"PreprocessConfig.crop_rounding must be 'round' or 'floor', "
+                f"got {self.crop_rounding!r}"
             )
 
 

@@ -149,10 +149,18 @@ def _vision_from_hf(vc: dict, where: str) -> tuple[VisionConfig, bool]:
 
 
 def _hf_preprocess(folder: Path, image_size: int) -> PreprocessConfig | None:
+    """The image processor's settings: preprocessor_config.json (transformers 4 layout) or the
+    ``image_processor`` of processor_config.json (transformers 5)."""
     path = folder / "preprocessor_config.json"
-    if not path.is_file():
+    if path.is_file():
+        pp = json.loads(path.read_text())
+    elif (folder / "processor_config.json").is_file():
+        path = folder / "processor_config.json"
+        pp = json.loads(path.read_text()).get("image_processor") or {}
+        if not pp:
+            return None
+    else:
         return None
-    pp = json.loads(path.read_text())
     size = pp.get("size", image_size)
     crop = pp.get("crop_size", image_size)
     if isinstance(crop, dict):
@@ -174,6 +182,7 @@ def _hf_preprocess(folder: Path, image_size: int) -> PreprocessConfig | None:
         std=tuple(pp.get("image_std", PreprocessConfig.std)),
         interpolation={2: "bilinear", 3: "bicubic"}.get(int(pp.get("resample", 3)), "bicubic"),
         resize_mode=mode,
+        crop_rounding="floor",  # transformers' center_crop: (side - size) // 2
     )
 
 

@@ -22,12 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HFTextConfig, PreprocessConfig, ResNetConfig, TowersConfig
+from .hf_tokenizer import HF_EXTRA_HINT, MissingExtraError
 
-HF_EXTRA_HINT = "pip install 'clipcurate[hf]'"
-
-
-class MissingExtraError(ImportError):
-    """An optional dependency the requested model needs is not installed."""
+__all__ = ["HF_EXTRA_HINT", "MissingExtraError", "TowerCLIP", "require_transformers"]
 
 
 def require_transformers() -> Any:

@@ -10,11 +10,17 @@ as the folder's processor once the settings that live outside that file are appl
 - truncation to the model's max length (``longest_first``, from the right, special tokens kept:
   what ``processor(text, truncation=True, max_length=L)`` does);
 - the text cleaning some wrappers apply before the tokenizer (open_clip's HF tokenizer: ftfy,
-  HTML-unescape twice, whitespace collapsed; sentence-transformers: optional lower-casing).
+  HTML-unescape twice, whitespace collapsed; sentence-transformers' ``do_lower_case``: a
+  Lowercase normaliser put in front, as sentence-transformers does).
 
-A folder that ships only a slow tokenizer (``vocab.txt``, ``sentencepiece.bpe.model``) is
-converted once, on the process that loads the model, with ``transformers`` (which already has
-torch there); the resulting JSON travels with the tokenizer, so workers never need transformers.
+Which JSON: the one the folder's processor really runs. transformers rebuilds a tokenizer's
+normaliser from tokenizer_config.json (``do_lower_case``, ``strip_accents``,
+``tokenize_chinese_chars``), so a folder's tokenizer.json alone can disagree with its own
+processor (a BERT tokenizer with ``do_lower_case`` strips accents: "ヴ" becomes "ウ"). The loader
+therefore asks ``transformers.AutoTokenizer`` for the folder's tokenizer, once, on the process
+that loads the model (HF text towers need transformers there anyway), and keeps its backend's
+JSON; a folder with only slow-tokenizer files (``vocab.txt``, a SentencePiece model) is converted
+the same way. The JSON travels with the tokenizer, so workers never need transformers.
 """
 
 from __future__ import annotations
@@ -29,6 +35,22 @@ from pathlib import Path
 from typing import Any
 
 CLEANERS = ("none", "whitespace")
+HF_EXTRA_HINT = "pip install 'clipcurate[hf]'"
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency the requested model needs is not installed."""
+
+
+def require_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise MissingExtraError(
+            f"this model's tokenizer runs on the Hugging Face tokenizers library, which is not "
+            f"installed: {HF_EXTRA_HINT}"
+        ) from e
+    return tokenizers
 
 
 def clean_whitespace(text: str) -> str:
@@ -46,16 +68,33 @@ _BACKENDS: dict[tuple[str, int], Any] = {}
 _BACKENDS_LOCK = threading.Lock()
 
 
-def _backend(digest: str, tokenizer_json: str | None, context_length: int) -> Any:
-    key = (digest, context_length)
+def _has_lowercase(normalizer: Any) -> bool:
+    from tokenizers import normalizers
+
+    if normalizer is None:
+        return False
+    if isinstance(normalizer, normalizers.Lowercase):
+        return True
+    if isinstance(normalizer, normalizers.Sequence):
+        return any(isinstance(n, normalizers.Lowercase) for n in normalizer)
+    return False
+
+
+def _backend(digest: str, tokenizer_json: str | None, context_length: int, lowercase: bool) -> Any:
+    key = (digest, context_length, lowercase)
     tok = _BACKENDS.get(key)
     if tok is not None:
         return tok
     if tokenizer_json is None:
         raise RuntimeError(f"tokenizer {digest[:12]} is not loaded in this process")
-    from tokenizers import Tokenizer as RustTokenizer
+    tok = require_tokenizers().Tokenizer.from_str(tokenizer_json)
+    if lowercase and not _has_lowercase(tok.normalizer):
+        from tokenizers import normalizers
 
-    tok = RustTokenizer.from_str(tokenizer_json)
+        current = tok.normalizer
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Lowercase()] + ([current] if current is not None else [])
+        )
     tok.no_padding()
     # transformers' truncation=True: longest_first, from the right, room kept for the template's
     # special tokens.
@@ -73,7 +112,8 @@ class HFTokenizer:
         pad_id: the id that right-pads rows to a common width (the attention mask is derived
             from it, so it must be the tokenizer's own ``[PAD]`` / ``<pad>``).
         clean: "none" or "whitespace" (open_clip's cleaning, see :func:`clean_whitespace`).
-        lowercase: lower-case each text first (sentence-transformers' ``do_lower_case``).
+        lowercase: put a Lowercase normaliser first unless the tokenizer already lower-cases
+            (sentence-transformers' ``do_lower_case``).
         name: where it came from, for messages.
     """
 
@@ -98,7 +138,7 @@ class HFTokenizer:
         self.clean = clean
         self.lowercase = lowercase
         self.name = name
-        self._tok = _backend(self._digest, tokenizer_json, self.context_length)
+        self._tok = _backend(self._digest, tokenizer_json, self.context_length, lowercase)
         vocab = self._tok.get_vocab_size(with_added_tokens=True)
         if not 0 <= self.pad_id < vocab:
             raise ValueError(f"pad_id {pad_id} outside the vocabulary of {vocab} ids")
@@ -119,8 +159,6 @@ class HFTokenizer:
                 raise TypeError(f"texts[{row}] must be str, got {type(text).__name__}")
             if self.clean == "whitespace":
                 text = clean_whitespace(text)
-            if self.lowercase:
-                text = text.lower()
             out.append(text)
         return out
 
@@ -214,26 +252,25 @@ def has_tokenizer(folder: str | Path) -> bool:
 
 
 def folder_tokenizer_json(folder: str | Path) -> tuple[str, dict]:
-    """(tokenizer.json text, tokenizer_config.json dict) of a model folder.
-
-    A folder with only slow-tokenizer files is converted to the fast form with transformers
-    (raises the ``clipcurate[hf]`` error when it is missing).
+    """(tokenizer JSON, tokenizer_config.json dict) of a model folder: the backend of the
+    tokenizer ``transformers.AutoTokenizer`` loads from it, i.e. what the folder's processor
+    runs (see the module docstring). Raises the ``clipcurate[hf]`` error without transformers.
     """
     folder = Path(folder)
-    cfg_path = folder / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    path = folder / "tokenizer.json"
-    if path.is_file():
-        return path.read_text(encoding="utf-8"), cfg
-    if not any((folder / f).is_file() for f in _SLOW_FILES):
+    if not has_tokenizer(folder):
         raise TokenizerNotFound(
             f"{folder}: no tokenizer (tokenizer.json, vocab.txt or a SentencePiece model)"
         )
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     from .hf_model import require_transformers
 
     transformers = require_transformers()
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    return tok.backend_tokenizer.to_str(), cfg
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{folder}: transformers loads no fast (tokenizers) tokenizer from it")
+    return backend.to_str(), cfg
 
 
 def _special_id(tokenizer_json: str, token: str | None) -> int | None:

@@ -188,7 +188,7 @@ def stream(
         model, pp = load_model(cfg.embed.model, cfg.embed.pretrained)
     except (ValueError, OSError, KeyError) as e:
         raise ConfigError(f"embed.pretrained: cannot load {cfg.embed.model} ({cfg.embed.pretrained}): {e}") from e
-    dim = int(model.text_projection.shape[1])
+    dim = int(model.embed_dim)
     emit(f"model {model_id(model)}: {dim}-d embeddings, {pp.image_size}px input")
 
     with warnings.catch_warnings():

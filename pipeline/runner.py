@@ -386,13 +386,14 @@ def build_embed_stages(
     if model is None:
         model, _ = load_model(embed.model, embed.pretrained)
     pp = model.preprocess_cfg
-    dim = int(model.text_projection.shape[1])
+    dim = int(model.embed_dim)
     stages: list[Stage] = [
         PreprocessStage(
             preprocess=pp,
             shard_folder=download.shard.output_folder,
             storage=download.storage,
             context_length=model.context_length,
+            tokenizer=model.tokenizer,
             thumbnails=thumbnails,
             resources=Resources(num_cpus=embed.preprocess_num_cpus),
         ),

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clip_model.config import PreprocessConfig
+from clip_model.job_data import read_tar_images
 from pipeline import schema as S
 from pipeline.config import EmbedConfig, StorageConfig
 from pipeline.stages.base import Stage
@@ -39,7 +40,6 @@ from pipeline.storage import Storage
 
 log = logging.getLogger("clipcurate.embed")
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def resolve_preprocess(model: str, pretrained: str | None) -> PreprocessConfig:
@@ -87,21 +87,6 @@ def model_id(model: Any) -> str:
     return f"{model.name}@sha256:{sha}" if sha else f"{model.name}@random-init"
 
 
-def read_tar_images(data: bytes, keys: set[str]) -> dict[str, bytes]:
-    """Image bytes of the members ``<key>.<jpg|png|webp>`` of a tar, for the wanted keys."""
-    found: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.rpartition(".")
-            if stem in keys and ext.lower() in _IMAGE_EXTS:
-                f = tar.extractfile(member)
-                if f is not None:
-                    found[stem] = f.read()
-    return found
-
-
 def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, arr)
@@ -129,6 +114,9 @@ class PreprocessStage(Stage):
     storage: StorageConfig = field(default_factory=StorageConfig)
     context_length: int = 77
     thumbnails: bool = False
+    # The model's own tokenizer (``model.tokenizer``: torch-free, picklable); None: CLIP's BPE
+    # at ``context_length``.
+    tokenizer: Any = None
 
     def _images(self, batch: pa.Table, ok: list[int]) -> dict[int, bytes | None]:
         if S.IMAGE in batch.column_names:
@@ -185,10 +173,10 @@ class PreprocessStage(Stage):
         with_text = [i for i in range(n) if isinstance(captions[i], str)]
         token_rows: list[list[int] | None] = [None] * n
         if with_text:
-            ids = default_tokenizer()([captions[i] for i in with_text], self.context_length).numpy()
-            lengths = ids.argmax(axis=1) + 1  # end-of-text is the largest id in each row
+            tok = self.tokenizer or default_tokenizer().with_context_length(self.context_length)
+            ids = tok.token_ids([captions[i] for i in with_text])
             for j, i in enumerate(with_text):
-                token_rows[i] = ids[j, : lengths[j]].tolist()
+                token_rows[i] = ids[j]
 
         out = batch.drop_columns([c for c in (S.IMAGE,) if c in batch.column_names])
         out = _set(out, S.STATUS, pa.array(statuses, pa.string()))
@@ -239,7 +227,7 @@ class EmbedStage(Stage):
 
     @property
     def embed_dim(self) -> int:
-        return int(self._model.text_projection.shape[1])
+        return int(self._model.embed_dim)
 
     def setup(self) -> None:
         import torch
@@ -306,10 +294,11 @@ class EmbedStage(Stage):
         out = np.empty((len(tokens), self.embed_dim), np.float32)
         order = np.argsort([len(t) for t in tokens], kind="stable")
         step = self.cfg.inference_batch
+        pad = int(self._model.tokenizer.pad_id)
         for s in range(0, len(order), step):
             idx = order[s : s + step]
             width = max(len(tokens[i]) for i in idx)
-            ids = np.zeros((len(idx), width), np.int64)
+            ids = np.full((len(idx), width), pad, np.int64)
             for r, i in enumerate(idx):
                 ids[r, : len(tokens[i])] = tokens[i]
             out[idx] = self._run(self._model.encode_text, torch.from_numpy(ids).to(self._device))

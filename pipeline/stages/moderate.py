@@ -118,11 +118,9 @@ def embed_prompts(model: Any, prompts: list[str]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from clip_model.tokenizer import tokenize
-
     device = next(model.parameters()).device
     with torch.inference_mode():
-        x = model.encode_text(tokenize(prompts, model.context_length).to(device))
+        x = model.encode_text(model.tokenizer(prompts).to(device))
         return F.normalize(x.float(), dim=-1).cpu().numpy()
 
 
@@ -242,7 +240,7 @@ class ModerateStage(Stage):
             )
         self.directions = concept_directions(model, rules.concepts) if rules.concepts else None
         self.neutral = embed_prompts(model, list(rules.neutral_prompts))
-        dim = int(model.text_projection.shape[1])
+        dim = int(model.embed_dim)
         if rules.head_path:
             from pipeline.storage import filesystem_for
 
