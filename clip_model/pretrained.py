@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 # (tiny-synthetic.md) says how to reproduce it. Retraining changes the file and so this value.
 TINY_SYNTHETIC_SHA256: str | None = "936636acdb2e56eadbc046f85899c0512e8c599b7a342668384bea68484bd970"
 
+# sha256 of the bundled multilingual model (clip_model/weights/multilingual-synthetic.safetensors,
+# card: multilingual-synthetic.md).
+MULTILINGUAL_SYNTHETIC_SHA256: str | None = None
+
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough that hashing, not syscalls, dominates
 CACHE_ENV_VAR = "CLIPCURATE_CACHE"
 _USER_AGENT = "clipcurate/0.1 (+weights fetch)"
@@ -81,6 +85,8 @@ class PretrainedEntry:
     quick_gelu: the weights expect QuickGELU activations (all OpenAI releases do).
     file_format: one of FILE_FORMATS' keys, telling the loader how to read the file.
     notes: free text for humans (provenance, caveats).
+    clip_score_threshold: the image-caption cosine below which a caption is calibrated to be a
+        mismatch for these weights (None: not calibrated); see the model's card.
     """
 
     arch: str
@@ -91,6 +97,7 @@ class PretrainedEntry:
     quick_gelu: bool = False
     file_format: str | None = None
     notes: str = ""
+    clip_score_threshold: float | None = None
 
     @property
     def pinned(self) -> bool:
@@ -185,6 +192,18 @@ _ENTRIES: tuple[PretrainedEntry, ...] = (
         quick_gelu=False,
         file_format="safetensors",
         notes="tiny model trained on the synthetic world; bundled with the package",
+    ),
+    PretrainedEntry(
+        arch="multilingual-synthetic",
+        tag="synthetic",
+        url="package://clip_model/weights/multilingual-synthetic.safetensors",
+        sha256=MULTILINGUAL_SYNTHETIC_SHA256,
+        preprocess=PreprocessConfig(image_size=64, mean=OPENAI_MEAN, std=OPENAI_STD),
+        quick_gelu=False,
+        file_format="safetensors",
+        notes="ResNet18-shaped (width 32) + 4-layer BERT towers trained on the synthetic world "
+        "with captions in English, Chinese, Russian and Hindi; bundled with the package "
+        "(needs clipcurate[hf])",
     ),
 )
 

@@ -349,6 +349,7 @@ def run_recipe(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 200,
     run_id: str | None = None,
+    log_every: int = 50,
 ) -> tuple[nn.Module, TrainResult]:
     """Build the recipe's model and train it on ``data``: a data factory, or recipe name ->
     factory (a recipe with a base recipe trains the base first on the base's own factory).
@@ -387,7 +388,7 @@ def run_recipe(
     rid = run_id if run_id is not None else json.dumps([asdict(recipe), seed])
     result = train(
         model, batch, recipe, log=log, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every, run_id=rid,
+        checkpoint_every=checkpoint_every, run_id=rid, log_every=log_every,
     )  # fmt: skip
     return model, result
 
@@ -437,6 +438,7 @@ def parser(prog: str = "python -m clip_model.train") -> argparse.ArgumentParser:
         "same command resumes from it (default: <out>.ckpt)",
     )
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=50, help="steps per progress line (mean loss over them)")
     p.add_argument("--fp32", action="store_true", help="store float32 instead of float16")
     return p
 
@@ -479,7 +481,7 @@ def main(
     ckpt = a.checkpoint_dir or (a.out + ".ckpt")
     model, result = run_recipe(
         recipe, a.seed, data, log=log, init=a.init, checkpoint_dir=ckpt,
-        checkpoint_every=a.checkpoint_every,
+        checkpoint_every=a.checkpoint_every, log_every=a.log_every,
         run_id=json.dumps([asdict(recipe), a.seed, a.data, a.all_rows]),
     )  # fmt: skip
     meta = weights_metadata(model, recipe, a.seed, result)
