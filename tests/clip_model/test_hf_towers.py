@@ -244,3 +244,49 @@ def test_hf_model_without_transformers_is_one_clear_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'clipcurate[hf]'" in out.stdout
     assert out.stdout.count("\n") == 1  # one line
+
+
+# ---------------------------------------------------------------- our own towers
+
+
+def test_trained_tower_checkpoint_loads_back_by_path_and_by_name(tmp_path):
+    """clip_model.train writes ResNet + BERT towers as one safetensors file that carries its
+    architecture, tokenizer and preprocessing: it loads by its path alone or as the weights of
+    the architecture's name, and gives the trained model's embeddings."""
+    from dataclasses import replace
+
+    from clip_model import train as tr
+    from testkit.train_tiny import PROVIDERS
+
+    recipe = replace(tr.RECIPES["towers-small"], steps=2, batch_size=8, warmup_steps=1, data_workers=0)
+    model, result = tr.run_recipe(recipe, 0, PROVIDERS)
+    path = tr.save_weights(model, tmp_path / "t.safetensors", dtype=torch.float32,
+                           metadata=tr.weights_metadata(model, recipe, 0, result))  # fmt: skip
+    by_path, pp = clip_model.create_model_and_transforms(str(path), device="cpu")
+    by_name, _ = clip_model.create_model("multilingual-synthetic", pretrained=str(path), device="cpu")
+    x = torch.randn(2, 3, 64, 64)
+    texts = ["两个红色圆形", "две красные звезды"]
+    with torch.inference_mode():
+        want_img, want_txt = model.encode_image(x), model.encode_text(model.tokenizer(texts))
+        for loaded in (by_path, by_name):
+            assert loaded.weights_sha256 == clip_model.pretrained.file_sha256(path)
+            assert torch.allclose(loaded.encode_image(x), want_img, atol=1e-6)
+            assert torch.allclose(loaded.encode_text(loaded.tokenizer(texts)), want_txt, atol=1e-6)
+    assert by_path.preprocess_cfg == model.preprocess_cfg and by_path.name == "t"
+    assert pp(Image.new("RGB", (80, 64))).shape == (3, 64, 64)
+
+
+def test_bf16_tower_agrees_with_fp32():
+    """Reduced precision (what the job uses on a GPU) keeps the embeddings' direction."""
+    torch.manual_seed(0)
+    fp32, _ = clip_model.create_model("multilingual-synthetic", device="cpu")
+    bf16, _ = clip_model.create_model("multilingual-synthetic", device="cpu")
+    bf16.load_state_dict(fp32.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    ids = fp32.tokenizer(["两个红色圆形位于左上角", "a hazard sign", "दो लाल वृत्त"])
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        for a, b in ((fp32.encode_text(ids, normalize=True), bf16.encode_text(ids, normalize=True)),
+                     (fp32.encode_image(x, normalize=True), bf16.encode_image(x, normalize=True))):  # fmt: skip
+            assert b.dtype == torch.bfloat16
+            assert (a * b.float()).sum(-1).min() > 0.99
