@@ -2,8 +2,8 @@
 
 1. A noisy "web" world (30 % of captions describe another scene, near and exact copies, hazard
    scenes), served from loopback, goes through the real job (``jobs/embed_laion.py``) with the
-   bundled tiny CLIP as the curation model: its calibrated clip_score filter and dedup decide
-   ``keep``.
+   bundled tiny CLIP as the curation model: its calibrated clip_score filter and its dedup
+   settings (cosine 0.9 confirmed by the pixel check) decide ``keep``.
 2. The same architecture (the ResNet18-shaped + BERT towers of ``multilingual-synthetic``,
    recipe ``towers-small``) is trained with the same seed for the same steps by
    ``python -m clip_model.train --data OUTPUT`` on (a) every downloaded row (``--all-rows``)
@@ -77,6 +77,9 @@ def phase_job(work: Path, rows: int) -> dict:
              "--output", str(work / "out"), "--allowed-networks", "127.0.0.1/32",
              "--image-size", "128", "--resize-mode", "center_crop",
              "--clip-score-threshold", str(cal["threshold"]), "--set", "moderate.enabled=false",
+             # The tiny model's dedup settings (its card, jobs/demo.yaml): candidates at cosine
+             # 0.9 confirmed by thumbnails; cosine alone links different scenes for this model.
+             "--dedup-threshold", "0.9", "--dedup-pixel-check", "true",
              "--set", "read.save_additional_columns=_gt_row,_gt_caption_matches,_gt_duplicate_kind"],
             work / "job.log",
         )  # fmt: skip
@@ -141,7 +144,7 @@ def table(work: Path, argv: list[str]) -> str:
         f"10 % near copies, 10 % hazard scenes); job with the bundled tiny CLIP, clip_score "
         f"threshold {cal['threshold']} (calibrated on world {CALIBRATION_SEED} for 95 % mismatch "
         f"recall: {cal['mismatch_recall']:.3f}, {cal['matched_dropped']:.3f} of matched captions "
-        f"dropped), dedup at its default, moderation off. Job: {job['job_wall_s']} s wall, "
+        f"dropped), dedup as the tiny model's card sets it (cosine 0.9 + pixel check), moderation off. Job: {job['job_wall_s']} s wall, "
         f"{job['job_cpu_s']} s CPU. Training: recipe towers-small (ResNet18-shaped width-32 image "
         f"tower + 4-layer BERT, projection heads, learned temperature), seed 0, one torch thread. "
         f"Zero-shot on held-out world {HELD_OUT_SEED} (testkit.evaluate_model).",
