@@ -290,3 +290,55 @@ def test_bf16_tower_agrees_with_fp32():
                      (fp32.encode_image(x, normalize=True), bf16.encode_image(x, normalize=True))):  # fmt: skip
             assert b.dtype == torch.bfloat16
             assert (a * b.float()).sum(-1).min() > 0.99
+
+
+def test_towers_run_without_torchvision_or_timm():
+    """The runtime ships without torchvision (and so without timm): the ResNet is our own."""
+    code = (
+        "import sys\n"
+        "sys.modules['torchvision'] = None\n"
+        "sys.modules['timm'] = None\n"
+        "import torch, clip_model\n"
+        "m, _ = clip_model.create_model('multilingual-synthetic', device='cpu')\n"
+        "assert m.encode_image(torch.randn(1, 3, 64, 64)).shape == (1, 128)\n"
+        "assert m.encode_text(m.tokenizer(['两个红色圆形'])).shape == (1, 128)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("resnet", "text"),
+    [
+        ("resnet50", {"model_type": "distilbert", "dim": 64, "n_layers": 2, "n_heads": 2, "hidden_dim": 128}),
+        ("resnet34", {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "intermediate_size": 128}),
+    ],
+)  # fmt: skip
+def test_resnet_and_any_bert_config_train_a_step(resnet, text):
+    """ResNet18/34/50 shapes beside a DistilBERT or BERT config, with projection heads and a
+    learned temperature: one optimiser step moves both towers and the temperature."""
+    from clip_model.config import HFTextConfig, ResNetConfig, TowersConfig
+    from clip_model.hf_formats import load_config_tokenizer
+    from clip_model.hf_model import TowerCLIP
+    from clip_model.train import contrastive_loss
+
+    tok_src = "package://clip_model/vocab/multilingual-synthetic-tokenizer.json"
+    cfg = TowersConfig(
+        embed_dim=32,
+        vision=ResNetConfig.from_dict({"name": resnet, "image_size": 64, "width": 16}),
+        text=HFTextConfig(hf_config=dict(text, vocab_size=853, max_position_embeddings=64),
+                          context_length=64, proj="head", tokenizer=tok_src),
+        vision_proj="head",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = TowerCLIP(cfg, load_config_tokenizer(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = model.tokenizer(["a red circle", "两个蓝色正方形", "две звезды", "दो लाल वृत्त"])
+    loss = contrastive_loss(model.encode_image(torch.randn(4, 3, 64, 64), normalize=True),
+                            model.encode_text(ids, normalize=True), model.logit_scale)  # fmt: skip
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    for prefix in ("visual.trunk.", "visual.head.", "text.transformer.", "text.proj.", "logit_scale"):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
