@@ -174,8 +174,15 @@ def _hf_preprocess(folder: Path, image_size: int) -> PreprocessConfig | None:
         if pp.get("do_center_crop", False) and int(crop) != int(size["height"]):
             raise CheckpointError(f"{path}: a crop after a fixed-size resize is not supported")
         mode, crop = "squash", size["height"]
-    elif not pp.get("do_center_crop", True):
-        raise CheckpointError(f"{path}: shortest-edge resize without a centre crop is not square")
+    else:
+        if not pp.get("do_center_crop", True):
+            raise CheckpointError(f"{path}: shortest-edge resize without a centre crop is not square")
+        short = size.get("shortest_edge", crop) if isinstance(size, dict) else size
+        if int(short) != int(crop):
+            # e.g. resize to 256 then crop 224: PreprocessConfig resizes to the crop size.
+            raise CheckpointError(
+                f"{path}: resize to {short} then crop {crop} is not supported (resize == crop only)"
+            )
     return PreprocessConfig(
         image_size=int(crop),
         mean=tuple(pp.get("image_mean", PreprocessConfig.mean)),

@@ -214,8 +214,9 @@ def mclip_pairing(
     )  # fmt: skip
     name = f"{image_name}+{text_folder.name}"
     if image_weights is None:
-        torch.manual_seed(0)
-        model = TowerCLIP(cfg, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = TowerCLIP(cfg, tokenizer)
         with torch.no_grad():
             model.text.load_state_dict(
                 {k[len("text."):]: v.float() for k, v in text_sd.items()}, strict=True
