@@ -39,7 +39,7 @@ TINY_SYNTHETIC_SHA256: str | None = "936636acdb2e56eadbc046f85899c0512e8c599b7a3
 
 # sha256 of the bundled multilingual model (clip_model/weights/multilingual-synthetic.safetensors,
 # card: multilingual-synthetic.md).
-MULTILINGUAL_SYNTHETIC_SHA256: str | None = None
+MULTILINGUAL_SYNTHETIC_SHA256: str | None = "8261a9315f6574eaaa563a7d5470b8fc670510cb45f7dbff2922f57a6989c6a2"
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough that hashing, not syscalls, dominates
 CACHE_ENV_VAR = "CLIPCURATE_CACHE"

@@ -109,8 +109,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     # A ResNet18-shaped image tower (width 32) and a 4-layer BERT with Flickr30k-style projection
     # heads and a learned temperature (clip_model/configs/multilingual-synthetic.json).
-    "multilingual-synthetic": Recipe(
-        name="multilingual-synthetic",
+    "multilingual-synthetic-base": Recipe(
+        name="multilingual-synthetic-base",
         model="multilingual-synthetic",
         steps=1800,
         batch_size=128,
@@ -118,6 +118,19 @@ RECIPES: dict[str, Recipe] = {
         min_lr=1e-5,
         warmup_steps=60,
         weight_decay=0.1,
+    ),
+    # Stage 2 (the bundled weights): the base, then batches whose twins mostly differ by the
+    # hazard sign, which the base tells apart less well than it matches captions.
+    "multilingual-synthetic": Recipe(
+        name="multilingual-synthetic",
+        model="multilingual-synthetic",
+        steps=500,
+        batch_size=128,
+        lr=3e-4,
+        min_lr=1e-5,
+        warmup_steps=20,
+        weight_decay=0.1,
+        init="multilingual-synthetic-base",
     ),
     # The same towers for short runs on a job's output (DataComp-style comparisons, CI).
     "towers-small": Recipe(

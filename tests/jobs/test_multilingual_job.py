@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
 # Not a training seed (training scenes are seeded "multi-<seed>-<step>").
 WORLD_SEED = 616
-ROWS = 200
+ROWS = 160
 
 
 @pytest.fixture(scope="module")
