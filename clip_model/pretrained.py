@@ -39,7 +39,7 @@ TINY_SYNTHETIC_SHA256: str | None = "936636acdb2e56eadbc046f85899c0512e8c599b7a3
 
 # sha256 of the bundled multilingual model (clip_model/weights/multilingual-synthetic.safetensors,
 # card: multilingual-synthetic.md).
-MULTILINGUAL_SYNTHETIC_SHA256: str | None = "8261a9315f6574eaaa563a7d5470b8fc670510cb45f7dbff2922f57a6989c6a2"
+MULTILINGUAL_SYNTHETIC_SHA256: str | None = "60e56f2560a19f675e5b045e2efd5acf09239f9764d2db861c35b7c03d1054dd"
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough that hashing, not syscalls, dominates
 CACHE_ENV_VAR = "CLIPCURATE_CACHE"
@@ -204,6 +204,9 @@ _ENTRIES: tuple[PretrainedEntry, ...] = (
         notes="ResNet18-shaped (width 32) + 4-layer BERT towers trained on the synthetic world "
         "with captions in English, Chinese, Russian and Hindi; bundled with the package "
         "(needs clipcurate[hf])",
+        # Calibrated on the job's embeddings of world 5151 (95 % of mismatched captions below
+        # it, 2.8 % of matched); on world 6262: recall 0.92, 1.2 % of matched (card).
+        clip_score_threshold=0.407,
     ),
 )
 
