@@ -5,7 +5,7 @@ is 300-1200 px, serves it from one loopback HTTP server process, then runs in th
 
 1. img2dataset.download(processes_count=2, thread_count=its default, output_format=webdataset)
 2. clipcurate's download half with ``--distributor multiprocessing``: ``--cpus`` local worker
-   processes (pipeline/local_runner.py, no Ray; worker start-up is inside the timed run)
+   processes (pipeline/schedulers/local.py, no Ray; worker start-up is inside the timed run)
 3. clipcurate's download half with ``--distributor ray``: local Ray with num_cpus=--cpus
    (started before timing, as on a cluster; Ray start-up time is printed separately)
 
@@ -142,14 +142,16 @@ def run_clipcurate(url_list: Path, out: Path, per_shard: int, cpus: int) -> tupl
     """The Ray distributor; returns (seconds, images stored, Ray start-up seconds)."""
     import ray
 
-    from pipeline.runner import run_download
+    from pipeline.config import ExecutionConfig
+    from pipeline.download_job import run_download
+    from pipeline.ray_start import init_ray
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     ray_start = time.perf_counter() - t0
     try:
-        summary = run_download(_clipcurate_config(url_list, out, per_shard), download_concurrency=cpus)
+        summary = run_download(_clipcurate_config(url_list, out, per_shard), ExecutionConfig(scheduler="ray"))
     finally:
         ray.shutdown()
     return summary.duration_s, summary.successes, ray_start
@@ -158,11 +160,12 @@ def run_clipcurate(url_list: Path, out: Path, per_shard: int, cpus: int) -> tupl
 def run_clipcurate_local(url_list: Path, out: Path, per_shard: int, cpus: int) -> tuple[float, int]:
     """The multiprocessing distributor with ``cpus`` worker processes; returns (seconds,
     images stored). Timed from before the worker processes start."""
-    from pipeline.local_runner import run_download_local
+    from pipeline.config import ExecutionConfig
+    from pipeline.download_job import run_download
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = run_download_local(_clipcurate_config(url_list, out, per_shard), processes=cpus)
+    summary = run_download(_clipcurate_config(url_list, out, per_shard), ExecutionConfig(scheduler="local", processes=cpus))
     return time.perf_counter() - t0, summary.successes
 
 

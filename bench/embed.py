@@ -85,6 +85,8 @@ def save_random_weights(path: Path) -> None:
 
 
 def run_clipcurate(folder: Path, weights: Path, rows_per_call: int, batch: int, cpus: int) -> float:
+    from pipeline.runner import run_curate
+
     from pipeline.config import (
         DownloadJobConfig,
         EmbedConfig,
@@ -93,7 +95,6 @@ def run_clipcurate(folder: Path, weights: Path, rows_per_call: int, batch: int, 
         ShardConfig,
         WriteConfig,
     )
-    from pipeline.runner import run_curate
 
     # The URL list only plans the shards; they are all committed, so nothing is downloaded.
     job = DownloadJobConfig(
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from pipeline.ray_start import init_ray
+
     work = Path(a.workdir or tempfile.mkdtemp(prefix="clipcurate-bench-embed-"))
     try:
         work.mkdir(parents=True, exist_ok=True)
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         # One more logical CPU than cores: the actor takes the cores for torch, preprocess
         # tasks run beside it (they mostly wait on the actor).
-        ray.init(num_cpus=a.cpus + 1, include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=a.cpus + 1, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t0
         ours_s = run_clipcurate(work, weights, a.rows_per_call, a.batch, a.cpus)
         ray.shutdown()

@@ -93,6 +93,8 @@ def save_random_weights(arch: str, path: Path) -> None:
 
 
 def run_ours(work: Path, arch: str, weights: Path, rows_per_call: int, batch: int, threads: int) -> tuple[float, float | None, int]:
+    from pipeline.runner import build_embed_stages
+
     from pipeline.config import (
         DownloadJobConfig,
         EmbedConfig,
@@ -100,7 +102,6 @@ def run_ours(work: Path, arch: str, weights: Path, rows_per_call: int, batch: in
         ShardConfig,
         WriteConfig,
     )
-    from pipeline.runner import build_embed_stages
     from pipeline.stages.embed import EmbedStage, PreprocessStage
 
     gpu = torch.cuda.is_available()

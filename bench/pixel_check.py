@@ -5,7 +5,7 @@ and re-encoded), runs it through the job's decode (centre crop 128), preprocess 
 thumbnails) and embed stages with the bundled tiny model, then ``dedup_table`` with
 
 * ``cos>=0.99``: the embedding alone, at the threshold the demo used before the pixel check;
-* ``cos>=0.9 + pixels``: the demo's settings (jobs/demo.yaml).
+* ``cos>=0.9 + pixels``: the demo's settings (the tiny model's defaults).
 
 Reports, against the world's ground truth: near-duplicate recall (near copies whose
 ``duplicate_of`` chain meets their original's), precision of the semantic drops, rows dropped in
@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-import yaml
 
 from pipeline import dedup as D
+from pipeline import job_config as J
 from pipeline import schema as S
-from pipeline.config import DecodeConfig, DedupConfig, EmbedConfig
-from pipeline.pixel_check import confirm_pairs, thumbs_array
-from pipeline.stages.decode import DecodeStage
-from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
+from pipeline.config import DecodeConfig
+from pipeline.pixel_check import confirm_pairs
+from pipeline.thumbnails import thumbs_array
+from testkit.embedding import embed_images
 from testkit.synthetic import generate_world
 
 MACHINE = "2-core CI box, CPU, shared with other work"
@@ -50,24 +50,9 @@ def embedded_world(seed: int, rows: int) -> tuple[list[dict], pa.Table]:
             unsafe_rate=0.1, min_side=96, max_side=400,
         )  # fmt: skip
         images = [(Path(tmp) / p).read_bytes() for p in gt.column("_gt_path").to_pylist()]
-    table = pa.table(
-        {
-            S.KEY: [f"{i:09d}" for i in range(rows)],
-            S.CAPTION: gt.column("caption"),
-            S.STATUS: [S.OK] * rows,
-            S.ERROR: pa.nulls(rows, pa.string()),
-            S.IMAGE_BYTES: pa.array(images, pa.binary()),
-        }
-    )
-    table = DecodeStage(cfg=DecodeConfig(image_size=128, resize_mode="center_crop")).process_batch(
-        table
-    )
-    pp = resolve_preprocess("tiny-synthetic", "synthetic")
-    table = PreprocessStage(preprocess=pp, thumbnails=True).process_batch(table)
-    embed = EmbedStage(
-        cfg=EmbedConfig(model="tiny-synthetic", pretrained="synthetic"), preprocess=pp
-    )
-    return gt.to_pylist(), embed.process_batch(table)
+    table = embed_images(images, gt.column("caption").to_pylist(), "tiny-synthetic", "synthetic",
+                         DecodeConfig(image_size=128, resize_mode="center_crop"), thumbnails=True)
+    return gt.to_pylist(), table
 
 
 def score(gt: list[dict], out: list[dict]) -> tuple[float, float, int]:
@@ -100,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append", help="append the table to this Markdown file")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    demo = DedupConfig(**yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())["dedup"])
+    demo = J.from_args(["--config", str(REPO / "jobs" / "demo.yaml"), "--input", "x", "--output", "y"]).dedup
     plain = dataclasses.replace(demo, threshold=0.99, pixel_check=False)
     lines = [
         "| seed | dedup | near-dup recall | semantic precision | crossed | candidate pairs | pixel check s | pairs/s |",

@@ -351,7 +351,6 @@ def job_args(url_list: str, output: str, endpoint: str, a: argparse.Namespace) -
         "--input", url_list, "--output", output, "--s3-endpoint-url", endpoint,
         "--allowed-networks", "127.0.0.1/32", "--image-size", str(a.image_size),
         "--number-sample-per-shard", str(a.per_shard),
-        "--download-concurrency", str(a.download_concurrency),
     ]  # fmt: skip
 
 
@@ -517,7 +516,6 @@ def main(argv: list[str] | None = None) -> list[SizeResult]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--object-store-mb", type=int, default=400)
-    p.add_argument("--download-concurrency", type=int, default=2)
     p.add_argument("--interval", type=float, default=0.5, help="RSS sampling period (s)")
     p.add_argument("--workdir", default="/tmp/clipcurate-bench-scale",
                    help="cached worlds and job logs")

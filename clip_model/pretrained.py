@@ -23,7 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from clip_model.config import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
@@ -73,6 +73,42 @@ class DownloadError(OSError):
 
 
 @dataclass(frozen=True)
+class ModerationDefaults:
+    """Unsafe-concept prompts with thresholds calibrated for one set of weights.
+
+    concepts: (name, prompts) pairs; neutral_prompts: what a concept must beat; image_thresholds
+    / caption_thresholds: (name, margin threshold or None = side off) pairs, margins as in
+    pipeline/stages/moderate.py. calibration: how and on what the thresholds were chosen.
+    """
+
+    concepts: tuple[tuple[str, tuple[str, ...]], ...]
+    neutral_prompts: tuple[str, ...]
+    image_thresholds: tuple[tuple[str, float | None], ...]
+    caption_thresholds: tuple[tuple[str, float | None], ...]
+    calibration: str
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Filter settings that belong to a set of weights (a job uses them unless told otherwise).
+
+    clip_score_threshold: image-caption cosine below which a pair is dropped (None: no
+    calibrated value; the job then drops nothing by clip_score). moderation: calibrated unsafe
+    concepts (None: the job records generic concept scores and drops nothing by them).
+    dedup_threshold / dedup_pixel_check / pixel bounds: semantic duplicate settings (None: the
+    job's generic default). sources: where each value comes from, for the job's log and report.
+    """
+
+    clip_score_threshold: float | None = None
+    moderation: ModerationDefaults | None = None
+    dedup_threshold: float | None = None
+    dedup_pixel_check: bool | None = None
+    dedup_pixel_mean_max: float | None = None
+    dedup_pixel_blob_max: float | None = None
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class PretrainedEntry:
     """One released set of weights for one architecture.
 
@@ -85,8 +121,7 @@ class PretrainedEntry:
     quick_gelu: the weights expect QuickGELU activations (all OpenAI releases do).
     file_format: one of FILE_FORMATS' keys, telling the loader how to read the file.
     notes: free text for humans (provenance, caveats).
-    clip_score_threshold: the image-caption cosine below which a caption is calibrated to be a
-        mismatch for these weights (None: not calibrated); see the model's card.
+    defaults: filter settings calibrated for these weights (:class:`ModelDefaults`), or None.
     """
 
     arch: str
@@ -97,12 +132,70 @@ class PretrainedEntry:
     quick_gelu: bool = False
     file_format: str | None = None
     notes: str = ""
-    clip_score_threshold: float | None = None
+    defaults: ModelDefaults | None = None
 
     @property
     def pinned(self) -> bool:
         """True when downloads of this entry are verified against a recorded sha256."""
         return self.sha256 is not None
+
+
+# LAION-5B kept English pairs whose OpenAI ViT-B/32 image-caption cosine is >= 0.28 (0.3 for
+# LAION-400M); no other published threshold is tied to one set of weights.
+_LAION_B32 = ModelDefaults(
+    clip_score_threshold=0.28,
+    sources=("clip_score 0.28: LAION-5B's filter for English pairs with OpenAI ViT-B/32",),
+)
+
+# The bundled tiny model, calibrated on fresh synthetic worlds (testkit/calibrate_tiny.py, seeds
+# 31 and 32, 500 rows each, 256 px centre-crop inputs as decode makes the model's input): hazard
+# image margins 0.056-0.144 vs at most 0.039 for other scenes, so 0.05 flags every hazard scene
+# and none else (recall 1.0, fpr 0; with the border-padded stored image, 0.955-0.962 at fpr 0);
+# captions that name the hazard reach 0.15, others at most 0.04; clip_score 0.3 drops 1-2 % of
+# matching captions and 92-98 % of mismatched ones. Near duplicates: see the card.
+_TINY_SYNTHETIC = ModelDefaults(
+    clip_score_threshold=0.3,
+    moderation=ModerationDefaults(
+        concepts=(("hazard", ("a hazard sign", "a warning sign", "a danger sign")),),
+        neutral_prompts=("a photo", "an image", "a picture"),
+        image_thresholds=(("hazard", 0.05),),
+        caption_thresholds=(("hazard", 0.1),),
+        calibration="testkit/calibrate_tiny.py on worlds 31 and 32 (500 rows each): recall 1.0 at fpr 0",
+    ),
+    dedup_threshold=0.9,
+    dedup_pixel_check=True,
+    dedup_pixel_mean_max=4.5,
+    dedup_pixel_blob_max=23.0,
+    sources=(
+        "clip_score 0.3 and hazard margins 0.05 (image) / 0.1 (caption): testkit/calibrate_tiny.py",
+        "dedup cos>=0.9 confirmed by 32x32 thumbnails: bench/pixel_check.py (recall 0.963-0.988, "
+        "no row dropped for another scene on five worlds)",
+    ),
+)
+
+
+# The multilingual towers' defaults, from the job's embeddings of labelled worlds
+# (bench/calibrate_model_defaults.py; clip_model/weights/multilingual-synthetic.md).
+_MULTILINGUAL_SYNTHETIC = ModelDefaults(
+    clip_score_threshold=0.407,
+    # The job's margin over neutral prompts does not suit this model (recall 0.95 costs 62 %
+    # false positives: it never saw a caption as bare as "a photo"); no calibrated moderation.
+    moderation=None,
+    # Different scenes reach cosine 0.998-0.999 while near copies start at 0.957: candidates at
+    # 0.95, each confirmed by the thumbnails' pixel check (bounds as for tiny-synthetic).
+    dedup_threshold=0.95,
+    dedup_pixel_check=True,
+    dedup_pixel_mean_max=4.5,
+    dedup_pixel_blob_max=23.0,
+    sources=(
+        "clip_score 0.407: bench/calibrate_model_defaults.py, world 5151 (mismatch recall 0.952, "
+        "2.8 % of matched dropped); world 6262: recall 0.922, 1.2 %",
+        "dedup candidates at cos>=0.95 (near copies 0.957-1.0, different scenes up to 0.999) "
+        "confirmed by 32x32 thumbnails: bench/calibrate_model_defaults.py",
+        "no moderation: the neutral-prompt margin separates hazard scenes at AUC 0.86 only "
+        "(plain cosine 0.98, threshold 0.426 in the card)",
+    ),
+)
 
 
 def _openai(arch: str, digest: str, filename: str, image_size: int = 224) -> PretrainedEntry:
@@ -152,10 +245,13 @@ _ENTRIES: tuple[PretrainedEntry, ...] = (
         "RN50x4.pt",
         image_size=288,
     ),
-    _openai(
-        "ViT-B-32",
-        "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-        "ViT-B-32.pt",
+    replace(
+        _openai(
+            "ViT-B-32",
+            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+            "ViT-B-32.pt",
+        ),
+        defaults=_LAION_B32,
     ),
     _openai(
         "ViT-B-16",
@@ -192,6 +288,7 @@ _ENTRIES: tuple[PretrainedEntry, ...] = (
         quick_gelu=False,
         file_format="safetensors",
         notes="tiny model trained on the synthetic world; bundled with the package",
+        defaults=_TINY_SYNTHETIC,
     ),
     PretrainedEntry(
         arch="multilingual-synthetic",
@@ -204,9 +301,7 @@ _ENTRIES: tuple[PretrainedEntry, ...] = (
         notes="ResNet18-shaped (width 32) + 4-layer BERT towers trained on the synthetic world "
         "with captions in English, Chinese, Russian and Hindi; bundled with the package "
         "(needs clipcurate[hf])",
-        # Calibrated on the job's embeddings of world 5151 (95 % of mismatched captions below
-        # it, 2.8 % of matched); on world 6262: recall 0.92, 1.2 % of matched (card).
-        clip_score_threshold=0.407,
+        defaults=_MULTILINGUAL_SYNTHETIC,
     ),
 )
 

@@ -22,21 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from pipeline import job_config as J  # noqa: E402
-from pipeline.config import ConfigError, StorageConfig  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 
-FLAGS = {
-    "--dedup-threshold": "dedup.threshold",
-    "--dedup-against": "dedup.against",
-    "--clip-score-threshold": "filter.clip_score_threshold",
-}
+FLAGS = {k: J.FLAGS[k] for k in ("--dedup-threshold", "--dedup-against", "--clip-score-threshold",
+                                  "--dedup-pixel-check", "--s3-endpoint-url")}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dedup.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="a finished job's output (folder or s3:// URI)")
-    p.add_argument("--s3-endpoint-url", default=None, help="S3-compatible endpoint")
-    for flag, path in FLAGS.items():
-        p.add_argument(flag, dest=path.replace(".", "__"), default=argparse.SUPPRESS, help=f"sets {path}")
+    J.add_flags(p, FLAGS)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     return p
 
@@ -44,24 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a configuration error)."""
     args = build_parser().parse_args(argv)
-    from pipeline.job import CONFIG_NAME, format_summary, redecide
-    from pipeline.storage import Storage
+    from pipeline.job import format_summary, redecide
 
     try:
-        storage = StorageConfig(s3_endpoint_url=args.s3_endpoint_url)
-        try:
-            text = Storage(args.output, storage).read_bytes(CONFIG_NAME).decode("utf-8")
-        except Exception as e:  # FileNotFoundError locally, NoSuchKey/ClientError on S3
-            raise ConfigError(f"output: cannot read {args.output}/{CONFIG_NAME}: {e}") from e
-        cfg = J.from_yaml_text(text)
-        if args.s3_endpoint_url:
-            cfg = J.set_value(cfg, "storage.s3_endpoint_url", args.s3_endpoint_url)
-        for path in FLAGS.values():
-            if hasattr(args, path.replace(".", "__")):
-                cfg = J.set_value(cfg, path, getattr(args, path.replace(".", "__")))
-        for assignment in args.overrides:
-            cfg = J.apply_set(cfg, assignment)
-        summary = redecide(cfg)
+        summary = redecide(J.load_output(args, FLAGS, args.output))
     except ConfigError as e:
         print(f"dedup.py: error: {e}", file=sys.stderr)
         return 2

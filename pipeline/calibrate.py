@@ -35,7 +35,8 @@ import pyarrow as pa
 from pipeline import schema as S
 from pipeline.config import ConfigError, EmbedConfig, ModerateConfig, StorageConfig
 from pipeline.metrics import ThresholdChoice, UnreachableTarget, threshold_for
-from pipeline.stages.moderate import ModerateStage, embedding_matrix, margins
+from pipeline.schema import embedding_matrix
+from pipeline.stages.moderate import Moderation, margins
 
 
 def _labels(table: pa.Table, col: str, concept: str) -> np.ndarray:
@@ -86,10 +87,12 @@ def calibrate(
     if (target_recall is None) == (target_precision is None):
         raise ConfigError("calibrate: give exactly one of target_recall and target_precision")
     # The file's own thresholds are what is being replaced: calibrate from the prompts alone.
-    stage = ModerateStage(cfg=replace(moderate, thresholds_file=None), embed=embed, storage=storage or StorageConfig())
-    stage.prepare(model)
+    if model is None:
+        from pipeline.stages.embed import load_model
+
+        model, _ = load_model(embed.model, embed.pretrained)
+    stage = Moderation.prepare(replace(moderate, thresholds_file=None), storage or StorageConfig(), model)
     rules = stage.rules
-    assert rules is not None and stage.neutral is not None
     if S.MODEL in table.column_names:
         ids = {m for m in table.column(S.MODEL).to_pylist() if m is not None}
         if ids and ids != {stage.model_id}:
@@ -173,6 +176,21 @@ def read_parquet(uri: str, storage: StorageConfig | None = None) -> pa.Table:
     return ds.dataset(paths, format="parquet", filesystem=fs).to_table()
 
 
+# The job's flags that say which model and prompts are calibrated (pipeline/job_config.py).
+FLAGS = {
+    "--model": ("embed.model", "embedding model, as given to the job (default tiny-synthetic)"),
+    "--pretrained": ("embed.pretrained", "weights tag or path, as given to the job"),
+    "--head": ("moderate.head_path", "safetensors head to calibrate as well"),
+    "--s3_endpoint_url": ("storage.s3_endpoint_url", "S3-compatible endpoint"),
+}
+
+
+def _flags() -> dict[str, Any]:
+    from pipeline.job_config import Flag
+
+    return {**FLAGS, "--neutral": Flag("moderate.neutral_prompts", "a neutral prompt (repeatable)", repeatable=True)}
+
+
 def _concept(text: str) -> tuple[str, tuple[str, ...]]:
     name, sep, prompts = text.partition("=")
     items = tuple(p.strip() for p in prompts.split("|") if p.strip())
@@ -185,36 +203,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The calibrate flags (shared by ``python -m pipeline.calibrate`` and ``clipcurate calibrate``)."""
     p.add_argument("--input", required=True, help="labelled output Parquet: file, folder, glob or s3://")
     p.add_argument("--out", required=True, help="YAML to write (path or s3://)")
-    p.add_argument("--model", required=True, help="embedding model, as given to the job")
-    p.add_argument("--pretrained", default=None, help="weights tag or path, as given to the job")
+    from pipeline import job_config as J
+
+    J.add_common_arguments(p, "a job's YAML config: its embed and moderate sections are calibrated")
+    J.add_flags(p, _flags())
     p.add_argument("--concept", action="append", type=_concept, default=None,
                    help="NAME=prompt|prompt... (repeatable; default: the job's default concepts)")
-    p.add_argument("--neutral", action="append", default=None, help="a neutral prompt (repeatable)")
-    p.add_argument("--head", default=None, help="safetensors head to calibrate as well")
     p.add_argument("--label_col", required=True, help="image-side label (bool, or concept name)")
     p.add_argument("--caption_label_col", default=None, help="caption-side label; omitted: caption side off")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target_recall", type=float)
     target.add_argument("--target_precision", type=float)
-    p.add_argument("--s3_endpoint_url", default=None)
+
+
+def _config(a: argparse.Namespace) -> Any:
+    """The job config the flags, ``--config`` and ``--set`` describe (the job's loader), with
+    the moderation prompts to calibrate filled in; only embed, moderate and storage are
+    validated."""
+    from pipeline import job_config as J
+
+    cfg = J.load_sections(a, _flags(), ("embed", "storage"))
+    base = ModerateConfig()
+    mod = cfg.moderate
+    moderate = replace(
+        mod,
+        concepts=dict(a.concept) if a.concept else (mod.concepts or base.concepts),
+        neutral_prompts=mod.neutral_prompts or base.neutral_prompts,
+    )
+    moderate.validate("moderate")
+    return replace(cfg, moderate=moderate)
 
 
 def run(a: argparse.Namespace) -> int:
     """Run a parsed ``calibrate`` command; prints what each threshold achieves."""
-    storage = StorageConfig(s3_endpoint_url=a.s3_endpoint_url)
-    base = ModerateConfig()
-    moderate = ModerateConfig(
-        concepts=dict(a.concept) if a.concept else base.concepts,
-        neutral_prompts=tuple(a.neutral) if a.neutral else base.neutral_prompts,
-        head_path=a.head,
-    )
     try:
-        moderate.validate()
+        cfg = _config(a)
+        storage, moderate = cfg.storage, cfg.moderate
         table = read_parquet(a.input, storage)
         doc = calibrate(
             table,
             moderate,
-            EmbedConfig(model=a.model, pretrained=a.pretrained),
+            cfg.embed,
             label_col=a.label_col,
             caption_label_col=a.caption_label_col,
             target_recall=a.target_recall,

@@ -7,14 +7,17 @@ Flag names are img2dataset's (``--url_list``, ``--output_folder``, ``--input_for
 ``--retries``, ``--thread_count``, ``--user_agent_token``, ``--disallowed_header_directives``),
 so an img2dataset command line mostly works after swapping the program name. Options that only
 exist here: ``--allowed_networks``, ``--max_image_pixels``, ``--max_frames``, ``--max_bytes``,
-``--s3_endpoint_url``, ``--ray_address``, ``--download_concurrency``.
+``--s3_endpoint_url``, ``--ray_address``.
 
-``--distributor`` (img2dataset's flag) picks what runs the stages: ``ray`` (default; Ray Data
-on a local or given cluster) or ``multiprocessing`` (``--processes_count`` local worker
-processes, one shard per task, no Ray; pipeline/local_runner.py). Both write the same shards.
+``--distributor`` (img2dataset's flag) picks what runs the stages: ``multiprocessing``
+(default, as in img2dataset: ``--processes_count`` local worker processes, one shard per task,
+no Ray; pipeline/schedulers/local.py) or ``ray`` (Ray Data on ``--ray_address`` or
+``$RAY_ADDRESS``, else a local Ray). Both write the same shards.
 
-The configuration is validated before any work starts; a bad value exits with status 2 and a
-message naming the field. At the end a summary is printed (and ``--summary_json`` writes it).
+Flags, ``--config FILE`` and ``--set section.field=value`` are read by the job's loader
+(pipeline/job_config.py) into a DownloadJobConfig, validated before any work starts; a bad
+value exits with status 2 and a message naming the field. At the end a summary is printed (and
+``--summary_json`` writes it).
 """
 
 from __future__ import annotations
@@ -25,147 +28,91 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pipeline.config import (
-    ConfigError,
-    DecodeConfig,
-    DownloadConfig,
-    DownloadJobConfig,
-    ReadConfig,
-    ShardConfig,
-    StorageConfig,
-)
+from pipeline import job_config as J
+from pipeline.config import ConfigError, DownloadJobConfig
+from pipeline.job_config import Flag
 
-DISTRIBUTORS = ("ray", "multiprocessing")
+# img2dataset's distributor names -> the scheduler that runs the stage graph.
+DISTRIBUTORS = {"multiprocessing": "local", "ray": "ray"}
 
-
-def _bool(v: str) -> bool:
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
-def _list(v: str) -> tuple[str, ...]:
-    """``a,b`` or img2dataset's ``["a","b"]`` -> ``("a", "b")``."""
-    s = v.strip()
-    if s.startswith("["):
-        try:
-            items = json.loads(s)
-        except ValueError:
-            items = [x.strip().strip("'\"") for x in s.strip("[]").split(",")]
-        return tuple(str(x) for x in items if str(x))
-    return tuple(x.strip() for x in s.split(",") if x.strip())
-
-
-def _none_or_str(v: str) -> str | None:
-    return None if v.strip().lower() in ("", "none", "null") else v
+# img2dataset's flag -> the field it sets. Read by the same loader as the job's flags
+# (pipeline/job_config.py): values are typed by the field, errors name the field.
+DOWNLOAD_FLAGS: dict[str, Flag] = {
+    "--url_list": Flag("read.url_list", "file, directory, glob or s3:// URI"),
+    "--input_format": Flag("read.input_format", "parquet | csv | tsv | jsonl | txt"),
+    "--url_col": Flag("read.url_col", "column with the image URL"),
+    "--caption_col": Flag("read.caption_col", "column with the caption (none: no caption)"),
+    "--save_additional_columns": Flag("read.save_additional_columns", "input columns to keep: a,b or [\"a\",\"b\"]"),
+    "--output_folder": Flag("shard.output_folder", "local folder or s3:// URI"),
+    "--number_sample_per_shard": Flag("shard.number_sample_per_shard", "rows per shard"),
+    "--s3_endpoint_url": Flag("storage.s3_endpoint_url", "S3-compatible endpoint (MinIO, local S3)"),
+    "--timeout": Flag("download.timeout", "seconds, total per request"),
+    "--retries": Flag("download.retries", "extra attempts for transient failures"),
+    "--thread_count": Flag("download.thread_count", "download threads per worker"),
+    "--max_bytes": Flag("download.max_bytes", "byte cap per image"),
+    "--user_agent_token": Flag("download.user_agent_token", "our token in User-Agent and X-Robots-Tag"),
+    "--disallowed_header_directives": Flag("download.disallowed_header_directives", "X-Robots-Tag directives that opt out"),
+    "--optout_tokens": Flag("download.optout_tokens",
+                            "X-Robots-Tag tokens whose opt-outs are honoured besides --user_agent_token"),
+    "--allowed_networks": Flag("download.allowed_networks",
+                               "CIDR allowed despite the address guard (repeat or comma-separate)", repeatable=True),
+    "--image_size": Flag("decode.image_size", "stored image size in pixels"),
+    "--resize_mode": Flag("decode.resize_mode", "no | border | center_crop | keep_ratio"),
+    "--resize_only_if_bigger": Flag("decode.resize_only_if_bigger", "true/false (bare flag: true)", const="true"),
+    "--encode_format": Flag("decode.encode_format", "jpg | png | webp"),
+    "--encode_quality": Flag("decode.encode_quality", "JPEG/WebP quality"),
+    "--min_image_size": Flag("decode.min_image_size", "smallest side kept, pixels"),
+    "--max_aspect_ratio": Flag("decode.max_aspect_ratio", "largest long/short side ratio kept"),
+    "--max_image_pixels": Flag("decode.max_image_pixels", "decoded-pixel cap, checked from the header"),
+    "--max_frames": Flag("decode.max_frames", "animation frame cap"),
+    "--distributor": Flag("execution.scheduler", "multiprocessing (default): local worker processes, one shard "
+                          "per task, no Ray; ray: Ray Data on --ray_address or $RAY_ADDRESS", values=DISTRIBUTORS),
+    "--processes_count": Flag("execution.processes", "multiprocessing: worker processes (default: one per CPU)"),
+    "--ray_address": Flag("execution.ray_address", "ray: cluster address; default: $RAY_ADDRESS or a local Ray"),
+    "--blocklist_output": Flag("blocklist.outputs", "a job output whose takedowns (its _blocklist/) apply",
+                               repeatable=True),
+    "--pdq_threshold": Flag("blocklist.pdq_threshold", "PDQ match distance in bits"),
+}
+_BLOCKLIST_FIELDS = {"url": "urls", "domain": "domains", "md5": "md5", "sha1": "sha1", "sha256": "sha256", "pdq": "pdq"}
 
 
 def _add_download_args(p: argparse.ArgumentParser) -> None:
-    r, dl, dc, sh = ReadConfig(), DownloadConfig(), DecodeConfig(), ShardConfig()
-    g = p.add_argument_group("input")
-    g.add_argument("--url_list", required=True, help="file, directory, glob or s3:// URI")
-    g.add_argument("--input_format", default=r.input_format, help="parquet | csv | tsv | jsonl | txt")
-    g.add_argument("--url_col", default=r.url_col)
-    g.add_argument("--caption_col", type=_none_or_str, default=r.caption_col)
-    g.add_argument("--save_additional_columns", type=_list, default=())
-    g = p.add_argument_group("output")
-    g.add_argument("--output_folder", required=True, help="local folder or s3:// URI")
-    g.add_argument("--output_format", default="webdataset", help="only webdataset is written")
-    g.add_argument("--number_sample_per_shard", type=int, default=sh.number_sample_per_shard)
-    g.add_argument("--s3_endpoint_url", default=None)
-    g = p.add_argument_group("download")
-    g.add_argument("--timeout", type=float, default=dl.timeout, help="seconds, total per request")
-    g.add_argument("--retries", type=int, default=dl.retries)
-    g.add_argument("--thread_count", type=int, default=dl.thread_count, help="threads per download actor")
-    g.add_argument("--max_bytes", type=int, default=dl.max_bytes)
-    g.add_argument("--user_agent_token", default=dl.user_agent_token)
-    g.add_argument(
-        "--disallowed_header_directives", type=_list, default=dl.disallowed_header_directives
-    )
-    g.add_argument(
-        "--allowed_networks",
-        type=_list,
-        action="append",
-        default=[],
-        help="CIDR allowed despite the address guard (repeat or comma-separate)",
-    )
-    g = p.add_argument_group("decode and resize")
-    g.add_argument("--image_size", type=int, default=dc.image_size)
-    g.add_argument("--resize_mode", default=dc.resize_mode, help="no | border | center_crop | keep_ratio")
-    g.add_argument("--resize_only_if_bigger", type=_bool, nargs="?", const=True, default=False)
-    g.add_argument("--encode_format", default=dc.encode_format, help="jpg | png | webp")
-    g.add_argument("--encode_quality", type=int, default=dc.encode_quality)
-    g.add_argument("--min_image_size", type=int, default=dc.min_image_size)
-    g.add_argument("--max_aspect_ratio", type=float, default=dc.max_aspect_ratio)
-    g.add_argument("--max_image_pixels", type=int, default=dc.max_image_pixels)
-    g.add_argument("--max_frames", type=int, default=dc.max_frames)
-    g = p.add_argument_group("execution")
-    g.add_argument(
-        "--distributor",
-        default="ray",
-        metavar="{" + ",".join(DISTRIBUTORS) + "}",
-        help="ray (default): Ray Data, local or --ray_address; multiprocessing: local worker "
-        "processes, one shard per task, no Ray (less overhead on one machine)",
-    )
-    g.add_argument(
-        "--processes_count",
-        type=int,
-        default=None,
-        help="multiprocessing: worker processes (default: one per CPU); each downloads its "
-        "next shard while it decodes the current one",
-    )
-    g.add_argument("--ray_address", default=None, help="ray: cluster address; default: start locally")
-    g.add_argument("--download_concurrency", type=int, default=2, help="ray: download actors")
-    g.add_argument("--summary_json", default=None, help="also write the summary to this path")
+    J.add_common_arguments(p, "YAML with the sections read, download, decode, shard, storage, blocklist, execution")
+    J.add_flags(p, DOWNLOAD_FLAGS)
+    p.add_argument("--output_format", default="webdataset", help="only webdataset is written")
+    p.add_argument("--blocklist", action="append", default=[], metavar="KIND=[NAME=]PATH",
+                   help="a list never to store: KIND is url, domain, md5, sha1, sha256 or pdq; PATH a text "
+                   "or Parquet file or s3:// URI (repeatable)")
+    p.add_argument("--summary_json", default=None, help="also write the summary to this path")
 
 
 def config_from_args(a: argparse.Namespace) -> DownloadJobConfig:
-    """Build (and validate) the job configuration from parsed ``download`` arguments."""
+    """The validated download configuration of parsed ``download`` arguments: defaults <
+    ``--config`` < img2dataset's flags < ``--set``; a bad value raises ConfigError naming
+    the field (and the flag that set it)."""
     if a.output_format != "webdataset":
-        raise ConfigError(f"shard.output_format: only 'webdataset' is supported, got {a.output_format!r}")
-    cfg = DownloadJobConfig(
-        read=ReadConfig(
-            url_list=a.url_list,
-            input_format=a.input_format,
-            url_col=a.url_col,
-            caption_col=a.caption_col,
-            save_additional_columns=tuple(a.save_additional_columns),
-        ),
-        download=DownloadConfig(
-            timeout=a.timeout,
-            retries=a.retries,
-            max_bytes=a.max_bytes,
-            thread_count=a.thread_count,
-            user_agent_token=a.user_agent_token,
-            disallowed_header_directives=tuple(a.disallowed_header_directives),
-            allowed_networks=tuple(x for group in a.allowed_networks for x in group),
-        ),
-        decode=DecodeConfig(
-            image_size=a.image_size,
-            resize_mode=a.resize_mode,
-            resize_only_if_bigger=a.resize_only_if_bigger,
-            encode_format=a.encode_format,
-            encode_quality=a.encode_quality,
-            min_image_size=a.min_image_size,
-            max_aspect_ratio=a.max_aspect_ratio,
-            max_image_pixels=a.max_image_pixels,
-            max_frames=a.max_frames,
-        ),
-        shard=ShardConfig(output_folder=a.output_folder, number_sample_per_shard=a.number_sample_per_shard),
-        storage=StorageConfig(s3_endpoint_url=a.s3_endpoint_url),
-    )
-    cfg.validate()
-    if a.download_concurrency < 1:
-        raise ConfigError("execution.download_concurrency: must be >= 1")
-    if a.distributor not in DISTRIBUTORS:
-        raise ConfigError(f"execution.distributor: must be one of {', '.join(DISTRIBUTORS)}, got {a.distributor!r}")
-    if a.processes_count is not None and a.processes_count < 1:
-        raise ConfigError(f"execution.processes_count: must be >= 1, got {a.processes_count}")
-    if a.distributor != "ray" and a.ray_address:
-        raise ConfigError("execution.ray_address: only used with --distributor ray")
+        raise ConfigError(f"--output_format: only 'webdataset' is written, got {a.output_format!r}")
+    cfg = J.load(a, DOWNLOAD_FLAGS, root=DownloadJobConfig, base=_without_validation(a))
+    if cfg.execution.scheduler == "local" and cfg.execution.ray_address:
+        raise ConfigError("execution.ray_address (--ray_address): only used with --distributor ray")
+    return cfg
+
+
+def _without_validation(a: argparse.Namespace) -> DownloadJobConfig:
+    """``--config``'s YAML (or the defaults) with ``--blocklist KIND=PATH`` entries added; the
+    download CLI's scheduler default is img2dataset's (multiprocessing: local)."""
+    from dataclasses import replace
+
+    cfg = J.from_yaml(a.config, root=DownloadJobConfig) if getattr(a, "config", None) else DownloadJobConfig()
+    if cfg.execution.scheduler == "auto" and not getattr(a, "execution__scheduler", None):
+        cfg = replace(cfg, execution=replace(cfg.execution, scheduler="local"))
+    for entry in a.blocklist:
+        kind, sep, rest = entry.partition("=")
+        name = _BLOCKLIST_FIELDS.get(kind.strip().lower()) if sep else None
+        if name is None or not rest:
+            raise ConfigError(f"blocklist (--blocklist): {entry!r} is not KIND=[NAME=]PATH with KIND one of "
+                              f"{', '.join(_BLOCKLIST_FIELDS)}")
+        cfg = replace(cfg, blocklist=replace(cfg.blocklist, **{name: (*getattr(cfg.blocklist, name), rest)}))
     return cfg
 
 
@@ -186,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
             "calibrate",
             help="pick moderation thresholds from a labelled sample -> YAML the job reads",
             description="Choose per-concept unsafe thresholds for a target precision or recall.",
+        )
+    )
+    from pipeline.head_train import add_arguments as _add_head_args
+
+    _add_head_args(
+        sub.add_parser(
+            "train-head",
+            help="train an unsafe-classifier head (MLP over image embeddings) -> safetensors",
+            description="Train a p_unsafe head on a labelled output; moderate.head_path loads it.",
         )
     )
     return p
@@ -214,24 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.calibrate import run as run_calibrate
 
         return run_calibrate(args)
+    if args.command == "train-head":
+        from pipeline.head_train import run as run_train_head
+
+        return run_train_head(args)
     try:
         cfg = config_from_args(args)
+        from pipeline.safety import check_blocklists
+
+        check_blocklists(cfg, lambda line: logging.getLogger("clipcurate").info(line))  # before Ray
     except ConfigError as e:
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.distributor == "multiprocessing":
-            from pipeline.local_runner import run_download_local
+        from pipeline.download_job import run_download
 
-            summary = run_download_local(cfg, processes=args.processes_count)
-        else:
-            import ray
-
-            from pipeline.runner import run_download
-
-            if not ray.is_initialized():
-                ray.init(address=args.ray_address, include_dashboard=False)
-            summary = run_download(cfg, download_concurrency=args.download_concurrency)
+        summary = run_download(cfg)
     except ConfigError as e:  # input files or columns that do not exist
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2

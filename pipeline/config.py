@@ -9,9 +9,16 @@ Field names follow img2dataset's flags where a user of img2dataset would look fo
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field, fields
 
 USER_AGENT_TOKEN = "clipcurate"
+_TOKEN = re.compile(r"[a-z0-9_.*-]+")
+
+
+# A job-level setting whose value comes from the model in use (its registry entry / card,
+# pipeline/model_defaults.py) unless the user sets one; resolved before validation.
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -57,6 +64,9 @@ class DownloadConfig:
     backoff_base: float = 0.5  # first retry waits ~backoff_base s (jittered, doubling)
     max_retry_after: float = 30.0  # cap on an honoured Retry-After
     user_agent_token: str = USER_AGENT_TOKEN
+    # X-Robots-Tag directives addressed to any of these tokens (and to user_agent_token) are
+    # honoured: site owners opted out of img2dataset by its name, and we do its job.
+    optout_tokens: tuple[str, ...] = (USER_AGENT_TOKEN, "img2dataset")
     respect_optout: bool = True
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     # CIDR networks that are allowed even though the guard refuses them by default
@@ -76,6 +86,9 @@ class DownloadConfig:
             "user_agent_token",
             f"must be letters, digits, '-', '_' or '.' (X-Robots-Tag addresses it), got {token!r}",
         )
+        for t in self.optout_tokens:
+            _check(bool(_TOKEN.fullmatch(t.strip().lower())), section, "optout_tokens",
+                   f"{t!r} is not a user-agent token (letters, digits, '-', '_', '.')")
         _check(self.ca_certs is None or bool(self.ca_certs), section, "ca_certs", "must be a path")
         _check(self.retries >= 0, section, "retries", f"must be >= 0, got {self.retries}")
         _check(self.max_bytes > 0, section, "max_bytes", f"must be > 0, got {self.max_bytes}")
@@ -151,14 +164,46 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class BlocklistConfig:
+    """Lists of URLs, domains and image hashes never stored (pipeline/blocklist.py).
+
+    Each of ``urls`` .. ``pdq`` is a tuple of lists: a path or ``s3://`` URI of a text file
+    (one entry a line) or a Parquet file, optionally named ``name=uri`` (a blocked row's error
+    names the list; default: the file's stem). ``outputs``: earlier job outputs whose own
+    blocklists (their takedowns) apply too; a job always applies its own output's and
+    ``dedup.against``'s. ``pdq_threshold``: Hamming distance (bits of 256) at or below which a
+    PDQ entry matches; ``pdq_dihedral``: also match rotated and mirrored images.
+    """
+
+    urls: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    md5: tuple[str, ...] = ()
+    sha1: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
+    pdq: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    pdq_threshold: int = 31
+    pdq_dihedral: bool = False
+
+    def validate(self, section: str = "blocklist") -> None:
+        _check(0 <= self.pdq_threshold <= 63, section, "pdq_threshold",
+               f"must be a Hamming distance in 0..63 bits, got {self.pdq_threshold}")
+        for name in ("urls", "domains", "md5", "sha1", "sha256", "pdq", "outputs"):
+            for entry in getattr(self, name):
+                _check(bool(entry.strip()), section, name, "has an empty entry")
+
+
+@dataclass(frozen=True)
 class DownloadJobConfig:
-    """The download half on its own (``clipcurate download``)."""
+    """The download half on its own (``clipcurate download``), and how it runs."""
 
     read: ReadConfig = field(default_factory=ReadConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
+    execution: ExecutionConfig = field(default_factory=lambda: ExecutionConfig())
 
     def validate(self) -> None:
         for f in fields(self):
@@ -169,7 +214,7 @@ class DownloadJobConfig:
 class DedupConfig:
     """Global dedup after the stream (pipeline/dedup.py). Similarities are cosines in [-1, 1]."""
 
-    threshold: float = 0.95  # rows whose image embeddings have cosine >= this are duplicates
+    threshold: float | str = 0.95  # rows whose image embeddings have cosine >= this are duplicates
     n_clusters: int | None = None  # k-means clusters; None: 1 up to 10,000 rows, else ~sqrt(N)
     sample_size: int = 100_000  # rows k-means is fitted on
     seed: int = 0  # sample and initial centroids
@@ -182,12 +227,16 @@ class DedupConfig:
     # Confirm each embedding pair by its aligned thumbnails (pipeline/pixel_check.py): then
     # `threshold` only picks candidates and a pair is a duplicate when the thumbnails' mean and
     # blob differences (0-255 pixel units) are both within these bounds.
-    pixel_check: bool = False
-    pixel_mean_max: float = 4.5
-    pixel_blob_max: float = 23.0
+    pixel_check: bool | str = False
+    pixel_mean_max: float | str = 4.5
+    pixel_blob_max: float | str = 23.0
 
     def validate(self, section: str = "dedup") -> None:
-        _check(0 < self.threshold <= 1, section, "threshold", f"must be in (0, 1], got {self.threshold}")
+        for name in ("threshold", "pixel_check", "pixel_mean_max", "pixel_blob_max"):
+            v = getattr(self, name)
+            _check(not isinstance(v, str), section, name,
+                   f"must be a value, or {AUTO!r} in a job config (the model's setting), got {v!r}")
+        _check(0 < self.threshold <= 1, section, "threshold", f"must be in (0, 1], got {self.threshold}")  # type: ignore[operator]
         _check(
             self.n_clusters is None or self.n_clusters >= 1,
             section,
@@ -225,62 +274,86 @@ class EmbedConfig:
     """CLIP embedding: one model per actor, one GPU per actor where GPUs exist.
 
     precision: "auto" autocasts to fp16 on GPU and runs fp32 on CPU; "fp32" never autocasts;
-    "fp16"/"bf16" autocast to that dtype (weights stay fp32). rows_per_call is the Ray batch an
-    actor receives; inference_batch the images (or captions) per forward pass inside it.
-    concurrency is the actor pool's (min, max); num_gpus/num_cpus are per actor.
+    "fp16"/"bf16" autocast to that dtype (weights stay fp32). Each embedding worker receives one
+    shard per call; inference_batch is the images (or captions) per forward pass inside it.
+    concurrency is the worker pool's (min, max), None: sized from the machine or cluster (one
+    worker per GPU; on CPUs one locally, 1 to half the CPUs on Ray). num_gpus / num_cpus are
+    per worker; num_gpus None: one GPU each where there are GPUs, else the CPU.
     """
 
-    model: str = "ViT-B-32"
-    pretrained: str | None = None
+    model: str = "tiny-synthetic"
+    pretrained: str | None = "synthetic"
     precision: str = "auto"
-    rows_per_call: int = 256
     inference_batch: int = 64
-    concurrency: tuple[int, int] = (1, 1)
-    num_gpus: float = 0.0
+    concurrency: tuple[int, int] | None = None
+    num_gpus: float | None = None
     num_cpus: float = 1.0
-    preprocess_num_cpus: float = 1.0
     # Adds an ``embed_worker`` column ("<host>:<pid>" of the actor) for debugging placement.
     debug_worker_column: bool = False
 
     def validate(self, section: str = "embed") -> None:
         _check(bool(self.model), section, "model", "must name an architecture or weights file")
+        # "synthetic" is the default pretrained only because tiny-synthetic is the default model;
+        # a user who names another model and not its weights must not get a baffling load error.
+        _check(self.pretrained != "synthetic" or self.model == "tiny-synthetic", section, "pretrained",
+               f"'synthetic' is the bundled tiny-synthetic model's weights; give {self.model}'s weights "
+               "(a tag such as openai, a path, URL or s3:// URI) or none for random weights")
         _check(
             self.precision in _PRECISIONS,
             section,
             "precision",
             f"must be one of {', '.join(_PRECISIONS)}, got {self.precision!r}",
         )
-        _check(self.rows_per_call >= 1, section, "rows_per_call", "must be >= 1")
         _check(self.inference_batch >= 1, section, "inference_batch", "must be >= 1")
-        lo, hi = self.concurrency
-        _check(1 <= lo <= hi, section, "concurrency", f"must be (min, max) with 1 <= min <= max, got {self.concurrency}")
-        _check(self.num_gpus >= 0, section, "num_gpus", "must be >= 0")
+        if self.concurrency is not None:
+            lo, hi = self.concurrency
+            _check(1 <= lo <= hi, section, "concurrency",
+                   f"must be (min, max) with 1 <= min <= max, or unset; got {self.concurrency}")
+        _check(self.num_gpus is None or self.num_gpus >= 0, section, "num_gpus", "must be >= 0 or unset")
         _check(self.num_cpus >= 0, section, "num_cpus", "must be >= 0")
-        _check(self.preprocess_num_cpus > 0, section, "preprocess_num_cpus", "must be > 0")
+
+    def with_gpus(self, available: int) -> EmbedConfig:
+        """``num_gpus`` resolved: unset becomes 1 when ``available`` GPUs > 0, else 0."""
+        from dataclasses import replace
+
+        if self.num_gpus is not None:
+            return self
+        return replace(self, num_gpus=1.0 if available > 0 else 0.0)
+
+
+# Concept prompts for a model whose card has none; their margins are not calibrated.
+GENERIC_CONCEPTS: dict[str, tuple[str, ...]] = {
+    "nudity": ("a nude photo", "a photo of naked people", "sexually explicit content"),
+    "violence": ("a violent scene with blood", "a gory photo", "a photo of a weapon attack"),
+}
+GENERIC_NEUTRAL: tuple[str, ...] = ("a photo", "an image", "a picture of something")
+# Published thresholds for unsafe-classifier heads (p_unsafe of a CLIP-embedding NSFW head such
+# as LAION's), by name: moderate.head_preset sets head_threshold.
+HEAD_PRESETS: dict[str, tuple[float, str]] = {
+    "re-laion-research-safe": (0.45, "Re-LAION-5B research-safe: rows with p_unsafe > 0.45 removed"),
+}
 
 
 @dataclass(frozen=True)
 class ModerateConfig:
     """Unsafe-content scores from CLIP embeddings (see pipeline/stages/moderate.py).
 
-    concepts: concept name -> prompts (their embeddings are averaged into one direction).
-    neutral_prompts: what a concept must beat; a side's margin for a concept is
+    concepts: concept name -> prompts (their embeddings are averaged into one direction). In
+    a job, unset (null) means the model's calibrated concepts and thresholds when its card has
+    them, else :data:`GENERIC_CONCEPTS` (scored, not calibrated).
+    neutral_prompts: what a concept must beat (unset: the model's, else generic); a side's margin for a concept is
     cos(e, concept) - max over neutral prompts of cos(e, neutral).
     image_thresholds / caption_thresholds: per-concept margin thresholds; a concept missing
     from a mapping uses default_threshold; None there disables that side for the concept.
     thresholds_file: YAML written by ``clipcurate calibrate``; its values replace the above.
     head_path: optional safetensors classifier over image embeddings (linear or MLP, sigmoid
-    output); a row is flagged by it when its probability exceeds head_threshold.
+    output, e.g. LAION's CLIP-based NSFW detector); a row is flagged by it when its probability
+    exceeds head_threshold (or the published threshold named by head_preset).
     """
 
     enabled: bool = True
-    concepts: dict[str, tuple[str, ...]] = field(
-        default_factory=lambda: {
-            "nudity": ("a nude photo", "a photo of naked people", "sexually explicit content"),
-            "violence": ("a violent scene with blood", "a gory photo", "a photo of a weapon attack"),
-        }
-    )
-    neutral_prompts: tuple[str, ...] = ("a photo", "an image", "a picture of something")
+    concepts: dict[str, tuple[str, ...]] | None = field(default_factory=lambda: dict(GENERIC_CONCEPTS))
+    neutral_prompts: tuple[str, ...] | None = GENERIC_NEUTRAL
     image_thresholds: dict[str, float | None] = field(default_factory=dict)
     caption_thresholds: dict[str, float | None] = field(default_factory=dict)
     default_threshold: float | None = 0.0
@@ -288,10 +361,17 @@ class ModerateConfig:
     head_path: str | None = None
     head_threshold: float = 0.5
     head_concept: str = "head"
+    # A published threshold for the head (HEAD_PRESETS), e.g. re-laion-research-safe (0.45).
+    head_preset: str | None = None
 
     def validate(self, section: str = "moderate") -> None:
         if not self.enabled:
             return
+        _check(self.concepts is not None, section, "concepts",
+               "is unset (null means: the model's concepts, resolved in a job config)")
+        _check(self.neutral_prompts is not None, section, "neutral_prompts",
+               "is unset (null means: the model's prompts, resolved in a job config)")
+        assert self.concepts is not None and self.neutral_prompts is not None
         _check(bool(self.concepts) or bool(self.head_path) or bool(self.thresholds_file),
                section, "concepts", "needs at least one concept (or a head / thresholds file)")
         for name, prompts in self.concepts.items():
@@ -304,6 +384,10 @@ class ModerateConfig:
             unknown = set(mapping) - set(self.concepts)
             _check(not unknown, section, side, f"names unknown concepts {sorted(unknown)}")
         _check(0.0 <= self.head_threshold <= 1.0, section, "head_threshold", "must be in [0, 1]")
+        _check(self.head_preset is None or self.head_preset in HEAD_PRESETS, section, "head_preset",
+               f"must be one of {', '.join(HEAD_PRESETS)}, got {self.head_preset!r}")
+        _check(self.head_preset is None or bool(self.head_path), section, "head_preset",
+               "needs moderate.head_path (the head whose p_unsafe the preset thresholds)")
 
 
 @dataclass(frozen=True)
@@ -335,44 +419,91 @@ class FilterConfig:
 
     clip_score_threshold: an ``ok`` row whose clip_score (cosine of image and caption
     embeddings, in [-1, 1]) is below it is dropped; None turns the filter off. The right value
-    depends on the model (LAION-400M used 0.3 with ViT-B-32), so there is no default.
+    depends on the model (LAION-5B used 0.28 with OpenAI's ViT-B-32): in a job it defaults to
+    ``auto``, the model's calibrated value, or off for a model without one.
     unsafe: drop rows the moderate stage flagged (``unsafe_score > 0``); off keeps the scores.
+    In a job ``auto``: on when the moderation thresholds are calibrated for the model (its card,
+    a thresholds file, explicit thresholds or a head), off otherwise.
     duplicates: run the global dedup and drop what it finds (off: no dedup at all).
     """
 
-    clip_score_threshold: float | None = None
-    unsafe: bool = True
+    clip_score_threshold: float | str | None = None
+    unsafe: bool | str = True
     duplicates: bool = True
 
     def validate(self, section: str = "filter") -> None:
         t = self.clip_score_threshold
-        _check(t is None or -1.0 <= t <= 1.0, section, "clip_score_threshold",
-               f"must be a cosine in [-1, 1] or unset, got {t}")
+        _check(not isinstance(t, str) and (t is None or -1.0 <= t <= 1.0), section, "clip_score_threshold",
+               f"must be a cosine in [-1, 1], null (off), or {AUTO!r} in a job config (the model's), got {t!r}")
+        _check(isinstance(self.unsafe, bool), section, "unsafe",
+               f"must be true, false, or {AUTO!r} in a job config (on when moderation is calibrated), got {self.unsafe!r}")
+
+
+SCHEDULERS = ("auto", "local", "ray")
 
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """How the job runs on Ray; nothing here changes what it writes."""
+    """How the job runs; nothing here changes what it writes.
 
+    scheduler: ``local`` runs the stage graph in local worker processes (one machine, no Ray:
+    the cheapest on one box); ``ray`` runs it on Ray Data (a cluster, or a local Ray);
+    ``auto`` (default) picks ``ray`` when a Ray address is given (``ray_address`` or
+    ``$RAY_ADDRESS``, which ``ray job submit`` sets) and ``local`` otherwise.
+    """
+
+    scheduler: str = "auto"
     ray_address: str | None = None  # None: $RAY_ADDRESS (set under `ray job submit`) or local Ray
-    download_concurrency: int = 2  # download actors (each runs download.thread_count threads)
+    processes: int | None = None  # local: CPU worker processes (None: one per CPU)
+    prefetch: int = 1  # local: shards a CPU worker downloads ahead of the one it decodes
+    # Tries per shard when the process running it dies (local: a worker process; Ray: a task
+    # or actor); a shard that kills its worker this many times fails the run, naming it.
+    attempts: int = 3
+    # CPUs one download+decode+shard task reserves on Ray. Below 1 lets a core decode one shard
+    # while another shard downloads (the download mostly waits on the network).
+    task_cpus: float = 0.5
     # Decode each image in a crash-guard child process: a row that crashes the decoder becomes
-    # worker_crash instead of killing the worker (and, after Ray's retries, the job). Costs
+    # worker_crash instead of killing the worker (and, after bounded retries, the job). Costs
     # ~7-11 % of decode throughput and ~63 MB per decode worker (bench/decode_isolation.py).
     decode_isolation: bool = True
 
     def validate(self, section: str = "execution") -> None:
+        _check(self.scheduler in SCHEDULERS, section, "scheduler",
+               f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         _check(self.ray_address is None or bool(self.ray_address), section, "ray_address",
                "must be an address or unset")
-        _check(self.download_concurrency >= 1, section, "download_concurrency", "must be >= 1")
+        _check(not (self.scheduler == "local" and self.ray_address), section, "ray_address",
+               "is only used with scheduler ray (or auto)")
+        _check(self.processes is None or self.processes >= 1, section, "processes",
+               f"must be >= 1 or unset, got {self.processes}")
+        _check(self.prefetch >= 0, section, "prefetch", f"must be >= 0, got {self.prefetch}")
+        _check(self.attempts >= 1, section, "attempts", f"must be >= 1, got {self.attempts}")
+        _check(0 < self.task_cpus <= 64, section, "task_cpus", f"must be in (0, 64], got {self.task_cpus}")
+
+    def resolved_scheduler(self) -> str:
+        """``local`` or ``ray``, with ``auto`` decided from the address (see the class)."""
+        import os
+
+        if self.scheduler != "auto":
+            return self.scheduler
+        return "ray" if (self.ray_address or os.environ.get("RAY_ADDRESS")) else "local"
 
 
 SHARDS_DIR = "shards"
 EMBEDDINGS_DIR = "embeddings"
 
 
-def _tiny_embed() -> EmbedConfig:
-    return EmbedConfig(model="tiny-synthetic", pretrained="synthetic")
+# A job's filters, moderation and dedup settings default to the model's (pipeline/model_defaults.py).
+def _model_moderate() -> ModerateConfig:
+    return ModerateConfig(concepts=None, neutral_prompts=None)
+
+
+def _model_dedup() -> DedupConfig:
+    return DedupConfig(threshold=AUTO, pixel_check=AUTO, pixel_mean_max=AUTO, pixel_blob_max=AUTO)
+
+
+def _model_filter() -> FilterConfig:
+    return FilterConfig(clip_score_threshold=AUTO, unsafe=AUTO)
 
 
 @dataclass(frozen=True)
@@ -393,12 +524,13 @@ class JobConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    embed: EmbedConfig = field(default_factory=_tiny_embed)
-    moderate: ModerateConfig = field(default_factory=ModerateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    moderate: ModerateConfig = field(default_factory=_model_moderate)
     write: WriteConfig = field(default_factory=WriteConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=_model_dedup)
+    filter: FilterConfig = field(default_factory=_model_filter)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
 
     @property
     def output_root(self) -> str:
@@ -439,7 +571,9 @@ class JobConfig:
             raise ConfigError("input: is required (a path, glob or s3:// URI of URL lists)")
         if not self.output:
             raise ConfigError("output: is required (a folder or s3:// URI)")
-        cfg = self.resolved()
+        from pipeline.model_defaults import apply_model_defaults
+
+        cfg = apply_model_defaults(self.resolved())
         for f in fields(cfg):
             section = getattr(cfg, f.name)
             if hasattr(section, "validate"):
@@ -447,5 +581,18 @@ class JobConfig:
 
     def download_job(self) -> DownloadJobConfig:
         """The download half of this job (resolved)."""
+        from dataclasses import replace
+
         cfg = self.resolved()
-        return DownloadJobConfig(cfg.read, cfg.download, cfg.decode, cfg.shard, cfg.storage)
+        # The stages see one list of outputs whose takedowns apply: the named ones and ours.
+        own = tuple(dict.fromkeys((*cfg.blocklist.outputs, *cfg.blocklist_outputs())))
+        blocklist = replace(cfg.blocklist, outputs=own)
+        return DownloadJobConfig(cfg.read, cfg.download, cfg.decode, cfg.shard, cfg.storage, blocklist, cfg.execution)
+
+    def blocklist_outputs(self) -> tuple[str, ...]:
+        """Outputs whose own blocklists (takedowns) this job applies besides
+        ``blocklist.outputs``: its own output and ``dedup.against``."""
+        out = [self.output_root]
+        if self.dedup.against:
+            out.append(self.dedup.against.rstrip("/"))
+        return tuple(out)

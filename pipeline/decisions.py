@@ -20,8 +20,11 @@ order and the first that applies is recorded:
    :func:`pipeline.dedup.dedup_table`, when ``filter.duplicates`` is on. With
    ``dedup.pixel_check`` the cosine test reads ``cos>=0.9 & pixels(mean<=4.5,blob<=23)``.
 
-Dedup runs only over the rows that pass 0-3, so a duplicate is dropped only in favour of a row
-that is itself kept. Everything is recomputed from the measured columns (status, scores,
+Duplicate links (``duplicate_of``, ``dup_kind``) are recorded for every ``ok`` row that was not
+taken down, whatever else drops it, so an exact copy dropped as unsafe still names its image's
+other rows. Rows that pass 0-3 rank before all others, so a passing row is linked (and dropped
+as a duplicate) only in favour of a passing row that is itself kept; a row dropped by 1-3 keeps
+that reason and only gains the link. Everything is recomputed from the measured columns (status, scores,
 embeddings), never from an earlier ``keep``/``drop_reason``: running the decisions again on
 their own output gives the same result, which is what makes a re-run change nothing.
 
@@ -40,12 +43,10 @@ import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.config import DedupConfig, FilterConfig
-from pipeline.takedown import REASON_PREFIX as TAKEDOWN_PREFIX
-from pipeline.takedown import TAKEDOWN
 
-DUP_GROUP_SIZE = "dup_group_size"
-DUP_KIND = "dup_kind"
-DECISION_COLUMNS = (S.DUPLICATE_OF, DUP_GROUP_SIZE, DUP_KIND, S.KEEP, S.DROP_REASON)
+DECISION_COLUMNS = (S.DUPLICATE_OF, S.DUP_GROUP_SIZE, S.DUP_KIND, S.KEEP, S.DROP_REASON)
+# How a takedown's reason starts in drop_reason (pipeline/takedown.py writes the rest).
+TAKEDOWN_PREFIX = "takedown: "
 
 _SHA = "@sha256:"
 
@@ -59,16 +60,6 @@ def short_model(model: str | None) -> str:
     if sep and len(digest) > 12:
         return f"{name}{sep}{digest[:12]}…"
     return model
-
-
-def _col(table: pa.Table, name: str) -> list[Any]:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-
-
-def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, arr)
-    return table.append_column(name, arr)
 
 
 def unsafe_reason(concept: str, source: str | None, model: str | None, rules: Any = None) -> str:
@@ -91,13 +82,13 @@ def unsafe_reason(concept: str, source: str | None, model: str | None, rules: An
 
 def filter_reasons(table: pa.Table, filters: FilterConfig, rules: Any = None) -> list[str | None]:
     """Reasons 0-3 of the module docstring for every row (None: the row passes them)."""
-    taken_down = _col(table, TAKEDOWN)
-    statuses = _col(table, S.STATUS)
-    scores = _col(table, S.CLIP_SCORE)
-    unsafe = _col(table, S.UNSAFE_SCORE)
-    concepts = _col(table, S.UNSAFE_CONCEPT)
-    sources = _col(table, S.UNSAFE_SOURCE)
-    models = _col(table, S.MODEL)
+    taken_down = S.column_list(table, S.TAKEDOWN)
+    statuses = S.column_list(table, S.STATUS)
+    scores = S.column_list(table, S.CLIP_SCORE)
+    unsafe = S.column_list(table, S.UNSAFE_SCORE)
+    concepts = S.column_list(table, S.UNSAFE_CONCEPT)
+    sources = S.column_list(table, S.UNSAFE_SOURCE)
+    models = S.column_list(table, S.MODEL)
     threshold = filters.clip_score_threshold
     out: list[str | None] = []
     for i, status in enumerate(statuses):
@@ -153,27 +144,61 @@ def decide(
     if filters.duplicates and S.IMAGE_EMBEDDING in table.column_names:
         from pipeline.dedup import dedup_table
 
-        passing = np.array([i for i, r in enumerate(reasons) if r is None], np.int64)
-        if len(passing):
+        # Links are found for every ok row, whatever else drops it ("every copy of this
+        # image" must include copies dropped as unsafe), but rows that pass the filters rank
+        # before all others: a passing row is only ever linked to another passing row, so
+        # which passing rows are kept does not depend on the filtered ones.
+        statuses = S.column_list(table, S.STATUS)
+        taken_down = S.column_list(table, S.TAKEDOWN)
+        linked = np.array([i for i, r in enumerate(reasons)
+                           if statuses[i] == S.OK and taken_down[i] is None], np.int64)
+        if len(linked):
             cols = [c for c in (S.KEY, S.STATUS, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in table.column_names]
-            sub = table.select(cols).take(pa.array(passing))
+            sub = table.select(cols).take(pa.array(linked))
             for name, typ in ((S.SHA256, pa.string()), (S.CLIP_SCORE, pa.float32())):
                 if name not in sub.column_names:
-                    sub = sub.append_column(name, pa.nulls(len(passing), typ))
+                    sub = sub.append_column(name, pa.nulls(len(linked), typ))
+            passes = np.array([reasons[i] is None for i in linked.tolist()], bool)
+            score = pc.cast(sub.column(S.CLIP_SCORE), pa.float64()).to_numpy(zero_copy_only=False)
+            score = np.where(np.isnan(score), -2.0, score)  # cosines lie in [-1, 1]
+            rank = np.where(passes, score, score - 10.0)
+            sub = sub.set_column(sub.column_names.index(S.CLIP_SCORE), S.CLIP_SCORE, pa.array(rank, pa.float64()))
             marked = dedup_table(sub, dedup, previous, progress)
-            models = _col(table, S.MODEL)
+            models = S.column_list(table, S.MODEL)
             sub_dup = marked.column(S.DUPLICATE_OF).to_pylist()
-            sub_size = marked.column(DUP_GROUP_SIZE).to_pylist()
-            sub_kind = marked.column(DUP_KIND).to_pylist()
-            for j, i in enumerate(passing.tolist()):
+            sub_size = marked.column(S.DUP_GROUP_SIZE).to_pylist()
+            sub_kind = marked.column(S.DUP_KIND).to_pylist()
+            for j, i in enumerate(linked.tolist()):
                 dup_of[i], group[i], kinds[i] = sub_dup[j], sub_size[j], sub_kind[j]
-                if sub_kind[j] is not None:
+                if sub_kind[j] is not None and passes[j]:
                     reasons[i] = dedup_reason(sub_kind[j], models[i], dedup)
-    out = _set(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
-    out = _set(out, DUP_GROUP_SIZE, pa.array(group, pa.int32()))
-    out = _set(out, DUP_KIND, pa.array(kinds, pa.string()))
-    out = _set(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))
-    return _set(out, S.DROP_REASON, pa.array(reasons, pa.string()))
+    out = S.set_column(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
+    out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(group, pa.int32()))
+    out = S.set_column(out, S.DUP_KIND, pa.array(kinds, pa.string()))
+    out = S.set_column(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))
+    return S.set_column(out, S.DROP_REASON, pa.array(reasons, pa.string()))
+
+
+def first_decisions(table: pa.Table, filters: FilterConfig, rules: Any = None) -> pa.Table:
+    """``table`` with ``keep``/``drop_reason`` from reasons 0-3 only and no duplicate links
+    yet: what the write stage stores before the global pass. For a row that no duplicate
+    search links it equals :func:`decide`'s result, so the global pass rewrites only the
+    files where dedup dropped (or linked) something."""
+    reasons = filter_reasons(table, filters, rules)
+    n = table.num_rows
+    # A row dedup will look at (ok, not taken down, with an image embedding: see decide) is
+    # its own group of one until the global pass finds another.
+    has_emb = [False] * n
+    if filters.duplicates and S.IMAGE_EMBEDDING in table.column_names:
+        has_emb = pc.is_valid(table.column(S.IMAGE_EMBEDDING)).to_pylist()
+    statuses, taken_down = S.column_list(table, S.STATUS), S.column_list(table, S.TAKEDOWN)
+    size = [1 if e and st == S.OK and td is None else None
+            for e, st, td in zip(has_emb, statuses, taken_down, strict=True)]
+    out = S.set_column(table, S.DUPLICATE_OF, pa.nulls(n, pa.string()))
+    out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(size, pa.int32()))
+    out = S.set_column(out, S.DUP_KIND, pa.nulls(n, pa.string()))
+    out = S.set_column(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))
+    return S.set_column(out, S.DROP_REASON, pa.array(reasons, pa.string()))
 
 
 def kept_rows(previous: pa.Table) -> pa.Table:
@@ -186,9 +211,9 @@ def kept_rows(previous: pa.Table) -> pa.Table:
 
 __all__ = [
     "DECISION_COLUMNS",
-    "DUP_GROUP_SIZE",
-    "DUP_KIND",
+    "TAKEDOWN_PREFIX",
     "decide",
+    "first_decisions",
     "dedup_reason",
     "filter_reasons",
     "kept_rows",

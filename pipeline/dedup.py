@@ -58,7 +58,8 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.config import DedupConfig
-from pipeline.pixel_check import confirm_pairs, thumbs_array
+from pipeline.pixel_check import confirm_pairs
+from pipeline.thumbnails import thumbs_array
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from pipeline.blocklist import Blocklist
 from pipeline.config import DownloadConfig
 from pipeline.netguard import (
     AddressPolicy,
@@ -64,10 +65,13 @@ def clipcurate_version() -> str:
         return "0+unknown"
 
 
-def user_agent(token: str) -> str:
-    """``clipcurate/<version> (+<project url>; token <token>)``: identifiable, with the token
-    site owners address in ``X-Robots-Tag: <token>: noai``."""
-    return f"clipcurate/{clipcurate_version()} (+{PROJECT_URL}; token {token})"
+def user_agent(token: str, also: Iterable[str] = ()) -> str:
+    """``clipcurate/<version> (+<project url>; token <token>[; honours <other tokens>])``:
+    identifiable, with the token site owners address in ``X-Robots-Tag: <token>: noai`` and the
+    other tokens whose opt-outs are honoured too (``img2dataset``, whose job this does)."""
+    others = [t for t in dict.fromkeys(a.strip().lower() for a in also) if t and t != token]
+    honours = f"; honours {', '.join(others)}" if others else ""
+    return f"clipcurate/{clipcurate_version()} (+{PROJECT_URL}; token {token}{honours})"
 
 
 # Directives whose own syntax contains a colon (Google's X-Robots-Tag reference); any other
@@ -78,8 +82,9 @@ _VALUED_DIRECTIVES = frozenset(
 _UA_TOKEN = re.compile(r"[a-z0-9_.*-]+")
 
 
-def robots_directives(values: Iterable[str], token: str) -> set[str]:
-    """Lower-cased X-Robots-Tag directives from header ``values`` that apply to ``token``.
+def robots_directives(values: Iterable[str], token: str | Iterable[str]) -> set[str]:
+    """Lower-cased X-Robots-Tag directives from header ``values`` that apply to ``token`` (one
+    user-agent token, or several: a directive addressed to any of them applies).
 
     Each header value is a comma-separated list; ``name: directive`` switches the scope of that
     directive and the following ones in the same value to user agent ``name`` (Google's syntax:
@@ -87,7 +92,7 @@ def robots_directives(values: Iterable[str], token: str) -> set[str]:
     agent; directives scoped to another token are ignored. ``none`` expands to
     ``noindex, nofollow``.
     """
-    token = token.strip().lower()
+    tokens = {token.strip().lower()} if isinstance(token, str) else {t.strip().lower() for t in token}
     found: set[str] = set()
     for value in values:
         scope: str | None = None
@@ -102,7 +107,7 @@ def robots_directives(values: Iterable[str], token: str) -> set[str]:
                 element = rest.strip()
                 name, _, _ = element.partition(":")
                 name = name.strip().lower()
-            if not name or (scope is not None and scope != token):
+            if not name or (scope is not None and scope not in tokens):
                 continue
             found.update(("noindex", "nofollow") if name == "none" else (name,))
     return found
@@ -145,6 +150,7 @@ class FetchResult:
     retry_after: float | None = None
     attempts: int = 1
     not_connected: bool = False  # no TCP connection was made (another address may work)
+    sha256: str | None = None  # hex digest of body, set by the download stage
 
 
 class _Deadline:
@@ -311,15 +317,21 @@ class Fetcher:
     and are dropped (never returned) when the cap or deadline is hit.
     """
 
-    def __init__(self, config: DownloadConfig, resolver: Resolver | None = None) -> None:
+    def __init__(
+        self, config: DownloadConfig, resolver: Resolver | None = None, blocklist: Blocklist | None = None
+    ) -> None:
         self.config = config
         self.policy = AddressPolicy(config.allowed_networks)
         self.resolver = resolver or Resolver()
         self.limiter = HostLimiter(config.per_host_concurrency)
         self.token = config.user_agent_token.strip().lower()
+        # Opt-outs addressed to our own token or to any of optout_tokens (img2dataset's).
+        self.tokens = frozenset({self.token, *(t.strip().lower() for t in config.optout_tokens)})
         self.disallowed = frozenset(d.strip().lower() for d in config.disallowed_header_directives)
+        # URL and domain lists, checked before every request, redirect hops included.
+        self.blocklist = blocklist
         self.headers = {
-            "User-Agent": user_agent(self.token),
+            "User-Agent": user_agent(self.token, config.optout_tokens),
             "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
             # Compressed transfer of images buys nothing and would let a small body expand.
             "Accept-Encoding": "identity",
@@ -392,6 +404,10 @@ class Fetcher:
 
     def _hop(self, url: str, deadline: _Deadline) -> str | FetchResult:
         """Request ``url``; return the next URL for a redirect, else the final result."""
+        if self.blocklist is not None:
+            hit = self.blocklist.check_url(url)
+            if hit is not None:  # no request at all, not even a DNS lookup
+                return FetchResult("blocked", f"{hit.reason()}: {url}")
         try:
             target = parse_url(url)
             addrs = resolve_checked(target, self.policy, self.resolver, deadline.remaining())
@@ -471,7 +487,7 @@ class Fetcher:
             )
         # Opt-outs are honoured on the image and on every redirect leading to it.
         if self.config.respect_optout:
-            refused = robots_directives(resp.headers.getlist("X-Robots-Tag"), self.token)
+            refused = robots_directives(resp.headers.getlist("X-Robots-Tag"), self.tokens)
             refused &= self.disallowed
             if refused:
                 resp.close()  # never read the body of an opted-out image

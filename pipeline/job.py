@@ -1,16 +1,21 @@
-"""The whole job: the streaming graph, then the global pass, with resume.
+"""The whole job: plan, the streaming graph (pipeline/graph.py) on a scheduler, then the global
+pass (pipeline/global_pass.py) and the report, with resume.
 
-    plan shards ─┬─ not committed:   read -> download -> decode -> shard ─┐
-                 └─ committed, not embedded: rows from <shard>.parquet ───┴─> preprocess
-      -> embed (actor pool) -> moderate -> write <output>/embeddings/<shard>.parquet
-    then: read back -> dedup (+ an earlier run) -> decisions -> rewrite changed files
+    plan shards ─┬─ not committed:   read -> download -> decode -> shard -> tokenize ─┐
+                 └─ committed, not embedded: reread -> tokenize ──────────────────────┴─>
+      embed (+ clip_score, moderation) -> write <output>/embeddings/<shard>.parquet
+    then: dedup (+ an earlier run) -> decisions -> rewrite the files that changed
       -> _stats.json, report.html
+
+The scheduler is local worker processes on one machine, or Ray Data when a Ray address is
+given (``execution.scheduler``, pipeline/schedulers/).
 
 Resume and idempotency follow from names and commit markers, never from a log:
 
 * a shard whose manifest is committed is never downloaded or uploaded again; if its
   embeddings file is missing (the run died between the two), its rows are read back from the
-  shard's parquet and its images from its tar, and only the embed half runs for it;
+  shard's parquet and its stored images from its tar (the reread path, which embeds the
+  stored copy and says so in ``embedded_from``), and only the embed half runs for it;
 * a shard whose ``embeddings/<shard>.parquet`` exists is done (the file appears atomically);
 * the global pass recomputes every decision from the measured columns and rewrites only the
   files whose content changes, so re-running a finished job writes nothing at all (the
@@ -26,24 +31,25 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from pipeline import job_config as J
 from pipeline import schema as S
-from pipeline.config import ConfigError, JobConfig, ReadConfig, StorageConfig
-from pipeline.decisions import DECISION_COLUMNS, decide, kept_rows
+from pipeline.config import ConfigError, JobConfig
+from pipeline.global_pass import global_pass
+from pipeline.model_defaults import notes as model_defaults_notes
 from pipeline.report import HTML_NAME as REPORT_NAME
 from pipeline.report import STATS_NAME
-from pipeline.stages.base import Resources, Stage
-from pipeline.storage import Storage, StorageError, filesystem_for
-from pipeline.takedown import TAKEDOWN
+from pipeline.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from pipeline.graph import Graph, ModelSpec
 
 log = logging.getLogger("clipcurate.job")
 
@@ -83,40 +89,6 @@ class JobSummary:
 # ------------------------------------------------------------------------------- stream
 
 
-@dataclass
-class CommittedShardRows(Stage):
-    """Descriptors of committed shards (:class:`~pipeline.stages.read.ShardDescriptor` columns)
-    -> those shards' rows, read back from ``<shard_folder>/<shard>.parquet``, for shards whose
-    embeddings are missing. The images stay in the tar, where the preprocess stage reads them.
-
-    Passthrough columns (``read.save_additional_columns``) the shard parquet does not hold (the
-    shard stage leaves out names starting with ``_``) are read again from the input rows of the
-    shard (no download) and joined by key.
-    """
-
-    read: ReadConfig = field(default_factory=ReadConfig)
-    number_sample_per_shard: int = 1000
-    shard_folder: str = ""
-    storage: StorageConfig = field(default_factory=StorageConfig)
-
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        from pipeline.stages.read import ShardDescriptor, read_shard
-
-        store = Storage(self.shard_folder, self.storage)
-        parts = []
-        for row in batch.to_pylist():
-            d = ShardDescriptor(**row)
-            table = pq.read_table(pa.BufferReader(store.read_bytes(f"{S.shard_name(d.shard_id)}.parquet")))
-            missing = [c for c in self.read.save_additional_columns if c not in table.column_names]
-            if missing:
-                source = read_shard(d, self.read, self.number_sample_per_shard, self.storage)
-                have = [c for c in missing if c in source.column_names]
-                if have:
-                    table = table.join(source.select([S.KEY, *have]), S.KEY, join_type="left outer")
-            parts.append(table.sort_by(S.KEY))
-        return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
-
-
 class _Progress:
     """Prints one line per finished shard and counts rows per status and stage."""
 
@@ -150,217 +122,124 @@ class _Progress:
                 )
 
 
+def prepare_model(cfg: JobConfig, emit: Callable[[str], None]) -> ModelSpec:
+    """Load the embedding model once in the driver (CPU, fp32) for what every worker needs to
+    know of it (:class:`~pipeline.graph.ModelSpec`) and to embed the moderation prompts.
+    ``ConfigError`` when the weights cannot be loaded or do not fit the moderation settings."""
+    from pipeline.graph import model_spec
+    from pipeline.stages.embed import load_model
+    from pipeline.stages.moderate import Moderation
+
+    try:
+        model, _ = load_model(cfg.embed.model, cfg.embed.pretrained)
+    except (ValueError, OSError, KeyError) as e:
+        raise ConfigError(f"embed.pretrained: cannot load {cfg.embed.model} ({cfg.embed.pretrained}): {e}") from e
+    moderation = Moderation.prepare(cfg.moderate, cfg.storage, model) if cfg.moderate.enabled else None
+    spec = model_spec(model, moderation)
+    emit(f"model {spec.model_id}: {spec.dim}-d embeddings, {spec.preprocess.image_size}px input")
+    return spec
+
+
+def check_gpus(embed: Any, available: int) -> None:
+    """Fail fast when embedding workers ask for GPUs the machine or cluster does not have (a
+    pool waiting for resources that never come would otherwise hang the job)."""
+    lo = embed.concurrency[0] if embed.concurrency else 1
+    need = (embed.num_gpus or 0.0) * lo
+    if need > available:
+        raise ConfigError(
+            f"embed.num_gpus={embed.num_gpus:g} x embed.concurrency min {lo} needs {need:g} GPU(s), "
+            f"but there are {available}. Set embed.num_gpus=0 to embed on CPU, or run where there "
+            "are GPUs."
+        )
+
+
 def stream(
     cfg: JobConfig,
     to_download: list[Any],
     to_embed: list[Any],
     expected: dict[str, int],
     emit: Callable[[str], None],
+    wrap_graph: Callable[[Graph], Graph] | None = None,
 ) -> tuple[Counter[str], dict[str, dict[str, Any]]]:
-    """Run the streaming graph over the given shards; returns (rows per status, per-operator
-    rows and seconds, see :func:`operator_stats`).
+    """Run the streaming graph over the given shards; returns (rows per status, per-segment
+    rows and seconds).
 
     ``to_download`` / ``to_embed``: :class:`~pipeline.stages.read.ShardDescriptor` of shards
     to fetch / of committed shards that only need the embed half; ``expected``: rows per shard
-    name (for progress).
+    name (for progress). ``wrap_graph``: applied to the built graph before it runs (tests
+    inject faults with it).
     """
-    import ray
+    from dataclasses import replace
 
-    from pipeline.runner import (
-        _MIN_TARGET_MAX_BLOCK_SIZE,
-        apply_embed_stages,
-        apply_stage,
-        build_embed_stages,
-        build_stages,
-        check_gpus,
-    )
-    from pipeline.stages.embed import load_model, model_id
-    from pipeline.stages.read import ReadStage
+    from pipeline.graph import build_job_graph
+    from pipeline.schedulers import scheduler_for
 
-    if not ray.is_initialized():
-        # log_to_driver=False: worker logs stay in Ray's log files; the driver prints progress.
-        ray.init(address=cfg.execution.ray_address, log_to_driver=False)
-    try:
-        check_gpus(cfg.embed)
-    except RuntimeError as e:  # GPUs asked for that the cluster lacks: a configuration error
-        raise ConfigError(str(e)) from e
-    try:
-        model, pp = load_model(cfg.embed.model, cfg.embed.pretrained)
-    except (ValueError, OSError, KeyError) as e:
-        raise ConfigError(f"embed.pretrained: cannot load {cfg.embed.model} ({cfg.embed.pretrained}): {e}") from e
-    dim = int(model.embed_dim)
-    emit(f"model {model_id(model)}: {dim}-d embeddings, {pp.image_size}px input")
-
-    with warnings.catch_warnings():
-        # Ray's first get_current() sets its own deprecated fields and warns about them.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, _MIN_TARGET_MAX_BLOCK_SIZE)
-    ctx.enable_progress_bars = False
-    download = cfg.download_job()
-    parts = []
-    applied: list[str] = []  # stage names in the order their operators appear
-    if to_download:
-        ds = ray.data.from_items([d.as_row() for d in to_download], override_num_blocks=len(to_download))
-        read = ReadStage(cfg=cfg.read, number_sample_per_shard=cfg.shard.number_sample_per_shard,
-                         storage=cfg.storage, resources=Resources(num_cpus=0.1))
-        ds = apply_stage(ds, read, batch_size=1)
-        applied.append(type(read).__name__)
-        for stage in build_stages(download, cfg.execution.download_concurrency, cfg.execution.decode_isolation):
-            ds = apply_stage(ds, stage)
-            applied.append(type(stage).__name__)
-        parts.append(ds)
+    scheduler = scheduler_for(cfg.execution)
+    emit(f"scheduler: {scheduler.name}")
+    embed = cfg.embed.with_gpus(scheduler.gpus())
+    check_gpus(embed, scheduler.gpus())
+    spec = prepare_model(cfg, emit)
     if to_embed:
-        ds = ray.data.from_items([d.as_row() for d in to_embed], override_num_blocks=len(to_embed))
-        reread = CommittedShardRows(read=cfg.read, number_sample_per_shard=cfg.shard.number_sample_per_shard,
-                                    shard_folder=cfg.shard.output_folder, storage=cfg.storage,
-                                    resources=Resources(num_cpus=0.1))
-        parts.append(apply_stage(ds, reread, batch_size=1))
-        applied.append(type(reread).__name__)
-    # One dataset, so both sources share one embedding actor pool and one writer.
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    # preprocess -> embed -> moderate -> write, wired as pipeline.runner does for run_curate.
-    tail = build_embed_stages(
-        download, cfg.embed, cfg.moderate, cfg.write, model=model, thumbnails=cfg.dedup.pixel_check
+        emit(f"  {len(to_embed)} committed shard(s) are embedded from their stored images: "
+             + ", ".join(S.shard_name(d.shard_id) for d in to_embed[:10]) + (" ..." if len(to_embed) > 10 else ""))
+    decode_cpus = cfg.execution.task_cpus if scheduler.name == "ray" else 1.0
+    graph = build_job_graph(
+        cfg.download_job(), spec, replace(cfg, embed=embed).embed, cfg.write, cfg.filter,
+        thumbnails=cfg.dedup.pixel_check, decode_isolation=cfg.execution.decode_isolation,
+        decode_cpus=decode_cpus,
     )
-    del model
-    ds = apply_embed_stages(ds, tail)
-    applied += [type(stage).__name__ for stage in tail]
+    if wrap_graph is not None:
+        graph = wrap_graph(graph)
     progress = _Progress(expected, len(to_download) + len(to_embed), emit)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+    parts = _UnwrittenParts(cfg, spec, expected)
+
+    def on_batch(batch: pa.Table) -> None:
+        if S.UNWRITTEN in batch.column_names:
+            batch = parts.add(batch)
+            if batch.num_rows == 0:
+                return
         progress.update(batch)
+
+    items = {"download": [d.as_row() for d in to_download], "reread": [d.as_row() for d in to_embed]}
+    stages = scheduler.run(graph, items, on_batch)
     by_stage: Counter[str] = Counter()
     for status, n in progress.status.items():
         by_stage[S.stage_of(status)] += n
     emit("  rows by outcome: " + ", ".join(f"{k} {v}" for k, v in sorted(by_stage.items())))
-    stages = operator_stats(ds, applied)
     for name, st in stages.items():
         rate = st["rows"] / st["seconds"] if st["seconds"] > 0 else 0.0
-        emit(f"  {name:<40} {st['rows']:>8} rows  {st['seconds']:8.1f} s  {rate:8.1f} rows/s")
+        emit(f"  {name:<48} {st['rows']:>8} rows  {st['seconds']:8.1f} s  {rate:8.1f} rows/s")
     return progress.status, stages
 
 
-def operator_stats(ds: Any, applied: list[str]) -> dict[str, dict[str, Any]]:
-    """Per stage of a finished dataset: ``{"rows": rows out, "seconds": wall time from its
-    first task's start to its last task's end}``.
+class _UnwrittenParts:
+    """The driver's fallback for a shard a scheduler delivered in parts (the write stage passes
+    such rows on unwritten): holds the parts and writes the file once it has every row."""
 
-    ``applied``: the stage class names in the order they were applied. Ray names an actor
-    stage's operator after the runner's wrapper class, so ``MapBatches(...)`` operators are
-    matched to ``applied`` in order (a fused ``A->B`` operator takes two names). Read from Ray
-    Data's stats summary (``Dataset._get_stats_summary``, not a public API): when that is
-    unavailable the job runs on and the report has no per-stage rows.
-    """
-    try:
-        summary = ds._get_stats_summary()
-        ops: list[Any] = []
+    def __init__(self, cfg: JobConfig, spec: ModelSpec, expected: dict[str, int]) -> None:
+        self.cfg, self.spec, self.expected = cfg, spec, expected
+        self.parts: dict[str, list[pa.Table]] = {}
 
-        def walk(node: Any) -> None:
-            for parent in node.parents:
-                walk(parent)
-            ops.extend(op for op in node.operators_stats if not op.is_sub_operator)
+    def add(self, batch: pa.Table) -> pa.Table:
+        """Hold ``batch``; returns the written shard's summary rows (empty until complete)."""
+        from pipeline.stages.write import SUMMARY_COLUMNS, output_table, parquet_bytes
 
-        walk(summary)
-    except Exception as e:  # a Ray upgrade that changed the private summary must not fail runs
-        log.warning("per-stage statistics unavailable: %s", e)
-        return {}
-    names = iter(applied)
-    out: dict[str, dict[str, Any]] = {}
-    for op in ops:
-        parts = op.operator_name.split("->")
-        if not all(p.startswith("MapBatches(") for p in parts):
-            continue  # FromItems, Union: bookkeeping, not stages
-        name = "+".join(next(names, p) for p in parts)
-        rows = int(op.output_num_rows.sum) if op.output_num_rows else 0
-        if op.earliest_start_time is not None and op.latest_end_time is not None:
-            seconds = max(0.0, op.latest_end_time - op.earliest_start_time)
-        else:
-            seconds = float(op.time_total_s or 0.0)
-        out[name if name not in out else f"{name}#{len(out)}"] = {"rows": rows, "seconds": seconds}
-    return out
-
-
-# --------------------------------------------------------------------------- global pass
-
-
-def _read_parquet(uri: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
-    fs, path = filesystem_for(uri, storage)
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
-def read_previous(against: str, storage: StorageConfig) -> pa.Table:
-    """The rows an earlier run kept, for ``dedup.against``: its ``embeddings/`` folder when
-    ``against`` is a job output, else ``against`` itself as a folder of Parquet files."""
-    import pyarrow.dataset as pads
-
-    root = against.rstrip("/")
-    folder = f"{root}/embeddings"
-    if not any(n.endswith(".parquet") for n in Storage(folder, storage).list_names()):
-        folder = root
-    names = [n for n in Storage(folder, storage).list_names() if n.endswith(".parquet") and not n.startswith(".")]
-    if not names:
-        raise ConfigError(f"dedup.against: no Parquet files under {against!r} or {folder!r}")
-    fs, path = filesystem_for(folder, storage)
-    dataset = pads.dataset([f"{path}/{n}" for n in names], format="parquet", filesystem=fs)
-    have = dataset.schema.names
-    missing = [c for c in (S.KEY, S.IMAGE_EMBEDDING) if c not in have]
-    if missing:
-        raise ConfigError(f"dedup.against: {against!r} lacks column(s) {missing}")
-    cols = [c for c in (S.KEY, S.SHA256, S.IMAGE_EMBEDDING, S.STATUS, S.DUPLICATE_OF, S.KEEP, S.IMAGE_THUMB) if c in have]
-    return kept_rows(dataset.to_table(columns=cols))
-
-
-_DECISION_INPUTS = [
-    S.KEY, S.SHARD, S.URL, S.CAPTION, S.STATUS, S.ERROR, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING,
-    S.UNSAFE_SCORE, S.UNSAFE_CONCEPT, S.UNSAFE_SOURCE, S.MODEL, TAKEDOWN, S.IMAGE_THUMB,
-]
-
-
-def global_pass(cfg: JobConfig, shards: list[str], emit: Callable[[str], None]) -> tuple[pa.Table, int]:
-    """Dedup and decisions over every shard's embeddings file; rewrites the files whose
-    decisions changed (atomically, same names). Returns (the decided rows without embeddings,
-    the number of files rewritten)."""
-    from pipeline.stages.moderate import resolve_rules
-    from pipeline.stages.write import write_parquet
-
-    root = cfg.write.output_folder.rstrip("/")
-    tables = []
-    for shard in shards:
-        uri = f"{root}/{shard}.parquet"
-        fs, path = filesystem_for(uri, cfg.storage)
-        have = pq.read_schema(path, filesystem=fs).names
-        tables.append(_read_parquet(uri, cfg.storage, [c for c in _DECISION_INPUTS if c in have]))
-    table = pa.concat_tables(tables, promote_options="permissive")
-    previous = None
-    if cfg.dedup.against and cfg.filter.duplicates:
-        previous = read_previous(cfg.dedup.against, cfg.storage)
-        emit(f"  dedup against {cfg.dedup.against}: {previous.num_rows} kept rows")
-    rules = resolve_rules(cfg.moderate, cfg.storage) if cfg.moderate.enabled else None
-    decided = decide(table, cfg.filter, cfg.dedup, rules, previous, progress=emit)
-    decided = decided.drop_columns([c for c in (S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in decided.column_names])
-
-    rewritten = 0
-    shard_col = decided.column(S.SHARD).to_pylist()
-    by_shard: dict[str, list[int]] = {}
-    for i, s in enumerate(shard_col):
-        by_shard.setdefault(s, []).append(i)
-    for shard in shards:
-        uri = f"{root}/{shard}.parquet"
-        old = _read_parquet(uri, cfg.storage)
-        mine = decided.take(pa.array(by_shard.get(shard, []), pa.int64())).sort_by(S.KEY)
-        new = old.sort_by(S.KEY)  # the write stage stores rows sorted by key already
-        if new.column(S.KEY).to_pylist() != mine.column(S.KEY).to_pylist():
-            raise RuntimeError(f"{uri}: its keys changed while the global pass ran")
-        for name in DECISION_COLUMNS:
-            arr = mine.column(name)
-            if name in new.column_names:
-                arr = arr.cast(new.schema.field(name).type)
-                new = new.set_column(new.column_names.index(name), name, arr)
-            else:
-                new = new.append_column(name, arr)
-        if not new.equals(old):
-            write_parquet(new, uri, cfg.write, cfg.storage)
-            rewritten += 1
-    return decided, rewritten
+        out = []
+        for shard in dict.fromkeys(batch.column(S.SHARD).to_pylist()):
+            part = batch.filter(pc.equal(batch.column(S.SHARD), shard))
+            have = self.parts.setdefault(shard, [])
+            have.append(part)
+            if sum(p.num_rows for p in have) < self.expected.get(shard, 0):
+                continue
+            whole = pa.concat_tables(self.parts.pop(shard), promote_options="permissive")
+            rules = self.spec.moderation.rules if self.spec.moderation is not None else None
+            table = output_table(whole, self.spec.dim, self.cfg.filter, rules)
+            Storage(self.cfg.write.output_folder, self.cfg.storage).write_atomic(
+                f"{shard}.parquet", parquet_bytes(table, self.cfg.write))
+            out.append(table.select(list(SUMMARY_COLUMNS)))
+        if not out:
+            return batch.select([S.KEY]).slice(0, 0)
+        return pa.concat_tables(out)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -397,12 +276,19 @@ def _differences(path: str, a: Any, b: Any) -> list[tuple[str, Any, Any]]:
     return [] if a == b else [(path, a, b)]
 
 
-def run(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSummary:
-    """Run the job. Validates ``cfg`` first (``ConfigError`` names the bad field). Ray is
-    only needed when shards must be streamed: then the current Ray connection is used, or
-    ``ray.init(execution.ray_address)`` joins ``$RAY_ADDRESS`` or starts a local Ray."""
+def run(
+    cfg: JobConfig,
+    emit: Callable[[str], None] | None = None,
+    wrap_graph: Callable[[Graph], Graph] | None = None,
+) -> JobSummary:
+    """Run the job. Validates ``cfg`` first (``ConfigError`` names the bad field). Workers start
+    only when shards must be streamed: local worker processes, or Ray Data when a Ray address
+    is given (``execution.scheduler``). ``wrap_graph``: see :func:`stream`."""
     emit = emit or (lambda line: print(line, flush=True))
     cfg = J.validate(cfg)
+    from pipeline.safety import preflight
+
+    preflight(cfg, emit)  # blocklists, head: one-line ConfigError before Ray starts
     started = time.time()
     out = Storage(cfg.output_root, cfg.storage)
     summary = JobSummary(output=cfg.output_root)
@@ -445,8 +331,8 @@ def run(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSummary
     stages: dict[str, dict[str, Any]] = {}
     if to_download or to_embed:
         t0 = time.time()
-        emit("stream: download -> decode -> shard -> preprocess -> embed -> moderate -> write")
-        statuses, stages = stream(cfg, to_download, to_embed, expected, emit)
+        emit("stream: read -> download -> decode -> shard -> tokenize -> embed -> write")
+        statuses, stages = stream(cfg, to_download, to_embed, expected, emit, wrap_graph)
         summary.timings["stream"] = time.time() - t0
     summary.rows_this_run = sum(statuses.values())
     missing = sorted(set(names) - set(_embedded_shards(cfg)))
@@ -545,6 +431,7 @@ def write_report(
         thumbnails=thumbs,
         storage=cfg.storage,
         extra={
+            "notes": model_defaults_notes(cfg),
             "shards_downloaded": summary.shards_downloaded,
             "shards_reembedded": summary.shards_reembedded,
             "shards_skipped": summary.shards_skipped,
@@ -577,12 +464,10 @@ def format_summary(s: JobSummary) -> str:
 
 
 __all__ = [
-    "CommittedShardRows",
     "JobSummary",
+    "check_gpus",
     "format_summary",
-    "global_pass",
-    "operator_stats",
-    "read_previous",
+    "prepare_model",
     "redecide",
     "run",
     "stream",

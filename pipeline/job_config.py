@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline.config import ConfigError, JobConfig
+
+log = logging.getLogger("clipcurate.config")
 
 _TRUE = {"true", "yes", "y", "on", "1"}
 _FALSE = {"false", "no", "n", "off", "0"}
@@ -56,6 +60,9 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if args is not None:
         if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # "X | None": X's own message says what is wrong
+            return coerce(value, real[0], name)
         for arg in args:
             if arg is type(None):
                 continue
@@ -151,10 +158,24 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# Fields earlier versions had, dropped with a warning when a config (an output's recorded
+# config.yaml, or a user's file) still names them: field -> why it is gone.
+RETIRED = {
+    "embed.rows_per_call": "each embedding call now receives one whole shard",
+    "embed.preprocess_num_cpus": "the decode task makes the model input (no preprocess stage)",
+    "execution.download_concurrency": "downloads run inside each shard's task",
+}
+
+
 def _build(cls: type, doc: Mapping[str, Any], prefix: str, base: Any = None) -> Any:
     """``cls`` from a mapping of its fields over ``base`` (or the defaults); nested dataclass
     fields merge field by field, every other field is replaced."""
     types_ = _field_types(cls)
+    retired = [k for k in doc if f"{prefix}.{k}" in RETIRED]
+    if retired:
+        doc = {k: v for k, v in doc.items() if k not in retired}
+        for k in retired:
+            log.warning("%s.%s is ignored: %s", prefix, k, RETIRED[f"{prefix}.{k}"])
     unknown = [k for k in doc if k not in types_]
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -181,32 +202,32 @@ def _build(cls: type, doc: Mapping[str, Any], prefix: str, base: Any = None) -> 
 # ----------------------------------------------------------------------------------- API
 
 
-def from_dict(doc: Mapping[str, Any], base: JobConfig | None = None) -> JobConfig:
-    """A JobConfig from a nested mapping (sections -> fields) over ``base`` or the defaults.
-    Not validated (see :func:`validate`)."""
+def from_dict(doc: Mapping[str, Any], base: Any = None, root: type = JobConfig) -> Any:
+    """A ``root`` config (JobConfig, DownloadJobConfig) from a nested mapping (sections ->
+    fields) over ``base`` or the defaults. Not validated (see :func:`validate`)."""
     if not isinstance(doc, Mapping):
         raise ConfigError(f"config: expected a mapping of sections, got {type(doc).__name__}")
-    return _build(JobConfig, doc, "", base)
+    return _build(root if base is None else type(base), doc, "", base)
 
 
-def from_yaml(path: str | Path, base: JobConfig | None = None) -> JobConfig:
-    """A JobConfig from a YAML file over ``base`` (or the defaults). Not validated."""
+def from_yaml(path: str | Path, base: Any = None, root: type = JobConfig) -> Any:
+    """A ``root`` config from a YAML file over ``base`` (or the defaults). Not validated."""
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"config: cannot read {path}: {e}") from e
-    return from_yaml_text(text, base)
+    return from_yaml_text(text, base, root)
 
 
-def from_yaml_text(text: str, base: JobConfig | None = None) -> JobConfig:
-    """A JobConfig from YAML text; an empty document gives ``base`` (or the defaults)."""
+def from_yaml_text(text: str, base: Any = None, root: type = JobConfig) -> Any:
+    """A ``root`` config from YAML text; an empty document gives ``base`` (or the defaults)."""
     doc = _yaml_value(text, "config")
     if doc is None:
-        return base if base is not None else JobConfig()
-    return from_dict(doc, base)
+        return base if base is not None else root()
+    return from_dict(doc, base, root)
 
 
-def set_value(cfg: JobConfig, path: str, raw: Any) -> JobConfig:
+def set_value(cfg: Any, path: str, raw: Any) -> Any:
     """``cfg`` with the field at dotted ``path`` (``"embed.model"``, ``"output"``) set from
     ``raw`` (a command-line string or a YAML-native value), typed by the field."""
     parts = path.strip().split(".")
@@ -253,7 +274,7 @@ def _is_text(tp: Any) -> bool:
     return tp is str
 
 
-def apply_set(cfg: JobConfig, assignment: str) -> JobConfig:
+def apply_set(cfg: Any, assignment: str) -> Any:
     """Apply one ``section.field=value`` override (see the module docstring for typing)."""
     path, sep, raw = assignment.partition("=")
     if not sep or not path.strip():
@@ -283,15 +304,143 @@ def to_yaml(cfg: JobConfig) -> str:
 
 def validate(cfg: JobConfig) -> JobConfig:
     """Validate every section and return the resolved config (derived output folders filled
-    in). Raises ``ConfigError`` naming the first bad field."""
+    in, model-owned settings taken from the model unless set: pipeline/model_defaults.py).
+    Raises ``ConfigError`` naming the first bad field."""
+    from pipeline.model_defaults import apply_model_defaults
+
+    cfg = apply_model_defaults(cfg.resolved())
     cfg.validate()
-    return cfg.resolved()
+    return cfg
 
 
 # ------------------------------------------------------------------------------ flags
 
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one config field.
+
+    ``path``: the dotted field; ``repeatable``: may be given several times (values joined as a
+    list); ``values``: flag value -> field value, for flags whose words differ from the field's
+    (img2dataset's ``--distributor multiprocessing`` sets ``execution.scheduler: local``);
+    ``const``: the value of the bare flag (``--resize_only_if_bigger`` with no value)."""
+
+    path: str
+    help: str = ""
+    repeatable: bool = False
+    values: Mapping[str, Any] | None = None
+    const: Any = None
+
+
+def _as_flag(spec: Flag | tuple[str, str]) -> Flag:
+    return spec if isinstance(spec, Flag) else Flag(*spec)
+
+
+def add_flags(parser: argparse.ArgumentParser | Any, flags: Mapping[str, Flag | tuple[str, str]]) -> None:
+    """Add ``flags`` (flag -> :class:`Flag`) to an argparse parser or argument group; a flag
+    that is not given leaves its field alone."""
+    for name, spec in flags.items():
+        f = _as_flag(spec)
+        kwargs: dict[str, Any] = {
+            "dest": f.path.replace(".", "__"),
+            "default": argparse.SUPPRESS,
+            "metavar": "{" + ",".join(f.values) + "}" if f.values else f.path.rsplit(".", 1)[-1].upper(),
+            "help": f.help,
+        }
+        if f.repeatable:
+            kwargs["action"] = "append"
+        if f.const is not None:
+            kwargs.update(nargs="?", const=f.const)
+        parser.add_argument(name, **kwargs)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """``--config FILE`` and ``--set SECTION.FIELD=VALUE`` (repeatable)."""
+    parser.add_argument("--config", help=config_help)
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field (repeatable)",
+    )
+
+
+def apply_flags(cfg: Any, ns: argparse.Namespace, flags: Mapping[str, Flag | tuple[str, str]]) -> Any:
+    """``cfg`` with every given flag of ``ns`` applied, in ``flags`` order; a value that does
+    not fit raises ConfigError naming the field and the flag."""
+    for name, spec in flags.items():
+        f = _as_flag(spec)
+        dest = f.path.replace(".", "__")
+        if not hasattr(ns, dest):
+            continue
+        value = getattr(ns, dest)
+        if f.repeatable:
+            value = ",".join(value)
+        if f.values is not None:
+            if value not in f.values:
+                raise ConfigError(f"{f.path} ({name}): must be one of {', '.join(f.values)}, got {value!r}")
+            value = f.values[value]
+        try:
+            cfg = set_value(cfg, f.path, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (from {name})") from e
+    return cfg
+
+
+def load(
+    ns: argparse.Namespace,
+    flags: Mapping[str, Flag | tuple[str, str]],
+    root: type = JobConfig,
+    base: Any = None,
+) -> Any:
+    """The one way every entry point builds its config: ``base`` (else ``--config``'s YAML,
+    else the defaults of ``root``) < flags < every ``--set``, then validated. For a
+    JobConfig the result is resolved (derived folders filled in)."""
+    cfg = base
+    if cfg is None:
+        cfg = from_yaml(Path(ns.config), root=root) if getattr(ns, "config", None) else root()
+    cfg = apply_flags(cfg, ns, flags)
+    for assignment in getattr(ns, "overrides", []):
+        cfg = apply_set(cfg, assignment)
+    if isinstance(cfg, JobConfig):
+        return validate(cfg)
+    cfg.validate()
+    return cfg
+
+
+def load_output(ns: argparse.Namespace, flags: Mapping[str, Flag | tuple[str, str]], output: str) -> JobConfig:
+    """The config an output recorded (``<output>/config.yaml``, written by the job), with
+    ``flags`` and ``--set`` applied and validated: how jobs/dedup.py and jobs/takedown.py
+    read theirs. Storage flags apply before the file is read (it may be on S3)."""
+    from pipeline.job import CONFIG_NAME
+    from pipeline.storage import Storage
+
+    storage = apply_flags(JobConfig(), ns, {k: v for k, v in flags.items() if _as_flag(v).path.startswith("storage.")})
+    try:
+        text = Storage(output, storage.storage).read_bytes(CONFIG_NAME).decode("utf-8")
+    except Exception as e:  # FileNotFoundError locally, NoSuchKey/ClientError on S3
+        raise ConfigError(f"output: cannot read {output.rstrip('/')}/{CONFIG_NAME}: {e}") from e
+    return load(ns, flags, base=from_yaml_text(text))
+
+
+def load_sections(ns: argparse.Namespace, flags: Mapping[str, Flag | tuple[str, str]],
+                  sections: Sequence[str], base: JobConfig | None = None) -> JobConfig:
+    """Like :func:`load` for tools that use only some sections of a job's config
+    (``clipcurate calibrate``: embed, moderate, storage): only those are validated."""
+    cfg = base
+    if cfg is None:
+        cfg = from_yaml(Path(ns.config)) if getattr(ns, "config", None) else JobConfig()
+    cfg = apply_flags(cfg, ns, flags)
+    for assignment in getattr(ns, "overrides", []):
+        cfg = apply_set(cfg, assignment)
+    for name in sections:
+        getattr(cfg, name).validate(name)
+    return cfg
+
+
 # flag -> (dotted field, help). Values are typed like --set values.
-FLAGS: dict[str, tuple[str, str]] = {
+FLAGS: dict[str, Flag | tuple[str, str]] = {
     "--input": ("input", "URL list(s): file, folder, glob or s3:// URI (parquet/csv/tsv/jsonl)"),
     "--output": ("output", "output folder or s3:// URI (shards/, embeddings/, report)"),
     "--input-format": ("read.input_format", "parquet | csv | tsv | jsonl | txt"),
@@ -302,38 +451,41 @@ FLAGS: dict[str, tuple[str, str]] = {
     "--pretrained": ("embed.pretrained", "weights tag, path, URL or s3:// URI (default synthetic)"),
     "--precision": ("embed.precision", "auto | fp32 | fp16 | bf16"),
     "--s3-endpoint-url": ("storage.s3_endpoint_url", "S3-compatible endpoint (MinIO, local S3)"),
-    "--allowed-networks": (
+    "--allowed-networks": Flag(
         "download.allowed_networks",
         "CIDRs allowed despite the address guard, e.g. 127.0.0.1/32 (repeat or a,b)",
+        repeatable=True,
     ),
     "--timeout": ("download.timeout", "seconds, total per request"),
     "--retries": ("download.retries", "extra attempts for transient failures"),
     "--image-size": ("decode.image_size", "stored image size in pixels"),
     "--resize-mode": ("decode.resize_mode", "no | border | center_crop | keep_ratio"),
     "--number-sample-per-shard": ("shard.number_sample_per_shard", "rows per shard"),
-    "--batch-size": (
-        "embed.inference_batch",
-        "images (or captions) per forward pass; rows per actor call is raised to at least this",
-    ),
-    "--concurrency": ("embed.concurrency", "embedding actors: N or MIN,MAX"),
-    "--num-gpus-per-actor": ("embed.num_gpus", "GPUs per embedding actor (0: CPU)"),
-    "--clip-score-threshold": ("filter.clip_score_threshold", "drop rows whose clip_score is below"),
+    "--batch-size": ("embed.inference_batch", "images (or captions) per forward pass"),
+    "--concurrency": ("embed.concurrency", "embedding workers: N or MIN,MAX (default: one per GPU)"),
+    "--num-gpus-per-actor": ("embed.num_gpus", "GPUs per embedding worker (0: CPU; default: 1 where there are GPUs)"),
+    "--clip-score-threshold": ("filter.clip_score_threshold", "drop rows whose clip_score is below (default: the model's; null: off)"),
     "--unsafe-threshold": (
         "moderate.default_threshold",
         "concept margin above which a row is unsafe (concepts without their own threshold)",
     ),
-    "--dedup-threshold": ("dedup.threshold", "cosine at or above which images are duplicates"),
+    "--dedup-threshold": ("dedup.threshold", "cosine at or above which images are duplicates (default: the model's)"),
+    "--unsafe-filter": ("filter.unsafe", "true/false: drop flagged rows (default auto: when calibrated for the model)"),
+    "--head": ("moderate.head_path", "unsafe-classifier head (safetensors MLP over image embeddings)"),
+    "--head-preset": ("moderate.head_preset", "published head threshold: re-laion-research-safe (0.45)"),
+    "--blocklist-output": ("blocklist.outputs", "earlier outputs whose takedowns apply (a,b)"),
     "--dedup-against": ("dedup.against", "an earlier run's output to deduplicate against"),
     "--dedup-pixel-check": (
         "dedup.pixel_check",
         "true: confirm each pair by aligned thumbnails (3 KiB per row); the threshold picks candidates",
     ),
-    "--download-concurrency": ("execution.download_concurrency", "download actors"),
-    "--ray-address": ("execution.ray_address", "Ray cluster; default $RAY_ADDRESS or local Ray"),
+    "--scheduler": (
+        "execution.scheduler",
+        "auto (default: ray with a Ray address, else local) | local (worker processes, no Ray) | ray",
+    ),
+    "--processes": ("execution.processes", "local scheduler: CPU worker processes (default: one per CPU)"),
+    "--ray-address": ("execution.ray_address", "Ray cluster; default $RAY_ADDRESS (set by ray job submit)"),
 }
-_REPEATABLE = {"--allowed-networks"}
-
-
 def build_parser(prog: str = "embed_laion.py") -> argparse.ArgumentParser:
     """The job's argument parser: ``--config``, ``--set`` and the flags of :data:`FLAGS`."""
     p = argparse.ArgumentParser(
@@ -342,24 +494,8 @@ def build_parser(prog: str = "embed_laion.py") -> argparse.ArgumentParser:
         epilog="Precedence: defaults < --config < flags < --set. Example: "
         "--set decode.resize_mode=center_crop --set 'embed.concurrency=1,2'",
     )
-    p.add_argument("--config", help="YAML job config (sections as in the written config.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one field (repeatable)",
-    )
-    for flag, (path, help_) in FLAGS.items():
-        p.add_argument(
-            flag,
-            dest=path.replace(".", "__"),
-            action="append" if flag in _REPEATABLE else "store",
-            default=argparse.SUPPRESS,
-            metavar=path.rsplit(".", 1)[-1].upper(),
-            help=help_,
-        )
+    add_common_arguments(p, "YAML job config (sections as in the written config.yaml)")
+    add_flags(p, FLAGS)
     p.add_argument(
         "--dry-run", action="store_true", help="validate, print the resolved config and exit"
     )
@@ -368,20 +504,7 @@ def build_parser(prog: str = "embed_laion.py") -> argparse.ArgumentParser:
 
 def from_namespace(ns: argparse.Namespace) -> JobConfig:
     """The validated, resolved JobConfig from parsed arguments (see the precedence above)."""
-    cfg = from_yaml(Path(ns.config)) if getattr(ns, "config", None) else JobConfig()
-    for flag, (path, _) in FLAGS.items():
-        dest = path.replace(".", "__")
-        if not hasattr(ns, dest):
-            continue
-        value = getattr(ns, dest)
-        if flag in _REPEATABLE:
-            value = ",".join(value)
-        cfg = set_value(cfg, path, value)
-        if path == "embed.inference_batch" and cfg.embed.rows_per_call < cfg.embed.inference_batch:
-            cfg = set_value(cfg, "embed.rows_per_call", cfg.embed.inference_batch)
-    for assignment in getattr(ns, "overrides", []):
-        cfg = apply_set(cfg, assignment)
-    return validate(cfg)
+    return load(ns, FLAGS)
 
 
 def from_args(argv: Sequence[str] | None = None) -> JobConfig:
@@ -391,6 +514,13 @@ def from_args(argv: Sequence[str] | None = None) -> JobConfig:
 
 __all__ = [
     "FLAGS",
+    "Flag",
+    "add_common_arguments",
+    "add_flags",
+    "apply_flags",
+    "load",
+    "load_output",
+    "load_sections",
     "apply_set",
     "build_parser",
     "coerce",

@@ -7,8 +7,8 @@ duplicate, though, is the *same pixels* after a small crop, a resize and a re-en
 can take embedding pairs at a looser cosine as candidates and keep only those whose thumbnails
 agree once aligned:
 
-1. Each row stores a ``THUMB_SIDE`` x ``THUMB_SIDE`` RGB thumbnail (uint8, 3 KiB) of its stored
-   image, made by the preprocess stage (:func:`thumbnail`).
+1. Each row stores a ``THUMB_SIDE`` x ``THUMB_SIDE`` RGB thumbnail (uint8, 3 KiB) of the square
+   the model sees, made by the decode task (:func:`pipeline.thumbnails.thumbnail`).
 2. For a candidate pair, the second thumbnail is warped onto the first by a scale and shift
    search (245 coarse poses at half resolution: scale 0.94-1.06, shift up to 9 % of the side;
    then 27 finer poses around the best at full resolution), covering a crop of up to ~4 % per
@@ -46,8 +46,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-THUMB_SIDE = 32
-THUMB_BYTES = THUMB_SIDE * THUMB_SIDE * 3
 MEAN_MAX = 4.5
 BLOB_MAX = 23.0
 # Share of the side ignored at each border when comparing.
@@ -57,31 +55,6 @@ MIN_CONTRAST = 64.0
 # Pairs compared per batch: each pair warps 245 half-size thumbnails (~0.75 MB of float32);
 # small batches stay in cache.
 _PAIRS_PER_BATCH = 8
-
-
-def thumbnail(img, side: int = THUMB_SIDE) -> bytes:
-    """``side`` x ``side`` RGB thumbnail of a PIL image (the whole image, squashed; bilinear
-    with antialiasing), as ``side * side * 3`` uint8 bytes in row-major (y, x, RGB) order."""
-    from PIL import Image
-
-    rgb = img.convert("RGB")
-    return rgb.resize((side, side), Image.Resampling.BILINEAR).tobytes()
-
-
-def thumbs_array(
-    values: Sequence[bytes | None], side: int = THUMB_SIDE
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N, side, side, 3] from thumbnail bytes, and bool [N]: False where a value is
-    null or not ``side * side * 3`` bytes long (that row's slot is zero)."""
-    n = len(values)
-    out = np.zeros((n, side, side, 3), dtype=np.uint8)
-    ok = np.zeros(n, dtype=bool)
-    size = side * side * 3
-    for i, v in enumerate(values):
-        if v is not None and len(v) == size:
-            out[i] = np.frombuffer(v, dtype=np.uint8).reshape(side, side, 3)
-            ok[i] = True
-    return out, ok
 
 
 def _poses(scales: Sequence[float], shifts: Sequence[float]) -> torch.Tensor:

@@ -583,6 +583,10 @@ def render_html(
         f"shards: {_e(stats.get('shards'))}</p>",
     ]
     n = int(stats["rows"])
+    if stats.get("notes"):  # what the run's settings leave unfiltered (pipeline/model_defaults.py)
+        out.append('<div id="notes"><h2>Notes</h2><ul>')
+        out.extend(f"<li>{_e(line)}</li>" for line in stats["notes"])
+        out.append("</ul></div>")
 
     def pct(c: int) -> str:
         return f"{100.0 * c / n:.1f}%" if n else "-"

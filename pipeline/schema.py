@@ -8,7 +8,12 @@ failures into img2dataset's ``failed_to_download`` and ``failed_to_resize`` coun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 # --- columns set by the read stage --------------------------------------------------------
 KEY = "key"  # img2dataset-shaped: shard id (5 digits) + row in shard, zero padded
@@ -25,6 +30,7 @@ SHARD_STARTED = "_shard_started"  # float64: unix time the read stage emitted th
 IMAGE_BYTES = "image_bytes"
 HTTP_STATUS = "http_status"
 DOWNLOAD_S = "download_s"
+SOURCE_SHA256 = "source_sha256"  # hex sha256 of the downloaded bytes (what hash lists name)
 
 # --- columns set by the decode stage ------------------------------------------------------
 IMAGE = "image"
@@ -34,11 +40,15 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
+PDQ = "pdq"  # hex PDQ hash of the decoded picture (pipeline/blocklist.py), before resizing
 
 # --- column set by the shard stage --------------------------------------------------------
 SHARD = "shard"  # "00012": the file stem of the tar/parquet holding the row
 
 OK = "ok"
+# A blocklist (URL, domain, md5/sha1/sha256 of the bytes, PDQ of the picture) names the row:
+# nothing of it is stored; its error names the list.
+BLOCKED = "blocked"
 
 # Statuses the read stage sets.
 READ_STATUSES = frozenset({"missing_url", "malformed_row"})
@@ -56,6 +66,7 @@ DOWNLOAD_STATUSES = frozenset(
         "tls_error",
         "incomplete_body",
         "download_error",
+        BLOCKED,
     }
 )
 # Statuses the decode stage sets when its crash guard (pipeline/crashguard.py) quarantines a
@@ -136,6 +147,8 @@ SHARD_TABLE_FIELDS: tuple[pa.Field, ...] = (
     pa.field(ORIGINAL_WIDTH, pa.int32()),
     pa.field(ORIGINAL_HEIGHT, pa.int32()),
     pa.field(SHA256, pa.string()),
+    pa.field(SOURCE_SHA256, pa.string()),
+    pa.field(PDQ, pa.string()),
 )
 SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_TABLE_FIELDS))
 
@@ -144,9 +157,16 @@ SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_TABLE_FIELDS))
 # Embed half (helper E): preprocess -> embed -> moderate -> write, and the output Parquet schema.
 # ==============================================================================================
 
-# Working columns between preprocess and embed; never written.
+# Working columns between the decode task and the embed stage; never written.
 PIXELS = "_pixels"  # binary: uint8 [S, S, 3] (height, width, RGB), the model's input before normalising
-TOKENS = "_tokens"  # list<int32>: token ids <start_of_text> ... <end_of_text>, no padding
+TOKENS = "_tokens"  # list<int32>: the caption's token ids (the model's tokenizer), no padding
+# string: which pixels the embedding was computed from: "original" (the downloaded image,
+# decoded once in the decode task) or "stored" (the shard's stored copy, read back when a run
+# resumes a shard committed by an earlier run but not embedded)
+EMBEDDED_FROM = "embedded_from"
+# bool: set by the write stage on rows of a shard it received only part of (never in practice:
+# the schedulers hand it whole shards); the driver writes such shards once it has every row
+UNWRITTEN = "_unwritten"
 
 # --- columns set by the embed stage -------------------------------------------------------
 IMAGE_EMBEDDING = "image_embedding"  # fixed_size_list<float16>[D], unit norm
@@ -163,10 +183,13 @@ UNSAFE_SCORE = "unsafe_score"  # float32: max over concepts and sides of (margin
 UNSAFE_CONCEPT = "unsafe_concept"  # the concept that flagged the row (null when not flagged)
 UNSAFE_SOURCE = "unsafe_source"  # "image", "caption" or "head" (null when not flagged)
 
-# --- filter bookkeeping (moderation and dedup fill these) ----------------------------------
-DUPLICATE_OF = "duplicate_of"
+# --- decisions (pipeline/decisions.py fills these) ------------------------------------------
+DUPLICATE_OF = "duplicate_of"  # key of the row this one duplicates (null: not a duplicate)
+DUP_GROUP_SIZE = "dup_group_size"  # int32: rows in its duplicate group, itself included
+DUP_KIND = "dup_kind"  # "exact", "semantic" or "previous_run"
 KEEP = "keep"
 DROP_REASON = "drop_reason"
+TAKEDOWN = "takedown"  # the takedown reason (pipeline/takedown.py), null for rows not taken down
 
 # Statuses the preprocess stage sets (an ok row whose stored image cannot reach the model).
 EMBED_STATUSES = frozenset({"image_missing", "preprocess_error"})
@@ -192,6 +215,8 @@ def output_fields(dim: int) -> tuple[pa.Field, ...]:
         pa.field(ORIGINAL_WIDTH, pa.int32()),
         pa.field(ORIGINAL_HEIGHT, pa.int32()),
         pa.field(SHA256, pa.string()),
+        pa.field(SOURCE_SHA256, pa.string()),
+        pa.field(PDQ, pa.string()),
         pa.field(IMAGE_EMBEDDING, embedding_type(dim)),
         pa.field(TEXT_EMBEDDING, embedding_type(dim)),
         pa.field(CLIP_SCORE, pa.float32()),
@@ -199,9 +224,12 @@ def output_fields(dim: int) -> tuple[pa.Field, ...]:
         pa.field(UNSAFE_CONCEPT, pa.string()),
         pa.field(UNSAFE_SOURCE, pa.string()),
         pa.field(DUPLICATE_OF, pa.string()),
+        pa.field(DUP_GROUP_SIZE, pa.int32()),
+        pa.field(DUP_KIND, pa.string()),
         pa.field(KEEP, pa.bool_()),
         pa.field(DROP_REASON, pa.string()),
         pa.field(MODEL, pa.string()),
+        pa.field(EMBEDDED_FROM, pa.string()),
         pa.field(IMAGE_THUMB, pa.binary()),
     )
 
@@ -213,3 +241,69 @@ def output_schema(dim: int, passthrough: pa.Schema | None = None) -> pa.Schema:
         names = {f.name for f in fields}
         fields.extend(f for f in passthrough if f.name not in names)
     return pa.schema(fields)
+
+
+# ----------------------------------------------------------------------------- Arrow helpers
+
+
+def set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """``table`` with column ``name`` replaced in place (keeping its position) or appended."""
+    i = table.schema.get_field_index(name)
+    if i >= 0:
+        return table.set_column(i, name, values)
+    return table.append_column(name, values)
+
+
+def column_list(table: pa.Table, name: str) -> list[Any]:
+    """Column ``name`` as a Python list, or ``[None] * num_rows`` when the table lacks it."""
+    if name in table.column_names:
+        return table.column(name).to_pylist()
+    return [None] * table.num_rows
+
+
+def drop_if_present(table: pa.Table, names: Sequence[str]) -> pa.Table:
+    """``table`` without whichever of ``names`` it has."""
+    have = [n for n in names if n in table.column_names]
+    return table.drop_columns(have) if have else table
+
+
+_MAX_BINARY_CHUNK = 1 << 30
+
+
+def binary_column(values: Sequence[bytes | None]) -> pa.ChunkedArray:
+    """A ``binary`` column split into chunks below 1 GiB each: one ``binary`` array's 32-bit
+    offsets cannot address more than 2 GiB, which a shard of large images can reach."""
+    chunks: list[pa.Array] = []
+    start, size = 0, 0
+    for i, v in enumerate(values):
+        if v is not None and size + len(v) > _MAX_BINARY_CHUNK and i > start:
+            chunks.append(pa.array(values[start:i], pa.binary()))
+            start, size = i, 0
+        size += 0 if v is None else len(v)
+    chunks.append(pa.array(values[start:], pa.binary()))
+    return pa.chunked_array(chunks, pa.binary())
+
+
+def embedding_array(values: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
+    """``fixed_size_list<float16>[D]`` (:func:`embedding_type`) from float [N, D] values; rows
+    where ``valid`` is False are null."""
+    n, dim = values.shape
+    flat = pa.array(values.astype(np.float16, copy=False).reshape(-1))
+    mask = pa.array(~valid.astype(bool)) if n else None
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
+
+
+def embedding_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [N, D], valid bool [N]) from a nullable fixed_size_list<float> column."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    valid = pc.is_valid(arr).to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+    out = np.zeros((n, dim), np.float32)
+    if n and valid.any():
+        if arr.type.list_size != dim:
+            raise ValueError(f"embeddings have dimension {arr.type.list_size}, expected {dim}")
+        # Null rows still occupy their slots in a fixed-size list's values.
+        flat = arr.values.to_numpy(zero_copy_only=False)
+        flat = flat[arr.offset * dim : (arr.offset + n) * dim].reshape(n, dim)
+        out[valid] = flat[valid]
+    return out, valid

@@ -14,7 +14,16 @@ the image and everything computed from its pixels:
 * ``_stats.json`` / ``report.html``: regenerated from the marked rows (thumbnails read from the
   rewritten tars) so the report neither shows the image nor counts the row as kept;
 * ``_takedowns.jsonl``: one audit line per takedown that changed something (time, matchers,
-  reason, keys affected; never image bytes).
+  reason, keys affected; never image bytes);
+* ``_blocklist/urls.txt``, ``sha256.txt``, ``pdq.txt``: the output's own blocklist
+  (pipeline/blocklist.py) gets the taken-down rows' URLs, the sha256 of their downloaded bytes
+  and their PDQ hashes, so every later run that writes to this output, deduplicates against
+  it or names it in ``blocklist.outputs`` never requests those URLs and never stores those
+  pictures again, under any URL (written first, before the files below).
+
+Rows are matched by URL, by sha256 (of the stored image or of the downloaded file), or by key
+(a similarity takedown, pipeline/similar.py); every exact copy of a matched row's picture (the
+same stored or downloaded bytes under another URL) is taken down with it.
 
 Crash safety without a log: every file's wanted content is computed from the current files
 (matching reads only ``url`` and ``sha256``, which a takedown never changes), and a file is
@@ -60,14 +69,16 @@ class TakedownError(ValueError):
 
 @dataclass(frozen=True)
 class Matchers:
-    """What to take down: exact URLs (whitespace-stripped) and sha256 hex digests of stored
-    images (lower-cased)."""
+    """What to take down: exact URLs (whitespace-stripped), sha256 hex digests (lower-cased)
+    of the stored image or of the downloaded file (``source_sha256``), and row keys (what a
+    similarity search found)."""
 
     urls: frozenset[str] = frozenset()
     sha256: frozenset[str] = frozenset()
+    keys: frozenset[str] = frozenset()
 
     @classmethod
-    def build(cls, urls: Iterable[str] = (), hashes: Iterable[str] = ()) -> Matchers:
+    def build(cls, urls: Iterable[str] = (), hashes: Iterable[str] = (), keys: Iterable[str] = ()) -> Matchers:
         """Normalise and validate; raises :class:`TakedownError` naming the bad value."""
         u = set()
         for raw in urls:
@@ -81,16 +92,23 @@ class Matchers:
             if not _HEX64.match(digest):
                 raise TakedownError(f"{raw!r} is not a sha256 hex digest (64 hex characters)")
             h.add(digest)
-        if not u and not h:
-            raise TakedownError("nothing to take down: give at least one URL or sha256")
-        return cls(frozenset(u), frozenset(h))
+        k = {str(x).strip() for x in keys if str(x).strip()}
+        if not u and not h and not k:
+            raise TakedownError("nothing to take down: give at least one URL, sha256 or row")
+        return cls(frozenset(u), frozenset(h), frozenset(k))
 
-    def match(self, urls: list[Any], hashes: list[Any]) -> list[bool]:
-        """Per row: whether its url or sha256 is named."""
+    def match(self, urls: list[Any], hashes: list[Any], keys: list[Any] | None = None,
+              sources: list[Any] | None = None) -> list[bool]:
+        """Per row: whether its url, sha256 (stored or source) or key is named."""
+        n = len(urls)
+        keys = keys if keys is not None else [None] * n
+        sources = sources if sources is not None else [None] * n
         out = []
-        for url, digest in zip(urls, hashes, strict=True):
+        for url, digest, key, src in zip(urls, hashes, keys, sources, strict=True):
             hit = isinstance(url, str) and url.strip() in self.urls
             hit = hit or (isinstance(digest, str) and digest.lower() in self.sha256)
+            hit = hit or (isinstance(src, str) and src.lower() in self.sha256)
+            hit = hit or (key is not None and key in self.keys)
             out.append(hit)
         return out
 
@@ -120,6 +138,8 @@ class TakedownSummary:
     urls_not_found: list[str] = field(default_factory=list)
     sha256_not_found: list[str] = field(default_factory=list)
     orphaned_duplicates: list[str] = field(default_factory=list)  # keys dropped as duplicates of a taken-down row
+    copies: list[str] = field(default_factory=list)  # keys matched only as exact copies of a named row
+    blocklist_added: dict[str, int] = field(default_factory=dict)  # new entries in <output>/_blocklist/
 
     @property
     def changed(self) -> bool:
@@ -141,6 +161,11 @@ def format_summary(s: TakedownSummary) -> str:
     ]
     if s.dry_run:
         lines.insert(1, "(counts below are what the takedown would do)")
+    if s.copies:
+        lines.append(f"exact copies (same image bytes under another URL) taken down with them: {len(s.copies)}")
+    if s.blocklist_added:
+        added = ", ".join(f"{n} {k}" for k, n in s.blocklist_added.items())
+        lines.append(f"added to the output's blocklist (later runs never store them): {added}")
     for url in s.urls_not_found:
         lines.append(f"not found: url {url}")
     for digest in s.sha256_not_found:
@@ -441,16 +466,29 @@ def takedown(
     # the duplicate check); a file is read whole only when it holds a matched row.
     light: dict[str, pa.Table] = {}
 
+    # What identifies each row's picture: every taken-down row's exact copies (same stored or
+    # downloaded bytes under another URL) go too, and its URL, source hash and PDQ hash join the
+    # output's own blocklist.
+    rows: dict[str, dict[str, Any]] = {}
+
     def scan(table: pa.Table, shard_of: Callable[[int], str]) -> None:
         urls, hashes, keys = _column(table, S.URL), _column(table, S.SHA256), _column(table, S.KEY)
-        for i, h in enumerate(matchers.match(urls, hashes)):
+        sources, pdqs = _column(table, S.SOURCE_SHA256), _column(table, S.PDQ)
+        for i, h in enumerate(matchers.match(urls, hashes, keys, sources)):
+            info = rows.setdefault(keys[i], {"shards": set()})
+            info["shards"].add(shard_of(i))
+            for name, col in ((S.URL, urls), (S.SHA256, hashes), (S.SOURCE_SHA256, sources), (S.PDQ, pdqs)):
+                if col[i] is not None:
+                    info[name] = col[i]
             if not h:
                 continue
+            info["named"] = True
             hits.setdefault(shard_of(i), set()).add(keys[i])
             if isinstance(urls[i], str) and urls[i].strip() in matchers.urls:
                 found_urls.add(urls[i].strip())
-            if isinstance(hashes[i], str) and hashes[i].lower() in matchers.sha256:
-                found_sha.add(hashes[i].lower())
+            for digest in (hashes[i], sources[i]):
+                if isinstance(digest, str) and digest.lower() in matchers.sha256:
+                    found_sha.add(digest.lower())
 
     for shard in shards:
         table, _ = _read_table(shards_store, f"{shard}.parquet")
@@ -462,6 +500,15 @@ def takedown(
         shard_col = _column(table, S.SHARD)
         scan(table, lambda i, shard_col=shard_col, stem=stem: shard_col[i] or stem)
 
+    named = {k for k, v in rows.items() if v.get("named")}
+    picture = {v[c] for k in named for c in (S.SHA256, S.SOURCE_SHA256) if (v := rows[k]).get(c)}
+    copies = sorted(k for k, v in rows.items() if k not in named
+                    and (v.get(S.SHA256) in picture or v.get(S.SOURCE_SHA256) in picture))
+    for k in copies:
+        for shard in rows[k]["shards"]:
+            hits.setdefault(shard, set()).add(k)
+    summary.copies = copies
+
     all_keys = set().union(*hits.values()) if hits else set()
     summary.keys = sorted(all_keys)
     summary.rows_matched = len(all_keys)
@@ -469,7 +516,24 @@ def takedown(
     summary.sha256_not_found = sorted(matchers.sha256 - found_sha)
     emit(f"{len(all_keys)} row(s) matched in {len(hits)} shard(s)")
 
-    # 2. Shards: tar and parquet, manifest last.
+    # 2. The output's own blocklist first: from now on no run that writes, deduplicates against
+    # or names this output stores these URLs or pictures again, even if this takedown crashes
+    # below (a rerun completes it; entries already listed are not added twice).
+    taken = [rows[k] for k in sorted(all_keys) if k in rows]
+    entries = {
+        "url": sorted(matchers.urls | {v[S.URL].strip() for v in taken if isinstance(v.get(S.URL), str)}),
+        "sha256": sorted(matchers.sha256 | {v[S.SOURCE_SHA256] for v in taken if v.get(S.SOURCE_SHA256)}),
+        "pdq": sorted({v[S.PDQ] for v in taken if v.get(S.PDQ)}),
+    }
+    entries["url"] = [u for u in entries["url"] if "://" in u]
+    if not dry_run and any(entries.values()):
+        from pipeline.blocklist import append_to_output
+
+        summary.blocklist_added = append_to_output(output, entries, storage, note=f"takedown: {reason}")
+        if any(summary.blocklist_added.values()):
+            emit("added to the output's blocklist: " + ", ".join(f"{n} {k}" for k, n in summary.blocklist_added.items()))
+
+    # 3. Shards: tar and parquet, manifest last.
     plans = []
     for shard in sorted(hits):
         if f"{shard}.parquet" not in shard_names:
@@ -487,7 +551,7 @@ def takedown(
                 emit(f"  shard {plan.shard}: {plan.samples_removed} sample(s) removed, "
                      f"{', '.join(rel for rel, _ in plan.writes)} written")
 
-    # 3. Embeddings files.
+    # 4. Embeddings files.
     for name, table in light.items():
         if all_keys.isdisjoint(_column(table, S.KEY)):
             continue
@@ -512,7 +576,7 @@ def takedown(
     summary.orphaned_duplicates = sorted(orphans)
     summary.rows_newly_marked = len(newly)
 
-    # 4. Report, when the output has one that predates (part of) the takedown.
+    # 5. Report, when the output has one that predates (part of) the takedown.
     root_names = set(root.list_names())
     from pipeline.report import HTML_NAME, STATS_NAME
 
@@ -528,13 +592,16 @@ def takedown(
             if not dry_run:
                 _regenerate_report(root, output, marked_tables, storage)
 
-    # 5. Audit, last: a crash before it leaves work a rerun completes and then records.
+    # 6. Audit, last: a crash before it leaves work a rerun completes and then records.
     if summary.changed and not dry_run:
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "reason": reason,
             "urls": sorted(matchers.urls),
             "sha256": sorted(matchers.sha256),
+            "rows_named": sorted(matchers.keys),
+            "copies": summary.copies,
+            "blocklist_added": summary.blocklist_added,
             "keys": summary.keys,
             "shards_rewritten": summary.shards_rewritten,
             "embeddings_rewritten": summary.embeddings_rewritten,

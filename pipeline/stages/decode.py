@@ -18,6 +18,13 @@ Per row with ``status == "ok"``, in this order, stopping at the first failure:
    offsets as ``PadIfNeeded``/``CenterCrop`` place them); Hamming filter when shrinking (the
    closest Pillow match to OpenCV's area filter), Lanczos when enlarging.
 5. Re-encode (jpg with ``encode_quality``, png, or webp) and hash the stored bytes (sha256).
+6. Decode once: when the stage is given the embedding model's preprocessing
+   (``model_input``), the model's uint8 input is made here, by the model's own
+   ``resize_crop_uint8`` (shortest side to S, centre crop), from the same decoded pixels as
+   the stored copy and before that copy is resized, padded and JPEG-encoded. So no image is
+   decoded twice, and the model never sees the stored copy's border padding or its JPEG
+   artefacts. The JPEG draft keeps >= 3x headroom for both targets. With ``thumbnails`` a
+   32 x 32 thumbnail of the model's square is made too (dedup's pixel check).
 
 Steps 2-5 run in a crash-guard child process (pipeline/crashguard.py) unless the stage's
 ``isolate`` is off: a row whose bytes crash the decoder (a segfault in a C library) or hang it
@@ -32,10 +39,10 @@ the stored image's.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
-import os
+import math
 import re
-import signal
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +51,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps
 
+from clip_model.config import PreprocessConfig
 from pipeline import schema as S
+from pipeline.blocklist import DECODE_KINDS, BlocklistSpec, get_blocklist
 from pipeline.config import DecodeConfig
 from pipeline.crashguard import Crashed, shared_sandbox
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Resources, Stage
+from pipeline.thumbnails import THUMB_SIDE
 
 # Pillow plugin name for each allowlist name.
 _PIL_FORMAT = {
@@ -205,7 +215,9 @@ def _orientation(im: Image.Image) -> int:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A stored image: encoded bytes and the sizes (pixels) before and after resizing."""
+    """A stored image: encoded bytes and the sizes (pixels) before and after resizing; with
+    a model input, ``pixels`` (uint8 [S, S, 3] bytes, row-major RGB) and optionally ``thumb``
+    (uint8 [32, 32, 3] bytes)."""
 
     data: bytes
     image_format: str
@@ -214,10 +226,64 @@ class DecodedImage:
     original_width: int
     original_height: int
     sha256: str
+    pixels: bytes | None = None
+    thumb: bytes | None = None
+    # PDQ hash of the whole picture (32 bytes), for the blocklist check; with dihedral, also
+    # its 7 rotations and mirror images.
+    pdq: bytes | None = None
+    pdq_dihedral: tuple[bytes, ...] | None = None
 
 
-def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
-    """Check, decode, resize and re-encode one image; raises :class:`RowFailure` with a status."""
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What one decode makes besides the stored copy: the embedding model's input (its
+    preprocessing, None: no model input), a dedup thumbnail, and PDQ hashes in all eight
+    orientations (``pdq_dihedral``; the upright one is always made)."""
+
+    cfg: DecodeConfig
+    model_input: PreprocessConfig | None = None
+    thumbnails: bool = False
+    pdq_dihedral: bool = False
+
+
+def _draft_request(raw_w: int, raw_h: int, swapped: bool, target: tuple[int, int] | None,
+                   model_input: PreprocessConfig | None) -> tuple[int, int] | None:
+    """Smallest (width, height) in the file's own orientation that a JPEG draft may decode to
+    while keeping >= 3x headroom for the stored target and the model input; None: decode at
+    full size."""
+    if target is None:
+        return None  # resize_mode "no" stores every pixel
+    tw, th = (target[1], target[0]) if swapped else target
+    need_w, need_h = _DRAFT_HEADROOM * tw, _DRAFT_HEADROOM * th
+    if model_input is not None:
+        f = min(1.0, _DRAFT_HEADROOM * model_input.image_size / min(raw_w, raw_h))
+        need_w, need_h = max(need_w, math.ceil(raw_w * f)), max(need_h, math.ceil(raw_h * f))
+    if need_w >= raw_w and need_h >= raw_h:
+        return None
+    return need_w, need_h
+
+
+def _model_input(rgb: Image.Image, pp: PreprocessConfig, thumbnails: bool) -> tuple[bytes, bytes | None]:
+    from clip_model.transform import resize_crop_uint8
+
+    # Antialiased bicubic from a photo's full resolution costs several ms; an integer box
+    # reduction first, keeping >= 3x the model's size (the draft's headroom), cuts that to
+    # ~1 ms for small models and changes a real-size ViT's embedding by < 1e-6 in cosine
+    # (tests/pipeline/test_embed.py checks >= 0.9999).
+    k = int(min(rgb.size) // (_DRAFT_HEADROOM * pp.image_size))
+    arr = resize_crop_uint8(rgb.reduce(k) if k >= 2 else rgb, pp)
+    thumb = None
+    if thumbnails:
+        square = Image.fromarray(arr, "RGB")
+        thumb = square.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR).tobytes()
+    return arr.tobytes(), thumb
+
+
+def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> DecodedImage:
+    """Check, decode, resize and re-encode one image; with :class:`DecodeOptions` also make
+    the model's input from the same decoded pixels. Raises :class:`RowFailure` with a status."""
+    opts = cfg if isinstance(cfg, DecodeOptions) else DecodeOptions(cfg)
+    cfg = opts.cfg
     if not data:
         raise RowFailure("decode_error", "no image bytes")
     fmt = sniff_format(data)
@@ -259,17 +325,21 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
             f"{ow}x{oh} resized to {target[0]}x{target[1]} exceeds max_image_pixels={cfg.max_image_pixels}",
         )
     try:
-        if fmt == "jpeg" and target is not None and target[0] < ow:
+        request = _draft_request(raw_w, raw_h, swapped, target, opts.model_input) if fmt == "jpeg" else None
+        if request is not None:
             # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 while staying >= 3x the
             # target. Measured against OpenCV's INTER_AREA (what img2dataset uses) on photos:
             # drafting to 1x or 2x the target is faster but drifts to 30-31 dB PSNR; with 3x
             # headroom the worst case stays at 39 dB, the same as not drafting at all.
-            tw, th = (target[1], target[0]) if swapped else target
-            im.draft("RGB" if im.mode == "RGB" else None, (_DRAFT_HEADROOM * tw, _DRAFT_HEADROOM * th))
+            im.draft("RGB" if im.mode == "RGB" else None, request)
         im.load()
         if orientation != 1:
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
+        pixels = thumb = None
+        if opts.model_input is not None:
+            pixels, thumb = _model_input(rgb, opts.model_input, opts.thumbnails)
+        pdq: tuple[bytes, ...] | None = None
         if target is not None:
             shrinking = target[0] < ow or target[1] < oh
             if rgb.size != target:
@@ -281,7 +351,10 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
                     rgb = rgb.resize(target, Image.Resampling.HAMMING, reducing_gap=2.0)
                 else:
                     rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+            pdq = _pdq(rgb, opts.pdq_dihedral)  # blocklists: the whole picture, before pad/crop
             rgb = _place(rgb, cfg)
+        if pdq is None:
+            pdq = _pdq(rgb, opts.pdq_dihedral)
     except RowFailure:
         raise
     except Exception as e:
@@ -295,7 +368,17 @@ def decode_image(data: bytes | None, cfg: DecodeConfig) -> DecodedImage:
         original_width=ow,
         original_height=oh,
         sha256=hashlib.sha256(encoded).hexdigest(),
+        pixels=pixels,
+        thumb=thumb,
+        pdq=pdq[0],
+        pdq_dihedral=pdq[1:] if opts.pdq_dihedral else None,
     )
+
+
+def _pdq(rgb: Image.Image, dihedral: bool) -> tuple[bytes, ...]:
+    from pipeline.blocklist import pdq_dihedral_of, pdq_of
+
+    return tuple(pdq_dihedral_of(rgb)) if dihedral else (pdq_of(rgb),)
 
 
 def _place(im: Image.Image, cfg: DecodeConfig) -> Image.Image:
@@ -325,25 +408,15 @@ def _encode(im: Image.Image, cfg: DecodeConfig) -> bytes:
     return buf.getvalue()
 
 
-# Test-only fault hook (issue 7): when this variable names a non-empty marker, decoding a row
-# whose URL contains the marker kills the decoding process with SIGSEGV, as a decoder bug on
-# hostile bytes would. Inert unless the variable is set.
-CRASH_MARKER_ENV = "CLIPCURATE_TEST_CRASH_MARKER"
-
-
-def _crash_hook(url: str | None) -> None:
-    marker = os.environ.get(CRASH_MARKER_ENV)
-    if marker and url and marker in url:
-        os.kill(os.getpid(), signal.SIGSEGV)
-
-
-def decode_row(item: tuple[bytes | None, str | None, DecodeConfig]) -> DecodedImage | tuple[str, str]:
-    """Decode one row: ``(image bytes, url, config)`` -> the stored image, or ``(status,
-    error)`` for a row that fails. Never raises for bad bytes. This is what the crash guard's
-    child process runs (by name), and what the stage runs in-process without isolation.
+def decode_row(item: tuple[bytes | None, str | None, DecodeOptions]) -> DecodedImage | tuple[str, str]:
+    """Decode one row: ``(image bytes, url, options)`` -> the stored image (and model input),
+    or ``(status, error)`` for a row that fails. Never raises for bad bytes. This is what the
+    crash guard's child process runs (by name: the stage's ``decoder``), and what the stage
+    runs in-process without isolation. The url is not used here; a decoder a test injects
+    may use it to pick rows.
     """
-    data, url, cfg = item
-    _crash_hook(url)
+    data, _url, opts = item
+    cfg = opts.cfg
     # Pillow's own bomb guard as a backstop for anything our header check does not see; set
     # for this row only and restored, as it is process-global.
     previous_limit = Image.MAX_IMAGE_PIXELS
@@ -355,7 +428,7 @@ def decode_row(item: tuple[bytes | None, str | None, DecodeConfig]) -> DecodedIm
             # row's outcome is recorded in its status and error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            return decode_image(data, cfg)
+            return decode_image(data, opts)
     except RowFailure as f:
         return f.status, str(f)
     except Exception as e:  # a Pillow bug on a hostile file must not kill the batch
@@ -369,21 +442,32 @@ class DecodeStage(Stage):
     """Consumes ``image_bytes`` (dropped) and adds the stored image and its sizes.
 
     Adds ``image`` (binary), ``image_format``, ``width``, ``height``, ``original_width``,
-    ``original_height`` (int32, pixels) and ``sha256`` (hex of ``image``). Rows whose status is
-    not ``ok`` pass through with nulls in those columns.
+    ``original_height`` (int32, pixels) and ``sha256`` (hex of ``image``); with ``model_input``
+    also ``_pixels`` (the model's uint8 input, see step 6 of the module docstring) and, with
+    ``thumbnails``, ``image_thumb``. Rows whose status is not ``ok`` pass through with nulls in
+    those columns.
 
     ``isolate`` (default on): decode in a child process (:mod:`pipeline.crashguard`, one per
     worker process, reused across batches), so a row that crashes the decoder (a segfault in
     a C library) or runs past ``timeout_s`` seconds costs that row only: it is tried
     ``max_attempts`` times in all, then gets status ``worker_crash`` or ``decode_timeout``,
     and every other row of the batch is decoded as usual. Off: decode in the worker itself;
-    a crashing row then kills the worker and Ray's bounded retries fail the job.
+    a crashing row then kills the worker and the scheduler's bounded retries fail the job.
+    ``decoder`` names the per-row function (``module:function``, called as :func:`decode_row`
+    is); tests inject a faulty one.
     """
 
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=1))
     cfg: DecodeConfig = field(default_factory=DecodeConfig)
+    model_input: PreprocessConfig | None = None
+    thumbnails: bool = False
     isolate: bool = True
     max_attempts: int = 2
     timeout_s: float | None = 60.0
+    decoder: str = "pipeline.stages.decode:decode_row"
+    # The job's blocklists: a picture within the PDQ distance of a listed hash gets status
+    # ``blocked`` here, before anything of it leaves this stage (pipeline/blocklist.py).
+    blocklist: BlocklistSpec | None = None
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -391,18 +475,21 @@ class DecodeStage(Stage):
         errors = batch.column(S.ERROR).to_pylist()
         has_bytes = S.IMAGE_BYTES in batch.column_names
         blobs = batch.column(S.IMAGE_BYTES) if has_bytes else None
-        urls = batch.column(S.URL).to_pylist() if S.URL in batch.column_names else [None] * n
-        out: dict[str, list[Any]] = {
-            k: [None] * n
-            for k in (S.IMAGE, S.IMAGE_FORMAT, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.SHA256)
-        }
+        urls = S.column_list(batch, S.URL)
+        names = [S.IMAGE, S.IMAGE_FORMAT, S.WIDTH, S.HEIGHT, S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT, S.SHA256]
+        out: dict[str, list[Any]] = {k: [None] * n for k in (*names, S.PDQ, S.PIXELS, S.IMAGE_THUMB)}
+        blocklist = get_blocklist(self.blocklist, DECODE_KINDS)
+        dihedral = blocklist is not None and blocklist.has_pdq and blocklist.pdq_dihedral
+        opts = DecodeOptions(self.cfg, self.model_input, self.thumbnails, dihedral)
         todo = [i for i in range(n) if statuses[i] == S.OK]
-        items = [(blobs[i].as_py() if blobs is not None else None, urls[i], self.cfg) for i in todo]
+        items = [(blobs[i].as_py() if blobs is not None else None, urls[i], opts) for i in todo]
         if self.isolate:
-            box = shared_sandbox("pipeline.stages.decode:decode_row", self.max_attempts, self.timeout_s)
+            box = shared_sandbox(self.decoder, self.max_attempts, self.timeout_s)
             results = box.map(items)
         else:
-            results = [decode_row(item) for item in items]
+            module, _, fn = self.decoder.partition(":")
+            decode = getattr(importlib.import_module(module), fn)
+            results = [decode(item) for item in items]
         for i, res in zip(todo, results, strict=True):
             if isinstance(res, Crashed):
                 statuses[i] = S.WORKER_CRASH if res.reason == "worker_crash" else S.DECODE_TIMEOUT
@@ -411,23 +498,37 @@ class DecodeStage(Stage):
             if isinstance(res, tuple):
                 statuses[i], errors[i] = res
                 continue
+            hit = blocklist.check_pdq(res.pdq, list(res.pdq_dihedral or ())) if blocklist is not None else None
+            if hit is not None:  # nothing of the picture is kept, not even its hashes
+                statuses[i], errors[i] = S.BLOCKED, hit.reason()
+                continue
             out[S.IMAGE][i] = res.data
+            out[S.PDQ][i] = res.pdq.hex() if res.pdq is not None else None
             out[S.IMAGE_FORMAT][i] = res.image_format
             out[S.WIDTH][i] = res.width
             out[S.HEIGHT][i] = res.height
             out[S.ORIGINAL_WIDTH][i] = res.original_width
             out[S.ORIGINAL_HEIGHT][i] = res.original_height
             out[S.SHA256][i] = res.sha256
-        table = batch.drop_columns([S.IMAGE_BYTES]) if has_bytes else batch
-        table = table.set_column(table.schema.get_field_index(S.STATUS), S.STATUS, pa.array(statuses, pa.string()))
-        table = table.set_column(table.schema.get_field_index(S.ERROR), S.ERROR, pa.array(errors, pa.string()))
-        types = {
-            S.IMAGE: pa.binary(),
-            S.IMAGE_FORMAT: pa.string(),
-            S.SHA256: pa.string(),
-        }
-        for name, values in out.items():
-            table = table.append_column(name, pa.array(values, types.get(name, pa.int32())))
+            out[S.PIXELS][i] = res.pixels
+            out[S.IMAGE_THUMB][i] = res.thumb
+        table = S.drop_if_present(batch, [S.IMAGE_BYTES])
+        if S.SOURCE_SHA256 in table.column_names:  # a blocked row keeps no hash of its bytes
+            src = table.column(S.SOURCE_SHA256).to_pylist()
+            src = [None if st == S.BLOCKED else v for st, v in zip(statuses, src, strict=True)]
+            table = S.set_column(table, S.SOURCE_SHA256, pa.array(src, pa.string()))
+        table = S.set_column(table, S.STATUS, pa.array(statuses, pa.string()))
+        table = S.set_column(table, S.ERROR, pa.array(errors, pa.string()))
+        types = {S.IMAGE_FORMAT: pa.string(), S.SHA256: pa.string(), S.PDQ: pa.string()}
+        for name in (*names, S.PDQ):
+            if name == S.IMAGE:
+                table = S.set_column(table, name, S.binary_column(out[name]))
+            else:
+                table = S.set_column(table, name, pa.array(out[name], types.get(name, pa.int32())))
+        if self.model_input is not None:
+            table = S.set_column(table, S.PIXELS, S.binary_column(out[S.PIXELS]))
+            source = [None if v is None else "original" for v in out[S.PIXELS]]
+            table = S.set_column(table, S.EMBEDDED_FROM, pa.array(source, pa.string()))
+            if self.thumbnails:
+                table = S.set_column(table, S.IMAGE_THUMB, pa.array(out[S.IMAGE_THUMB], pa.binary()))
         return table
-
-

@@ -1,72 +1,53 @@
-"""Preprocess and embed: the CPU stage that prepares model input, and the model actors.
+"""Embed stage: one model per long-lived worker (a Ray actor, a local embedding process), fed
+uint8 model inputs and token ids made by the CPU tasks.
 
-    shard -> PreprocessStage (CPU tasks) -> EmbedStage (actor pool, one model each) -> ...
+    decode (model input, uint8) + tokenize (ids) -> EmbedStage -> write
 
-:class:`PreprocessStage` turns each ``ok`` row's stored image into the model's uint8 input
-(``resize_crop_uint8``: resize, center crop, RGB; the exact arithmetic the weights expect) and
-each caption into its token ids, so the actors never wait on JPEG decoding or BPE. The shard
-stage drops image bytes from the rows it passes on, so images are read back from the committed
-tar (one read per shard per batch); rows that still carry an ``image`` column (tests, the
-calibration sample) use it directly.
+Per batch (one shard) the stage
 
-:class:`EmbedStage` holds one CLIP model per actor (``clip_model.create_model``), normalises the
-uint8 batch on the model's device (a quarter of the bytes of float32 cross to the GPU) and
-encodes images and captions in chunks of ``inference_batch``. Captions are sorted by token
-count and each chunk is padded only to its own longest caption: ``CLIP.encode_text`` never
-computes positions after a batch's last end-of-text token, so short captions cost what their
-length costs instead of the full 77 positions.
+- views the ``_pixels`` column as uint8 [M, S, S, 3] without copying (the rows' bytes lie
+  back to back in the Arrow buffer), and sends it to the device in chunks of
+  ``inference_batch``: on CUDA each chunk is staged in one of two pinned host buffers and
+  copied on a side stream while the previous chunk computes, then normalised on the device
+  (a quarter of float32's bytes cross the bus);
+- pads token ids per chunk of similar length (captions sorted by length, vectorised), so a
+  short caption costs what its length costs;
+- encodes both sides under autocast (fp16 on GPU by default), keeps results on the device
+  and copies them back once per batch;
+- scores moderation (pipeline/stages/moderate.py) on the unit embeddings it just made, and the
+  image-caption cosine ``clip_score``.
+
+Adds ``image_embedding``, ``text_embedding`` (fixed_size_list<float16>[D], unit norm),
+``clip_score`` (float32), ``model``, ``unsafe_score``/``unsafe_concept``/``unsafe_source``;
+drops ``_pixels`` and ``_tokens``. A row without pixels (failed upstream) still gets its text
+embedding; a row without a caption gets no text embedding; missing values are null.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
-import tarfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from clip_model.config import PreprocessConfig
-from clip_model.job_data import read_tar_images
 from pipeline import schema as S
-from pipeline.config import EmbedConfig, StorageConfig
+from pipeline.config import EmbedConfig
 from pipeline.stages.base import Stage
-from pipeline.storage import Storage
+from pipeline.stages.moderate import Moderation
 
 log = logging.getLogger("clipcurate.embed")
-
-
-
-def resolve_preprocess(model: str, pretrained: str | None) -> PreprocessConfig:
-    """The image preprocessing of ``model`` with weights ``pretrained``, without loading them
-    when the registry knows it (registered tags, random weights). Weights given as a path are
-    read to find it (the file may state it, e.g. a Hugging Face folder)."""
-    import clip_model
-    from clip_model import pretrained as registry
-
-    cfg = clip_model.get_model_config(model)
-    if cfg is not None:
-        if pretrained is None:
-            return PreprocessConfig(image_size=cfg.vision.image_size)
-        entry = registry.get_pretrained_entry(model, pretrained)
-        if entry is not None:
-            return entry.preprocess
-    loaded, pp = clip_model.create_model(model, pretrained, device="cpu")
-    del loaded
-    return pp
-
 
 RANDOM_INIT_SEED = 0
 
 
 def load_model(name: str, pretrained: str | None, device: Any = "cpu") -> tuple[Any, PreprocessConfig]:
     """``clip_model.create_model`` in fp32; without weights the random init is seeded with
-    :data:`RANDOM_INIT_SEED` (on CPU, then moved), so every actor and the driver build the
+    :data:`RANDOM_INIT_SEED` (on CPU, then moved), so every worker and the driver build the
     same model and a job's embeddings stay comparable with each other."""
     import torch
 
@@ -87,131 +68,97 @@ def model_id(model: Any) -> str:
     return f"{model.name}@sha256:{sha}" if sha else f"{model.name}@random-init"
 
 
-def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, arr)
-    return table.append_column(name, arr)
+def embed_dim(model: Any) -> int:
+    """The model's embedding size D."""
+    dim = getattr(model, "embed_dim", None)
+    return int(dim) if dim is not None else int(model.text_projection.shape[1])
 
 
-def _col(table: pa.Table, name: str) -> list[Any]:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+# ------------------------------------------------------------------------ Arrow -> arrays
 
 
-@dataclass
-class PreprocessStage(Stage):
-    """CPU stage: stored image -> ``_pixels`` (uint8 [S, S, 3] bytes), caption -> ``_tokens``.
-
-    ``shard_folder``: where the shard tars are (the shard stage's output folder); needed unless
-    the rows carry an ``image`` column. An ``ok`` row whose image is not in its tar becomes
-    ``image_missing``; one Pillow cannot decode becomes ``preprocess_error``. Both keep their
-    caption tokens. The ``image`` column, if any, is dropped. With ``thumbnails`` each decoded
-    row also gets ``image_thumb`` (:func:`pipeline.pixel_check.thumbnail`, for dedup's pixel
-    check).
-    """
-
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    shard_folder: str | None = None
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    context_length: int = 77
-    thumbnails: bool = False
-    # The model's own tokenizer (``model.tokenizer``: torch-free, picklable); None: CLIP's BPE
-    # at ``context_length``.
-    tokenizer: Any = None
-
-    def _images(self, batch: pa.Table, ok: list[int]) -> dict[int, bytes | None]:
-        if S.IMAGE in batch.column_names:
-            col = batch.column(S.IMAGE)
-            return {i: col[i].as_py() for i in ok}
-        if self.shard_folder is None:
-            raise ValueError("PreprocessStage needs shard_folder when rows carry no image column")
-        keys, shards = _col(batch, S.KEY), _col(batch, S.SHARD)
-        by_shard: dict[str, list[int]] = {}
-        for i in ok:
-            by_shard.setdefault(shards[i], []).append(i)
-        store = Storage(self.shard_folder, self.storage)
-        out: dict[int, bytes | None] = {}
-        for shard, rows in by_shard.items():
-            found = read_tar_images(store.read_bytes(f"{shard}.tar"), {keys[i] for i in rows})
-            for i in rows:
-                out[i] = found.get(keys[i])
-        return out
-
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        from PIL import Image
-
-        from clip_model.tokenizer import default_tokenizer
-        from clip_model.transform import resize_crop_uint8
-        from pipeline.pixel_check import thumbnail
-
-        n = batch.num_rows
-        statuses, errors = _col(batch, S.STATUS), _col(batch, S.ERROR)
-        ok = [i for i in range(n) if statuses[i] == S.OK]
-        pixels: list[bytes | None] = [None] * n
-        thumbs: list[bytes | None] = [None] * n
-        try:
-            images = self._images(batch, ok)
-        except (OSError, tarfile.TarError) as e:
-            # A shard's tar cannot be read: every ok row of the batch records why.
-            images = {}
-            for i in ok:
-                statuses[i], errors[i] = "image_missing", f"shard tar unreadable: {e}"
-            ok = []
-        for i in ok:
-            data = images.get(i)
-            if data is None:
-                statuses[i], errors[i] = "image_missing", "image not found in the shard tar"
-                continue
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    pixels[i] = resize_crop_uint8(img, self.preprocess).tobytes()
-                    if self.thumbnails:
-                        thumbs[i] = thumbnail(img)
-            except Exception as e:  # Pillow raises many types for bad data; the row records it
-                statuses[i], errors[i] = "preprocess_error", f"{type(e).__name__}: {e}"
-
-        captions = _col(batch, S.CAPTION)
-        with_text = [i for i in range(n) if isinstance(captions[i], str)]
-        token_rows: list[list[int] | None] = [None] * n
-        if with_text:
-            tok = self.tokenizer or default_tokenizer().with_context_length(self.context_length)
-            ids = tok.token_ids([captions[i] for i in with_text])
-            for j, i in enumerate(with_text):
-                token_rows[i] = ids[j]
-
-        out = batch.drop_columns([c for c in (S.IMAGE,) if c in batch.column_names])
-        out = _set(out, S.STATUS, pa.array(statuses, pa.string()))
-        out = _set(out, S.ERROR, pa.array(errors, pa.string()))
-        out = _set(out, S.PIXELS, pa.array(pixels, pa.binary()))
-        if self.thumbnails:
-            out = _set(out, S.IMAGE_THUMB, pa.array(thumbs, pa.binary()))
-        return _set(out, S.TOKENS, pa.array(token_rows, pa.list_(pa.int32())))
+def stacked_pixels(col: pa.Array | pa.ChunkedArray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices int64 [M], uint8 [M, size, size, 3]) of the non-null values of a binary
+    column of model inputs. The values of a chunk lie back to back in its data buffer (a null
+    takes no bytes), so each chunk is a zero-copy, read-only view of it."""
+    nbytes = size * size * 3
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    rows: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
+    base = 0
+    for ch in chunks:
+        n = len(ch)
+        if n and ch.null_count < n:
+            valid = ch.is_valid().to_numpy(zero_copy_only=False)
+            idx = np.flatnonzero(valid)
+            _, offsets_buf, data_buf = ch.buffers()
+            offs = np.frombuffer(offsets_buf, np.int32, count=n + 1, offset=ch.offset * 4)
+            lengths = offs[idx + 1] - offs[idx]
+            if (lengths != nbytes).any():
+                bad = int(idx[np.flatnonzero(lengths != nbytes)[0]])
+                raise ValueError(f"model input of row {base + bad} has {int(offs[bad + 1] - offs[bad])} "
+                                 f"bytes, expected {nbytes} ({size}x{size}x3)")
+            start, end = int(offs[idx[0]]), int(offs[idx[-1] + 1])
+            if end - start == len(idx) * nbytes:
+                arr = np.frombuffer(data_buf, np.uint8, count=end - start, offset=start)
+            else:  # null slots with bytes (legal in Arrow, never written by us): gather
+                arr = np.concatenate([np.frombuffer(data_buf, np.uint8, count=nbytes, offset=int(o))
+                                      for o in offs[idx]])
+            rows.append(idx + base)
+            parts.append(arr.reshape(len(idx), size, size, 3))
+        base += n
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, size, size, 3), np.uint8)
+    if len(parts) == 1:
+        return rows[0].astype(np.int64), parts[0]
+    return np.concatenate(rows).astype(np.int64), np.concatenate(parts)
 
 
-def embedding_array(values: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
-    """``fixed_size_list<float16>[D]`` from float [N, D] values; rows where ``valid`` is False
-    are null."""
-    n, dim = values.shape
-    flat = pa.array(values.astype(np.float16, copy=False).reshape(-1))
-    mask = pa.array(~valid.astype(bool)) if n else None
-    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
+def token_chunks(col: pa.Array | pa.ChunkedArray, pad_id: int, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The non-empty token lists of a ``list<int32>`` column, sorted by length and cut into
+    chunks of ``step``: per chunk (row indices int64 [k], ids int64 [k, longest in chunk]
+    right-padded with ``pad_id``). Vectorised: no per-row Python."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if n == 0:
+        return []
+    offsets = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    lengths = offsets[1:] - offsets[:-1]
+    valid = arr.is_valid().to_numpy(zero_copy_only=False) & (lengths > 0)
+    rows = np.flatnonzero(valid)
+    order = rows[np.argsort(lengths[rows], kind="stable")]
+    out = []
+    for s in range(0, len(order), step):
+        idx = order[s : s + step]
+        lens = lengths[idx]
+        ids = np.full((len(idx), int(lens.max())), pad_id, np.int64)
+        r = np.repeat(np.arange(len(idx)), lens)
+        c = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        ids[r, c] = values[np.repeat(offsets[idx], lens) + c]
+        out.append((idx, ids))
+    return out
+
+
+# ------------------------------------------------------------------------------- the stage
 
 
 @dataclass
 class EmbedStage(Stage):
-    """Actor stage: ``_pixels``/``_tokens`` -> ``image_embedding``, ``text_embedding``,
-    ``clip_score``, ``model``.
+    """Model stage: ``_pixels``/``_tokens`` -> embeddings, ``clip_score``, moderation scores.
 
-    Embeddings are unit norm (normalised in float32, then stored as float16); ``clip_score`` is
-    the float32 cosine of the two. A row without an image (failed upstream) still gets its text
-    embedding and keeps its status; a row without a caption gets no text embedding. Both are
-    null when missing, and so is ``clip_score``.
-
-    ``preprocess`` is what PreprocessStage used; ``setup`` checks that the loaded weights expect
-    the same, so a mismatch fails at start-up instead of producing quietly wrong embeddings.
+    ``preprocess`` is what the decode task made the inputs with; ``setup`` checks that the
+    loaded weights expect the same, so a mismatch fails at start-up instead of producing
+    quietly wrong embeddings. ``pad_id``: the tokenizer's. ``moderation``: prepared in the
+    driver (None: no moderation columns are scored, they stay null).
     """
+
+    stateful: ClassVar[bool] = True
 
     cfg: EmbedConfig = field(default_factory=EmbedConfig)
     preprocess: PreprocessConfig | None = None
+    pad_id: int = 0
+    moderation: Moderation | None = None
 
     def __post_init__(self) -> None:
         self._model: Any = None
@@ -219,125 +166,170 @@ class EmbedStage(Stage):
         self._autocast: Any = None
         self._model_id = ""
         self._worker = ""
+        self._pinned: list[Any] = []
+        self._copy_stream: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
+        # Travels to its worker without a loaded model or device state.
         state = self.__dict__.copy()
-        state["_model"] = None
+        state.update(_model=None, _device=None, _autocast=None, _pinned=[], _copy_stream=None)
         return state
 
     @property
     def embed_dim(self) -> int:
-        return int(self._model.embed_dim)
+        return embed_dim(self._model)
 
     def setup(self) -> None:
         import torch
-
 
         if self._model is not None:
             return
         if self.resources.num_gpus > 0:
             if not torch.cuda.is_available():
                 raise RuntimeError(
-                    f"embed stage asked for {self.resources.num_gpus} GPU(s) per actor but this "
+                    f"embed stage asked for {self.resources.num_gpus} GPU(s) per worker but this "
                     "worker sees no CUDA device"
                 )
             self._device = torch.device("cuda")
         else:
             self._device = torch.device("cpu")
-            # Ray gives a CPU actor num_cpus cores; more torch threads would only contend.
+            # A CPU worker gets num_cpus cores; more torch threads would only contend.
             torch.set_num_threads(max(1, int(round(self.resources.num_cpus or 1))))
         precision = self.cfg.precision
         if precision == "auto":
             precision = "fp16" if self._device.type == "cuda" else "fp32"
         self._autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         model, pp = load_model(self.cfg.model, self.cfg.pretrained, self._device)
+        model.eval()
         if self.preprocess is not None and pp != self.preprocess:
             raise ValueError(
                 f"{self.cfg.model} ({self.cfg.pretrained}) expects preprocessing {pp}, but the "
-                f"preprocess stage was built with {self.preprocess}"
+                f"decode task was built with {self.preprocess}"
             )
         self.preprocess = pp
         self._model = model
         self._model_id = model_id(model)
         self._worker = f"{socket.gethostname()}:{os.getpid()}"
-        log.info("embed actor %s loaded %s on %s", self._worker, self._model_id, self._device)
+        if self._device.type == "cuda":
+            s = pp.image_size
+            step = self.cfg.inference_batch
+            self._pinned = [torch.empty((step, s, s, 3), dtype=torch.uint8).pin_memory() for _ in range(2)]
+            self._copy_stream = torch.cuda.Stream()
+        log.info("embed worker %s loaded %s on %s", self._worker, self._model_id, self._device)
 
-    def _run(self, fn: Any, x: Any) -> Any:
+    def _forward(self, fn: Any, x: Any) -> Any:
+        import torch
+
+        if self._autocast is not None:
+            with torch.autocast(self._device.type, dtype=self._autocast):
+                return fn(x).float()
+        return fn(x).float()
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [M, S, S, 3] (may be a read-only view) -> float32 [M, D] unit-norm image
+        embeddings."""
         import torch
         import torch.nn.functional as F
 
-        with torch.inference_mode():
-            if self._autocast is not None:
-                with torch.autocast(self._device.type, dtype=self._autocast):
-                    y = fn(x)
-            else:
-                y = fn(x)
-            return F.normalize(y.float(), dim=-1).cpu().numpy()
-
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [M, S, S, 3] -> float32 [M, D] unit-norm image embeddings."""
         from clip_model.transform import normalize_uint8
 
-        dim = self.embed_dim
-        out = np.empty((pixels.shape[0], dim), np.float32)
+        m = pixels.shape[0]
+        if m == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
         step = self.cfg.inference_batch
-        for s in range(0, pixels.shape[0], step):
-            x = normalize_uint8(pixels[s : s + step], self.preprocess, self._device)
-            out[s : s + step] = self._run(self._model.encode_image, x)
-        return out
+        outs = []
+        with torch.inference_mode():
+            if self._device.type != "cuda":
+                for s in range(0, m, step):
+                    x = normalize_uint8(pixels[s : s + step], self.preprocess)
+                    outs.append(self._forward(self._model.encode_image, x))
+            else:
+                compute = torch.cuda.current_stream()
+                copied: list[Any] = [None, None]
+                for k, s in enumerate(range(0, m, step)):
+                    buf = self._pinned[k % 2]
+                    if copied[k % 2] is not None:
+                        copied[k % 2].synchronize()  # this buffer's last copy has left it
+                    chunk = pixels[s : s + step]
+                    host = buf[: len(chunk)]
+                    host.numpy()[...] = chunk
+                    with torch.cuda.stream(self._copy_stream):
+                        dev = host.to(self._device, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record(self._copy_stream)
+                    copied[k % 2] = done
+                    compute.wait_event(done)
+                    dev.record_stream(compute)
+                    x = normalize_uint8(dev, self.preprocess)
+                    outs.append(self._forward(self._model.encode_image, x))
+            y = F.normalize(torch.cat(outs), dim=-1)
+            return y.cpu().numpy()
+
+    def encode_token_chunks(self, chunks: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [n, D] unit-norm text embeddings, bool [n] has a text embedding) from
+        :func:`token_chunks`' output over n rows."""
+        import torch
+        import torch.nn.functional as F
+
+        dim = self.embed_dim
+        out = np.zeros((n, dim), np.float32)
+        has = np.zeros(n, bool)
+        if not chunks:
+            return out, has
+        ys = []
+        with torch.inference_mode():
+            for _, ids in chunks:
+                t = torch.from_numpy(ids).to(self._device, non_blocking=True)
+                ys.append(self._forward(self._model.encode_text, t))
+            y = F.normalize(torch.cat(ys), dim=-1).cpu().numpy()
+        rows = np.concatenate([idx for idx, _ in chunks])
+        out[rows] = y
+        has[rows] = True
+        return out, has
 
     def encode_tokens(self, tokens: list[list[int]]) -> np.ndarray:
-        """Token id lists (<start_of_text> ... <end_of_text>, any lengths) -> float32 [M, D]
-        unit-norm text embeddings. Chunks of similar length are padded to their own maximum."""
-        import torch
-
-        out = np.empty((len(tokens), self.embed_dim), np.float32)
-        order = np.argsort([len(t) for t in tokens], kind="stable")
-        step = self.cfg.inference_batch
-        pad = int(self._model.tokenizer.pad_id)
-        for s in range(0, len(order), step):
-            idx = order[s : s + step]
-            width = max(len(tokens[i]) for i in idx)
-            ids = np.full((len(idx), width), pad, np.int64)
-            for r, i in enumerate(idx):
-                ids[r, : len(tokens[i])] = tokens[i]
-            out[idx] = self._run(self._model.encode_text, torch.from_numpy(ids).to(self._device))
+        """Token id lists (any lengths) -> float32 [M, D] unit-norm text embeddings."""
+        col = pa.array(tokens, pa.list_(pa.int32()))
+        out, _ = self.encode_token_chunks(token_chunks(col, self.pad_id, self.cfg.inference_batch), len(tokens))
         return out
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
-        if self._model is None:
-            self.setup()
+        self.setup()
         n = batch.num_rows
         dim = self.embed_dim
-        size = self.preprocess.image_size  # type: ignore[union-attr]
         img = np.zeros((n, dim), np.float32)
-        txt = np.zeros((n, dim), np.float32)
         has_img = np.zeros(n, bool)
-        has_txt = np.zeros(n, bool)
-
         if S.PIXELS in batch.column_names:
-            pix_col = batch.column(S.PIXELS)
-            rows = np.flatnonzero(pc.is_valid(pix_col).to_numpy(zero_copy_only=False))
+            rows, pixels = stacked_pixels(batch.column(S.PIXELS), self.preprocess.image_size)  # type: ignore[union-attr]
             if len(rows):
-                stacked = np.empty((len(rows), size, size, 3), np.uint8)
-                for r, i in enumerate(rows):
-                    stacked[r] = np.frombuffer(pix_col[int(i)].as_py(), np.uint8).reshape(size, size, 3)
-                img[rows] = self.encode_pixels(stacked)
+                img[rows] = self.encode_pixels(pixels)
                 has_img[rows] = True
         if S.TOKENS in batch.column_names:
-            tokens = batch.column(S.TOKENS).to_pylist()
-            rows = np.array([i for i, t in enumerate(tokens) if t], np.int64)
-            if len(rows):
-                txt[rows] = self.encode_tokens([tokens[i] for i in rows])
-                has_txt[rows] = True
+            chunks = token_chunks(batch.column(S.TOKENS), self.pad_id, self.cfg.inference_batch)
+            txt, has_txt = self.encode_token_chunks(chunks, n)
+        else:
+            txt, has_txt = np.zeros((n, dim), np.float32), np.zeros(n, bool)
 
         both = has_img & has_txt
         score = np.where(both, (img * txt).sum(axis=1), np.nan).astype(np.float32)
-        out = batch.drop_columns([c for c in (S.PIXELS, S.TOKENS) if c in batch.column_names])
-        out = _set(out, S.IMAGE_EMBEDDING, embedding_array(img, has_img))
-        out = _set(out, S.TEXT_EMBEDDING, embedding_array(txt, has_txt))
-        out = _set(out, S.CLIP_SCORE, pa.array(score, pa.float32(), mask=~both))
-        out = _set(out, S.MODEL, pa.array([self._model_id] * n, pa.string()))
+        out = S.drop_if_present(batch, [S.PIXELS, S.TOKENS])
+        out = S.set_column(out, S.IMAGE_EMBEDDING, S.embedding_array(img, has_img))
+        out = S.set_column(out, S.TEXT_EMBEDDING, S.embedding_array(txt, has_txt))
+        out = S.set_column(out, S.CLIP_SCORE, pa.array(score, pa.float32(), mask=~both))
+        out = S.set_column(out, S.MODEL, pa.array([self._model_id] * n, pa.string()))
+        if self.moderation is not None:
+            out = self.moderation.annotate(out, img, has_img, txt, has_txt)
         if self.cfg.debug_worker_column:
-            out = _set(out, S.EMBED_WORKER, pa.array([self._worker] * n, pa.string()))
+            out = S.set_column(out, S.EMBED_WORKER, pa.array([self._worker] * n, pa.string()))
         return out
+
+
+__all__ = [
+    "RANDOM_INIT_SEED",
+    "EmbedStage",
+    "embed_dim",
+    "load_model",
+    "model_id",
+    "stacked_pixels",
+    "token_chunks",
+]

@@ -18,24 +18,25 @@ safetensors: ``layers.0.weight`` [H1, D], ``layers.0.bias`` [H1], ... ``layers.{
 
 Outputs: ``unsafe_score`` = the largest ``score - threshold`` over every concept and side (and
 the head), so ``> 0`` means flagged and the value says by how much; ``unsafe_concept`` and
-``unsafe_source`` name what flagged the row (null when nothing did). A flagged row gets
-``keep = false`` and a ``drop_reason`` naming concept, side, score, threshold and model.
-Thresholds come from the config or from the YAML that ``clipcurate calibrate`` writes.
+``unsafe_source`` name what flagged the row (null when nothing did); pipeline/decisions.py
+turns a flagged row into ``keep = false`` with a reason naming concept, side, threshold and
+model. Thresholds come from the config or from the YAML that ``clipcurate calibrate`` writes.
+
+Scoring runs inside the embed stage (:class:`Moderation`, prepared once in the driver), where
+the embeddings are: no extra pass over the rows, no single scoring process.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import schema as S
-from pipeline.config import ConfigError, EmbedConfig, ModerateConfig, StorageConfig
-from pipeline.stages.base import Stage
+from pipeline.config import ConfigError, ModerateConfig, StorageConfig
 
 log = logging.getLogger("clipcurate.moderate")
 
@@ -120,6 +121,7 @@ def embed_prompts(model: Any, prompts: list[str]) -> np.ndarray:
 
     device = next(model.parameters()).device
     with torch.inference_mode():
+        # The model's own tokenizer (CLIP's BPE or an HF tower's), padded with its pad id.
         x = model.encode_text(model.tokenizer(prompts).to(device))
         return F.normalize(x.float(), dim=-1).cpu().numpy()
 
@@ -187,82 +189,57 @@ class Head:
         return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid without overflow
 
 
-def embedding_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 [N, D], valid bool [N]) from a nullable fixed_size_list<float> column."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    n = len(arr)
-    valid = pc.is_valid(arr).to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
-    out = np.zeros((n, dim), np.float32)
-    if n and valid.any():
-        if arr.type.list_size != dim:
-            raise ValueError(f"embeddings have dimension {arr.type.list_size}, expected {dim}")
-        # Null rows still occupy their slots in a fixed-size list's values.
-        flat = arr.values.to_numpy(zero_copy_only=False)
-        flat = flat[arr.offset * dim : (arr.offset + n) * dim].reshape(n, dim)
-        out[valid] = flat[valid]
-    return out, valid
-
-
 @dataclass
-class ModerateStage(Stage):
-    """Scores rows for unsafe content (see the module docstring).
-
-    Prompt embeddings need the text tower of the embedding model: :meth:`prepare` computes
-    them once (the runner calls it in the driver, so actors only receive small arrays); a stage
-    that was not prepared does it in ``setup``.
+class Moderation:
+    """Moderation ready to score embeddings: the resolved rules, the concept and neutral
+    prompt directions embedded by the model's text tower, and the head. Small and picklable:
+    it is prepared once in the driver and travels inside the embed stage, which scores each
+    row where its embeddings are computed.
     """
 
-    cfg: ModerateConfig = field(default_factory=ModerateConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+    rules: Rules
+    directions: np.ndarray | None  # float32 [C, D] (None: no concept)
+    neutral: np.ndarray  # float32 [K, D]
+    head: Head | None
+    model_id: str
 
-    def __post_init__(self) -> None:
-        self.rules: Rules | None = None
-        self.directions: np.ndarray | None = None  # [C, D]
-        self.neutral: np.ndarray | None = None  # [K, D]
-        self.head: Head | None = None
-        self.model_id: str | None = None
-
-    def prepare(self, model: Any = None) -> None:
-        """Resolve the rules, embed the prompts and load the head; ``model`` (a clip_model
-        CLIP already loaded with the embed config's weights) avoids loading it again."""
-        from pipeline.stages.embed import load_model
+    @classmethod
+    def prepare(cls, cfg: ModerateConfig, storage: StorageConfig | None, model: Any) -> Moderation:
+        """Resolve ``cfg`` (and its thresholds file), embed its prompts with ``model`` (a
+        loaded clip_model model) and load its head; ``ConfigError`` names what does not fit."""
         from pipeline.stages.embed import model_id as id_of
 
-        rules = resolve_rules(self.cfg, self.storage)
-        if model is None:
-            model, _ = load_model(self.embed.model, self.embed.pretrained)
+        rules = resolve_rules(cfg, storage)
         mid = id_of(model)
         if rules.model is not None and rules.model != mid:
             raise ConfigError(
                 f"moderate.thresholds_file: thresholds were calibrated for {rules.model}, "
                 f"but the embedding model is {mid}; recalibrate for this model"
             )
-        self.directions = concept_directions(model, rules.concepts) if rules.concepts else None
-        self.neutral = embed_prompts(model, list(rules.neutral_prompts))
-        dim = int(model.embed_dim)
+        directions = concept_directions(model, rules.concepts) if rules.concepts else None
+        neutral = embed_prompts(model, list(rules.neutral_prompts))
+        head = None
         if rules.head_path:
             from pipeline.storage import filesystem_for
 
-            fs, path = filesystem_for(rules.head_path, self.storage)
+            fs, path = filesystem_for(rules.head_path, storage)
             with fs.open_input_stream(path) as f:
-                self.head = Head.from_bytes(f.read(), dim)
-        self.rules, self.model_id = rules, mid
-
-    def setup(self) -> None:
-        if self.rules is None:
-            self.prepare()
+                try:
+                    head = Head.from_bytes(f.read(), int(neutral.shape[1]))
+                except ValueError as e:
+                    raise ConfigError(f"moderate.head_path: {rules.head_path}: {e}") from e
+        return cls(rules, directions, neutral, head, mid)
 
     def score(
         self, img: np.ndarray, img_ok: np.ndarray, txt: np.ndarray, txt_ok: np.ndarray
-    ) -> tuple[np.ndarray, list[str | None], list[str | None], list[str | None]]:
-        """Per row: (unsafe_score float32 with NaN where nothing was scored, concept, source,
-        a human-readable reason for flagged rows)."""
+    ) -> tuple[np.ndarray, list[str | None], list[str | None]]:
+        """Per row, from unit embeddings float32 [N, D] and their validity bool [N]:
+        (unsafe_score float32 [N], NaN where nothing was scored; the concept that flagged
+        the row; its source "image" / "caption" / "head"), the last two None when unflagged."""
         rules = self.rules
-        assert rules is not None
         n = img.shape[0]
-        # candidates[k] = (score - threshold [N], raw score [N], threshold, concept, source, rows)
-        cands: list[tuple[np.ndarray, np.ndarray, float, str, str]] = []
+        # candidates[k] = (score - threshold [N], concept, source)
+        cands: list[tuple[np.ndarray, str, str]] = []
         names = list(rules.concepts)
         if self.directions is not None and self.neutral is not None:
             for side, emb, ok, thr in (
@@ -276,56 +253,25 @@ class ModerateStage(Stage):
                     t = thr.get(name)
                     if t is None:
                         continue
-                    raw = np.where(ok, m[:, c], np.nan)
-                    cands.append((raw - t, raw, t, name, side))
+                    cands.append((np.where(ok, m[:, c], np.nan) - t, name, side))
         if self.head is not None and img_ok.any():
             p = np.where(img_ok, self.head(img), np.nan)
-            cands.append((p - rules.head_threshold, p, rules.head_threshold, rules.head_concept, "head"))
+            cands.append((p - rules.head_threshold, rules.head_concept, "head"))
         best = np.full(n, np.nan, np.float32)
         concept: list[str | None] = [None] * n
         source: list[str | None] = [None] * n
-        reason: list[str | None] = [None] * n
-        for above, raw, t, name, side in cands:
+        for above, name, side in cands:
             better = ~np.isnan(above) & (np.isnan(best) | (above > best))
             for i in np.flatnonzero(better):
                 best[i] = above[i]
-                if above[i] > 0:
-                    concept[i], source[i] = name, side
-                    kind = "probability" if side == "head" else "margin"
-                    reason[i] = (
-                        f"moderation:{name}({side} {kind} {raw[i]:.4f} > {t:.4f}; {self.model_id})"
-                    )
-                else:
-                    concept[i] = source[i] = reason[i] = None
-        return best, concept, source, reason
+                concept[i], source[i] = (name, side) if above[i] > 0 else (None, None)
+        return best, concept, source
 
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        if self.rules is None:
-            self.setup()
-        n = batch.num_rows
-        dim = self.neutral.shape[1]  # type: ignore[union-attr]
-        img, img_ok = embedding_matrix(batch.column(S.IMAGE_EMBEDDING), dim)
-        txt, txt_ok = embedding_matrix(batch.column(S.TEXT_EMBEDDING), dim)
-        score, concept, source, reason = self.score(img, img_ok, txt, txt_ok)
-        statuses = batch.column(S.STATUS).to_pylist()
-        keep, drop = initial_keep(batch, statuses)
-        for i in range(n):
-            if reason[i] is not None and keep[i]:
-                keep[i], drop[i] = False, reason[i]
-        from pipeline.stages.embed import _set
-
-        out = _set(batch, S.UNSAFE_SCORE, pa.array(score, pa.float32(), mask=np.isnan(score)))
-        out = _set(out, S.UNSAFE_CONCEPT, pa.array(concept, pa.string()))
-        out = _set(out, S.UNSAFE_SOURCE, pa.array(source, pa.string()))
-        out = _set(out, S.KEEP, pa.array(keep, pa.bool_()))
-        return _set(out, S.DROP_REASON, pa.array(drop, pa.string()))
-
-
-def initial_keep(batch: pa.Table, statuses: list[Any]) -> tuple[list[bool], list[str | None]]:
-    """``keep``/``drop_reason`` before this filter: the batch's own columns when present,
-    otherwise kept when ``ok`` and dropped with ``status:<status>`` when not."""
-    if S.KEEP in batch.column_names and S.DROP_REASON in batch.column_names:
-        keep = [bool(k) if k is not None else s == S.OK for k, s in zip(batch.column(S.KEEP).to_pylist(), statuses, strict=True)]
-        return keep, batch.column(S.DROP_REASON).to_pylist()
-    keep = [s == S.OK for s in statuses]
-    return keep, [None if k else f"status:{s}" for k, s in zip(keep, statuses, strict=True)]
+    def annotate(self, table: pa.Table, img: np.ndarray, img_ok: np.ndarray, txt: np.ndarray,
+                 txt_ok: np.ndarray) -> pa.Table:
+        """``table`` with ``unsafe_score``, ``unsafe_concept`` and ``unsafe_source`` from
+        :meth:`score` of its rows' embeddings (float32 [N, D] and validity, row order)."""
+        score, concept, source = self.score(img, img_ok, txt, txt_ok)
+        out = S.set_column(table, S.UNSAFE_SCORE, pa.array(score, pa.float32(), mask=np.isnan(score)))
+        out = S.set_column(out, S.UNSAFE_CONCEPT, pa.array(concept, pa.string()))
+        return S.set_column(out, S.UNSAFE_SOURCE, pa.array(source, pa.string()))

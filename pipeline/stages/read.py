@@ -29,7 +29,7 @@ import posixpath
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -422,6 +422,9 @@ class ReadStage(Stage):
     This is the one stage that changes the row count: one descriptor row becomes
     ``length`` input rows. Give it one descriptor per batch so each shard is one block.
     """
+
+    io_bound: ClassVar[bool] = True  # reads an input file, often from S3
+    expands: ClassVar[bool] = True
 
     cfg: ReadConfig = field(default_factory=ReadConfig)
     number_sample_per_shard: int = 1000

@@ -40,7 +40,7 @@ def test_weights_are_bundled_small_pinned_and_carded():
     assert "python -m testkit.train_tiny --recipe multilingual-synthetic" in card
     assert re.search(r"--seed \d+", card) and pretrained.MULTILINGUAL_SYNTHETIC_SHA256 in card
     entry = pretrained.get_pretrained_entry("multilingual-synthetic", "synthetic")
-    assert entry.clip_score_threshold is not None and str(entry.clip_score_threshold) in card
+    assert entry.defaults is not None and str(entry.defaults.clip_score_threshold) in card
 
 
 def test_matched_captions_separate_from_mismatched_in_every_language(metrics):

@@ -38,7 +38,7 @@ def job_args(urls: Path, output: str, endpoint: str, per_shard: int, *extra: str
     return [
         "--input", str(urls), "--output", output, "--s3-endpoint-url", endpoint,
         "--allowed-networks", "127.0.0.1/32", "--number-sample-per-shard", str(per_shard),
-        "--image-size", "48", "--download-concurrency", "1",
+        "--image-size", "48",
         "--set", "read.save_additional_columns=_gt_row", *extra,
     ]
 
@@ -90,7 +90,10 @@ def objects(stack: Stack, bucket: str, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            out[obj["Key"][len(prefix):]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            try:
+                out[obj["Key"][len(prefix):]] = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+            except Exception as e:
+                raise AssertionError(f"reading {obj['Key']} ({obj['Size']} bytes): {e}") from e
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import schema as S
 from pipeline.config import ConfigError, DedupConfig, FilterConfig, JobConfig, ModerateConfig
-from pipeline.job import global_pass, read_previous
+from pipeline.global_pass import global_pass, read_previous
 from pipeline.stages.write import output_table, write_parquet
 
 from .conftest import REPO

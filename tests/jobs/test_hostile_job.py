@@ -32,6 +32,7 @@ from pipeline.config import (
     DedupConfig,
     DownloadConfig,
     EmbedConfig,
+    FilterConfig,
     JobConfig,
     ModerateConfig,
     ReadConfig,
@@ -100,10 +101,12 @@ def ray_local(s3_server: Any) -> Iterator[None]:
     """Local Ray on 127.0.0.1, started after the S3 server so workers inherit its endpoint."""
     import ray
 
+    from pipeline.ray_start import init_ray
+
     if ray.is_initialized():  # an earlier module's Ray lacks this module's S3 settings
         ray.shutdown()
     with loopback_ray_env():
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        init_ray(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
         try:
             yield
         finally:
@@ -127,10 +130,13 @@ def hostile_run(ray_local: None, s3_server: Any, tmp_path_factory: pytest.TempPa
             download=DownloadConfig(timeout=10, retries=0, allowed_networks=("127.0.0.1/32",)),
             decode=DecodeConfig(image_size=64, resize_mode="center_crop"),
             shard=ShardConfig(number_sample_per_shard=PER_SHARD),
-            embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", rows_per_call=16),
+            embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", inference_batch=16),
             moderate=ModerateConfig(enabled=False),
             # Only byte-identical images count as duplicates here (cos >= 1).
             dedup=DedupConfig(threshold=1.0),
+            # Hostile captions do not describe their images: no clip_score filter (the model's
+            # default would drop them), so every ok row but the duplicate is kept.
+            filter=FilterConfig(clip_score_threshold=None),
         )
         lines: list[str] = []
         summary = job.run(cfg, emit=lines.append)

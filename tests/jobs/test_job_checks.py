@@ -10,19 +10,26 @@ from pipeline.config import ConfigError
 from pipeline.storage import Storage
 
 
-def test_gpus_the_cluster_lacks_fail_before_any_work(monkeypatch) -> None:
-    import ray
+@pytest.mark.parametrize("scheduler", ["local", "ray"])
+def test_gpus_the_machine_lacks_fail_before_any_work(monkeypatch, scheduler) -> None:
+    from pipeline.schedulers.local import LocalScheduler
+    from pipeline.schedulers.ray_data import RayDataScheduler
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    cfg = J.from_args(["--input", "x", "--output", "y", "--num-gpus-per-actor", "1"])
-    was_running = ray.is_initialized()
-    try:
-        with pytest.raises(ConfigError, match=r"embed.num_gpus=1.*needs 1 GPU\(s\), but the Ray cluster has 0"):
-            job.stream(cfg, [], [], {}, lambda line: None)
-    finally:
-        # job.stream may start a local Ray; later modules start their own with other settings.
-        if ray.is_initialized() and not was_running:
-            ray.shutdown()
+    # No cluster is started or joined: the schedulers report no GPUs.
+    monkeypatch.setattr(RayDataScheduler, "gpus", lambda self: 0)
+    monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 0)
+    cfg = J.from_args(["--input", "x", "--output", "y", "--num-gpus-per-actor", "1", "--scheduler", scheduler])
+    with pytest.raises(ConfigError, match=r"embed.num_gpus=1.*needs 1 GPU\(s\), but there are 0"):
+        job.stream(cfg, [], [], {}, lambda line: None)
+
+
+def test_unset_num_gpus_uses_a_gpu_where_there_is_one() -> None:
+    cfg = J.from_args(["--input", "x", "--output", "y"])
+    assert cfg.embed.num_gpus is None
+    assert cfg.embed.with_gpus(0).num_gpus == 0.0
+    assert cfg.embed.with_gpus(4).num_gpus == 1.0
+    set_ = J.from_args(["--input", "x", "--output", "y", "--num-gpus-per-actor", "0.5"])
+    assert set_.embed.with_gpus(4).num_gpus == 0.5
 
 
 def test_an_output_refuses_a_config_that_would_change_its_rows(tmp_path) -> None:
@@ -41,7 +48,9 @@ def test_an_output_refuses_a_config_that_would_change_its_rows(tmp_path) -> None
         (["--number-sample-per-shard", "10"], "shard.number_sample_per_shard"),
         (["--unsafe-threshold", "0.3"], "moderate.default_threshold"),
         (["--input", "other.parquet"], "input"),
-        (["--set", "dedup.pixel_check=true"], "dedup.pixel_check"),  # rows were stored without thumbnails
+        # The bundled model's dedup stores thumbnails for the pixel check; without it, rows
+        # written later would lack them.
+        (["--set", "dedup.pixel_check=false"], "dedup.pixel_check"),
     ):
         with pytest.raises(ConfigError, match=rf"^{field}: .* was written with"):
             job._check_same_output(J.from_args(base + extra), out)

@@ -86,7 +86,6 @@ def test_killed_run_resumes_without_refetching_and_rerun_changes_nothing(local_s
             "--input", str(root / "urls.parquet"), "--output", f"s3://{bucket}/run",
             "--s3-endpoint-url", stack.s3_endpoint, "--allowed-networks", "127.0.0.1/32",
             "--number-sample-per-shard", str(PER_SHARD), "--image-size", "64",
-            "--download-concurrency", "1",
             "--set", "read.save_additional_columns=_gt_row",
         ]
 

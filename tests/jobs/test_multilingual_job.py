@@ -32,7 +32,7 @@ ROWS = 160
 def job(tmp_path_factory):
     from clip_model.pretrained import get_pretrained_entry
 
-    threshold = get_pretrained_entry("multilingual-synthetic", "synthetic").clip_score_threshold
+    threshold = get_pretrained_entry("multilingual-synthetic", "synthetic").defaults.clip_score_threshold
     tmp = tmp_path_factory.mktemp("multilingual-job")
     root = tmp / "world"
     knobs = dict(mismatch_rate=0.3, exact_dup_rate=0.0, near_dup_rate=0.0, unsafe_rate=0.1,

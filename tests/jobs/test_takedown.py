@@ -22,11 +22,11 @@ from jobs.takedown import main
 from pipeline import report
 from pipeline import schema as S
 from pipeline.config import WriteConfig
-from pipeline.pixel_check import thumbnail
 from pipeline.stages.shard import build_shard, commit_shard
 from pipeline.stages.write import output_table, write_parquet
 from pipeline.storage import Storage
 from pipeline.takedown import AUDIT_NAME, TAKEDOWN, Matchers, TakedownError, takedown
+from pipeline.thumbnails import thumbnail
 from testkit.testdata import photos
 
 REPO = Path(__file__).resolve().parents[2]

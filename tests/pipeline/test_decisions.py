@@ -99,13 +99,35 @@ def test_each_filter_names_its_threshold_and_model() -> None:
     assert [k for k, v in keep.items() if v] == ["k00", "k02", "k07"]
     dup = dict(zip(out[S.KEY].to_pylist(), out[S.DUPLICATE_OF].to_pylist(), strict=True))
     assert dup["k01"] == "k00" and dup["k03"] == "k02"
-    assert [k for k, v in dup.items() if v] == ["k01", "k03"]
+    # Rows dropped by another filter still name their picture's other row (and keep their
+    # reason): k06 (unsafe) shows k07's picture; k05 (low clip_score) and k10 (unsafe) share
+    # one, and k10 ranks first by clip_score. Passing rows rank first, so k07 is not k06's.
+    assert dup["k06"] == "k07" and dup["k05"] == "k10"
+    assert [k for k, v in dup.items() if v] == ["k01", "k03", "k05", "k06"]
     kinds = out["dup_kind"].to_pylist()
-    assert kinds[1] == "exact" and kinds[3] == "semantic"
+    assert kinds[1] == "exact" and kinds[3] == "semantic" and kinds[6] == "semantic"
     sizes = dict(zip(out[S.KEY].to_pylist(), out["dup_group_size"].to_pylist(), strict=True))
-    assert sizes["k00"] == 2 and sizes["k02"] == 2 and sizes["k07"] == 1
-    # Rows outside the dedup (failed or filtered) have no group.
-    assert sizes["k04"] is None and sizes["k05"] is None and sizes["k06"] is None
+    assert sizes["k00"] == 2 and sizes["k02"] == 2 and sizes["k07"] == 2 and sizes["k10"] == 2
+    # Failed rows have no group.
+    assert sizes["k04"] is None and sizes["k09"] is None
+
+
+def test_exact_copies_are_linked_whatever_drops_them() -> None:
+    """Three rows with the same bytes: one unsafe, one below the clip_score threshold, one
+    kept. Both dropped rows name the kept one; neither changes who is kept."""
+    rows = [
+        ("u", "ok", 0.50, E4, "SAME", 0.07, "hazard", "image"),
+        ("c", "ok", 0.10, E4, "SAME", -0.01, None, None),
+        ("k", "ok", 0.40, E4, "SAME", -0.01, None, None),
+        ("x", "ok", 0.90, E1, "OTHER", 0.2, "hazard", "image"),
+    ]
+    out = decide(_table(rows), FILTERS, DEDUP, RULES).to_pylist()
+    by = {r[S.KEY]: r for r in out}
+    assert by["k"][S.KEEP] and by["k"][S.DUPLICATE_OF] is None
+    assert by["u"][S.DUPLICATE_OF] == "k" and by["u"][S.DROP_REASON].startswith("unsafe:")
+    assert by["c"][S.DUPLICATE_OF] == "k" and by["c"][S.DROP_REASON].startswith("clip_score<")
+    assert by["u"]["dup_kind"] == by["c"]["dup_kind"] == "exact"
+    assert by["x"][S.DUPLICATE_OF] is None and not by["x"][S.KEEP]
 
 
 def test_rows_are_never_removed_or_reordered_and_other_columns_untouched() -> None:

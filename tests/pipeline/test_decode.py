@@ -280,6 +280,33 @@ def test_stage_one_row_per_row_and_passes_failures_through() -> None:
     assert out.column("sha256").to_pylist()[0] == hashlib.sha256(images[0]).hexdigest()
 
 
+@pytest.mark.parametrize("isolate", [True, False])
+def test_stage_blocks_a_picture_on_a_pdq_list_before_storing_it(tmp_path, isolate: bool) -> None:
+    """A re-encoded, resized copy of a listed picture is blocked by PDQ; its row keeps no
+    image, size, hash or PDQ; other pictures get their PDQ hash recorded."""
+    from pipeline.blocklist import BlocklistSpec, pdq_distance, pdq_of
+    from pipeline.config import BlocklistConfig
+    from testkit import synthetic as syn
+
+    listed, other = (syn.render(s, (640, 480)) for s in syn.sample_scenes(2, 5))
+    (tmp_path / "pdq.txt").write_text(pdq_of(listed).hex() + "\n")
+    copy = io.BytesIO()
+    listed.resize((500, 375)).save(copy, "JPEG", quality=50)
+    fine = io.BytesIO()
+    other.save(fine, "PNG")
+    batch = pa.table({
+        "status": ["ok", "ok"], "error": pa.nulls(2, pa.string()),
+        "image_bytes": pa.array([copy.getvalue(), fine.getvalue()], pa.binary()),
+        "source_sha256": ["aa" * 32, "bb" * 32],
+    })
+    spec = BlocklistSpec(BlocklistConfig(pdq=(f"hotlist={tmp_path / 'pdq.txt'}",)))
+    out = DecodeStage(cfg=DecodeConfig(image_size=128), isolate=isolate, blocklist=spec).process_batch(batch).to_pylist()
+    assert out[0]["status"] == "blocked" and "hotlist" in out[0]["error"] and "pdq" in out[0]["error"]
+    assert all(out[0][c] is None for c in ("image", "width", "sha256", "pdq", "source_sha256"))
+    assert out[1]["status"] == "ok" and out[1]["source_sha256"] == "bb" * 32
+    assert pdq_distance(out[1]["pdq"], pdq_of(other)) <= 20 < pdq_distance(out[1]["pdq"], pdq_of(listed))
+
+
 _MEMORY_PROBE = textwrap.dedent(
     """
     import io, json, resource, sys

@@ -16,38 +16,25 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import yaml
 
+from pipeline import job_config as J
 from pipeline import schema as S
-from pipeline.config import DecodeConfig, DedupConfig, EmbedConfig
+from pipeline.config import DecodeConfig
 from pipeline.dedup import dedup_table
-from pipeline.stages.decode import DecodeStage
-from pipeline.stages.embed import EmbedStage, PreprocessStage, resolve_preprocess
+from testkit.embedding import embed_images
 from testkit.synthetic import decode_display, generate_world, perturb
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL, WEIGHTS = "tiny-synthetic", "synthetic"
 ROWS = 800
-# The dedup settings the demo job runs with (jobs/demo.yaml), so this checks what users get.
-DEDUP = DedupConfig(**yaml.safe_load((REPO / "jobs" / "demo.yaml").read_text())["dedup"])
+# The dedup settings the demo job runs with (the tiny model's, via jobs/demo.yaml), so this
+# checks what users get.
+DEDUP = J.from_args(["--config", str(REPO / "jobs" / "demo.yaml"), "--input", "x", "--output", "y"]).dedup
 DECODE = DecodeConfig(image_size=128, resize_mode="center_crop")
 
 
 def _embed(keys: list[str], captions: list[str], images: list[bytes]) -> pa.Table:
-    n = len(keys)
-    rows = pa.table(
-        {
-            S.KEY: keys,
-            S.CAPTION: captions,
-            S.STATUS: [S.OK] * n,
-            S.ERROR: pa.nulls(n, pa.string()),
-            S.IMAGE_BYTES: pa.array(images, pa.binary()),
-        }
-    )
-    rows = DecodeStage(cfg=DECODE).process_batch(rows)
-    pp = resolve_preprocess(MODEL, WEIGHTS)
-    rows = PreprocessStage(preprocess=pp, thumbnails=DEDUP.pixel_check).process_batch(rows)
-    return EmbedStage(cfg=EmbedConfig(model=MODEL, pretrained=WEIGHTS), preprocess=pp).process_batch(rows)
+    return embed_images(images, captions, MODEL, WEIGHTS, DECODE, thumbnails=DEDUP.pixel_check, keys=keys)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ Deadlines are 1 s so the whole file stays well under a minute.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import io
 import ipaddress
 import pickle
@@ -125,6 +126,7 @@ def test_success_columns_and_passthrough(server: FaultServer) -> None:
         "image_bytes",
         "http_status",
         "download_s",
+        "source_sha256",
     ]
     assert out.schema.field("image_bytes").type == pa.binary()
     assert out.schema.field("http_status").type == pa.int32()
@@ -132,6 +134,7 @@ def test_success_columns_and_passthrough(server: FaultServer) -> None:
     rows = out.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "missing_url"]
     assert rows[0]["image_bytes"] == JPEG and rows[1]["image_bytes"] == PNG
+    assert rows[1]["source_sha256"] == hashlib.sha256(PNG).hexdigest() and rows[2]["source_sha256"] is None
     assert rows[0]["http_status"] == 200 and rows[0]["error"] is None
     assert 0 < rows[0]["download_s"] < TIMEOUT
     # A row that failed upstream is passed through untouched and never requested.
@@ -404,6 +407,91 @@ def test_directives_for_other_agents_or_irrelevant_ones_are_ignored(
     assert row["status"] == "ok" and row["image_bytes"] == JPEG
 
 
+@pytest.mark.parametrize(
+    "optout",
+    [
+        "img2dataset: noimageai",  # the scoped form site owners used against img2dataset
+        "IMG2DATASET: noai",
+        "googlebot: noindex, img2dataset: noai",  # scoped inside a list of agents
+        ["otherbot: noindex", "img2dataset: noimageindex"],  # its own header line
+    ],
+)
+def test_opt_outs_addressed_to_img2dataset_are_honoured(server: FaultServer, optout: str | list[str]) -> None:
+    """We do img2dataset's job with its flags, so its name's opt-outs bind us (both forms:
+    one value per header line and agents listed in one value)."""
+    row = _one(server.url("/a.jpg", optout=optout))
+    _assert_failed(row, "opt_out")
+    assert "noi" in row["error"] or "noai" in row["error"]
+
+
+def test_opt_out_tokens_are_configurable(server: FaultServer) -> None:
+    url = server.url("/a.jpg", optout="img2dataset: noai")
+    assert _one(url, optout_tokens=("clipcurate",))["status"] == "ok"
+    # Our own user-agent token is always honoured, whatever the list says.
+    assert _one(server.url("/a.jpg", optout="mybot: noai"), user_agent_token="mybot",
+                optout_tokens=())["status"] == "opt_out"
+    assert _one(server.url("/a.jpg", optout="otherbot: noai"), optout_tokens=("otherbot",))["status"] == "opt_out"
+
+
+def test_user_agent_names_project_token_and_honoured_tokens(server: FaultServer) -> None:
+    server.reset_log()
+    assert _one(server.url("/a.jpg"))["status"] == "ok"
+    ua = server.requests("/a.jpg")[-1].headers["User-Agent"]
+    assert ua.startswith("clipcurate/") and "token clipcurate" in ua and "honours img2dataset" in ua
+
+
+# -- blocklists ----------------------------------------------------------------------------------
+
+
+def _blocked_run(to_fetch: list[str], tmp_path, **lists: list[str]) -> list[dict]:
+    from pipeline.blocklist import BlocklistSpec
+    from pipeline.config import BlocklistConfig
+
+    files = {}
+    for kind, entries in lists.items():
+        path = tmp_path / f"{kind}-list.txt"
+        path.write_text("\n".join(entries) + "\n")
+        files[kind] = (f"my{kind}={path}",)
+    spec = BlocklistSpec(BlocklistConfig(**files))
+    stage = DownloadStage(config=_config(), blocklist=spec)
+    try:
+        return stage.process_batch(pa.table({"url": pa.array(to_fetch, pa.string())})).to_pylist()
+    finally:
+        stage.close()
+
+
+def test_blocked_url_and_domain_are_never_requested(server: FaultServer, tmp_path) -> None:
+    server.reset_log()
+    listed = server.url("/a.jpg")
+    rows = _blocked_run(
+        [listed, "http://sub.blocked.example/x.jpg", server.url("/b.png")], tmp_path,
+        urls=["# takedowns", listed.upper().replace("/A.JPG", "/a.jpg")], domains=["blocked.example"],
+    )
+    assert [r["status"] for r in rows] == ["blocked", "blocked", "ok"]
+    assert "myurls" in rows[0]["error"] and "url match" in rows[0]["error"]
+    assert "mydomains" in rows[1]["error"] and "domain match" in rows[1]["error"]
+    assert server.count("/a.jpg") == 0  # no request for a listed URL
+    assert rows[0]["image_bytes"] is None and rows[0]["source_sha256"] is None
+
+
+def test_blocked_url_on_a_redirect_hop_is_not_followed(server: FaultServer, tmp_path) -> None:
+    server.reset_log()
+    rows = _blocked_run([server.url("/a.jpg", "redirect")], tmp_path, urls=[server.url("/a.jpg")])
+    assert rows[0]["status"] == "blocked"
+    assert server.count("/a.jpg") == 1  # the redirecting request only
+
+
+@pytest.mark.parametrize("kind", ["md5", "sha1", "sha256"])
+def test_downloaded_bytes_on_a_hash_list_are_dropped(server: FaultServer, tmp_path, kind: str) -> None:
+    import hashlib
+
+    digest = getattr(hashlib, kind)(PNG).hexdigest()
+    rows = _blocked_run([server.url("/b.png"), server.url("/a.jpg")], tmp_path, **{kind: [digest.upper()]})
+    assert rows[0]["status"] == "blocked" and f"my{kind}" in rows[0]["error"]
+    assert rows[0]["image_bytes"] is None and rows[0]["source_sha256"] is None
+    assert rows[1]["status"] == "ok" and rows[1]["source_sha256"] == hashlib.sha256(JPEG).hexdigest()
+
+
 def test_opt_out_can_be_switched_off(server: FaultServer) -> None:
     assert _one(server.url("/a.jpg", optout="noai"), respect_optout=False)["status"] == "ok"
 
@@ -538,7 +626,7 @@ def test_stage_pickles_without_its_threads(server: FaultServer) -> None:
         clone = pickle.loads(pickle.dumps(stage))
     finally:
         stage.close()
-    assert clone.config == stage.config and clone.needs_actor
+    assert clone.config == stage.config and clone.io_bound and clone._fetcher is None
     try:
         out = clone.process_batch(pa.table({"url": [server.url("/a.jpg")]}))
     finally:

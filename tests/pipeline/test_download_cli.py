@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.config import ConfigError
 from testkit.http_server import FaultServer
 
 N_GOOD = 40
@@ -36,9 +37,11 @@ def ray_local(s3_server: object) -> Iterator[None]:
     # from the environment, as they would inherit real ones on a cluster.
     import ray
 
+    from pipeline.ray_start import init_ray
+
     if ray.is_initialized():  # an earlier module's local Ray lacks this module's S3 settings
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False)
+    init_ray(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -211,3 +214,27 @@ def test_bad_config_exits_before_starting(tmp_path: Path, capsys) -> None:
     assert code == 2
     assert "read.url_list: no input files" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_download_flags_config_file_and_set_share_the_jobs_loader(tmp_path) -> None:
+    """clipcurate download reads img2dataset's flags, --config and --set with the job's loader:
+    values typed by field, precedence defaults < file < flags < --set."""
+    from pipeline.cli import build_parser, config_from_args
+
+    (tmp_path / "c.yaml").write_text("decode: {image_size: 96, resize_mode: center_crop}\nexecution: {prefetch: 2}\n")
+    args = build_parser().parse_args([
+        "download", "--url_list", "in.parquet", "--output_folder", str(tmp_path / "o"),
+        "--config", str(tmp_path / "c.yaml"), "--image_size", "64", "--resize_only_if_bigger",
+        "--save_additional_columns", '["a","b"]', "--allowed_networks", "127.0.0.1/32",
+        "--allowed_networks", "127.0.0.2/32", "--set", "download.retries=0",
+    ])  # fmt: skip
+    cfg = config_from_args(args)
+    assert cfg.decode.image_size == 64 and cfg.decode.resize_mode == "center_crop"  # flag over file
+    assert cfg.decode.resize_only_if_bigger is True
+    assert cfg.read.save_additional_columns == ("a", "b")
+    assert cfg.download.allowed_networks == ("127.0.0.1/32", "127.0.0.2/32")
+    assert cfg.download.retries == 0 and cfg.execution.prefetch == 2
+    assert cfg.execution.scheduler == "local"  # img2dataset's default distributor: multiprocessing
+    missing = build_parser().parse_args(["download", "--output_folder", "o"])
+    with pytest.raises(ConfigError, match="read.url_list: is required"):
+        config_from_args(missing)

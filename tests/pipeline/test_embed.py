@@ -1,7 +1,8 @@
-"""PreprocessStage and EmbedStage called directly (no Ray), against open_clip as the reference.
+"""The decode task's model input, TokenizeStage, RereadStage and EmbedStage called directly (no
+scheduler), against open_clip as the reference.
 
 The reference model is open_clip's own CLIP built from the tiny-synthetic architecture and
-loaded with the very weights the stage's actor loads, fed by open_clip's preprocess and
+loaded with the very weights the stage's worker loads, fed by open_clip's preprocess and
 tokenizer (full 77-token padding, one image at a time): an implementation that shares no code
 with the stage's batching, length-sorted text chunks or uint8 -> device normalisation.
 """
@@ -19,16 +20,12 @@ import torch
 from PIL import Image
 
 import clip_model
+from clip_model.tokenizer import default_tokenizer
 from pipeline import schema as S
-from pipeline.config import EmbedConfig
-from pipeline.stages.embed import (
-    EmbedStage,
-    PreprocessStage,
-    load_model,
-    model_id,
-    resolve_preprocess,
-)
-from pipeline.stages.shard import build_shard
+from pipeline.config import DecodeConfig, EmbedConfig
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.embed import EmbedStage, load_model, model_id, stacked_pixels, token_chunks
+from pipeline.stages.tokenize import TokenizeStage
 
 ARCH = "tiny-synthetic"
 CAPTIONS = [
@@ -49,10 +46,15 @@ def _jpeg(size: tuple[int, int], seed: int, fmt: str = "JPEG", mode: str = "RGB"
     return buf.getvalue()
 
 
+def resolve_preprocess(arch: str) -> clip_model.PreprocessConfig:
+    """The preprocessing of ``arch`` with random weights (its configured image size)."""
+    return clip_model.PreprocessConfig(image_size=clip_model.get_model_config(arch).vision.image_size)
+
+
 @pytest.fixture(scope="module")
 def stage() -> EmbedStage:
     torch.manual_seed(0)
-    s = EmbedStage(cfg=EmbedConfig(model=ARCH, inference_batch=2), preprocess=resolve_preprocess(ARCH, None))
+    s = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None, inference_batch=2), preprocess=resolve_preprocess(ARCH))
     s.setup()
     return s
 
@@ -69,22 +71,29 @@ def reference(stage: EmbedStage):
 
 
 def _rows(images: list[bytes | None], statuses: list[str], captions: list[str | None]) -> pa.Table:
+    """Rows as the download stage leaves them (image bytes), decoded and tokenized as the
+    fresh-shard task does: DecodeStage with the model's input, then TokenizeStage."""
     n = len(images)
-    return pa.table(
+    rows = pa.table(
         {
             S.KEY: [f"{i:09d}" for i in range(n)],
             S.SHARD: ["00000"] * n,
             S.CAPTION: captions,
             S.STATUS: statuses,
             S.ERROR: [None if s == S.OK else "upstream" for s in statuses],
-            S.IMAGE: pa.array(images, pa.binary()),
+            S.IMAGE_BYTES: pa.array(images, pa.binary()),
         }
     )
+    pp = resolve_preprocess(ARCH)
+    decoded = DecodeStage(cfg=DecodeConfig(image_size=64), model_input=pp, isolate=False).process_batch(rows)
+    return TokenizeStage(tokenizer=default_tokenizer()).process_batch(decoded)
 
 
-def test_preprocess_pixels_and_tokens_match_open_clip(reference) -> None:
+def test_model_input_and_tokens_match_open_clip(reference) -> None:
+    """The decode task's model input is open_clip's preprocessing of the same decoded image
+    (these files are too small for a JPEG draft, so the decoded image is the whole file)."""
     _, ref_pp, ref_tok = reference
-    pp = resolve_preprocess(ARCH, None)
+    pp = resolve_preprocess(ARCH)
     images = [
         _jpeg((120, 90), 1),
         _jpeg((33, 200), 2, "PNG", "RGBA"),
@@ -92,17 +101,21 @@ def test_preprocess_pixels_and_tokens_match_open_clip(reference) -> None:
         _jpeg((500, 301), 4, "WEBP"),
         None,
     ]
-    batch = _rows(images, [S.OK] * 4 + ["http_404"], CAPTIONS)
-    out = PreprocessStage(preprocess=pp).process_batch(batch)
-    assert S.IMAGE not in out.column_names
+    out = _rows(images, [S.OK] * 4 + ["http_404"], CAPTIONS)
     assert out.column(S.STATUS).to_pylist() == [S.OK] * 4 + ["http_404"]
     pixels = out.column(S.PIXELS).to_pylist()
     assert pixels[4] is None
-    for data, px in zip(images[:4], pixels[:4], strict=True):
+    assert out.column(S.EMBEDDED_FROM).to_pylist() == ["original"] * 4 + [None]
+    for i, (data, px) in enumerate(zip(images[:4], pixels[:4], strict=True)):
         arr = np.frombuffer(px, np.uint8).reshape(pp.image_size, pp.image_size, 3)
         ours = clip_model.transform.normalize_uint8(arr[None].copy(), pp)[0]
-        ref = ref_pp(Image.open(io.BytesIO(data)))
-        assert torch.allclose(ours, ref, atol=1e-5)
+        img = Image.open(io.BytesIO(data))
+        if img.mode == "RGBA":  # the decode stage flattens alpha onto white, as it stores it
+            flat = Image.new("RGB", img.size, (255, 255, 255))
+            flat.paste(img.convert("RGB"), mask=img.getchannel("A"))
+            img = flat
+        ref = ref_pp(img)
+        assert torch.allclose(ours, ref, atol=1e-5), i
     full = ref_tok(CAPTIONS).numpy()
     for tokens, row in zip(out.column(S.TOKENS).to_pylist(), full, strict=True):
         end = int(row.argmax()) + 1
@@ -110,62 +123,115 @@ def test_preprocess_pixels_and_tokens_match_open_clip(reference) -> None:
     assert len(out.column(S.TOKENS)[3].as_py()) == 77  # long caption truncated at the context
 
 
-def test_preprocess_thumbnails_for_the_pixel_check() -> None:
-    pp = resolve_preprocess(ARCH, None)
+def test_model_input_never_sees_the_border_padding() -> None:
+    """A wide image stored with border padding: the model input is the centre square of the
+    original pixels, not of the padded stored copy (decode once)."""
+    pp = resolve_preprocess(ARCH)
+    arr = np.zeros((100, 400, 3), np.uint8)
+    arr[:, :, 0] = 200  # a red strip, nothing white anywhere
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    rows = pa.table({S.KEY: ["000000000"], S.STATUS: [S.OK], S.ERROR: pa.nulls(1, pa.string()),
+                     S.IMAGE_BYTES: pa.array([buf.getvalue()], pa.binary())})
+    out = DecodeStage(cfg=DecodeConfig(image_size=128, resize_mode="border"), model_input=pp,
+                      isolate=False).process_batch(rows)
+    stored = np.asarray(Image.open(io.BytesIO(out.column(S.IMAGE)[0].as_py())).convert("RGB"))
+    assert stored.shape == (128, 128, 3) and stored[0, 64].min() > 240  # the stored copy is padded white
+    px = np.frombuffer(out.column(S.PIXELS)[0].as_py(), np.uint8).reshape(pp.image_size, pp.image_size, 3)
+    assert px[..., 0].min() >= 190 and px[..., 1].max() <= 10  # all red: no padding reached the model
+    want = clip_model.transform.resize_crop_uint8(Image.fromarray(arr), pp)
+    assert np.array_equal(px, want)
+
+
+def test_large_jpegs_are_drafted_with_headroom_for_the_model_input() -> None:
+    """A 2400 px JPEG is decoded at a reduced DCT scale; the model input made from it stays
+    within a few levels of the one made from the full decode."""
+    from pipeline.stages.decode import DecodeOptions, decode_image
+
+    pp = resolve_preprocess(ARCH)
+    rng = np.random.default_rng(7)
+    small = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    big = Image.fromarray(small).resize((2400, 1800), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92)
+    got = decode_image(buf.getvalue(), DecodeOptions(DecodeConfig(image_size=256), pp))
+    ours = np.frombuffer(got.pixels, np.uint8).reshape(pp.image_size, pp.image_size, 3).astype(np.int16)
+    full = clip_model.transform.resize_crop_uint8(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), pp)
+    assert np.abs(ours - full.astype(np.int16)).mean() < 2.0
+
+
+def test_thumbnails_for_the_pixel_check() -> None:
+    pp = resolve_preprocess(ARCH)
     images = [_jpeg((120, 90), 1), b"not an image", _jpeg((64, 64), 3, "PNG", "RGBA"), None]
-    batch = _rows(images, [S.OK, S.OK, S.OK, "http_404"], ["a", "b", "c", "d"])
-    assert S.IMAGE_THUMB not in PreprocessStage(preprocess=pp).process_batch(batch).column_names
-    out = PreprocessStage(preprocess=pp, thumbnails=True).process_batch(batch)
+    rows = pa.table({
+        S.KEY: [f"{i:09d}" for i in range(4)], S.STATUS: [S.OK, S.OK, S.OK, "http_404"],
+        S.ERROR: pa.nulls(4, pa.string()), S.IMAGE_BYTES: pa.array(images, pa.binary()),
+    })  # fmt: skip
+    plain = DecodeStage(cfg=DecodeConfig(image_size=64), model_input=pp, isolate=False).process_batch(rows)
+    assert S.IMAGE_THUMB not in plain.column_names
+    out = DecodeStage(cfg=DecodeConfig(image_size=64), model_input=pp, thumbnails=True, isolate=False).process_batch(rows)
     thumbs = out.column(S.IMAGE_THUMB).to_pylist()
     assert thumbs[1] is None and thumbs[3] is None  # undecodable, failed upstream
-    assert out.column(S.STATUS).to_pylist()[1] == "preprocess_error"
+    assert out.column(S.STATUS).to_pylist()[1] == "unsupported_format"
     for i in (0, 2):
-        ref = Image.open(io.BytesIO(images[i])).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+        square = Image.fromarray(
+            np.frombuffer(out.column(S.PIXELS)[i].as_py(), np.uint8).reshape(pp.image_size, pp.image_size, 3))
+        ref = square.resize((32, 32), Image.Resampling.BILINEAR)
         assert thumbs[i] == ref.tobytes() and len(thumbs[i]) == 32 * 32 * 3
 
 
-def test_preprocess_records_bad_rows_and_reads_tars(tmp_path) -> None:
-    pp = resolve_preprocess(ARCH, None)
+def test_reread_embeds_the_stored_images_and_records_bad_rows(tmp_path) -> None:
+    from pipeline.shard_format import build_shard
+    from pipeline.stages.read import ShardDescriptor
+    from pipeline.stages.reread import RereadStage
+
+    pp = resolve_preprocess(ARCH)
     good = _jpeg((80, 60), 5)
     rows = pa.table(
         {
-            S.KEY: ["000000000", "000000001", "000000002"],
-            S.SHARD_ID: [0, 0, 0],
-            S.CAPTION: ["a", "b", None],
-            S.STATUS: [S.OK, S.OK, "timeout"],
-            S.ERROR: [None, None, "deadline"],
-            S.IMAGE: pa.array([good, b"not an image at all", None], pa.binary()),
-            S.IMAGE_FORMAT: ["jpg", "jpg", None],
-        }
-    )
-    files = build_shard(0, rows)
-    (tmp_path / "00000.tar").write_bytes(files.tar)
-    # What the shard stage passes on: no image bytes, a shard column. Row 3 claims ok but its
-    # key is not in the tar.
-    flowing = pa.table(
-        {
             S.KEY: ["000000000", "000000001", "000000002", "000000003"],
-            S.SHARD: ["00000"] * 4,
+            S.SHARD_ID: [0, 0, 0, 0],
             S.CAPTION: ["a", "b", None, "d"],
             S.STATUS: [S.OK, S.OK, "timeout", S.OK],
             S.ERROR: [None, None, "deadline", None],
+            S.IMAGE: pa.array([good, b"not an image at all", None, good], pa.binary()),
+            S.IMAGE_FORMAT: ["jpg", "jpg", None, "jpg"],
         }
     )
-    out = PreprocessStage(preprocess=pp, shard_folder=str(tmp_path)).process_batch(flowing)
-    status = out.column(S.STATUS).to_pylist()
-    assert status == [S.OK, "preprocess_error", "timeout", "image_missing"]
+    files = build_shard(0, rows)
+    (tmp_path / "00000.parquet").write_bytes(files.parquet)
+    # Row 3 claims ok but the tar lost it.
+    tar_without_3 = _drop_member(files.tar, "000000003.jpg")
+    (tmp_path / "00000.tar").write_bytes(tar_without_3)
+    desc = pa.Table.from_pylist([ShardDescriptor(0, "unused.parquet", 0, 4).as_row()])
+    stage = RereadStage(shard_folder=str(tmp_path), number_sample_per_shard=10, model_input=pp)
+    out = stage.process_batch(desc)
+    assert out.column(S.STATUS).to_pylist() == [S.OK, "preprocess_error", "timeout", "image_missing"]
     assert out.column(S.ERROR).to_pylist()[2] == "deadline"
+    assert out.column(S.EMBEDDED_FROM).to_pylist() == ["stored"] * 4
+    assert out.column(S.SHARD_ROWS).to_pylist() == [4] * 4
     px = out.column(S.PIXELS).to_pylist()
     assert px[1:] == [None, None, None]
     want = clip_model.transform.resize_crop_uint8(Image.open(io.BytesIO(good)), pp)
     assert px[0] == want.tobytes()
-    assert out.column(S.TOKENS).to_pylist()[2] is None  # no caption, no tokens
-    assert out.column(S.TOKENS).to_pylist()[3] is not None  # failed rows keep their tokens
 
-    missing = PreprocessStage(preprocess=pp, shard_folder=str(tmp_path / "nowhere"))
-    out = missing.process_batch(flowing)
+    gone = RereadStage(shard_folder=str(tmp_path), number_sample_per_shard=10, model_input=pp)
+    (tmp_path / "00000.tar").write_bytes(b"not a tar")
+    out = gone.process_batch(desc)
     assert out.column(S.STATUS).to_pylist() == ["image_missing"] * 2 + ["timeout", "image_missing"]
     assert "unreadable" in out.column(S.ERROR).to_pylist()[0]
+
+
+def _drop_member(tar_bytes: bytes, name: str) -> bytes:
+    import tarfile
+
+    src = tarfile.open(fileobj=io.BytesIO(tar_bytes))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+        for m in src.getmembers():
+            if m.name != name:
+                dst.addfile(m, src.extractfile(m))
+    return buf.getvalue()
 
 
 def test_embed_matches_open_clip_reference(stage, reference) -> None:
@@ -173,8 +239,7 @@ def test_embed_matches_open_clip_reference(stage, reference) -> None:
     images = [_jpeg((90 + 7 * i, 70 + 3 * i), 10 + i) for i in range(5)]
     statuses = [S.OK, S.OK, "http_500", S.OK, S.OK]
     captions = list(CAPTIONS[:4]) + [None]
-    batch = _rows([im if s == S.OK else None for im, s in zip(images, statuses, strict=True)], statuses, captions)
-    pre = PreprocessStage(preprocess=stage.preprocess).process_batch(batch)
+    pre = _rows([im if s == S.OK else None for im, s in zip(images, statuses, strict=True)], statuses, captions)
     out = stage.process_batch(pre)
     assert out.num_rows == 5
     assert S.PIXELS not in out.column_names and S.TOKENS not in out.column_names
@@ -206,9 +271,8 @@ def test_embed_matches_open_clip_reference(stage, reference) -> None:
 
 def test_inference_batch_does_not_change_results(stage) -> None:
     images = [_jpeg((64, 64), 30 + i) for i in range(7)]
-    batch = _rows(images, [S.OK] * 7, [CAPTIONS[i % 4] + str(i) for i in range(7)])
-    pre = PreprocessStage(preprocess=stage.preprocess).process_batch(batch)
-    one = EmbedStage(cfg=EmbedConfig(model=ARCH, inference_batch=1), preprocess=stage.preprocess)
+    pre = _rows(images, [S.OK] * 7, [CAPTIONS[i % 4] + str(i) for i in range(7)])
+    one = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None, inference_batch=1), preprocess=stage.preprocess)
     one._model, one._device, one._autocast, one._model_id = stage._model, stage._device, None, "m"
     a = stage.process_batch(pre)
     b = one.process_batch(pre)
@@ -219,7 +283,7 @@ def test_inference_batch_does_not_change_results(stage) -> None:
 
 
 def test_debug_worker_column_and_model_id(tmp_path) -> None:
-    s = EmbedStage(cfg=EmbedConfig(model=ARCH, debug_worker_column=True))
+    s = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None, debug_worker_column=True))
     s.setup()
     out = s.process_batch(_rows([None], ["http_404"], ["a"]))
     import os
@@ -244,7 +308,7 @@ def test_random_init_is_the_same_in_every_process() -> None:
 
 def test_mismatched_preprocess_fails_at_setup() -> None:
     wrong = clip_model.PreprocessConfig(image_size=224)
-    s = EmbedStage(cfg=EmbedConfig(model=ARCH), preprocess=wrong)
+    s = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None), preprocess=wrong)
     with pytest.raises(ValueError, match="expects preprocessing"):
         s.setup()
 
@@ -254,6 +318,93 @@ def test_gpu_actor_without_cuda_fails_clearly(monkeypatch) -> None:
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
-    s = EmbedStage(cfg=EmbedConfig(model=ARCH, num_gpus=1), resources=Resources(num_gpus=1))
+    s = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None, num_gpus=1), resources=Resources(num_gpus=1))
     with pytest.raises(RuntimeError, match="no CUDA device"):
         s.setup()
+
+
+def test_stacked_pixels_is_a_zero_copy_view_per_chunk_and_skips_nulls() -> None:
+    size = 4
+    rng = np.random.default_rng(0)
+    vals = [rng.integers(0, 256, size * size * 3, dtype=np.uint8).tobytes() for _ in range(5)]
+    col = pa.chunked_array([pa.array([vals[0], None, vals[1]], pa.binary()),
+                            pa.array([None, vals[2], vals[3], None, vals[4]], pa.binary())])
+    rows, arr = stacked_pixels(col, size)
+    assert rows.tolist() == [0, 2, 4, 5, 7]
+    for r, v in zip(range(5), vals, strict=True):
+        assert arr[r].tobytes() == v
+    one = pa.array([None, vals[0], vals[1]], pa.binary()).slice(1)
+    rows, arr = stacked_pixels(one, size)
+    assert rows.tolist() == [0, 1] and arr[1].tobytes() == vals[1]
+    assert not arr.flags.owndata  # a view of the Arrow buffer, not a copy
+    with pytest.raises(ValueError, match="row 1 has 5 bytes"):
+        stacked_pixels(pa.array([vals[0], b"12345"], pa.binary()), size)
+    rows, arr = stacked_pixels(pa.array([None, None], pa.binary()), size)
+    assert rows.size == 0 and arr.shape == (0, size, size, 3)
+
+
+def test_token_chunks_pad_sorted_chunks_like_a_loop() -> None:
+    rng = np.random.default_rng(1)
+    lists = [None if i % 7 == 3 else [] if i % 11 == 5 else rng.integers(1, 99, rng.integers(1, 20)).tolist()
+             for i in range(40)]
+    col = pa.chunked_array([pa.array(lists[:13], pa.list_(pa.int32())), pa.array(lists[13:], pa.list_(pa.int32()))])
+    chunks = token_chunks(col, pad_id=-1, step=6)
+    seen = []
+    for idx, ids in chunks:
+        assert len(idx) <= 6 and ids.dtype == np.int64
+        assert ids.shape[1] == max(len(lists[i]) for i in idx)
+        for r, i in enumerate(idx):
+            want = lists[i] + [-1] * (ids.shape[1] - len(lists[i]))
+            assert ids[r].tolist() == want
+        seen += idx.tolist()
+    assert sorted(seen) == [i for i, v in enumerate(lists) if v]
+    lengths = [len(lists[i]) for i in seen]
+    assert lengths == sorted(lengths)  # chunks cut from length-sorted rows
+
+
+def test_decode_task_embedding_equals_the_model_transform_on_a_real_size_vit() -> None:
+    """Acceptance (issue 14.5): a ViT-B-32 (random weights, 224 px) embeds the decode task's
+    uint8 input as it embeds clip_model's own transform of the same decoded image."""
+    from pipeline.stages.decode import DecodeOptions, decode_image
+
+    torch.manual_seed(5)
+    model, pp = clip_model.create_model("ViT-B-32")
+    stage = EmbedStage(cfg=EmbedConfig(model="ViT-B-32", pretrained=None, inference_batch=4), preprocess=pp)
+    stage._model, stage._device, stage._autocast, stage.preprocess = model.eval(), torch.device("cpu"), None, pp
+    transform = clip_model.image_transform(pp)
+    rng = np.random.default_rng(3)
+    files = []
+    # The large ones are box-reduced before the bicubic resize (>= 3x headroom kept).
+    for w, h in ((300, 200), (180, 640), (224, 224), (500, 500), (1800, 1350), (700, 2100)):
+        arr = rng.integers(0, 256, (h // 10, w // 10, 3), dtype=np.uint8)
+        img = Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        files.append(buf.getvalue())
+    decoded = [decode_image(f, DecodeOptions(DecodeConfig(image_size=256), pp)) for f in files]
+    pixels = np.stack([np.frombuffer(d.pixels, np.uint8).reshape(224, 224, 3) for d in decoded])
+    ours = stage.encode_pixels(pixels)
+    with torch.inference_mode():
+        ref = model.encode_image(torch.stack([transform(Image.open(io.BytesIO(f)).convert("RGB")) for f in files]),
+                                 normalize=True).numpy()
+    cos = (ours * ref).sum(axis=1)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_the_model_input_does_not_depend_on_how_the_copy_is_stored() -> None:
+    """Acceptance (issue 14.5): with decode once, border (the default) and center_crop storage
+    hand the model the same pixels (for JPEGs large enough to be drafted, the draft scale
+    follows the larger of the two targets and may differ by mode, never below 3x the model's
+    size), so clip_score separates captions equally in both modes (bench/clip_score_modes.py:
+    0.9979 AUC in both, against 0.9536 when border-padded stored copies were embedded)."""
+    pp = resolve_preprocess(ARCH)
+    images = [_jpeg((300, 120), 40), _jpeg((90, 400), 41, "PNG"), _jpeg((256, 256), 42)]
+    rows = pa.table({S.KEY: ["a", "b", "c"], S.STATUS: [S.OK] * 3, S.ERROR: pa.nulls(3, pa.string()),
+                     S.IMAGE_BYTES: pa.array(images, pa.binary())})
+    got = {}
+    for mode in ("border", "center_crop", "keep_ratio", "no"):
+        out = DecodeStage(cfg=DecodeConfig(image_size=128, resize_mode=mode), model_input=pp,
+                          isolate=False).process_batch(rows)
+        got[mode] = out.column(S.PIXELS).to_pylist()
+        assert out.column(S.IMAGE).to_pylist() != got[mode]  # the stored copies differ by mode
+    assert got["border"] == got["center_crop"] == got["keep_ratio"] == got["no"]

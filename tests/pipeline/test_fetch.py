@@ -37,6 +37,13 @@ def test_robots_directives(values: list[str], expected: set[str]) -> None:
     assert robots_directives(values, "clipcurate") == expected
 
 
+def test_robots_directives_for_several_tokens() -> None:
+    tokens = {"clipcurate", "img2dataset"}
+    assert robots_directives(["img2dataset: noimageai"], tokens) == {"noimageai"}
+    assert robots_directives(["googlebot: noai, img2dataset: noindex"], tokens) == {"noindex"}
+    assert robots_directives(["otherbot: noai"], tokens) == set()
+
+
 def test_retry_after_forms() -> None:
     now = datetime(2026, 11, 25, 12, 0, 0, tzinfo=timezone.utc)
     assert parse_retry_after("120", now) == 120.0
@@ -52,6 +59,8 @@ def test_user_agent_names_project_and_token() -> None:
     ua = user_agent("clipcurate")
     assert ua.startswith("clipcurate/0.") or ua.startswith("clipcurate/0+")
     assert ua.endswith("(+https://github.com/clipcurate/clipcurate; token clipcurate)")
+    ua = user_agent("clipcurate", ("clipcurate", "img2dataset"))
+    assert ua.endswith("(+https://github.com/clipcurate/clipcurate; token clipcurate; honours img2dataset)")
 
 
 def test_host_limiter_caps_concurrency_per_host() -> None:

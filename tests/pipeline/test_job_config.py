@@ -26,7 +26,7 @@ def test_yaml_then_flags_then_set(tmp_path) -> None:
         "input: /data/urls.parquet\n"
         "output: /data/out\n"
         "decode:\n  image_size: 128\n  resize_mode: center_crop\n"
-        "embed:\n  model: ViT-B-32\n  concurrency: [1, 3]\n"
+        "embed:\n  model: ViT-B-32\n  pretrained: openai\n  concurrency: [1, 3]\n"
         "moderate:\n  concepts:\n    hazard: [a hazard sign, a warning sign]\n"
         "filter:\n  clip_score_threshold: 0.28\n"
     )
@@ -37,7 +37,7 @@ def test_yaml_then_flags_then_set(tmp_path) -> None:
     assert cfg.decode.image_size == 64  # --set wins over the flag, the flag over the YAML
     assert cfg.decode.resize_mode == "center_crop"  # a section given in part keeps the rest
     assert cfg.decode.encode_format == "jpg"
-    assert cfg.embed.model == "ViT-B-32" and cfg.embed.pretrained == "synthetic"
+    assert cfg.embed.model == "ViT-B-32" and cfg.embed.pretrained == "openai"
     assert cfg.embed.concurrency == (1, 3)
     assert cfg.moderate.concepts == {"hazard": ("a hazard sign", "a warning sign")}
     assert cfg.filter.clip_score_threshold == 0.28
@@ -81,9 +81,12 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--set", "embed.rows_per_call=many"], "embed.rows_per_call: expected an integer, got 'many'"),
+        (["--set", "embed.inference_batch=many"], "embed.inference_batch: expected an integer, got 'many'"),
+        (["--set", "execution.scheduler=yarn"], "execution.scheduler: must be one of auto, local, ray"),
+        (["--scheduler", "local", "--ray-address", "127.0.0.1:6379"], "execution.ray_address: is only used with scheduler ray"),
+        (["--processes", "0"], "execution.processes: must be >= 1"),
         (["--set", "embed.concurrency=1,2,3"], "embed.concurrency: expected 2 values"),
-        (["--set", "filter.unsafe=perhaps"], "filter.unsafe: expected true or false"),
+        (["--set", "filter.unsafe=perhaps"], "filter.unsafe: must be true, false, or 'auto'"),
         (["--set", "decode.image_size=1.5"], "decode.image_size: expected an integer"),
         (["--set", "moderate.concepts=[a, b]"], "moderate.concepts: expected a mapping"),
         (["--set", "embedding.model=x"], "embedding: unknown section"),
@@ -93,6 +96,8 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
         # Values of the right type that a section's validation refuses.
         (["--image-size", "0"], "decode.image_size: must be > 0"),
         (["--concurrency", "3,1"], "embed.concurrency: must be (min, max)"),
+        # Another model without its weights would try to load the tiny model's file.
+        (["--model", "ViT-B-32"], "embed.pretrained: 'synthetic' is the bundled tiny-synthetic model's weights"),
         (["--clip-score-threshold", "2"], "filter.clip_score_threshold: must be a cosine in [-1, 1]"),
         (["--dedup-threshold", "0"], "dedup.threshold: must be in (0, 1]"),
         (["--dedup-pixel-check", "maybe"], "dedup.pixel_check"),
@@ -142,8 +147,7 @@ def test_flags_map_to_their_fields() -> None:
     assert cfg.storage.s3_endpoint_url == "http://127.0.0.1:9000"
     assert cfg.download.allowed_networks == ("127.0.0.1/32", "127.0.0.3/32")
     assert cfg.decode.image_size == 224 and cfg.shard.number_sample_per_shard == 500
-    # The model batch can only be reached when an actor call holds at least that many rows.
-    assert cfg.embed.inference_batch == 512 and cfg.embed.rows_per_call == 512
+    assert cfg.embed.inference_batch == 512
     assert cfg.embed.concurrency == (1, 4) and cfg.embed.num_gpus == 1.0
     assert cfg.filter.clip_score_threshold == 0.3
     assert cfg.moderate.default_threshold == 0.02
@@ -158,3 +162,14 @@ def test_yaml_round_trip_of_a_resolved_config(tmp_path) -> None:
     back = J.validate(J.from_yaml(path))
     assert back == cfg
     assert "max_aspect_ratio: .inf" in path.read_text()
+
+
+def test_retired_fields_of_an_older_config_are_ignored_with_a_warning(caplog) -> None:
+    """An output written by an earlier version records fields that are gone; reading its
+    config.yaml back (resume, dedup against it) must still work."""
+    old = "embed:\n  model: tiny-synthetic\n  rows_per_call: 256\n  preprocess_num_cpus: 1.0\nexecution:\n  download_concurrency: 2\n"
+    with caplog.at_level("WARNING", logger="clipcurate.config"):
+        cfg = J.from_yaml_text(old)
+    assert cfg.embed.model == "tiny-synthetic"
+    assert "embed.rows_per_call is ignored" in caplog.text
+    assert "execution.download_concurrency is ignored" in caplog.text

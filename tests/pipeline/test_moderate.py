@@ -1,4 +1,5 @@
-"""ModerateStage scoring, the safetensors head, thresholds YAML and calibration.
+"""Moderation scoring (as the embed stage runs it), the safetensors head, thresholds YAML and
+calibration; flagged rows' keep/drop_reason as pipeline/decisions.py decides them.
 
 Scores are checked against float64 numpy computations written out in the tests; thresholds
 against hand-worked examples.
@@ -15,10 +16,12 @@ from safetensors.numpy import save
 from pipeline import schema as S
 from pipeline.calibrate import calibrate
 from pipeline.calibrate import main as calibrate_main
-from pipeline.config import ConfigError, EmbedConfig, ModerateConfig
+from pipeline.config import ConfigError, EmbedConfig, FilterConfig, ModerateConfig
+from pipeline.decisions import first_decisions
 from pipeline.metrics import UnreachableTarget, confusion_at, threshold_for
-from pipeline.stages.embed import embedding_array, load_model
-from pipeline.stages.moderate import Head, ModerateStage, Rules, embedding_matrix, margins
+from pipeline.schema import embedding_array, embedding_matrix
+from pipeline.stages.embed import load_model
+from pipeline.stages.moderate import Head, Moderation, Rules, margins
 
 D = 8
 
@@ -27,15 +30,23 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def _stage(image_thr: dict, caption_thr: dict, head: Head | None = None, head_thr: float = 0.5) -> ModerateStage:
-    """A stage with hand-set directions: concept "a" = e0, "b" = e1; neutral = e2, e3."""
-    s = ModerateStage(cfg=ModerateConfig(concepts={"a": ("x",), "b": ("y",)}))
-    s.rules = Rules({"a": ("x",), "b": ("y",)}, ("n1", "n2"), image_thr, caption_thr, None, head_thr, "nsfw")
-    s.directions = np.eye(D, dtype=np.float32)[:2]
-    s.neutral = np.eye(D, dtype=np.float32)[2:4]
-    s.head = head
-    s.model_id = "m@test"
-    return s
+def _stage(image_thr: dict, caption_thr: dict, head: Head | None = None, head_thr: float = 0.5) -> Moderation:
+    """Moderation with hand-set directions: concept "a" = e0, "b" = e1; neutral = e2, e3."""
+    rules = Rules({"a": ("x",), "b": ("y",)}, ("n1", "n2"), image_thr, caption_thr, None, head_thr, "nsfw")
+    eye = np.eye(D, dtype=np.float32)
+    return Moderation(rules, eye[:2], eye[2:4], head, "m@test")
+
+
+def _moderated(m: Moderation, batch: pa.Table) -> pa.Table:
+    """What the embed stage stores for ``batch``'s embeddings, and the write stage's
+    keep/drop_reason for it."""
+    dim = m.neutral.shape[1]
+    img, img_ok = embedding_matrix(batch.column(S.IMAGE_EMBEDDING), dim)
+    txt, txt_ok = embedding_matrix(batch.column(S.TEXT_EMBEDDING), dim)
+    out = m.annotate(batch, img, img_ok, txt, txt_ok)
+    if S.MODEL not in out.column_names:
+        out = out.append_column(S.MODEL, pa.array([m.model_id] * out.num_rows))
+    return first_decisions(out, FilterConfig(duplicates=False), m.rules)
 
 
 def _batch(img: np.ndarray, img_ok: list[bool], txt: np.ndarray, txt_ok: list[bool], status: list[str]) -> pa.Table:
@@ -87,10 +98,8 @@ def test_scores_flags_and_keep_columns() -> None:
     txt[2, 2] = 1.0
     txt[3, [0, 3]] = [0.95, 0.05]
     s = _stage({"a": 0.3, "b": 0.2}, {"a": 0.5, "b": 0.6})
-    out = s.process_batch(
-        _batch(img, [True, True, True, False, False], txt, [False, True, True, True, False],
-               [S.OK, S.OK, S.OK, "http_404", "http_404"])
-    )
+    out = _moderated(s, _batch(img, [True, True, True, False, False], txt, [False, True, True, True, False],
+                               [S.OK, S.OK, S.OK, "http_404", "http_404"]))
     score = out.column(S.UNSAFE_SCORE).to_pylist()
     # float16 storage rounds the inputs, hence the tolerance.
     assert score[0] == pytest.approx(0.7 - 0.3, abs=2e-3)
@@ -103,28 +112,22 @@ def test_scores_flags_and_keep_columns() -> None:
     assert out.column(S.UNSAFE_SOURCE).to_pylist() == ["image", "caption", None, "caption", None]
     assert out.column(S.KEEP).to_pylist() == [False, False, True, False, False]
     reasons = out.column(S.DROP_REASON).to_pylist()
-    head, _, rest = reasons[0].partition(" margin ")
-    assert head == "moderation:a(image" and rest.endswith("> 0.3000; m@test)")
-    assert float(rest.split()[0]) == pytest.approx(0.7, abs=2e-3)
-    assert reasons[1].startswith("moderation:b(caption margin")
+    # One reason vocabulary (pipeline/decisions.py): concept, side, threshold, model.
+    assert reasons[0] == "unsafe:a(image margin>0.3; m@test)"
+    assert reasons[1] == "unsafe:b(caption margin>0.6; m@test)"
     assert reasons[2] is None
     assert reasons[3] == reasons[4] == "status:http_404"
 
 
-def test_disabled_side_and_existing_keep_columns() -> None:
+def test_disabled_side_flags_nothing() -> None:
     img = np.zeros((2, D), np.float32)
     img[:, 0] = 1.0
     s = _stage({"a": None, "b": 0.0}, {"a": None, "b": None})
-    batch = _batch(img, [True, True], img, [True, True], [S.OK, S.OK])
-    batch = batch.append_column(S.KEEP, pa.array([True, False])).append_column(
-        S.DROP_REASON, pa.array([None, "earlier filter"])
-    )
-    out = s.process_batch(batch)
+    out = _moderated(s, _batch(img, [True, True], img, [True, True], [S.OK, S.OK]))
     # Concept a is switched off on both sides; b's margin is 0 - 0 = 0, not > 0.
     assert out.column(S.UNSAFE_CONCEPT).to_pylist() == [None, None]
     assert out.column(S.UNSAFE_SCORE).to_pylist() == [0.0, 0.0]
-    assert out.column(S.KEEP).to_pylist() == [True, False]
-    assert out.column(S.DROP_REASON).to_pylist() == [None, "earlier filter"]
+    assert out.column(S.KEEP).to_pylist() == [True, True]
 
 
 def _mlp_bytes(rng: np.random.Generator) -> tuple[bytes, list[np.ndarray]]:
@@ -146,7 +149,7 @@ def test_head_mlp_against_float64_and_flags(tmp_path) -> None:
 
     s = _stage({"a": None, "b": None}, {"a": None, "b": None}, head=head, head_thr=0.6)
     e16 = e.astype(np.float16).astype(np.float32)
-    out = s.process_batch(_batch(e16, [True] * 30, e16, [True] * 30, [S.OK] * 30))
+    out = _moderated(s, _batch(e16, [True] * 30, e16, [True] * 30, [S.OK] * 30))
     p = head(e16)
     assert out.column(S.UNSAFE_SCORE).to_numpy() == pytest.approx(p - 0.6, abs=1e-6)
     flagged = [c is not None for c in out.column(S.UNSAFE_CONCEPT).to_pylist()]
@@ -191,7 +194,7 @@ def tiny():
     return model
 
 
-def _labelled_sample(stage: ModerateStage, n: int, seed: int) -> pa.Table:
+def _labelled_sample(stage: Moderation, n: int, seed: int) -> pa.Table:
     """Image embeddings near concept "hazard" for labelled rows, random otherwise."""
     rng = np.random.default_rng(seed)
     dim = stage.neutral.shape[1]
@@ -220,8 +223,7 @@ def _labelled_sample(stage: ModerateStage, n: int, seed: int) -> pa.Table:
 def test_calibrate_meets_target_and_job_reads_yaml(tiny, tmp_path) -> None:
     embed = EmbedConfig(model="tiny-synthetic")
     mod = ModerateConfig(concepts={"hazard": ("a hazard sign", "a warning sign")}, neutral_prompts=("a photo",))
-    probe = ModerateStage(cfg=mod, embed=embed)
-    probe.prepare(tiny)
+    probe = Moderation.prepare(mod, None, tiny)
     sample = _labelled_sample(probe, 400, seed=3)
     doc = calibrate(sample, mod, embed, label_col="is_unsafe", caption_label_col="says_unsafe",
                     target_recall=0.9, model=tiny)
@@ -234,11 +236,10 @@ def test_calibrate_meets_target_and_job_reads_yaml(tiny, tmp_path) -> None:
     path.write_text(yaml.safe_dump(doc))
 
     # A fresh sample from the same distribution, scored by a job stage that reads the YAML.
-    job = ModerateStage(cfg=ModerateConfig(concepts={"other": ("x",)}, thresholds_file=str(path)), embed=embed)
-    job.prepare(tiny)
+    job = Moderation.prepare(ModerateConfig(concepts={"other": ("x",)}, thresholds_file=str(path)), None, tiny)
     assert list(job.rules.concepts) == ["hazard"]  # the file brings its prompts
     test = _labelled_sample(probe, 400, seed=4)
-    out = job.process_batch(test)
+    out = _moderated(job, test)
     flagged = np.array([c is not None for c in out.column(S.UNSAFE_CONCEPT).to_pylist()])
     unsafe = test.column("is_unsafe").to_numpy()
     says = test.column("says_unsafe").to_numpy()
@@ -256,25 +257,24 @@ def test_calibrate_meets_target_and_job_reads_yaml(tiny, tmp_path) -> None:
 def test_thresholds_for_another_model_are_refused(tiny, tmp_path) -> None:
     path = tmp_path / "thr.yaml"
     path.write_text(yaml.safe_dump({"model": "ViT-L-14@sha256:00", "concepts": {"c": {"prompts": ["p"], "image_threshold": 0.1}}}))
-    stage = ModerateStage(cfg=ModerateConfig(thresholds_file=str(path)), embed=EmbedConfig(model="tiny-synthetic"))
+    cfg = ModerateConfig(thresholds_file=str(path))
     with pytest.raises(ConfigError, match="calibrated for ViT-L-14"):
-        stage.prepare(tiny)
+        Moderation.prepare(cfg, None, tiny)
     path.write_text("just a string")
     with pytest.raises(ConfigError, match="no 'concepts'"):
-        stage.prepare(tiny)
+        Moderation.prepare(cfg, None, tiny)
 
 
 def test_calibrate_cli_writes_yaml(tiny, tmp_path, capsys) -> None:
     import pyarrow.parquet as pq
 
     mod = ModerateConfig(concepts={"hazard": ("a hazard sign",)}, neutral_prompts=("a photo",))
-    probe = ModerateStage(cfg=mod, embed=EmbedConfig(model="tiny-synthetic"))
-    probe.prepare(tiny)
+    probe = Moderation.prepare(mod, None, tiny)
     pq.write_table(_labelled_sample(probe, 200, seed=5), tmp_path / "sample.parquet")
     # The CLI loads its own copy: the seeded random init makes it the same model as ``tiny``.
     out = tmp_path / "t.yaml"
     rc = calibrate_main(["--input", str(tmp_path / "sample.parquet"), "--out", str(out),
-                         "--model", "tiny-synthetic", "--concept", "hazard=a hazard sign",
+                         "--model", "tiny-synthetic", "--pretrained", "none", "--concept", "hazard=a hazard sign",
                          "--neutral", "a photo", "--label_col", "is_unsafe", "--target_precision", "0.9"])
     assert rc == 0
     doc = yaml.safe_load(out.read_text())
@@ -282,7 +282,7 @@ def test_calibrate_cli_writes_yaml(tiny, tmp_path, capsys) -> None:
     assert doc["concepts"]["hazard"]["caption_threshold"] is None
     assert "hazard (image): threshold" in capsys.readouterr().out
     rc = calibrate_main(["--input", str(tmp_path / "sample.parquet"), "--out", str(out),
-                         "--model", "tiny-synthetic", "--label_col", "missing", "--target_recall", "0.9"])
+                         "--model", "tiny-synthetic", "--pretrained", "none", "--label_col", "missing", "--target_recall", "0.9"])
     assert rc == 2
 
 
@@ -292,12 +292,11 @@ def test_clipcurate_calibrate_subcommand(tiny, tmp_path) -> None:
     from pipeline.cli import main as clipcurate
 
     mod = ModerateConfig(concepts={"hazard": ("a hazard sign",)}, neutral_prompts=("a photo",))
-    probe = ModerateStage(cfg=mod, embed=EmbedConfig(model="tiny-synthetic"))
-    probe.prepare(tiny)
+    probe = Moderation.prepare(mod, None, tiny)
     pq.write_table(_labelled_sample(probe, 200, seed=6), tmp_path / "sample.parquet")
     out = tmp_path / "t.yaml"
     rc = clipcurate(["calibrate", "--input", str(tmp_path / "sample.parquet"), "--out", str(out),
-                     "--model", "tiny-synthetic", "--concept", "hazard=a hazard sign",
+                     "--model", "tiny-synthetic", "--pretrained", "none", "--concept", "hazard=a hazard sign",
                      "--neutral", "a photo", "--label_col", "is_unsafe",
                      "--caption_label_col", "says_unsafe", "--target_recall", "0.9"])
     assert rc == 0

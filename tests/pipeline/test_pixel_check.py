@@ -15,15 +15,8 @@ from pipeline import schema as S
 from pipeline.config import ConfigError, DedupConfig
 from pipeline.decisions import dedup_reason
 from pipeline.dedup import dedup_table
-from pipeline.pixel_check import (
-    THUMB_BYTES,
-    THUMB_SIDE,
-    confirm_pairs,
-    contrast,
-    residuals,
-    thumbnail,
-    thumbs_array,
-)
+from pipeline.pixel_check import confirm_pairs, contrast, residuals
+from pipeline.thumbnails import THUMB_BYTES, THUMB_SIDE, thumbnail, thumbs_array
 from testkit.synthetic import ObjectGroup, Scene, perturb, render
 
 SCENE = Scene(

@@ -24,11 +24,13 @@ from pipeline import crashguard
 from pipeline import schema as S
 from pipeline.config import DecodeConfig
 from pipeline.crashguard import Crashed, Sandbox, SandboxError
-from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
+from pipeline.stages.decode import DecodeStage
+from testkit import subprocess_env
+from testkit.faults import CRASH_MARKER, CRASHING_DECODER
 from testkit.hostile_images import TESTDATA, fuzz_batch, fuzz_config, hostile_case
 
 WORK = f"{__name__}:work"
-MARKER = "SEGV-HERE"
+MARKER = CRASH_MARKER
 
 
 def work(item: tuple[str, str, int]) -> tuple[int, int]:
@@ -181,13 +183,10 @@ def _rows(marked: set[int]) -> pa.Table:
     })
 
 
-def test_decode_quarantines_marked_rows_and_decodes_the_rest_as_in_process(
-    fresh_children: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decode_quarantines_marked_rows_and_decodes_the_rest_as_in_process(fresh_children: None) -> None:
     cfg = DecodeConfig(image_size=64)
     reference = DecodeStage(cfg=cfg, isolate=False).process_batch(_rows(set()))
-    monkeypatch.setenv(CRASH_MARKER_ENV, MARKER)
-    out = DecodeStage(cfg=cfg).process_batch(_rows({1, 4}))
+    out = DecodeStage(cfg=cfg, decoder=CRASHING_DECODER).process_batch(_rows({1, 4}))
     assert out.num_rows == 8
     for i, (got, want) in enumerate(zip(out.to_pylist(), reference.to_pylist(), strict=True)):
         if i in (1, 4):
@@ -200,8 +199,7 @@ def test_decode_quarantines_marked_rows_and_decodes_the_rest_as_in_process(
     assert reference.column(S.STATUS).to_pylist() == [S.OK] * 6 + ["http_404", "unsupported_format"]
 
 
-def test_the_hook_is_inert_without_its_variable(fresh_children: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(CRASH_MARKER_ENV, raising=False)
+def test_the_real_decoder_ignores_the_marker(fresh_children: None) -> None:
     for isolate in (True, False):
         out = DecodeStage(cfg=DecodeConfig(image_size=64), isolate=isolate).process_batch(_rows({1, 4}))
         assert out.column(S.STATUS).to_pylist()[:6] == [S.OK] * 6
@@ -212,14 +210,14 @@ def test_without_isolation_the_marked_row_kills_the_decoding_process(tmp_path: P
         import pyarrow as pa
         from pipeline import schema as S
         from pipeline.stages.decode import DecodeStage
+        from testkit.faults import CRASHING_DECODER
         rows = pa.table({S.KEY: ["0"], S.URL: ["http://127.0.0.1/a?SEGV-HERE"], S.STATUS: ["ok"],
                          S.ERROR: pa.nulls(1, pa.string()), S.IMAGE_BYTES: pa.array([b"x"], pa.binary())})
-        DecodeStage(isolate=False).process_batch(rows)
+        DecodeStage(isolate=False, decoder=CRASHING_DECODER).process_batch(rows)
         print("survived")
     """)
-    env = {**os.environ, CRASH_MARKER_ENV: MARKER}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                          cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2], env=subprocess_env())
     assert done.returncode == -signal.SIGSEGV and "survived" not in done.stdout
 
 

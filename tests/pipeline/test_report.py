@@ -172,6 +172,16 @@ def test_stats_counts_add_up_to_the_input_rows() -> None:
     json.dumps(stats, allow_nan=False)  # valid JSON, no NaN
 
 
+def test_notes_are_shown_once_at_the_top_escaped() -> None:
+    table, _ = _fixture()
+    line = "moderation: no moderation thresholds are calibrated for <x>: no row is dropped by moderation"
+    stats = report.build_stats(table, input_rows=300, clip_threshold=CLIP_T, extra={"notes": [line]})
+    page = report.render_html(table, stats)
+    notes = page.split('<div id="notes">', 1)[1].split("</div>", 1)[0]
+    assert notes.count("<li>") == 1 and "calibrated for &lt;x&gt;" in notes
+    assert page.index('<div id="notes">') < page.index('<div id="status-counts">')
+
+
 def test_bad_input_is_a_clear_error() -> None:
     table, _ = _fixture()
     with pytest.raises(ValueError, match="300 rows but the input had 301"):

@@ -1,5 +1,6 @@
-"""S3 faults against the real client code paths: boto3 (Storage) and pyarrow's S3 filesystem
-(write_parquet, reads), through a fault proxy in front of the local moto server.
+"""S3 faults against the real client code paths: boto3 (Storage: every write, shard files and
+Parquet alike) and pyarrow's S3 filesystem (reads), through a fault proxy in front of the local
+moto server.
 
 What is pinned down: ``storage.s3_retries`` is the number of retries after the first attempt
 for both clients (counted at the proxy); a failure after the retries names the object; an
@@ -47,13 +48,13 @@ def _put_with_storage(proxy: S3FaultProxy, bucket: str, retries: int) -> str:
     return "out/shards/00000.tar"
 
 
-def _put_with_pyarrow(proxy: S3FaultProxy, bucket: str, retries: int) -> str:
+def _put_parquet(proxy: S3FaultProxy, bucket: str, retries: int) -> str:
     uri = f"s3://{bucket}/out/embeddings/00000.parquet"
     write_parquet(_table(), uri, WriteConfig(output_folder=uri.rsplit("/", 1)[0]), _cfg(proxy, retries))
     return "out/embeddings/00000.parquet"
 
 
-WRITERS = {"boto3": _put_with_storage, "pyarrow": _put_with_pyarrow}
+WRITERS = {"shard file": _put_with_storage, "parquet": _put_parquet}
 
 
 def _keys(s3: LocalS3, bucket: str) -> list[str]:
@@ -74,7 +75,7 @@ def test_slowdown_puts_are_retried_and_the_object_lands_whole(
     assert [r.status for r in puts] == [503, 503, 200]
     assert rule.hits == 2
     body = s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
-    if writer == "pyarrow":
+    if writer == "parquet":
         assert pq.read_table(pa.BufferReader(body)).equals(_table())
     else:
         assert body == b"tar bytes"
@@ -87,17 +88,13 @@ def test_retries_spent_fail_naming_the_object_after_exactly_retries_plus_one_att
     writer: str, retries: int, proxy: S3FaultProxy, s3_server: LocalS3, s3_bucket: str
 ) -> None:
     proxy.fail(method="PUT", times=retries + 1)
-    expected = StorageError if writer == "boto3" else OSError
-    with pytest.raises(expected) as info:
+    with pytest.raises(StorageError) as info:
         WRITERS[writer](proxy, s3_bucket, retries)
     message = str(info.value)
-    key = "out/shards/00000.tar" if writer == "boto3" else "out/embeddings/00000.parquet"
-    if writer == "boto3":
-        assert f"s3://{s3_bucket}/{key}" in message
-        assert f"after {retries + 1} attempt(s)" in message and f"s3_retries={retries}" in message
-    else:  # pyarrow's own message names key and bucket separately
-        assert f"'{key}'" in message and f"'{s3_bucket}'" in message
-    assert "SlowDown" in message or "SLOW_DOWN" in message
+    key = "out/shards/00000.tar" if writer == "shard file" else "out/embeddings/00000.parquet"
+    assert f"s3://{s3_bucket}/{key}" in message
+    assert f"after {retries + 1} attempt(s)" in message and f"s3_retries={retries}" in message
+    assert "SlowDown" in message
     assert len(proxy.requests("PUT", key)) == retries + 1
     assert _keys(s3_server, s3_bucket) == []  # nothing, not a partial object
     assert _uploads(s3_server, s3_bucket) == []

@@ -1,4 +1,5 @@
-"""ShardStage: img2dataset's tar layout, per-shard parquet/stats, manifest, split shards."""
+"""ShardStage and the shard format: img2dataset's tar layout, per-shard parquet/stats, manifest;
+a shard is written from all its rows at once or not at all."""
 
 from __future__ import annotations
 
@@ -136,19 +137,16 @@ def test_tar_reads_with_webdataset(tmp_path: Path) -> None:
     assert json.loads(samples[2]["json"])["url"] == "http://h/0/4"
 
 
-def test_split_shard_is_written_once_when_complete(tmp_path: Path) -> None:
+def test_part_of_a_shard_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
     stage = _stage(tmp_path)
     rows = _rows(3, STATUSES)
-    # Parts arrive out of order and interleaved with another, whole shard.
-    first = stage.process_batch(rows.slice(5, 3))
-    assert first.num_rows == 3
-    assert not (tmp_path / "00003.tar").exists()
-    assert stage.pending_shards == [3]
-    stage.process_batch(_rows(4, ["ok", "ok"]))
-    assert (tmp_path / "00004.manifest.json").exists()
-    stage.process_batch(rows.slice(0, 5))
-    assert stage.pending_shards == []
-    assert stage.shards_written == ["00004", "00003"]
+    with pytest.raises(RuntimeError, match="one whole shard per batch"):
+        stage.process_batch(rows.slice(5, 3))
+    with pytest.raises(RuntimeError, match="one whole shard per batch"):
+        stage.process_batch(pa.concat_tables([rows, _rows(4, ["ok", "ok"])], promote_options="permissive"))
+    assert list(tmp_path.iterdir()) == []
+    out = stage.process_batch(rows)
+    assert out.column(S.SHARD_ROWS).to_pylist() == [8] * 8  # flows on to the write stage
     table = pq.read_table(tmp_path / "00003.parquet")
     assert table.column("key").to_pylist() == rows.column(S.KEY).to_pylist()  # input order
     with tarfile.open(tmp_path / "00003.tar") as tar:
@@ -160,9 +158,10 @@ def test_ok_row_without_image_is_not_stored(tmp_path: Path) -> None:
     images = rows.column(S.IMAGE).to_pylist()
     images[1] = None
     rows = rows.set_column(rows.schema.get_field_index(S.IMAGE), S.IMAGE, pa.array(images, pa.binary()))
-    _stage(tmp_path).process_batch(rows)
+    out = _stage(tmp_path).process_batch(rows)
     table = pq.read_table(tmp_path / "00001.parquet")
     assert table.column("status").to_pylist() == ["ok", "decode_error"]
+    assert out.column(S.STATUS).to_pylist() == ["ok", "decode_error"]  # the rows flowing on agree
     with tarfile.open(tmp_path / "00001.tar") as tar:
         assert len(tar.getnames()) == 3
 

@@ -1,11 +1,13 @@
 """Worker and actor loss on a two-node ``ray.cluster_utils.Cluster`` (issue 7, acceptance 1).
 
-The whole job (pipeline.job.run: download -> decode -> shard -> preprocess -> embed -> write,
+The whole job (pipeline.job.run on Ray Data: read -> download -> decode -> shard -> tokenize ->
+embed -> write,
 then the global pass) runs on a head node and a second node, both local, against the loopback
-image server and the bundled tiny model. The runner's test-only kill hook makes one process
-of each named stage SIGKILL itself right after finishing a batch (its side effects are done,
-its result is lost), so Ray must restart the actor or rerun the task. Two rows carry the
-decode crash hook's marker: their decoder "segfaults" on every attempt.
+image server and the bundled tiny model. Faults are injected into the job's graph
+(testkit/faults.py): one process of each named stage SIGKILLs itself right after finishing a
+batch (its side effects are done, its result is lost), so Ray must restart the actor or rerun
+the task; two rows carry the crashing decoder's marker: their decoder "segfaults" on every
+attempt.
 
 The run must end with every input row exactly once: the marked rows quarantined as
 ``worker_crash``, every other row stored with the image bytes an in-process decode of the same
@@ -35,26 +37,34 @@ from pipeline.config import (
     DownloadConfig,
     DownloadJobConfig,
     EmbedConfig,
+    ExecutionConfig,
     JobConfig,
     ModerateConfig,
     ReadConfig,
     ShardConfig,
 )
-from pipeline.kill_hook import KILL_DIR_ENV, KILL_ENV
-from pipeline.runner import run_download
-from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
+from pipeline.download_job import run_download
+from pipeline.graph import Graph
+from pipeline.stages.decode import DecodeStage
+from testkit.faults import CRASH_MARKER, CRASHING_DECODER, inject, kill_after
 from testkit.http_server import FaultServer
 from testkit.loopback_ray import LOOPBACK, loopback_ray_env
 from testkit.synthetic import generate_world
 
 ROWS = 60
 PER_SHARD = 20
-MARKER = "SEGV-HERE"
+MARKER = CRASH_MARKER
 CRASH_ROWS = (7, 44)
 DECODE = DecodeConfig(image_size=64, resize_mode="center_crop")
-# One process of each: the download actor, a decode task's worker, the shard writer after it
-# committed a shard, the embed actor mid-stream and the Parquet writer after it wrote a file.
-VICTIMS = "DownloadStage@1,DecodeStage@1,ShardStage@2,EmbedStage@2,WriteStage@1"
+# One process of each: a shard task after its download, after its decode, after it committed
+# it; the embed actor mid-stream; a write task after it wrote a file.
+VICTIMS = {"DownloadStage": 1, "DecodeStage": 1, "ShardStage": 1, "EmbedStage": 2, "WriteStage": 1}
+
+
+def _crashing(graph: Graph) -> Graph:
+    from dataclasses import replace
+
+    return inject(graph, {"DecodeStage": lambda s: replace(s, decoder=CRASHING_DECODER)})
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +126,15 @@ def _url_list(world: tuple[Path, FaultServer, pa.Table], path: Path, rows: int =
 def _expected_sha256(world: tuple[Path, FaultServer, pa.Table]) -> list[str]:
     """sha256 of each world image decoded in this process (no Ray, no HTTP, no crash guard)."""
     root, _, table = world
+    import clip_model
+
     n = table.num_rows
+    _, pp = clip_model.create_model("tiny-synthetic", "synthetic")
     rows = pa.table({
         S.KEY: [str(i) for i in range(n)], S.STATUS: [S.OK] * n, S.ERROR: pa.nulls(n, pa.string()),
         S.IMAGE_BYTES: pa.array([(root / p).read_bytes() for p in table.column("_gt_path").to_pylist()], pa.binary()),
     })
-    out = DecodeStage(cfg=DECODE, isolate=False).process_batch(rows)
+    out = DecodeStage(cfg=DECODE, model_input=pp, isolate=False).process_batch(rows)
     assert out.column(S.STATUS).to_pylist() == [S.OK] * n
     return out.column(S.SHA256).to_pylist()
 
@@ -131,7 +144,7 @@ def test_killed_workers_and_actors_and_crashing_rows_leave_every_row_once(
 ) -> None:
     flags = tmp_path / "flags"
     flags.mkdir()
-    _connect(cluster, {KILL_ENV: VICTIMS, KILL_DIR_ENV: str(flags), CRASH_MARKER_ENV: MARKER})
+    _connect(cluster, {})
     cfg = JobConfig(
         input=_url_list(world, tmp_path / "urls.parquet"),
         output=str(tmp_path / "out"),
@@ -139,13 +152,17 @@ def test_killed_workers_and_actors_and_crashing_rows_leave_every_row_once(
         download=DownloadConfig(timeout=10, retries=0, allowed_networks=("127.0.0.1/32",)),
         decode=DECODE,
         shard=ShardConfig(number_sample_per_shard=PER_SHARD),
-        embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", rows_per_call=8, inference_batch=8),
+        embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", inference_batch=8),
         moderate=ModerateConfig(enabled=False),
+        # Download, decode and shard of a shard run in one task: one shard may meet all three
+        # of their kills, so it gets one attempt more than that.
+        execution=ExecutionConfig(scheduler="ray", attempts=4),
     )
-    summary = job.run(cfg, emit=lambda line: None)
+    summary = job.run(cfg, emit=lambda line: None,
+                      wrap_graph=lambda g: inject(_crashing(g), kill_after(VICTIMS, str(flags))))
 
     # Every hook fired, once: each named stage lost one process mid-run.
-    assert sorted(p.name for p in flags.iterdir()) == sorted(f"{v.split('@')[0]}.killed" for v in VICTIMS.split(","))
+    assert sorted(p.name for p in flags.iterdir()) == sorted(f"{v}.killed" for v in VICTIMS)
     out = pq.read_table(tmp_path / "out" / "embeddings").sort_by("_gt_row")
     assert out.column("_gt_row").to_pylist() == list(range(ROWS))  # every row, exactly once
     assert len(set(out.column(S.KEY).to_pylist())) == ROWS
@@ -177,7 +194,7 @@ def test_killed_workers_and_actors_and_crashing_rows_leave_every_row_once(
 def test_without_isolation_a_crashing_row_fails_the_run_after_bounded_retries(
     cluster: Any, world: tuple[Path, FaultServer, pa.Table], tmp_path: Path
 ) -> None:
-    _connect(cluster, {CRASH_MARKER_ENV: MARKER})
+    _connect(cluster, {})
     cfg = DownloadJobConfig(
         read=ReadConfig(url_list=_url_list(world, tmp_path / "urls.parquet", rows=CRASH_ROWS[0] + 1)),
         download=DownloadConfig(timeout=10, retries=0, allowed_networks=("127.0.0.1/32",)),
@@ -187,9 +204,9 @@ def test_without_isolation_a_crashing_row_fails_the_run_after_bounded_retries(
     import ray
 
     started = time.monotonic()
-    # Ray reruns the decode task TASK_MAX_RETRIES times, each run dies on the row, then it gives up.
+    # Ray reruns the shard task (attempts - 1) times, each run dies on the row, then gives up.
     with pytest.raises(ray.exceptions.WorkerCrashedError):
-        run_download(cfg, download_concurrency=1, decode_isolation=False)
+        run_download(cfg, ExecutionConfig(scheduler="ray", decode_isolation=False), _crashing)
     assert time.monotonic() - started < 120
     assert not (tmp_path / "shards" / "00000.manifest.json").exists()
 
@@ -230,8 +247,9 @@ def test_a_node_lost_mid_run_leaves_every_row_once(
             read=ReadConfig(save_additional_columns=("_gt_row",)),
             download=DownloadConfig(timeout=10, retries=0, allowed_networks=("127.0.0.1/32",), thread_count=4),
             decode=DECODE, shard=ShardConfig(number_sample_per_shard=PER_SHARD // 2),
-            embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", rows_per_call=8, inference_batch=8),
+            embed=EmbedConfig(model="tiny-synthetic", pretrained="synthetic", inference_batch=8),
             moderate=ModerateConfig(enabled=False),
+            execution=ExecutionConfig(scheduler="ray"),
         )
         result: dict[str, Any] = {}
 

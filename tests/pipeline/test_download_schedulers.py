@@ -1,7 +1,8 @@
-"""The download half on local worker processes (``--distributor multiprocessing``) against the
-loopback fault server: the rows, statuses, stored images and manifests the Ray distributor
-writes; resume without requests; worker loss retried a bounded number of times or failing with
-the shard's name; decoder crashes quarantined; the CLI flags."""
+"""The download half (pipeline/download_job.py) on local worker processes (the default,
+``--distributor multiprocessing``) against the loopback fault server: the rows, statuses,
+stored images and manifests the Ray Data scheduler writes; resume without requests; worker
+loss retried a bounded number of times or failing with the shard's name; decoder crashes
+quarantined; the CLI flags. Faults are injected into the graph (testkit/faults.py)."""
 
 from __future__ import annotations
 
@@ -24,16 +25,28 @@ from PIL import Image
 
 from pipeline import schema as S
 from pipeline.cli import main
-from pipeline.config import DecodeConfig, DownloadConfig, DownloadJobConfig, ReadConfig, ShardConfig
-from pipeline.kill_hook import KILL_DIR_ENV, KILL_ENV
-from pipeline.local_runner import run_download_local
-from pipeline.stages.decode import CRASH_MARKER_ENV, DecodeStage
+from pipeline.config import (
+    DecodeConfig,
+    DownloadConfig,
+    DownloadJobConfig,
+    ExecutionConfig,
+    ReadConfig,
+    ShardConfig,
+)
+from pipeline.download_job import run_download
+from pipeline.stages.decode import DecodeStage
+from testkit.faults import CRASH_MARKER, CRASHING_DECODER, inject, kill_after
 from testkit.http_server import FaultServer
 
 N_GOOD = 30
 PER_SHARD = 8
 DECODE = DecodeConfig(image_size=64, resize_mode="border")
-MARKER = "SEGV-HERE"
+
+
+def run_download_local(cfg: DownloadJobConfig, processes: int = 2, prefetch: int = 1, attempts: int = 3,
+                       wrap_graph=None):  # noqa: ANN001, ANN201
+    ex = ExecutionConfig(scheduler="local", processes=processes, prefetch=prefetch, attempts=attempts)
+    return run_download(cfg, ex, wrap_graph)
 
 # Ray Data copies its DataContext attribute by attribute, which trips its own deprecation
 # notices for legacy fields; nothing here sets them.
@@ -162,22 +175,24 @@ def _check_output(out: Path, expected: dict[int, str], sha: dict[int, str]) -> p
     return table
 
 
-def test_same_output_as_the_ray_distributor(world: tuple, tmp_path: Path) -> None:
+def test_same_output_as_the_ray_data_scheduler(world: tuple, tmp_path: Path) -> None:
     import ray
-
-    from pipeline.runner import run_download
 
     srv, url_list, expected, sha = world
     summary = run_download_local(_cfg(url_list, tmp_path / "mp"), processes=2)
+    assert summary.scheduler == "local"
     assert summary.rows_this_run == len(expected) and summary.successes_this_run == N_GOOD
     assert summary.shards_written == summary.shards_planned and summary.shards_skipped == 0
     mp_rows = _check_output(tmp_path / "mp", expected, sha)
 
+    from pipeline.ray_start import init_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        run_download(_cfg(url_list, tmp_path / "ray"))
+        summary = run_download(_cfg(url_list, tmp_path / "ray"), ExecutionConfig(scheduler="ray"))
+        assert summary.scheduler == "ray"
     finally:
         ray.shutdown()
     ray_rows = _rows(tmp_path / "ray")
@@ -228,31 +243,25 @@ def test_resume_requests_only_the_uncommitted_shard(world: tuple, tmp_path: Path
 
 
 @pytest.mark.parametrize("stage", ["DecodeStage", "DownloadStage", "ShardStage"])
-def test_a_killed_worker_is_replaced_and_its_shard_retried(
-    world: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
-) -> None:
+def test_a_killed_worker_is_replaced_and_its_shard_retried(world: tuple, tmp_path: Path, stage: str) -> None:
     srv, url_list, expected, sha = world
-    monkeypatch.setenv(KILL_ENV, f"{stage}@2")  # the worker that finishes its 2nd call dies
-    monkeypatch.setenv(KILL_DIR_ENV, str(tmp_path))
-    summary = run_download_local(_cfg(url_list, tmp_path / "out"), processes=2)
+    # The worker that finishes its 2nd call of the stage dies.
+    wrap = lambda g: inject(g, kill_after({stage: 2}, str(tmp_path)))  # noqa: E731
+    summary = run_download_local(_cfg(url_list, tmp_path / "out"), processes=2, wrap_graph=wrap)
     killed = int((tmp_path / f"{stage}.killed").read_text())
     assert killed not in (os.getpid(), 0)
     assert summary.shards_written == summary.shards_planned
     _check_output(tmp_path / "out", expected, sha)
 
 
-def test_a_shard_that_keeps_killing_its_worker_fails_the_run_by_name(
-    world: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_shard_that_keeps_killing_its_worker_fails_the_run_by_name(world: tuple, tmp_path: Path) -> None:
     srv, url_list, expected, sha = world
-    monkeypatch.setenv(KILL_ENV, "DecodeStage@1")
-    monkeypatch.setenv(KILL_DIR_ENV, str(tmp_path))
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match=r"shard 0000\d: its download worker process was killed by SIGKILL"):
-        run_download_local(_cfg(url_list, out), processes=1, prefetch=0, shard_attempts=1)
+    wrap = lambda g: inject(g, kill_after({"DecodeStage": 1}, str(tmp_path)))  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"shard 0000\d: its cpu worker process was killed by SIGKILL"):
+        run_download_local(_cfg(url_list, out), processes=1, prefetch=0, attempts=1, wrap_graph=wrap)
     assert not (out / "_stats.json").exists()
     # The rerun resumes: the killed shard is redone, and every row ends up once.
-    monkeypatch.delenv(KILL_ENV)
     summary = run_download_local(_cfg(url_list, out), processes=2)
     assert summary.shards_written >= 1
     _check_output(out, expected, sha)
@@ -262,7 +271,7 @@ def test_an_exception_in_a_stage_fails_the_run_naming_the_shard(world: tuple, tm
     srv, url_list, expected, sha = world
     out = tmp_path / "out"
     (out / "00002.tar").mkdir(parents=True)  # the shard stage cannot put its tar there
-    with pytest.raises(RuntimeError, match=r"(?s)shard 00002 failed in download worker.*IsADirectoryError"):
+    with pytest.raises(RuntimeError, match=r"(?s)shard 00002 failed in ReadStage\+.*ShardStage \(worker pid \d+\).*IsADirectoryError"):
         run_download_local(_cfg(url_list, out), processes=2)
     assert not (out / "00002.manifest.json").exists() and not (out / "_stats.json").exists()
     (out / "00002.tar").rmdir()
@@ -281,25 +290,25 @@ def test_cli_reports_a_failed_run_in_one_line_and_exits_1(
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert re.fullmatch(
-        r"clipcurate: error: RuntimeError: shard 00001 failed in download worker pid \d+: "
-        r"IsADirectoryError: \[Errno 21\] Is a directory: .*00001\.tar.*",
+        r"clipcurate: error: RuntimeError: shard 00001 failed in ReadStage\+DownloadStage\+DecodeStage\+ShardStage "
+        r"\(worker pid \d+\): IsADirectoryError: \[Errno 21\] Is a directory: .*00001\.tar.*",
         err[-2],
     ), err[-2:]
     assert err[-1] == "clipcurate: committed shards are kept; fix the cause and re-run the same command to resume"
     assert not (out / "_stats.json").exists()
 
 
-def test_a_decoder_crash_is_quarantined(world: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_decoder_crash_is_quarantined(world: tuple, tmp_path: Path) -> None:
+    from dataclasses import replace
+
     srv, url_list, expected, sha = world
     table = pq.read_table(url_list)
     urls = table.column("url").to_pylist()
-    urls[3] = urls[3] + f"?tag={MARKER}"
+    urls[3] = urls[3] + f"?tag={CRASH_MARKER}"
     marked = tmp_path / "urls.parquet"
     pq.write_table(table.set_column(0, "url", pa.array(urls)), marked)
-    # Set after any fork server started: the workers must still see it (they get the
-    # parent's environment at start).
-    monkeypatch.setenv(CRASH_MARKER_ENV, MARKER)
-    summary = run_download_local(_cfg(marked, tmp_path / "out"), processes=2)
+    wrap = lambda g: inject(g, {"DecodeStage": lambda s: replace(s, decoder=CRASHING_DECODER)})  # noqa: E731
+    summary = run_download_local(_cfg(marked, tmp_path / "out"), processes=2, wrap_graph=wrap)
     assert summary.status_dict[S.WORKER_CRASH] == 1
     rows = _rows(tmp_path / "out")
     got = dict(zip(rows.column("row_id").to_pylist(), rows.column("status").to_pylist(), strict=True))
@@ -315,10 +324,10 @@ def _cli_args(url_list: Path | str, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_cli_multiprocessing_runs_without_ray_or_torch(world: tuple, tmp_path: Path) -> None:
+def test_cli_default_runs_without_ray_or_torch(world: tuple, tmp_path: Path) -> None:
     srv, url_list, expected, sha = world
     out = tmp_path / "out"
-    args = _cli_args(url_list, out, "--distributor", "multiprocessing", "--processes_count", "2")
+    args = _cli_args(url_list, out, "--processes_count", "2")  # multiprocessing is the default
     script = (
         "import sys; from pipeline.cli import main; code = main(sys.argv[1:]); "
         "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'imported ray or torch'; "
@@ -335,9 +344,11 @@ def test_cli_multiprocessing_runs_without_ray_or_torch(world: tuple, tmp_path: P
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        (("--distributor", "spark"), "execution.distributor"),
-        (("--distributor", "multiprocessing", "--processes_count", "0"), "execution.processes_count"),
+        (("--distributor", "spark"), "execution.scheduler (--distributor)"),
+        (("--distributor", "multiprocessing", "--processes_count", "0"), "execution.processes"),
         (("--distributor", "multiprocessing", "--ray_address", "auto"), "execution.ray_address"),
+        (("--processes_count", "two"), "execution.processes"),
+        (("--image_size", "0"), "decode.image_size"),
     ],
 )
 def test_cli_rejects_bad_distributor_settings(
@@ -353,7 +364,7 @@ def test_bad_arguments_are_config_errors(world: tuple, tmp_path: Path) -> None:
     from pipeline.config import ConfigError
 
     _, url_list, _, _ = world
-    with pytest.raises(ConfigError, match="execution.processes_count"):
+    with pytest.raises(ConfigError, match="execution.processes"):
         run_download_local(_cfg(url_list, tmp_path / "o"), processes=0)
-    with pytest.raises(ConfigError, match="execution.shard_attempts"):
-        run_download_local(_cfg(url_list, tmp_path / "o"), shard_attempts=0)
+    with pytest.raises(ConfigError, match="execution.attempts"):
+        run_download_local(_cfg(url_list, tmp_path / "o"), attempts=0)

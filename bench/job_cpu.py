@@ -1,0 +1,376 @@
+"""Marginal CPU per image of the whole job vs img2dataset's download + resize + shard alone.
+
+On one photo-like URL list (synthetic scenes re-encoded with camera-like grain and texture,
+``testkit/photo_like.py``; long side 300-1200 px; JPEG), served by one loopback HTTP server
+process, each tool runs as a separate process on the first ``--small`` rows and on all
+``--rows`` rows:
+
+- ``img2dataset``: ``img2dataset.download`` (2 processes, its default threads, image_size 256,
+  border, webdataset, retries 0);
+- ``job (default)``: ``python jobs/embed_laion.py --input ... --output ...`` with no scheduler
+  flag and no Ray address (the default on one machine), bundled model, moderation, clip_score,
+  dedup, Parquet, report;
+- ``job (Ray Data)``: the same command with ``RAY_ADDRESS`` pointing at a local Ray head
+  started before timing (loopback only), i.e. the path ``ray job submit`` takes.
+
+CPU is counted two ways for each run: the whole machine's busy time from ``/proc/stat``
+(every process, this benchmark's included, which is what the issue's figures are), and the CPU
+of the run's own process tree from a cpuacct cgroup that the run, the image server and the Ray
+head are placed in (exact for the run even when other work shares the machine; absent when
+the cgroup cannot be created). Start-up cancels in the marginal figure:
+``(cpu(rows) - cpu(small)) / (rows - small)``, in ms per image; the same difference of wall
+times gives the steady-state rows/s.
+
+    python bench/job_cpu.py --rows 3000 --small 500 --append bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpuacct")
+PER_SHARD = 250
+
+
+# ----------------------------------------------------------------------------- CPU meters
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (/proc/stat: all but idle, iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    v = [int(x) for x in fields]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    # guest time is already counted in user/nice
+    total = sum(v[:8])
+    return (total - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Cgroup:
+    """A cpuacct cgroup (v1) for the processes of one benchmark; None-safe when unavailable."""
+
+    def __init__(self, name: str) -> None:
+        self.path: Path | None = CGROUP_ROOT / name
+        try:
+            self.path.mkdir(exist_ok=True)
+            (self.path / "cpuacct.usage").read_text()
+        except OSError:
+            self.path = None
+
+    def add(self, pid: int) -> None:
+        if self.path is not None:
+            (self.path / "cgroup.procs").write_text(str(pid))
+
+    def cpu_s(self) -> float | None:
+        if self.path is None:
+            return None
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            try:
+                (CGROUP_ROOT / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+def make_world(workdir: Path, rows: int, seed: int) -> Path:
+    from testkit.photo_like import texturize
+    from testkit.synthetic import generate_world
+
+    world = workdir / f"photo-world-{rows}-{seed}"
+    if not (world / "urls.parquet").exists():
+        shutil.rmtree(world, ignore_errors=True)
+        generate_world(world, rows, seed, "http://HOST/", formats={"jpeg": 1.0}, min_side=300, max_side=1200)
+        texturize(world, seed)
+    return world
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def url_list(world: Path, base: str, rows: int, out: Path) -> Path:
+    t = pq.read_table(world / "urls.parquet", columns=["url", "caption"]).slice(0, rows)
+    urls = [u.replace("http://HOST/", base + "/") for u in t.column("url").to_pylist()]
+    pq.write_table(pa.table({"url": urls, "caption": t.column("caption")}), out)
+    return out
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class Run:
+    tool: str
+    rows: int
+    wall_s: float
+    machine_cpu_s: float
+    tree_cpu_s: float | None
+    ok: int
+
+
+I2D_CODE = """
+import json, os, sys
+from pathlib import Path
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+from img2dataset import download
+src, out, per_shard = sys.argv[1], sys.argv[2], int(sys.argv[3])
+download(url_list=src, output_folder=out, processes_count=2, image_size=256, resize_mode="border",
+         output_format="webdataset", input_format="parquet", url_col="url", caption_col="caption",
+         number_sample_per_shard=per_shard, timeout=10, retries=0, encode_quality=95,
+         enable_wandb=False, disallowed_header_directives=[])
+print(sum(json.loads(p.read_text())["successes"] for p in Path(out).glob("*_stats.json")))
+"""
+
+
+def run_measured(tool: str, rows: int, cmd: list[str], env: dict[str, str], cg: Cgroup) -> Run:
+    m0, c0, t0 = machine_busy_s(), cg.cpu_s(), time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cg.add(proc.pid)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    m1, c1 = machine_busy_s(), cg.cpu_s()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
+    return Run(tool, rows, wall, m1 - m0, None if c0 is None else c1 - c0, parse_ok(tool, out))
+
+
+def parse_ok(tool: str, out: str) -> int:
+    if tool == "img2dataset":
+        return int(out.strip().splitlines()[-1])
+    for line in out.splitlines():
+        # format_summary's status block: "  ok    N"
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == "ok" and parts[1].isdigit():
+            return int(parts[1])
+    return -1
+
+
+def job_cmd(src: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "jobs/embed_laion.py", "--input", str(src), "--output", str(out),
+        "--allowed-networks", "127.0.0.1/32", "--number-sample-per-shard", str(PER_SHARD),
+    ]  # fmt: skip
+
+
+def head_env(run_dir: Path) -> dict[str, str]:
+    """What a process needs to start or join the benchmark's head: loopback addresses kept as
+    127.0.0.1 (Ray otherwise swaps in the host's external address) and the head's token."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(run_dir / "auth_token"),
+    }
+
+
+def start_ray_head(run_dir: Path, cpus: int, cg: Cgroup) -> tuple[subprocess.Popen, str]:
+    """A loopback-only Ray head in its own session (``ray start --block``), so that stopping
+    it kills exactly its processes (``ray stop`` would stop every Ray on the machine)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Token auth with a token private to this head, as infra/local/up.sh starts one; the
+    # driver gets the same two variables (head_env).
+    token = run_dir / "auth_token"
+    token.write_text(os.urandom(32).hex())
+    token.chmod(0o600)
+    env = dict(os.environ, **head_env(run_dir))
+    ray = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    log = open(run_dir / "head.log", "wb")  # noqa: SIM115 - kept open for the head's life
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={port}",
+         "--num-cpus", str(cpus), "--include-dashboard=false", f"--temp-dir={run_dir}",
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    cg.add(proc.pid)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if b"Ray runtime started" in (run_dir / "head.log").read_bytes():
+            return proc, address
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    stop_ray_head(proc)
+    raise RuntimeError("ray start failed:\n" + (run_dir / "head.log").read_text(errors="replace")[-3000:])
+
+
+def stop_ray_head(proc: subprocess.Popen) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(20)
+            time.sleep(2)  # its daemons exit after it
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def marginal(small: Run, big: Run) -> tuple[float, float | None, float]:
+    n = big.rows - small.rows
+    machine = (big.machine_cpu_s - small.machine_cpu_s) / n * 1000
+    tree = None
+    if big.tree_cpu_s is not None and small.tree_cpu_s is not None:
+        tree = (big.tree_cpu_s - small.tree_cpu_s) / n * 1000
+    rate = n / max(big.wall_s - small.wall_s, 1e-9)
+    return machine, tree, rate
+
+
+def report(runs: list[Run], argv: list[str], load: tuple[float, float, float]) -> str:
+    by_tool: dict[str, list[Run]] = {}
+    for r in runs:
+        by_tool.setdefault(r.tool, []).append(r)
+    lines = [
+        "| run | rows | ok | wall s | machine CPU s | run's CPU s (cgroup) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        tree = "n/a" if r.tree_cpu_s is None else f"{r.tree_cpu_s:.1f}"
+        lines.append(f"| {r.tool} | {r.rows} | {r.ok} | {r.wall_s:.1f} | {r.machine_cpu_s:.1f} | {tree} |")
+    lines += [
+        "",
+        "| tool | marginal ms/image (machine) | marginal ms/image (run's cgroup) | vs img2dataset (machine / cgroup) | steady rows/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    base = marginal(*by_tool["img2dataset"]) if "img2dataset" in by_tool else None
+    for tool, (small, big) in by_tool.items():
+        m, t, rate = marginal(small, big)
+        ratio = ""
+        if base is not None:
+            rm = m / base[0]
+            rt = "n/a" if t is None or base[1] is None else f"{t / base[1]:.2f}x"
+            ratio = f"{rm:.2f}x / {rt}"
+        tstr = "n/a" if t is None else f"{t:.2f}"
+        lines.append(f"| {tool} | {m:.2f} | {tstr} | {ratio} | {rate:.1f} |")
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = (
+        f"\n## Whole job vs img2dataset: marginal CPU per image ({when})\n\n"
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; load average "
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min) before the runs. Command: "
+        f"`python bench/job_cpu.py {shlex.join(argv)}`. Photo-like JPEGs (300-1200 px, "
+        f"testkit/photo_like.py) from one loopback server; {PER_SHARD} rows per shard for every "
+        "tool; bundled tiny model, default job settings.\n\n"
+    )
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=3000)
+    p.add_argument("--small", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpus", type=int, default=2, help="Ray head num_cpus")
+    p.add_argument("--tools", nargs="+", default=["img2dataset", "job", "job-ray"],
+                   choices=["img2dataset", "job", "job-ray"])
+    p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
+    p.add_argument("--append", default=None)
+    a = p.parse_args(argv)
+    if not 0 < a.small < a.rows:
+        p.error("need 0 < --small < --rows")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    world = make_world(work, a.rows, a.seed)
+    cg = Cgroup(f"clipcurate-bench-{os.getpid()}")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "testkit.http_server", "--root", str(world), "--port", str(port)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    cg.add(server.pid)
+    base = f"http://127.0.0.1:{port}"
+    load = os.getloadavg()
+    runs: list[Run] = []
+    head: subprocess.Popen | None = None
+    try:
+        wait_http(base + "/")
+        env = dict(os.environ)
+        env.pop("RAY_ADDRESS", None)
+        for tool in a.tools:
+            if tool == "job-ray":
+                head, address = start_ray_head(work / "ray", a.cpus, cg)
+            for rows in (a.small, a.rows):
+                src = url_list(world, base, rows, work / f"urls-{rows}.parquet")
+                out = work / f"out-{tool}-{rows}"
+                shutil.rmtree(out, ignore_errors=True)
+                if tool == "img2dataset":
+                    cmd = [sys.executable, "-c", I2D_CODE, str(src), str(out), str(PER_SHARD)]
+                    run_env = env
+                else:
+                    cmd = job_cmd(src, out)
+                    run_env = (dict(env, RAY_ADDRESS=address, **head_env(work / "ray"))
+                               if tool == "job-ray" else env)
+                r = run_measured(tool, rows, cmd, run_env, cg)
+                print(json.dumps(r.__dict__), flush=True)
+                runs.append(r)
+            if tool == "job-ray" and head is not None:
+                stop_ray_head(head)
+                head = None
+    finally:
+        if head is not None:
+            stop_ray_head(head)
+        server.terminate()
+        server.wait(10)
+        cg.remove()
+    text = report(runs, argv, load)
+    print(text)
+    if a.append:
+        with open(a.append, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Tiny stages for testing the schedulers' mechanics without images or models: a source
+that expands shard descriptors into rows, and a stateful stage that records where and how it
+was called (its process, the GPUs Ray gave it, the rows per call)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pyarrow as pa
+
+from pipeline import schema as S
+from pipeline.stages.base import Resources, Stage
+
+
+@dataclass
+class MakeRows(Stage):
+    """``{shard_id, length}`` descriptors -> ``length`` rows each (key, shard, _shard_rows)."""
+
+    expands: ClassVar[bool] = True
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        keys, shards, totals = [], [], []
+        for row in batch.to_pylist():
+            n = int(row["length"])
+            name = S.shard_name(int(row["shard_id"]))
+            keys += [f"{name}{i:04d}" for i in range(n)]
+            shards += [name] * n
+            totals += [n] * n
+        return pa.table({S.KEY: keys, S.SHARD: shards, S.SHARD_ROWS: pa.array(totals, pa.int64())})
+
+
+@dataclass
+class Probe(Stage):
+    """Stateful: adds ``probe_pid``, ``probe_gpus`` (``ray.get_gpu_ids()`` under Ray, else
+    ``CUDA_VISIBLE_DEVICES``) and ``probe_rows`` (rows in the call)."""
+
+    stateful: ClassVar[bool] = True
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        try:
+            import ray
+
+            gpus = ",".join(str(g) for g in ray.get_gpu_ids()) if ray.is_initialized() else None
+        except ImportError:
+            gpus = None
+        if gpus is None:
+            gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        n = batch.num_rows
+        out = batch.append_column("probe_pid", pa.array([os.getpid()] * n, pa.int64()))
+        out = out.append_column("probe_gpus", pa.array([gpus] * n, pa.string()))
+        return out.append_column("probe_rows", pa.array([n] * n, pa.int64()))

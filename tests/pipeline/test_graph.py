@@ -1,0 +1,173 @@
+"""The stage graph (pipeline/graph.py) and how the schedulers cut and size it: declared once,
+fused into one task per shard, no single process on the row path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+import clip_model
+from pipeline import schema as S
+from pipeline.config import (
+    DownloadJobConfig,
+    EmbedConfig,
+    FilterConfig,
+    ReadConfig,
+    ShardConfig,
+    WriteConfig,
+)
+from pipeline.graph import Segment, build_download_graph, build_job_graph, model_spec, segments
+from pipeline.schedulers.local import LocalScheduler
+from pipeline.schedulers.ray_data import RayDataScheduler
+
+
+def _job_graph(embed: EmbedConfig | None = None) -> Any:
+    model, _ = clip_model.create_model("tiny-synthetic", "synthetic")
+    cfg = DownloadJobConfig(read=ReadConfig(url_list="unused"), shard=ShardConfig(output_folder="/tmp/none"))
+    return build_job_graph(cfg, model_spec(model), embed or EmbedConfig(num_gpus=0.0), WriteConfig(output_folder="/tmp/o"),
+                           FilterConfig())
+
+
+def test_the_job_is_one_fused_task_per_shard_then_the_model_then_the_writer() -> None:
+    g = _job_graph()
+    fresh = segments(g.sources["download"])
+    assert [s.name for s in fresh] == ["ReadStage+DownloadStage+DecodeStage+ShardStage+TokenizeStage"]
+    assert [s.name for s in segments(g.sources["reread"])] == ["RereadStage+TokenizeStage"]
+    tail = segments(g.tail)
+    assert [(s.name, s.stateful) for s in tail] == [("EmbedStage", True), ("WriteStage", False)]
+    # The fused task asks for what its hungriest stage declares, and runs the network-bound
+    # head (read + download) ahead of the rest on a local worker.
+    assert fresh[0].resources.num_cpus == 1.0 and fresh[0].io_bound_prefix == 2
+    # Decode makes the model's input (decode once) with the model's own preprocessing.
+    decode = next(s for s in g.sources["download"] if s.name == "DecodeStage")
+    assert decode.model_input == clip_model.create_model("tiny-synthetic", "synthetic")[1]
+
+
+def test_download_graph_has_no_model() -> None:
+    cfg = DownloadJobConfig(read=ReadConfig(url_list="x"), shard=ShardConfig(output_folder="/tmp/none"))
+    g = build_download_graph(cfg)
+    assert list(g.sources) == ["download"] and g.tail == []
+    decode = next(s for s in g.sources["download"] if s.name == "DecodeStage")
+    assert decode.model_input is None
+    assert [s.name for s in g.sources["download"]] == ["ReadStage", "DownloadStage", "DecodeStage", "ShardStage"]
+
+
+def test_segments_fuse_runs_between_stateful_stages() -> None:
+    g = _job_graph()
+    stages = [*g.sources["download"], *g.tail]
+    cut = segments(stages)
+    assert [len(s.stages) for s in cut] == [5, 1, 1]
+    assert all(isinstance(s, Segment) for s in cut)
+
+
+def test_local_pool_sizes_come_from_the_stage_or_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    embed = segments(_job_graph().tail)[0]
+    local = LocalScheduler(processes=2)
+    assert local.pool_size(embed) == 1  # on CPUs: one model worker, the other cores decode
+    gpu = segments(_job_graph(EmbedConfig(num_gpus=1.0)).tail)[0]
+    monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 4)
+    assert local.pool_size(gpu) == 4  # one per GPU
+    declared = segments(_job_graph(EmbedConfig(num_gpus=0.0, concurrency=(1, 3))).tail)[0]
+    assert local.pool_size(declared) == 3
+
+
+@pytest.fixture(scope="module")
+def ray_plan() -> Iterator[Any]:
+    """A loopback-only local Ray to build (not run) datasets on."""
+    import ray
+
+    from pipeline.ray_start import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _map_operators(ds: Any) -> list[Any]:
+    ops, node = [], ds._logical_plan.dag
+    while True:
+        if type(node).__name__ == "MapBatches":
+            ops.append(node)
+        if not node.input_dependencies:
+            break
+        node = node.input_dependencies[0]
+    return list(reversed(ops))
+
+
+@pytest.mark.parametrize("gpus", [0, 4])
+def test_no_row_path_operator_is_a_single_process(ray_plan: Any, monkeypatch: pytest.MonkeyPatch, gpus: int) -> None:
+    """Acceptance (issue 14.3): from the built Ray Data plan, every operator on the row path is
+    a task pool without a size limit or an actor pool that can grow past one."""
+    import ray
+
+    cluster = {"CPU": 16.0, **({"GPU": float(gpus)} if gpus else {})}
+    monkeypatch.setattr(RayDataScheduler, "resources", lambda self: cluster)
+    embed = EmbedConfig().with_gpus(gpus)
+    sched = RayDataScheduler()
+    rows = [{"shard_id": i, "path": "x", "start": 0, "length": 1} for i in range(3)]
+    ds, names = sched.build(_job_graph(embed), {"download": rows, "reread": rows[:1]})
+    ops = _map_operators(ds)
+    assert len(ops) == 3 and names[-2:] == ["EmbedStage", "WriteStage"]
+    for op in ops:
+        compute = op.compute
+        if isinstance(compute, ray.data.ActorPoolStrategy):
+            assert compute.max_size > 1, (op.name, compute.min_size, compute.max_size)
+            if gpus:
+                assert compute.max_size == gpus and compute.initial_size == gpus  # every GPU, from the start
+        else:
+            assert isinstance(compute, ray.data.TaskPoolStrategy) and compute.size is None, (op.name, compute)
+
+
+def _toy_graph(num_gpus: float) -> Any:
+    from pipeline.graph import Graph
+    from pipeline.stages.base import Resources
+    from testkit.toy_stages import MakeRows, Probe
+
+    return Graph({"src": [MakeRows(batch_size=1)]}, [Probe(resources=Resources(num_cpus=0.5, num_gpus=num_gpus))])
+
+
+def _shards(lengths: list[int]) -> list[dict[str, Any]]:
+    return [{"shard_id": i, "length": n} for i, n in enumerate(lengths)]
+
+
+def test_a_gpu_stage_gets_a_gpu_and_whole_shards_on_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Data wants a batch size for GPU operators; the scheduler still hands the stage one
+    whole shard per call (shards of different lengths included), on a GPU Ray assigned."""
+    import ray
+
+    from pipeline.ray_start import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)  # logical GPUs
+    try:
+        got: list[Any] = []
+        lengths = [7, 3, 7, 1, 5]
+        RayDataScheduler().run(_toy_graph(1.0), {"src": _shards(lengths)}, got.append)
+    finally:
+        ray.shutdown()
+    rows = pa.concat_tables(got).to_pylist()
+    assert sorted(r[S.KEY] for r in rows) == sorted(f"{S.shard_name(i)}{j:04d}" for i, n in enumerate(lengths) for j in range(n))
+    for r in rows:
+        assert r["probe_rows"] == r[S.SHARD_ROWS], r  # one whole shard per call
+        assert r["probe_gpus"] in ("0", "1"), r
+
+
+def test_local_model_workers_each_get_their_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 2)
+    got: list[Any] = []
+    lengths = [4, 4, 2, 4, 4, 4]
+    LocalScheduler(processes=2).run(_toy_graph(1.0), {"src": _shards(lengths)}, got.append)
+    rows = pa.concat_tables(got).to_pylist()
+    assert len(rows) == sum(lengths) and all(r["probe_rows"] == r[S.SHARD_ROWS] for r in rows)
+    by_pid: dict[int, set[str]] = {}
+    for r in rows:
+        by_pid.setdefault(r["probe_pid"], set()).add(r["probe_gpus"])
+    assert all(len(g) == 1 for g in by_pid.values())  # a worker keeps its device
+    assert set().union(*by_pid.values()) <= {"0", "1"}
+    assert len({next(iter(g)) for g in by_pid.values()}) == len(by_pid)  # no two share one

@@ -1,0 +1,138 @@
+"""A Ray the project starts itself listens on 127.0.0.1 only (issue 15, acceptance 4).
+
+Each entry point runs as a user would run it, without a Ray address, in a subprocess. While it
+runs, a thread reads ``/proc/net/tcp`` and ``/proc/net/tcp6`` and the socket links under
+``/proc/<pid>/fd`` of every process below it (GCS, raylet, agents, workers), and the test
+fails on any listening socket that is not on a loopback address.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.proc_sockets import ListenerWatch, descendants, listeners
+from testkit.http_server import FaultServer
+
+REPO = Path(__file__).resolve().parents[2]
+RAY_PROCESSES = {"gcs_server", "raylet"}
+
+
+def _env(ray_tmp: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    # A private temp dir: no other Ray on the machine is joined, none of ours is left behind.
+    env["RAY_TMPDIR"] = ray_tmp
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["PYTHONPATH"] = str(REPO)
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    return env
+
+
+def _run_watched(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, set]:
+    ray_tmp = tempfile.mkdtemp(prefix="ccl-", dir="/tmp")
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        watch = ListenerWatch(proc.pid, interval=0.1).start()
+        try:
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            seen = watch.stop()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out), seen | {("pids", frozenset(watch.pids))}
+
+
+def _check(result: subprocess.CompletedProcess, seen: set) -> None:
+    pids = next(s for s in seen if isinstance(s, tuple) and s[0] == "pids")[1]
+    rows = [s for s in seen if not isinstance(s, tuple)]
+    comms = {s.comm for s in rows}
+    # The watch must have seen Ray's own daemons listening, else it proves nothing.
+    assert RAY_PROCESSES <= comms, f"Ray daemons not observed (rc {result.returncode}):\n{result.stdout[-3000:]}"
+    assert len(pids) > 3
+    exposed = sorted(str(s) for s in rows if not s.loopback)
+    assert not exposed, "listening on non-loopback addresses:\n" + "\n".join(exposed)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.fixture(scope="module")
+def url_list(tmp_path_factory: pytest.TempPathFactory):
+    files = {}
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (64 + i, 48), (40 * i, 90, 200)).save(buf, "JPEG")
+        files[f"/img/{i}.jpg"] = buf.getvalue()
+    root = tmp_path_factory.mktemp("loopback")
+    with FaultServer(files=files) as srv:
+        # Slow answers keep the run going while the watch samples the workers' sockets.
+        urls = [srv.url(p, delay="1") for p in files]
+        pq.write_table(pa.table({"url": urls, "caption": [f"image {i}" for i in range(len(urls))]}),
+                       root / "urls.parquet")
+        yield root
+
+
+def test_proc_sockets_reads_addresses_of_one_process() -> None:
+    """The /proc reader itself: finds this process's sockets with the right addresses."""
+    a = socket.socket(socket.AF_INET)
+    b = socket.socket(socket.AF_INET6)
+    try:
+        a.bind(("127.0.0.2", 0))
+        a.listen()
+        b.bind(("::1", 0))
+        b.listen()
+        rows = listeners(descendants(os.getpid()))
+        mine = {(r.host, r.port) for r in rows if r.pid == os.getpid()}
+        assert ("127.0.0.2", a.getsockname()[1]) in mine
+        assert ("::1", b.getsockname()[1]) in mine
+        assert all(r.loopback for r in rows if r.pid == os.getpid())
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.slow
+def test_clipcurate_download_local_ray_listens_on_loopback_only(url_list: Path, tmp_path: Path) -> None:
+    result, seen = _run_watched(
+        [sys.executable, "-m", "pipeline.cli", "download", "--url_list", str(url_list / "urls.parquet"),
+         "--output_folder", str(tmp_path / "out"), "--allowed_networks", "127.0.0.1/32",
+         "--distributor", "ray", "--number_sample_per_shard", "3"],
+        REPO,
+    )
+    _check(result, seen)
+    assert (tmp_path / "out" / "00000.tar").exists()
+
+
+@pytest.mark.slow
+def test_job_run_directly_local_ray_listens_on_loopback_only(url_list: Path, tmp_path: Path) -> None:
+    # Without an address the job runs on local processes (no Ray at all); asked for the Ray
+    # scheduler it starts its own Ray, which must listen on loopback only.
+    result, seen = _run_watched(
+        [sys.executable, str(REPO / "jobs" / "embed_laion.py"), "--input", str(url_list / "urls.parquet"),
+         "--output", str(tmp_path / "out"), "--allowed-networks", "127.0.0.1/32",
+         "--number-sample-per-shard", "3", "--scheduler", "ray"],
+        REPO,
+    )
+    _check(result, seen)
+    assert (tmp_path / "out" / "embeddings" / "00000.parquet").exists()
+
+
+def test_joining_a_cluster_is_left_to_that_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only a Ray the project starts is made loopback-only: an address (given or in
+    $RAY_ADDRESS, as under ``ray job submit``) is joined as it is."""
+    from pipeline.ray_start import _will_start_local
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster recorded by `ray start` here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _will_start_local(None) is True
+    assert _will_start_local("local") is True
+    assert _will_start_local("10.0.0.5:6379") is False
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert _will_start_local(None) is False
