@@ -74,6 +74,7 @@ def test_chinese_captions_are_filtered_with_the_recall_of_english(job):
         dropped = [r for r in by_score if not r["_gt_caption_matches"]]
         wrongly = [r for r in by_score if r["_gt_caption_matches"]]
         stats[lang] = (len(dropped) / len(bad), len(wrongly) / len(good), len(bad))
+    print(f"(mismatch recall, matched dropped, mismatched) by caption language: {stats}")
     (rec_en, fp_en, n_en), (rec_zh, fp_zh, n_zh) = stats["en"], stats["zh"]
     assert n_en == n_zh >= 40  # the same mismatched rows in both languages
     assert rec_en >= 0.9 and rec_zh >= 0.9, stats
