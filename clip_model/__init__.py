@@ -6,6 +6,13 @@
         image_features = model.encode_image(preprocess(img)[None], normalize=True)
         text_features = model.encode_text(tokens, normalize=True)
 
+Besides CLIP's own towers: Chinese-CLIP folders, open_clip's HF-text architectures
+(``xlm-roberta-base-ViT-B-32`` ...), M-CLIP pairings (``text_model=`` a sentence-transformers
+folder) and ResNet + BERT towers trained by ``clip_model.train`` (``multilingual-synthetic``);
+those need ``pip install 'clipcurate[hf]'``. Every model has ``tokenizer.token_ids(texts)``,
+``tokenizer.pad_id``, ``embed_dim`` and ``preprocess_cfg``; ``encode_text`` takes ids
+right-padded with the pad id.
+
 Importing the package, ``clip_model.config``, ``clip_model.tokenizer`` (for token ids) or
 ``clip_model.transform.resize_crop_uint8`` does not import torch: the pipeline's CPU workers
 make model inputs and token ids with them, and a worker without a model never pays torch's
@@ -17,7 +24,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from .config import (
+    CLIPConfig,
+    HFTextConfig,
+    PreprocessConfig,
+    ResNetConfig,
+    TextConfig,
+    TowersConfig,
+    VisionConfig,
+)
 
 # name -> module that defines it, imported on first attribute access.
 _LAZY = {
@@ -33,8 +48,11 @@ _LAZY = {
 
 __all__ = [
     "CLIPConfig",
+    "HFTextConfig",
     "PreprocessConfig",
+    "ResNetConfig",
     "TextConfig",
+    "TowersConfig",
     "VisionConfig",
     *_LAZY,
 ]

@@ -12,7 +12,7 @@ import torch
 
 from . import pretrained as registry
 from .checkpoints import Checkpoint, CheckpointError, infer_config, read_checkpoint, same_shapes
-from .config import CLIPConfig, PreprocessConfig
+from .config import CLIPConfig, PreprocessConfig, TowersConfig
 from .model import CLIP
 
 QUICKGELU_SUFFIX = "-quickgelu"
@@ -22,34 +22,49 @@ _URI_RE = re.compile(r"^(https?|s3|package|file)://", re.IGNORECASE)
 
 
 @lru_cache(maxsize=1)
-def _registered_configs() -> dict[str, CLIPConfig]:
-    out = {}
+def _all_configs() -> dict[str, CLIPConfig | TowersConfig]:
+    out: dict[str, CLIPConfig | TowersConfig] = {}
     for path in sorted(_CONFIG_DIR.glob("*.json")):
         try:
-            out[path.stem] = CLIPConfig.from_dict(json.loads(path.read_text()))
+            d = json.loads(path.read_text())
+            out[path.stem] = TowersConfig.from_dict(d) if d.get("type") == "towers" else CLIPConfig.from_dict(d)
         except (ValueError, TypeError) as e:
             raise ValueError(f"bad architecture config {path}: {e}") from e
     return out
 
 
+def _registered_configs() -> dict[str, CLIPConfig]:
+    """The CLIP (causal BPE text tower) architectures."""
+    return {k: v for k, v in _all_configs().items() if isinstance(v, CLIPConfig)}
+
+
 def list_models() -> list[str]:
-    """Architecture names accepted by create_model: each config and its ``-quickgelu`` variant."""
+    """Architecture names accepted by create_model: each config, the ``-quickgelu`` variant of
+    each CLIP, and the towers architectures (HF text towers, ResNet + BERT)."""
     names = []
-    for name, cfg in _registered_configs().items():
+    for name, cfg in _all_configs().items():
         names.append(name)
-        if not cfg.quick_gelu:
+        if isinstance(cfg, CLIPConfig) and not cfg.quick_gelu:
             names.append(name + QUICKGELU_SUFFIX)
     return sorted(names)
 
 
-def get_model_config(model_name: str) -> CLIPConfig | None:
+def get_model_config(model_name: str) -> CLIPConfig | TowersConfig | None:
     """The registered architecture for ``model_name`` (``-quickgelu`` honoured), or None."""
-    configs = _registered_configs()
+    configs = _all_configs()
     if model_name in configs:
         return configs[model_name]
-    if model_name.endswith(QUICKGELU_SUFFIX) and model_name[: -len(QUICKGELU_SUFFIX)] in configs:
-        base = configs[model_name[: -len(QUICKGELU_SUFFIX)]]
+    base_name = model_name.removesuffix(QUICKGELU_SUFFIX)
+    if model_name.endswith(QUICKGELU_SUFFIX) and isinstance(configs.get(base_name), CLIPConfig):
+        base = configs[base_name]
         return CLIPConfig(base.embed_dim, base.vision, base.text, quick_gelu=True)
+    return None
+
+
+def _tower_name(cfg: TowersConfig) -> str | None:
+    for name, registered in _all_configs().items():
+        if isinstance(registered, TowersConfig) and registered.to_dict() == cfg.to_dict():
+            return name
     return None
 
 
@@ -107,6 +122,7 @@ def create_model(
     device: str | torch.device | None = None,
     precision: str | None = None,
     quick_gelu: bool | None = None,
+    text_model: str | Path | None = None,
 ) -> tuple[CLIP, PreprocessConfig]:
     """Build a CLIP model in eval mode and the PreprocessConfig its weights expect.
 
@@ -122,12 +138,29 @@ def create_model(
         suffix, the registry entry, the HF config, or - for a bare OpenAI-layout state dict
         given as model_name - QuickGELU, which every OpenAI release uses.
 
+    text_model: a folder holding a text tower to use instead of the architecture's own:
+        a sentence-transformers model (M-CLIP: multilingual DistilBERT + Dense) beside the
+        image tower of ``model_name`` / ``pretrained`` (e.g. "ViT-B-32", "openai"), or for
+        an HF-text architecture (e.g. "xlm-roberta-base-ViT-B-32") the folder with its text
+        config.json and tokenizer when they are not beside the weights.
+
+    model_name may also be a Chinese-CLIP folder (``ChineseCLIPModel.save_pretrained``), an
+    open_clip local-dir whose text tower is an HF model, or a tower checkpoint written by
+    clip_model.train; those and the HF-text architectures need ``clipcurate[hf]``.
+
     Sets ``model.name`` (architecture name) and ``model.weights_sha256`` (None when random).
+    Every model returned has ``encode_image``, ``encode_text`` (ids right-padded with
+    ``model.tokenizer.pad_id``), ``embed_dim``, ``tokenizer``, ``context_length``,
+    ``logit_scale`` and ``preprocess_cfg``.
     """
     precision = precision or "fp32"
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
     dev = _resolve_device(device)
+    tower = _create_tower(model_name, pretrained, quick_gelu, text_model)
+    if tower is not None:
+        tower = tower.to(device=dev, dtype=_PRECISIONS[precision]).eval()
+        return tower, tower.preprocess_cfg
 
     cfg = get_model_config(model_name)
     ckpt: Checkpoint | None = None
@@ -202,6 +235,49 @@ def create_model(
     return model, model.preprocess_cfg
 
 
+def _create_tower(
+    model_name: str, pretrained: str | None, quick_gelu: bool | None, text_model: str | Path | None
+):
+    """A TowerCLIP when the request names one, else None (a plain CLIP follows)."""
+    cfg = get_model_config(model_name)
+    text = None if text_model is None else str(text_model)
+    if isinstance(cfg, TowersConfig):
+        from . import tower_factory
+
+        return tower_factory.by_name(model_name, cfg, pretrained, text, _local)
+    if cfg is None and _looks_like_weights(model_name):
+        path = Path(model_name).expanduser()
+        if not _URI_RE.match(model_name) and path.exists():
+            from . import hf_formats, tower_factory
+
+            if (path.is_dir() and hf_formats.folder_kind(path) in
+                    ("chinese_clip", "open_clip", "sentence_transformers")) or (
+                    path.is_file() and tower_factory.is_tower_file(path)):  # fmt: skip
+                if pretrained is not None:
+                    raise ValueError("pretrained must be None when model_name is itself a weights path")
+                return tower_factory.from_path(path, text, _tower_name)
+    if text is not None:
+        # M-CLIP: this architecture's image tower, a sentence-transformers text tower.
+        from . import tower_factory
+
+        if cfg is None:
+            raise ValueError(f"text_model needs an image-tower architecture; {model_name!r} is not one")
+        weights, sha, pp = None, None, None
+        if pretrained is not None:
+            entry = registry.get_pretrained_entry(model_name, pretrained)
+            if entry is not None:
+                weights = Path(registry.fetch(entry.url, sha256=entry.sha256))
+                sha, pp = entry.sha256, entry.preprocess
+                if entry.quick_gelu and quick_gelu is None:
+                    cfg = _with_act(cfg, True)
+            else:
+                weights = _local(pretrained)
+        if quick_gelu is not None:
+            cfg = _with_act(cfg, quick_gelu)
+        return tower_factory.mclip_pairing(model_name, cfg, weights, sha, pp, Path(text))
+    return None
+
+
 def _load_weights(model: CLIP, sd: dict[str, torch.Tensor], name: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
@@ -235,10 +311,11 @@ def create_model_and_transforms(
     device: str | torch.device | None = None,
     precision: str | None = None,
     quick_gelu: bool | None = None,
+    text_model: str | Path | None = None,
 ) -> tuple[CLIP, Callable]:
     """Like create_model, but returns (model, preprocess): preprocess maps a PIL image to the
     model's float32 input tensor [3, S, S] (see clip_model.transform.image_transform)."""
     from .transform import image_transform
 
-    model, pp = create_model(model_name, pretrained, device, precision, quick_gelu)
+    model, pp = create_model(model_name, pretrained, device, precision, quick_gelu, text_model)
     return model, image_transform(pp)

@@ -54,6 +54,11 @@ class CLIP(nn.Module):
         return self.cfg.vision.image_size
 
     @property
+    def embed_dim(self) -> int:
+        """Size of the shared embedding space (columns of encode_image / encode_text)."""
+        return self.cfg.embed_dim
+
+    @property
     def tokenizer(self) -> Tokenizer:
         """The text tower's tokenizer at this model's context length: ``token_ids(texts)`` gives
         the ids :meth:`encode_text` takes once right-padded with ``pad_id``. Picklable and

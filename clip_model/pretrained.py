@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 # (tiny-synthetic.md) says how to reproduce it. Retraining changes the file and so this value.
 TINY_SYNTHETIC_SHA256: str | None = "936636acdb2e56eadbc046f85899c0512e8c599b7a342668384bea68484bd970"
 
+# sha256 of the bundled multilingual model (clip_model/weights/multilingual-synthetic.safetensors,
+# card: multilingual-synthetic.md).
+MULTILINGUAL_SYNTHETIC_SHA256: str | None = "60e56f2560a19f675e5b045e2efd5acf09239f9764d2db861c35b7c03d1054dd"
+
 CHUNK_SIZE = 1 << 20  # 1 MiB: large enough that hashing, not syscalls, dominates
 CACHE_ENV_VAR = "CLIPCURATE_CACHE"
 _USER_AGENT = "clipcurate/0.1 (+weights fetch)"
@@ -170,6 +174,30 @@ _TINY_SYNTHETIC = ModelDefaults(
 )
 
 
+# The multilingual towers' defaults, from the job's embeddings of labelled worlds
+# (bench/calibrate_model_defaults.py; clip_model/weights/multilingual-synthetic.md).
+_MULTILINGUAL_SYNTHETIC = ModelDefaults(
+    clip_score_threshold=0.407,
+    # The job's margin over neutral prompts does not suit this model (recall 0.95 costs 62 %
+    # false positives: it never saw a caption as bare as "a photo"); no calibrated moderation.
+    moderation=None,
+    # Different scenes reach cosine 0.998-0.999 while near copies start at 0.957: candidates at
+    # 0.95, each confirmed by the thumbnails' pixel check (bounds as for tiny-synthetic).
+    dedup_threshold=0.95,
+    dedup_pixel_check=True,
+    dedup_pixel_mean_max=4.5,
+    dedup_pixel_blob_max=23.0,
+    sources=(
+        "clip_score 0.407: bench/calibrate_model_defaults.py, world 5151 (mismatch recall 0.952, "
+        "2.8 % of matched dropped); world 6262: recall 0.922, 1.2 %",
+        "dedup candidates at cos>=0.95 (near copies 0.957-1.0, different scenes up to 0.999) "
+        "confirmed by 32x32 thumbnails: bench/calibrate_model_defaults.py",
+        "no moderation: the neutral-prompt margin separates hazard scenes at AUC 0.86 only "
+        "(plain cosine 0.98, threshold 0.426 in the card)",
+    ),
+)
+
+
 def _openai(arch: str, digest: str, filename: str, image_size: int = 224) -> PretrainedEntry:
     # OpenAI publishes each file under a directory named after its sha256, so the URL and the
     # pinned hash come from the same fact.
@@ -261,6 +289,19 @@ _ENTRIES: tuple[PretrainedEntry, ...] = (
         file_format="safetensors",
         notes="tiny model trained on the synthetic world; bundled with the package",
         defaults=_TINY_SYNTHETIC,
+    ),
+    PretrainedEntry(
+        arch="multilingual-synthetic",
+        tag="synthetic",
+        url="package://clip_model/weights/multilingual-synthetic.safetensors",
+        sha256=MULTILINGUAL_SYNTHETIC_SHA256,
+        preprocess=PreprocessConfig(image_size=64, mean=OPENAI_MEAN, std=OPENAI_STD),
+        quick_gelu=False,
+        file_format="safetensors",
+        notes="ResNet18-shaped (width 32) + 4-layer BERT towers trained on the synthetic world "
+        "with captions in English, Chinese, Russian and Hindi; bundled with the package "
+        "(needs clipcurate[hf])",
+        defaults=_MULTILINGUAL_SYNTHETIC,
     ),
 )
 

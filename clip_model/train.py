@@ -1,29 +1,30 @@
 """Contrastive (CLIP) training on the CPU: symmetric cross-entropy over the N x N logits.
 
-This module knows models, losses, optimisers and named recipes, but no data set: a recipe names
-its data provider as ``"module:function"``, imported only when that recipe runs. That keeps
-``clip_model`` free of any dependency on ``pipeline`` (the synthetic world that trains the bundled
-``tiny-synthetic`` model lives in ``testkit``), while the documented command
+This module knows models, losses, optimisers, checkpoints and named recipes (hyperparameters),
+but no synthetic data: data providers are handed in by the caller. Two come with the project:
 
-    python -m clip_model.train --recipe tiny-synthetic --out clip_model/weights/tiny-synthetic.safetensors --seed 0
+- a job's output: ``python -m clip_model.train --recipe R --data OUTPUT --out W`` streams the
+  WebDataset shards the job committed (local folder or s3://) and trains on the rows its
+  embeddings Parquet marks ``keep`` (``--all-rows``: every downloaded row), resumable from the
+  last checkpoint (clip_model.job_data);
+- the synthetic world that trains the bundled models lives in the test rig, whose entry point
+  hands its batches to :func:`run_recipe` (see the models' cards for the commands).
 
-still reproduces the bundled weights (it trains the ``tiny-synthetic-base`` recipe first, then the
-second stage from it; ``--init BASE.safetensors`` starts from a base file written earlier by
-``--recipe tiny-synthetic-base``, with the same result). A data factory is called as
-``factory(image_size=..., batch_size=..., seed=...)`` and returns ``batch(step) -> (images,
-tokens)``: images float32 [B, 3, S, S] normalised for the model, tokens int64 [B, L]; caption i
-describes image i. ``batch`` must be a pure function of ``step`` so that runs are reproducible.
+A data factory is called as ``factory(image_size=..., batch_size=..., seed=...,
+preprocess=model.preprocess_cfg, tokenizer=model.tokenizer)`` and returns ``batch(step) ->
+(images, tokens)``: images float32 [B, 3, S, S] normalised for the model, tokens int64 [B, L]
+right-padded with the tokenizer's pad id; caption i describes image i. ``batch`` must be a pure
+function of ``step``, so runs are reproducible and resume exactly.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -54,7 +55,6 @@ class Recipe:
         thread: on a small, shared CPU box several OpenMP threads spin against each other and
         run ~5x slower than one.
     data_workers: processes that build batches ahead of the optimiser (0: in the loop).
-    data: "module:function" data factory (see the module docstring).
     init: name of the recipe whose trained weights this one starts from (None: a seeded random
         init). The base's weights enter this stage rounded to float16, exactly as its saved file
         holds them, so training the base in the same run or loading its file gives the same
@@ -74,7 +74,6 @@ class Recipe:
     grad_clip: float | None = 1.0
     threads: int = 1
     data_workers: int = 1
-    data: str = ""
     init: str | None = None
 
     def __post_init__(self) -> None:
@@ -96,7 +95,6 @@ _TINY_BASE = Recipe(
     min_lr=1e-5,
     warmup_steps=50,
     weight_decay=0.1,
-    data="testkit.train_tiny:synthetic_batches",
 )
 RECIPES: dict[str, Recipe] = {
     _TINY_BASE.name: _TINY_BASE,
@@ -107,8 +105,43 @@ RECIPES: dict[str, Recipe] = {
         name="tiny-synthetic",
         steps=2000,
         warmup_steps=30,
-        data="testkit.train_tiny:shape_set_batches",
         init=_TINY_BASE.name,
+    ),
+    # A ResNet18-shaped image tower (width 32) and a 4-layer BERT with Flickr30k-style projection
+    # heads and a learned temperature (clip_model/configs/multilingual-synthetic.json).
+    "multilingual-synthetic-base": Recipe(
+        name="multilingual-synthetic-base",
+        model="multilingual-synthetic",
+        steps=1800,
+        batch_size=128,
+        lr=1e-3,
+        min_lr=1e-5,
+        warmup_steps=60,
+        weight_decay=0.1,
+    ),
+    # Stage 2 (the bundled weights): the base, then batches whose twins mostly differ by the
+    # hazard sign, which the base tells apart less well than it matches captions.
+    "multilingual-synthetic": Recipe(
+        name="multilingual-synthetic",
+        model="multilingual-synthetic",
+        steps=500,
+        batch_size=128,
+        lr=3e-4,
+        min_lr=1e-5,
+        warmup_steps=20,
+        weight_decay=0.1,
+        init="multilingual-synthetic-base",
+    ),
+    # The same towers for short runs on a job's output (DataComp-style comparisons, CI).
+    "towers-small": Recipe(
+        name="towers-small",
+        model="multilingual-synthetic",
+        steps=600,
+        batch_size=64,
+        lr=1e-3,
+        min_lr=1e-5,
+        warmup_steps=30,
+        weight_decay=0.1,
     ),
 }
 
@@ -170,20 +203,43 @@ def train(
     *,
     log: Callable[[str], None] | None = None,
     log_every: int = 50,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 200,
+    run_id: str = "",
 ) -> TrainResult:
     """Train ``model`` in place (fp32, on the model's device) for ``recipe.steps`` steps.
 
-    model: a clip_model CLIP (anything with encode_image, encode_text and logit_scale).
+    model: any clip_model model (encode_image, encode_text, logit_scale).
     batch: step -> (images [B, 3, S, S] float32, tokens [B, L] int64).
+    checkpoint_dir: when given, the model, optimiser, step, losses and torch RNG state are saved
+        there every ``checkpoint_every`` steps (``last.pt``, written atomically), and a run that
+        finds a checkpoint of the same ``run_id`` there resumes from it: the batches are a pure
+        function of the step, so the resumed run ends where an uninterrupted one would.
     """
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(
         _param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas, eps=recipe.eps
     )
-    model.train()
     losses: list[float] = []
+    first = 0
+    ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "last.pt"
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("run_id") != run_id:
+            raise ValueError(
+                f"{ckpt_path} belongs to another run ({state.get('run_id')!r}, this is "
+                f"{run_id!r}); use another --checkpoint-dir or remove it"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        first, losses = int(state["step"]), [float(x) for x in state["losses"]]
+        if log is not None:
+            log(f"resumed from {ckpt_path} at step {first}/{recipe.steps}")
+    model.train()
     start = time.perf_counter()
-    for step, (images, tokens) in enumerate(_prefetch(batch, recipe.steps, recipe.data_workers)):
+    batches = _prefetch(batch, first, recipe.steps, recipe.data_workers)
+    for step, (images, tokens) in zip(range(first, recipe.steps), batches, strict=False):
         lr = learning_rate(recipe, step)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -205,28 +261,48 @@ def train(
                 f"lr {lr:.2e} temp {model.logit_scale.exp().item():.1f} "
                 f"{time.perf_counter() - start:.0f}s"
             )
+        done = step + 1
+        if ckpt_path is not None and (done % checkpoint_every == 0 or done == recipe.steps):
+            _save_checkpoint(ckpt_path, model, opt, done, losses, run_id)
     model.eval()
     return TrainResult(losses=losses, seconds=time.perf_counter() - start)
 
 
-class _Steps(torch.utils.data.Dataset):
-    """Index i -> batch(i): lets a DataLoader build batches in worker processes, in order."""
+def _save_checkpoint(
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float], run_id: str
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(
+        {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "losses": torch.tensor(losses, dtype=torch.float64), "rng": torch.get_rng_state(),
+            "run_id": run_id,
+        },
+        tmp,
+    )  # fmt: skip
+    tmp.replace(path)
 
-    def __init__(self, batch: BatchFn, steps: int) -> None:
-        self.batch, self.steps = batch, steps
+
+class _Steps(torch.utils.data.Dataset):
+    """Index i -> batch(first + i): lets a DataLoader build batches in worker processes, in
+    order."""
+
+    def __init__(self, batch: BatchFn, first: int, steps: int) -> None:
+        self.batch, self.first, self.steps = batch, first, steps
 
     def __len__(self) -> int:
-        return self.steps
+        return self.steps - self.first
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.batch(step)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch(self.first + i)
 
 
-def _prefetch(batch: BatchFn, steps: int, workers: int):
+def _prefetch(batch: BatchFn, first: int, steps: int, workers: int):
     if workers <= 0:
-        return (batch(step) for step in range(steps))
+        return (batch(step) for step in range(first, steps))
     return torch.utils.data.DataLoader(
-        _Steps(batch, steps),
+        _Steps(batch, first, steps),
         batch_size=None,
         num_workers=workers,
         prefetch_factor=2,
@@ -237,17 +313,6 @@ def _prefetch(batch: BatchFn, steps: int, workers: int):
 def _one_thread(_worker_id: int) -> None:
     # The worker only renders images; keep torch from spawning threads that fight the trainer.
     torch.set_num_threads(1)
-
-
-def load_data_factory(spec: str) -> DataFactory:
-    """Resolve ``"package.module:function"`` to the function (imported now, not before)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"data provider must look like 'module:function', got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attr, None)
-    if not callable(factory):
-        raise ValueError(f"{spec!r} does not name a callable")
-    return factory
 
 
 def save_weights(
@@ -271,20 +336,43 @@ def save_weights(
     return path
 
 
+def _factory_for(recipe: Recipe, data: DataFactory | Mapping[str, DataFactory]) -> DataFactory:
+    if callable(data):
+        return data
+    if recipe.name not in data:
+        raise ValueError(f"no data provider for recipe {recipe.name}; have {sorted(data)}")
+    return data[recipe.name]
+
+
+def build_model(recipe: Recipe) -> nn.Module:
+    """The recipe's architecture with a random init (seed the torch RNG first)."""
+    from .factory import create_model
+
+    model, _ = create_model(recipe.model, device="cpu")
+    return model
+
+
 def run_recipe(
     recipe: Recipe,
     seed: int,
+    data: DataFactory | Mapping[str, DataFactory],
     *,
     log: Callable[[str], None] | None = None,
     init: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 200,
+    run_id: str | None = None,
+    log_every: int = 50,
 ) -> tuple[nn.Module, TrainResult]:
-    """Build the recipe's model and train it on its data provider.
+    """Build the recipe's model and train it on ``data``: a data factory, or recipe name ->
+    factory (a recipe with a base recipe trains the base first on the base's own factory).
 
     The model starts from a seeded random init, or for a recipe with ``init`` from its base
     recipe's weights: read from ``init`` (a file the base recipe wrote, float16) when given,
-    else trained here first with the same seed.
+    else trained here first with the same seed. ``checkpoint_dir``: see :func:`train` (the
+    base of a two-stage recipe is not checkpointed).
     """
-    from .factory import create_model_and_transforms
+    from .factory import create_model
 
     if init is not None and recipe.init is None:
         raise ValueError(
@@ -293,11 +381,11 @@ def run_recipe(
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(seed)
     if recipe.init is None:
-        model, _ = create_model_and_transforms(recipe.model)
+        model = build_model(recipe)
     elif init is not None:
-        model, _ = create_model_and_transforms(recipe.model, pretrained=str(init))
+        model, _ = create_model(recipe.model, pretrained=str(init), device="cpu")
     else:
-        model, base = run_recipe(RECIPES[recipe.init], seed, log=log)
+        model, base = run_recipe(RECIPES[recipe.init], seed, data, log=log)
         if log is not None:
             log(f"base recipe {recipe.init} done in {base.seconds:.0f}s")
         with torch.no_grad():
@@ -305,42 +393,113 @@ def run_recipe(
                 if t.is_floating_point():
                     t.copy_(t.to(torch.float16))
     model = model.float()
-    factory = load_data_factory(recipe.data)
-    batch = factory(image_size=model.image_size, batch_size=recipe.batch_size, seed=seed)
-    return model, train(model, batch, recipe, log=log)
+    factory = _factory_for(recipe, data)
+    batch = factory(
+        image_size=model.image_size, batch_size=recipe.batch_size, seed=seed,
+        preprocess=getattr(model, "preprocess_cfg", None), tokenizer=model.tokenizer,
+    )  # fmt: skip
+    rid = run_id if run_id is not None else json.dumps([asdict(recipe), seed])
+    result = train(
+        model, batch, recipe, log=log, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, run_id=rid, log_every=log_every,
+    )  # fmt: skip
+    return model, result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m clip_model.train", description=__doc__.split("\n")[0]
-    )
+def weights_metadata(model: nn.Module, recipe: Recipe, seed: int, result: TrainResult) -> dict[str, str]:
+    """The safetensors header of trained weights: the recipe, the seed, the final loss, and for
+    tower models their architecture, tokenizer and preprocessing (so the file loads alone).
+    Only deterministic facts, so a re-run writes the same header."""
+    meta = {
+        "recipe": json.dumps(asdict(recipe)),
+        "seed": str(seed),
+        "final_loss": f"{sum(result.losses[-50:]) / len(result.losses[-50:]):.4f}",
+    }
+    from .hf_model import TowerCLIP
+
+    if isinstance(model, TowerCLIP):
+        from .hf_formats import tower_metadata
+
+        meta.update(tower_metadata(model))
+    return meta
+
+
+def parser(prog: str = "python -m clip_model.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="override the recipe's step count")
-    p.add_argument("--data", help="override the recipe's data provider (module:function)")
+    p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    p.add_argument("--threads", type=int, help="override the recipe's torch threads")
+    p.add_argument(
+        "--data",
+        help="a job's output (folder or s3://bucket/prefix): train on its committed shards' "
+        "rows marked keep",
+    )
+    p.add_argument(
+        "--all-rows", action="store_true",
+        help="with --data: every downloaded row (status ok), not only those marked keep",
+    )  # fmt: skip
     p.add_argument(
         "--init",
         help="weights file the recipe's base recipe wrote (skips training the base here)",
     )
+    p.add_argument(
+        "--checkpoint-dir",
+        help="save a resumable checkpoint here every --checkpoint-every steps; a re-run of the "
+        "same command resumes from it (default: <out>.ckpt)",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=50, help="steps per progress line (mean loss over them)")
     p.add_argument("--fp32", action="store_true", help="store float32 instead of float16")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    providers: Mapping[str, DataFactory] | None = None,
+    prog: str = "python -m clip_model.train",
+) -> int:
+    """The command line. ``providers`` (recipe name -> data factory) is how a caller that owns
+    data (the test rig's synthetic world) runs a recipe; without it, ``--data`` is required."""
+    a = parser(prog).parse_args(argv)
     recipe = RECIPES[a.recipe]
     if a.steps is not None:
         recipe = replace(recipe, steps=a.steps, warmup_steps=min(recipe.warmup_steps, a.steps - 1))
-    if a.data:
-        recipe = replace(recipe, data=a.data)
+    if a.batch_size is not None:
+        recipe = replace(recipe, batch_size=a.batch_size)
+    if a.threads is not None:
+        recipe = replace(recipe, threads=a.threads)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    model, result = run_recipe(recipe, a.seed, log=log, init=a.init)
-    # Only deterministic facts go in the header, so a re-run writes a byte-identical file.
-    meta = {
-        "recipe": json.dumps(asdict(recipe)),
-        "seed": str(a.seed),
-        "final_loss": f"{sum(result.losses[-50:]) / len(result.losses[-50:]):.4f}",
-    }
+    data: DataFactory | Mapping[str, DataFactory]
+    if a.data:
+        if recipe.init is not None and a.init is None:
+            raise SystemExit(f"recipe {recipe.name} has a base recipe: with --data pass --init BASE")
+        from .job_data import job_output_batches
+
+        def data(**kw):
+            return job_output_batches(a.data, keep_only=not a.all_rows, log=log, **kw)
+    elif providers:
+        data = providers
+    else:
+        raise SystemExit(
+            f"recipe {recipe.name}: no --data given; pass a job output (folder or s3://) to "
+            "train on what the job kept"
+        )
+    ckpt = a.checkpoint_dir or (a.out + ".ckpt")
+    model, result = run_recipe(
+        recipe, a.seed, data, log=log, init=a.init, checkpoint_dir=ckpt,
+        checkpoint_every=a.checkpoint_every, log_every=a.log_every,
+        run_id=json.dumps([asdict(recipe), a.seed, a.data, a.all_rows]),
+    )  # fmt: skip
+    meta = weights_metadata(model, recipe, a.seed, result)
+    if a.data:
+        meta["data"] = a.data + (" (all rows)" if a.all_rows else " (kept rows)")
     out = save_weights(
         model, a.out, dtype=torch.float32 if a.fp32 else torch.float16, metadata=meta
     )

@@ -9,7 +9,8 @@ PIL images. The runtime has no torchvision, so the same arithmetic is written ou
   filter, which always antialiases when shrinking. An image already at that size is left
   untouched. ("squash": both sides become S, no crop.)
 - CenterCrop: offsets ``int(round((side - S) / 2))`` -- Python's round, so an odd excess
-  of 1 crops at 0 and of 3 at 2.
+  of 1 crops at 0 and of 3 at 2 (``crop_rounding="floor"``: ``(side - S) // 2``, as
+  transformers' image processors crop).
 - Conversion to RGB happens after resize and crop, in the image's own mode, because
   resampling RGBA/CMYK/L/P before converting gives (slightly) different pixels than
   converting first and the weights were evaluated with this order. Alpha is dropped, not
@@ -76,8 +77,11 @@ def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.resize_mode == "shortest":
         # After a shortest-side resize both sides are >= S, so the crop never needs padding.
         new_width, new_height = new_size
-        left = int(round((new_width - size) / 2.0))
-        top = int(round((new_height - size) / 2.0))
+        if cfg.crop_rounding == "floor":
+            left, top = (new_width - size) // 2, (new_height - size) // 2
+        else:
+            left = int(round((new_width - size) / 2.0))
+            top = int(round((new_height - size) / 2.0))
         if (new_width, new_height) != (size, size):
             img = img.crop((left, top, left + size, top + size))
     rgb = img.convert("RGB")

@@ -295,9 +295,14 @@ class EmbedConfig:
         _check(bool(self.model), section, "model", "must name an architecture or weights file")
         # "synthetic" is the default pretrained only because tiny-synthetic is the default model;
         # a user who names another model and not its weights must not get a baffling load error.
-        _check(self.pretrained != "synthetic" or self.model == "tiny-synthetic", section, "pretrained",
-               f"'synthetic' is the bundled tiny-synthetic model's weights; give {self.model}'s weights "
-               "(a tag such as openai, a path, URL or s3:// URI) or none for random weights")
+        # The registry says which models have bundled synthetic-world weights.
+        from clip_model.pretrained import get_pretrained_entry
+
+        _check(self.pretrained != "synthetic" or get_pretrained_entry(self.model, "synthetic") is not None,
+               section, "pretrained",
+               f"'synthetic' names the bundled synthetic-world weights of tiny-synthetic and "
+               f"multilingual-synthetic only; give {self.model}'s weights (a tag such as openai, a "
+               "path, URL or s3:// URI) or none for random weights")
         _check(
             self.precision in _PRECISIONS,
             section,

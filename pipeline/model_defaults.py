@@ -58,7 +58,7 @@ def embedding_dim(model: str, pretrained: str | None) -> int:
     from pipeline.stages.embed import load_model
 
     loaded, _ = load_model(model, pretrained)
-    return int(loaded.text_projection.shape[1])
+    return int(loaded.embed_dim)
 
 
 def moderation_calibrated(cfg: JobConfig) -> bool:

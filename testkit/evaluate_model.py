@@ -24,6 +24,10 @@ prints one JSON object:
   pairs of original rows with different descriptions.
 - ``shape_acc_by_group``: ``shape_acc`` split by the group's count and size ("1 large", "3
   small", ...), where a model still mixes shapes up (small groups of two or three are hardest).
+- ``match_auc_by_language`` (worlds with ``--languages``): ``match_auc`` over each caption
+  language's rows.
+
+    python -m testkit.evaluate_model --model multilingual-synthetic --rows 800 --seed 4242 --languages en=1,zh=1,ru=1,hi=1
 """
 
 from __future__ import annotations
@@ -221,6 +225,13 @@ def evaluate_world(
     clip_score = (img * cap).sum(1).numpy()
     matched = np.array([r["_gt_caption_matches"] for r in rows])
     match_rows = orig & ~gray
+    scores = {"clip_score": clip_score[match_rows], "matched": matched[match_rows]}
+    by_language = {}
+    if rows and "_gt_language" in rows[0]:
+        lang = np.array([r["_gt_language"] for r in rows])
+        for code in sorted(set(lang)):
+            sel = match_rows & (lang == code)
+            by_language[code] = roc_auc(clip_score[sel], matched[sel])
 
     hazard_score = (img @ hazard).numpy()
     unsafe = np.array([r["_gt_unsafe"] for r in rows])
@@ -252,6 +263,8 @@ def evaluate_world(
         "hazard_auc_unmentioned": roc_auc(hazard_score[unmentioned_rows], unsafe[unmentioned_rows]),
         "neardup_auc": roc_auc(pos + neg, [True] * len(pos) + [False] * len(neg)),
         "shape_acc_by_group": by_group,
+        **({"match_auc_by_language": by_language} if by_language else {}),
+        "_scores": scores,
         "counts": {
             "rows": len(rows),
             "single_group": int(single.sum()),
@@ -275,14 +288,39 @@ def evaluate(
     rows: int,
     seed: int,
     workdir: str | Path | None = None,
+    languages: dict[str, float] | str | None = None,
 ) -> dict:
-    """Generate a world of ``rows`` rows from ``seed`` (with :data:`EVAL_KNOBS`) in ``workdir``
-    (a temporary folder by default) and return :func:`evaluate_world`'s metrics."""
+    """Generate a world of ``rows`` rows from ``seed`` (with :data:`EVAL_KNOBS`, captions in
+    ``languages``) in ``workdir`` (a temporary folder by default) and return
+    :func:`evaluate_world`'s metrics."""
     with tempfile.TemporaryDirectory(prefix="clipcurate-eval-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
-        table = generate_world(root, rows, seed, "http://127.0.0.1/", **EVAL_KNOBS)
+        table = generate_world(root, rows, seed, "http://127.0.0.1/", languages=languages, **EVAL_KNOBS)
         model.eval()
         return evaluate_world(model, preprocess, tokenize, table, root)
+
+
+def clip_score_threshold(
+    scores: np.ndarray, matched: np.ndarray, target_recall: float = 0.95
+) -> dict:
+    """The clip_score below which a caption counts as a mismatch, chosen so that
+    ``target_recall`` of the mismatched captions fall below it: the smallest score above the
+    ``target_recall`` quantile of mismatched scores. Returns the threshold (rounded up to 3
+    decimals), the recall it reaches and the share of matched captions it would drop."""
+    s = np.asarray(scores, np.float64)
+    m = np.asarray(matched, bool)
+    bad = np.sort(s[~m])
+    if bad.size == 0 or m.sum() == 0:
+        raise ValueError("calibration needs matched and mismatched captions")
+    k = min(bad.size - 1, int(np.ceil(target_recall * bad.size)) - 1)
+    threshold = float(np.ceil((bad[k] + 1e-9) * 1000) / 1000)
+    return {
+        "threshold": threshold,
+        "mismatch_recall": float((bad < threshold).mean()),
+        "matched_dropped": float((s[m] < threshold).mean()),
+        "mismatched": int(bad.size),
+        "matched": int(m.sum()),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -297,15 +335,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=400)
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also report the clip_score threshold reaching --target-recall of mismatches")
+    p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--languages", default=None,
+                   help="caption languages of the world, e.g. 'en=1,zh=1,ru=1,hi=1' (default English)")  # fmt: skip
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     pretrained = a.pretrained
-    if pretrained is None and a.model == "tiny-synthetic":
+    if pretrained is None and a.model in ("tiny-synthetic", "multilingual-synthetic"):
         pretrained = "synthetic"
+    languages = None
+    if a.languages:
+        languages = {k: float(v) for k, _, v in (x.partition("=") for x in a.languages.split(","))}
     start = time.perf_counter()
     model, preprocess = clip_model.create_model_and_transforms(a.model, pretrained=pretrained)
-    metrics = evaluate(model, preprocess, clip_model.tokenize, rows=a.rows, seed=a.seed)
+    metrics = evaluate(
+        model, preprocess, model.tokenizer, rows=a.rows, seed=a.seed, languages=languages
+    )
+    scores = metrics.pop("_scores")
+    if a.calibrate:
+        metrics["clip_score_calibration"] = clip_score_threshold(
+            scores["clip_score"], scores["matched"], a.target_recall
+        )
     metrics.update(
         model=a.model,
         pretrained=pretrained,

@@ -31,6 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageOps
 
+from .languages import LANGUAGES, CaptionPlan, GroupPlan
+from .languages import render as render_in
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 PLURALS: dict[str, str] = {
     "circle": "circles",
@@ -260,47 +263,82 @@ def sample_scenes(
     return scenes
 
 
-def caption(scene: Scene, rng: random.Random, *, mention_hazard: bool | None = None) -> str:
-    """A varied, truthful caption of ``scene`` (alt-text style).
+_JOINERS = (" and ", ", ", " with ")
+_PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ", "a drawing of ", "clip art: ")
 
-    Colour, shape and count of every group are always named; size, position and background are
-    sometimes left out, as people do. ``mention_hazard`` None mentions a present hazard with
-    probability 0.5; True/False force it (ignored when the scene has no hazard).
-    """
+
+def plan_caption(
+    scene: Scene, rng: random.Random, *, mention_hazard: bool | None = None
+) -> CaptionPlan:
+    """Every random choice of a caption of ``scene``, drawn in the order and with the ranges
+    :func:`caption` always used, so any language renders the same choices."""
     groups = list(scene.groups)
     if len(groups) == 2 and rng.random() < 0.5:
         groups.reverse()
+    plans = []
+    for g in groups:
+        count_word = rng.choice(range(len(COUNT_WORDS[g.count])))
+        with_size = rng.random() < 0.75
+        with_position = rng.random() < 0.8
+        plans.append(
+            GroupPlan(g.shape, g.color, g.count, g.size, g.position, count_word, with_size,
+                      with_position)
+        )  # fmt: skip
+    joiner = rng.choice(range(len(_JOINERS))) if len(plans) > 1 else 0
+    hazard = None
+    if scene.hazard and (rng.random() < 0.5 if mention_hazard is None else mention_hazard):
+        hazard = rng.choice(range(len(HAZARD_PHRASES)))
+    template = None if rng.random() < 0.15 else rng.choice(range(4))
+    prefix = rng.choice(range(len(_PREFIXES)))
+    return CaptionPlan(tuple(plans), joiner, hazard, template, prefix, scene.background)
+
+
+def render_caption(plan: CaptionPlan, language: str = "en") -> str:
+    """The caption ``plan`` in ``language`` (one of :data:`LANGUAGES`)."""
+    if language != "en":
+        return render_in(plan, language)
     phrases = [
         group_phrase(
-            g,
-            rng.choice(COUNT_WORDS[g.count]),
-            with_size=rng.random() < 0.75,
-            with_position=rng.random() < 0.8,
+            ObjectGroup(g.shape, g.color, g.count, g.size, g.position),
+            COUNT_WORDS[g.count][g.count_word],
+            with_size=g.with_size,
+            with_position=g.with_position,
         )
-        for g in groups
+        for g in plan.groups
     ]
-    objects = (
-        phrases[0] if len(phrases) == 1 else rng.choice((" and ", ", ", " with ")).join(phrases)
-    )
-    if scene.hazard and (rng.random() < 0.5 if mention_hazard is None else mention_hazard):
-        objects += " " + rng.choice(HAZARD_PHRASES)
-    bg = scene.background
+    objects = _JOINERS[plan.joiner].join(phrases)
+    if plan.hazard_phrase is not None:
+        objects += " " + HAZARD_PHRASES[plan.hazard_phrase]
+    bg = plan.background
     a_bg = _article("a", bg)
-    if rng.random() < 0.15:
+    if plan.template is None:
         body = objects
     else:
-        body = rng.choice(
-            (
-                f"{objects} on {a_bg} {bg} background",
-                f"{a_bg} {bg} background with {objects}",
-                f"{objects}, {bg} background",
-                f"{objects} against a plain {bg} backdrop",
-            )
-        )
-    prefix = rng.choice(
-        ("", "", "a photo of ", "an image of ", "a picture of ", "a drawing of ", "clip art: ")
-    )
-    return prefix + body
+        body = (
+            f"{objects} on {a_bg} {bg} background",
+            f"{a_bg} {bg} background with {objects}",
+            f"{objects}, {bg} background",
+            f"{objects} against a plain {bg} backdrop",
+        )[plan.template]
+    return _PREFIXES[plan.prefix] + body
+
+
+def caption(
+    scene: Scene,
+    rng: random.Random,
+    *,
+    mention_hazard: bool | None = None,
+    language: str = "en",
+) -> str:
+    """A varied, truthful caption of ``scene`` (alt-text style) in ``language``.
+
+    Colour, shape and count of every group are always named; size, position and background are
+    sometimes left out, as people do. ``mention_hazard`` None mentions a present hazard with
+    probability 0.5; True/False force it (ignored when the scene has no hazard). The random
+    choices do not depend on the language: the same rng state gives the same caption in every
+    language.
+    """
+    return render_caption(plan_caption(scene, rng, mention_hazard=mention_hazard), language)
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -566,6 +604,7 @@ def generate_world(
     formats: Mapping[str, float] | None = None,
     min_side: int = 256,
     max_side: int = 1024,
+    languages: Mapping[str, float] | str | None = None,
 ) -> pa.Table:
     """Write ``rows`` images under ``out_dir/images/`` and the URL list ``out_dir/urls.parquet``.
 
@@ -580,7 +619,11 @@ def generate_world(
     second_object_rate: share of scenes with a second object group.
     formats: format -> weight (keys from :data:`FORMATS`); default :data:`DEFAULT_FORMAT_MIX`.
     min_side, max_side: range of the longer image side in pixels ("large" images: 1500-4000).
-    Returns the URL list as a table with schema :data:`GT_SCHEMA`.
+    languages: caption language(s): one of :data:`LANGUAGES`, or language -> weight for a mix
+        drawn per row. Images, mismatches, hazards and duplicates do not depend on it (the
+        same seed gives the same rows in every language); None (default) is English and the
+        classic schema, otherwise the table gains ``_gt_language``.
+    Returns the URL list as a table with schema :data:`GT_SCHEMA` (+ ``_gt_language``).
     """
     for name, value in (
         ("mismatch_rate", mismatch_rate),
@@ -601,6 +644,15 @@ def generate_world(
         raise ValueError(
             f"formats must map names from {FORMATS} to non-negative weights, got {mix}"
         )
+
+    lang_mix = _language_mix(languages)
+    lang_rng = random.Random(f"languages-{seed}")
+
+    def pick_language() -> str:
+        if lang_mix is None:
+            return "en"
+        names = list(lang_mix)
+        return lang_rng.choices(names, weights=[lang_mix[n] for n in names])[0]
 
     n_exact = round(rows * exact_dup_rate)
     n_near = round(rows * near_dup_rate)
@@ -627,17 +679,19 @@ def generate_world(
         mentions = scene.hazard and cap_rng.random() < hazard_caption_rate
         matches = cap_rng.random() >= mismatch_rate
         if matches:
-            text = caption(scene, cap_rng, mention_hazard=mentions)
+            lang = pick_language()
+            text = caption(scene, cap_rng, mention_hazard=mentions, language=lang)
         else:
             while True:
                 decoy = _sample_scene(decoy_rng, -1, unsafe_rate, second_object_rate)
                 if describe(decoy) not in descriptions and describe(decoy) != describe(scene):
                     break
             mentions = decoy.hazard and cap_rng.random() < hazard_caption_rate
-            text = caption(decoy, cap_rng, mention_hazard=mentions)
+            lang = pick_language()
+            text = caption(decoy, cap_rng, mention_hazard=mentions, language=lang)
         records.append(
             dict(scene=scene, caption=text, matches=matches, mentions=mentions, kind="", src=-1,
-                 transform="", fmt=fmt, width=w, height=h)
+                 transform="", fmt=fmt, width=w, height=h, language=lang)
         )  # fmt: skip
         payloads.append(data)
 
@@ -646,7 +700,8 @@ def generate_world(
         rec = records[src]
         scene = rec["scene"]
         mentions = scene.hazard and cap_rng.random() < hazard_caption_rate
-        text = caption(scene, cap_rng, mention_hazard=mentions)
+        lang = pick_language()
+        text = caption(scene, cap_rng, mention_hazard=mentions, language=lang)
         if i < n_exact:
             data, fmt, transform, (w, h) = (
                 payloads[src],
@@ -662,7 +717,7 @@ def generate_world(
             data, fmt, (w, h), kind = buf.getvalue(), "jpeg", near.size, "near"
         records.append(
             dict(scene=scene, caption=text, matches=True, mentions=mentions, kind=kind, src=src,
-                 transform=transform, fmt=fmt, width=w, height=h)
+                 transform=transform, fmt=fmt, width=w, height=h, language=lang)
         )  # fmt: skip
         payloads.append(data)
 
@@ -671,7 +726,8 @@ def generate_world(
     random.Random(f"order-{seed}").shuffle(order)
     new_index = {old: new for new, old in enumerate(order)}
     out = Path(out_dir)
-    columns: dict[str, list] = {f.name: [] for f in GT_SCHEMA}
+    schema = GT_SCHEMA if lang_mix is None else GT_SCHEMA.append(pa.field("_gt_language", pa.string()))
+    columns: dict[str, list] = {f.name: [] for f in schema}
     base = base_url if base_url.endswith("/") else base_url + "/"
     for new, old in enumerate(order):
         rec, data = records[old], payloads[old]
@@ -704,12 +760,26 @@ def generate_world(
             "_gt_color": first.color,
             "_gt_background": scene.background,
         }
+        if lang_mix is not None:
+            row["_gt_language"] = rec["language"]
         for k, v in row.items():
             columns[k].append(v)
-    table = pa.table(columns, schema=GT_SCHEMA)
+    table = pa.table(columns, schema=schema)
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out / "urls.parquet")
     return table
+
+
+def _language_mix(languages: Mapping[str, float] | str | None) -> dict[str, float] | None:
+    if languages is None:
+        return None
+    mix = {languages: 1.0} if isinstance(languages, str) else dict(languages)
+    unknown = set(mix) - set(LANGUAGES)
+    if unknown or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(
+            f"languages must be one of {LANGUAGES} or map them to non-negative weights, got {languages!r}"
+        )
+    return mix
 
 
 def _parse_formats(text: str) -> dict[str, float]:
@@ -743,6 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--second-object-rate", type=float, default=0.5)
     p.add_argument("--formats", type=_parse_formats, default=None,
                    help="format mix, e.g. 'jpeg=0.9,webp=0.1' (names: " + ", ".join(FORMATS) + ")")  # fmt: skip
+    p.add_argument("--languages", type=_parse_formats, default=None,
+                   help="caption languages, e.g. 'zh=1' or 'en=1,zh=1,ru=1,hi=1' (" + ", ".join(LANGUAGES) + ")")  # fmt: skip
     p.add_argument("--min-side", type=int, default=256)
     p.add_argument("--max-side", type=int, default=1024)
     a = p.parse_args(argv)
@@ -752,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mismatch_rate=a.mismatch_rate, exact_dup_rate=a.exact_dup_rate,
             near_dup_rate=a.near_dup_rate, unsafe_rate=a.unsafe_rate,
             hazard_caption_rate=a.hazard_caption_rate, second_object_rate=a.second_object_rate,
-            formats=a.formats, min_side=a.min_side, max_side=a.max_side,
+            formats=a.formats, min_side=a.min_side, max_side=a.max_side, languages=a.languages,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))

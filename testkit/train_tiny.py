@@ -1,10 +1,14 @@
-"""Training data for the bundled ``tiny-synthetic`` CLIP, drawn from the synthetic world.
+"""Training data for the bundled models (``tiny-synthetic``, ``multilingual-synthetic``), drawn
+from the synthetic world, and the entry point that trains them with clip_model.train's recipes:
 
-``clip_model.train``'s ``tiny-synthetic`` recipe names :func:`synthetic_batches` as its data
-provider, so ``clip_model`` itself never imports ``pipeline``. Images are rendered in memory at
-a small size, pushed through the same kinds of damage the world's files carry (JPEG re-encoding,
-small crops, rescaling) and preprocessed exactly as at inference, so that near duplicates embed
-close together and the model sees what the pipeline will show it.
+    python -m testkit.train_tiny --recipe tiny-synthetic --out clip_model/weights/tiny-synthetic.safetensors --seed 0
+
+(the same flags as ``python -m clip_model.train``; this module hands the recipe its synthetic
+data, so clip_model never names the test rig). Images are rendered in memory at a small size,
+pushed through the same kinds of damage the world's files carry (JPEG re-encoding, small crops,
+rescaling) and preprocessed exactly as at inference, so that near duplicates embed close
+together and the model sees what the pipeline will show it. Captions are tokenized with the
+model's own tokenizer; the multilingual recipe draws each caption's language at random.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +27,7 @@ from clip_model.config import PreprocessConfig
 from clip_model.tokenizer import tokenize
 from clip_model.transform import normalize_uint8, resize_crop_uint8
 
+from .languages import LANGUAGES, GroupPlan, group_text, hazard_short
 from .synthetic import (
     COLORS,
     COUNTS,
@@ -66,11 +72,15 @@ VARIANT_WEIGHTS: dict[str, float] = {
 }
 
 
-def variant(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+def variant(
+    scene: Scene, rng: random.Random, weights: dict[str, float] | None = None
+) -> tuple[Scene, str]:
     """A copy of ``scene`` that differs in one attribute (same layout seed, so every pixel not
-    touched by that attribute stays the same). Returns (scene, attribute changed)."""
-    kinds = list(VARIANT_WEIGHTS)
-    kind = rng.choices(kinds, weights=[VARIANT_WEIGHTS[k] for k in kinds])[0]
+    touched by that attribute stays the same), the attribute drawn with ``weights`` (default
+    :data:`VARIANT_WEIGHTS`). Returns (scene, attribute changed)."""
+    weights = weights or VARIANT_WEIGHTS
+    kinds = list(weights)
+    kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
     if kind == "hazard":
         if scene.hazard:
             return dataclasses.replace(scene, hazard=False, hazard_corner=""), kind
@@ -96,28 +106,43 @@ def variant(scene: Scene, rng: random.Random) -> tuple[Scene, str]:
             if p != g.position and p not in others and p != scene.hazard_corner
         ]
         if not free:
-            return variant(scene, rng)
+            return variant(scene, rng, weights)
         g = dataclasses.replace(g, position=rng.choice(free))
     groups = scene.groups[:i] + (g,) + scene.groups[i + 1 :]
     return dataclasses.replace(scene, groups=groups), kind
 
 
-def short_caption(scene: Scene, rng: random.Random) -> str:
-    """A truthful caption naming one object group ("two red circles") or the hazard alone."""
+def short_caption(scene: Scene, rng: random.Random, language: str = "en") -> str:
+    """A truthful caption naming one object group ("two red circles") or the hazard alone,
+    in ``language`` (the same random choices in every language)."""
     if scene.hazard and rng.random() < 0.3:
-        return rng.choice(("", "a photo of ", "an image of ")) + rng.choice(
-            ("a hazard sign", "a warning sign", "a danger sign", "a striped hazard symbol")
-        )
+        prefix = rng.choice(range(3))
+        text = hazard_short(language, rng.choice(range(4)))
+        return _HAZARD_PREFIXES[language][prefix] + text
     g = rng.choice(scene.groups)
-    return rng.choice(_GROUP_PREFIXES) + group_words(g)
+    return _GROUP_PREFIXES[language][rng.choice(range(3))] + group_words(g, language)
 
 
-_GROUP_PREFIXES = ("", "a photo of ", "a drawing of ")
+_HAZARD_PREFIXES = {
+    "en": ("", "a photo of ", "an image of "),
+    "zh": ("", "一张照片：", "一张图片："),
+    "ru": ("", "фото: ", "изображение: "),
+    "hi": ("", "एक फ़ोटो: ", "एक छवि: "),
+}
+_GROUP_PREFIXES = {
+    "en": ("", "a photo of ", "a drawing of "),
+    "zh": ("", "一张照片：", "一幅画："),
+    "ru": ("", "фото: ", "рисунок: "),
+    "hi": ("", "एक फ़ोटो: ", "एक चित्र: "),
+}
 _COUNT_WORD = {2: "two", 3: "three"}
 
 
-def group_words(g: ObjectGroup) -> str:
-    """Count, colour and shape of one group: "an orange star", "two red circles"."""
+def group_words(g: ObjectGroup, language: str = "en") -> str:
+    """Count, colour and shape of one group: "an orange star", "two red circles" (or the same
+    in ``language``)."""
+    if language != "en":
+        return group_text(GroupPlan(g.shape, g.color, g.count, g.size, g.position, 0, False, False), language)
     if g.count == 1:
         return f"{'an' if g.color[0] in 'aeiou' else 'a'} {g.color} {g.shape}"
     return f"{_COUNT_WORD[g.count]} {g.color} {PLURALS[g.shape]}"
@@ -148,28 +173,41 @@ def synthetic_batches(
     preprocess: PreprocessConfig | None = None,
     *,
     salt: str = "train",
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    languages: Sequence[str] | None = None,
+    unsafe_rate: float = TRAIN_UNSAFE_RATE,
+    variant_weights: dict[str, float] | None = None,
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """Data factory for clip_model.train: returns ``batch(step)``.
 
+    unsafe_rate: share of scenes with the hazard sign; variant_weights: which attribute a
+    twin changes (default :data:`VARIANT_WEIGHTS`).
+
     batch(step) -> (images float32 [batch_size, 3, image_size, image_size] normalised with
-    ``preprocess`` (OpenAI mean/std, bicubic by default), tokens int64 [batch_size, 77]).
-    A pure function of (salt, seed, step): the same step always yields the same batch.
+    ``preprocess`` (OpenAI mean/std, bicubic by default), tokens int64 [batch_size, L] from
+    ``tokenizer`` (default CLIP's BPE, L = 77)). ``languages``: each caption in one of them,
+    drawn per row (default English only). A pure function of (salt, seed, step): the same step
+    always yields the same batch.
     """
     cfg = preprocess or PreprocessConfig(image_size=image_size)
     if cfg.image_size != image_size:
         raise ValueError(f"preprocess image_size {cfg.image_size} != model's {image_size}")
+    tok = tokenizer or tokenize
+    langs = _check_languages(languages)
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Languages come from their own stream: the English batches stay what they always were.
+        lang_rng = random.Random(f"{salt}-lang-{seed}-{step}")
         rng = random.Random(f"{salt}-{seed}-{step}")
         n_pairs = int(batch_size * PAIRED_SHARE) // 2
         scenes = sample_scenes(
             batch_size - n_pairs,
             rng.getrandbits(63),
-            unsafe_rate=TRAIN_UNSAFE_RATE,
+            unsafe_rate=unsafe_rate,
             second_object_rate=TRAIN_SECOND_OBJECT_RATE,
         )
         # Pairs first: scenes[i] and scenes[-n_pairs + i] are twins.
-        twins = [variant(s, rng) for s in scenes[:n_pairs]]
+        twins = [variant(s, rng, variant_weights) for s in scenes[:n_pairs]]
         scenes += [t for t, _ in twins]
         hazard_pair = {i for i, (_, kind) in enumerate(twins) if kind == "hazard"}
         hazard_pair |= {len(scenes) - n_pairs + i for i in hazard_pair}
@@ -179,15 +217,40 @@ def synthetic_batches(
             img = augmented_image(scene, rng, image_size)
             pixels[i] = resize_crop_uint8(img, cfg)
             paired = i < n_pairs or i >= batch_size - n_pairs
+            lang = lang_rng.choice(langs) if len(langs) > 1 else langs[0]
             if not paired and rng.random() < SHORT_CAPTION_RATE:
-                texts.append(short_caption(scene, rng))
+                texts.append(short_caption(scene, rng, lang))
             else:
                 # A twin that differs only by the hazard must say so, or the pair is unlearnable.
                 mention = i in hazard_pair or rng.random() < TRAIN_HAZARD_MENTION
-                texts.append(caption(scene, rng, mention_hazard=mention))
-        return normalize_uint8(pixels, cfg), tokenize(texts)
+                texts.append(caption(scene, rng, mention_hazard=mention, language=lang))
+        return normalize_uint8(pixels, cfg), tok(texts)
 
     return batch
+
+
+def _check_languages(languages: Sequence[str] | None) -> tuple[str, ...]:
+    langs = tuple(languages or ("en",))
+    unknown = set(langs) - set(LANGUAGES)
+    if unknown or not langs:
+        raise ValueError(f"languages must be among {LANGUAGES}, got {languages!r}")
+    return langs
+
+
+def multilingual_batches(
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    preprocess: PreprocessConfig | None = None,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Data factory of the ``multilingual-synthetic`` recipe: :func:`synthetic_batches` with
+    every caption in English, Chinese, Russian or Hindi (uniformly, per row), tokenized with
+    the model's tokenizer. Seeded apart from the tiny model's data ("multi-" scenes)."""
+    return synthetic_batches(
+        image_size, batch_size, seed, preprocess, salt="multi", tokenizer=tokenizer,
+        languages=LANGUAGES,
+    )  # fmt: skip
 
 
 # Shape sets per batch of the second stage (5 rows each: one scene drawn once per shape).
@@ -215,7 +278,7 @@ def shape_set(
         replay = random.Random()
         replay.setstate(state)
         if short:
-            texts.append(replay.choice(_GROUP_PREFIXES) + group_words(g))
+            texts.append(replay.choice(_GROUP_PREFIXES["en"]) + group_words(g))
         else:
             texts.append(caption(member, replay, mention_hazard=True))
         images.append(augmented_image(member, rng, image_size))
@@ -223,7 +286,11 @@ def shape_set(
 
 
 def shape_set_batches(
-    image_size: int, batch_size: int, seed: int, preprocess: PreprocessConfig | None = None
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    preprocess: PreprocessConfig | None = None,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """Data factory of the second training stage: ``batch(step)`` as in :func:`synthetic_batches`
     (same shapes and dtypes), its last ``5 * SHAPE_SETS_PER_BATCH`` rows being shape sets
@@ -240,7 +307,10 @@ def shape_set_batches(
         raise ValueError(
             f"batch_size must exceed {n_set_rows + 1} for {SHAPE_SETS_PER_BATCH} shape sets"
         )
-    rest = synthetic_batches(image_size, batch_size - n_set_rows, seed, cfg, salt="stage2")
+    tok = tokenizer or tokenize
+    rest = synthetic_batches(
+        image_size, batch_size - n_set_rows, seed, cfg, salt="stage2", tokenizer=tok
+    )
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, tokens = rest(step)
@@ -260,17 +330,67 @@ def shape_set_batches(
             texts += set_texts
         return (
             torch.cat([images, normalize_uint8(pixels, cfg)]),
-            torch.cat([tokens, tokenize(texts)]),
+            torch.cat([tokens, tok(texts)]),
         )
 
     return batch
 
 
+# The second stage of the multilingual model: twins mostly differ by the hazard sign, and more
+# scenes show it, because after the first stage the image tower tells the sign apart less well
+# (hazard AUC 0.96-0.97 on held-out worlds) than it matches captions (AUC >= 0.995).
+HAZARD_STAGE_UNSAFE_RATE = 0.4
+HAZARD_STAGE_VARIANTS: dict[str, float] = {
+    "hazard": 0.6, "shape": 0.25, "color": 0.04, "count": 0.04, "size": 0.03, "position": 0.04,
+}  # fmt: skip
+
+
+def multilingual_hazard_batches(
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    preprocess: PreprocessConfig | None = None,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Data factory of the multilingual model's second stage: :func:`multilingual_batches`
+    with :data:`HAZARD_STAGE_UNSAFE_RATE` hazard scenes and twins drawn with
+    :data:`HAZARD_STAGE_VARIANTS`; seeded apart from the first stage ("multi-hazard")."""
+    return synthetic_batches(
+        image_size, batch_size, seed, preprocess, salt="multi-hazard", tokenizer=tokenizer,
+        languages=LANGUAGES, unsafe_rate=HAZARD_STAGE_UNSAFE_RATE,
+        variant_weights=HAZARD_STAGE_VARIANTS,
+    )  # fmt: skip
+
+
+# Recipe name (clip_model.train.RECIPES) -> the synthetic data it trains on.
+PROVIDERS = {
+    "tiny-synthetic-base": synthetic_batches,
+    "tiny-synthetic": shape_set_batches,
+    "multilingual-synthetic-base": multilingual_batches,
+    "multilingual-synthetic": multilingual_hazard_batches,
+    "towers-small": multilingual_batches,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m clip_model.train``'s command line with the synthetic world as the data of
+    every recipe (``--data`` still takes a job output instead)."""
+    from clip_model.train import main as train_main
+
+    return train_main(argv, providers=PROVIDERS, prog="python -m testkit.train_tiny")
+
+
 __all__ = [
     "HAZARD_PHRASES",
+    "PROVIDERS",
+    "multilingual_batches",
     "augmented_image",
     "shape_set",
     "shape_set_batches",
     "short_caption",
     "synthetic_batches",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -119,11 +119,10 @@ def embed_prompts(model: Any, prompts: list[str]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    from clip_model.tokenizer import tokenize
-
     device = next(model.parameters()).device
     with torch.inference_mode():
-        x = model.encode_text(tokenize(prompts, model.context_length).to(device))
+        # The model's own tokenizer (CLIP's BPE or an HF tower's), padded with its pad id.
+        x = model.encode_text(model.tokenizer(prompts).to(device))
         return F.normalize(x.float(), dim=-1).cpu().numpy()
 
 

@@ -35,7 +35,7 @@ def test_weights_are_bundled_small_and_pinned():
 
 def test_card_states_the_reproducing_command_and_seed():
     card = (WEIGHTS / "tiny-synthetic.md").read_text()
-    assert "python -m clip_model.train --recipe tiny-synthetic" in card
+    assert "python -m testkit.train_tiny --recipe tiny-synthetic" in card
     assert re.search(r"--seed \d+", card)
     assert pretrained.TINY_SYNTHETIC_SHA256 in card
 

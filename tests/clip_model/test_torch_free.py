@@ -61,3 +61,39 @@ def test_model_tokenizer_matches_its_context_length():
 
     model, _ = clip_model.create_model("tiny-synthetic", "synthetic")
     assert model.tokenizer.context_length == model.context_length
+
+
+def test_hf_tokenizer_is_torch_free_picklable_and_cached_per_process():
+    """The HF towers' tokenizer (the bundled multilingual model's here) runs in a worker that
+    never imports torch, and unpickling it again in the same process reuses the parsed one."""
+    code = (
+        "import sys, pickle\n"
+        "from pathlib import Path\n"
+        "import clip_model\n"
+        "from clip_model.hf_tokenizer import HFTokenizer\n"
+        "vocab = Path(clip_model.__file__).parent / 'vocab' / 'multilingual-synthetic-tokenizer.json'\n"
+        "tok = HFTokenizer(vocab.read_text(), 64, 0)\n"
+        "ids = tok.token_ids(['两个红色圆形', 'два красных круга', 'दो लाल वृत्त', '', 'x ' * 200])\n"
+        "assert ids[0][0] == 2 and ids[0][-1] == 3 and len(ids[4]) == 64, ids\n"
+        "blob = pickle.dumps(tok)\n"
+        "assert len(blob) < 20000, len(blob)\n"
+        "a, b = pickle.loads(blob), pickle.loads(blob)\n"
+        "assert a is b and a.token_ids(['два красных круга']) == ids[1:2]\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tower_model_tokenizer_pads_with_its_own_pad_id():
+    import clip_model
+
+    model, _ = clip_model.create_model("multilingual-synthetic", device="cpu")
+    tok = model.tokenizer
+    assert tok.context_length == model.context_length == 64
+    rows = tok(["两个红色圆形", "a hazard sign on a blue background"])
+    assert rows.shape == (2, 64) and rows.dtype.is_floating_point is False
+    lengths = [len(r) for r in tok.token_ids(["两个红色圆形", "a hazard sign on a blue background"])]
+    assert (rows[0, lengths[0]:] == tok.pad_id).all() and (rows[0, : lengths[0]] != tok.pad_id).all()
+    back = pickle.loads(pickle.dumps(tok))
+    assert back.token_ids(["два красных круга"]) == tok.token_ids(["два красных круга"])

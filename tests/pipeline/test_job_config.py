@@ -97,7 +97,7 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
         (["--image-size", "0"], "decode.image_size: must be > 0"),
         (["--concurrency", "3,1"], "embed.concurrency: must be (min, max)"),
         # Another model without its weights would try to load the tiny model's file.
-        (["--model", "ViT-B-32"], "embed.pretrained: 'synthetic' is the bundled tiny-synthetic model's weights"),
+        (["--model", "ViT-B-32"], "embed.pretrained: 'synthetic' names the bundled synthetic-world weights"),
         (["--clip-score-threshold", "2"], "filter.clip_score_threshold: must be a cosine in [-1, 1]"),
         (["--dedup-threshold", "0"], "dedup.threshold: must be in (0, 1]"),
         (["--dedup-pixel-check", "maybe"], "dedup.pixel_check"),
