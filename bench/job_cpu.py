@@ -11,7 +11,9 @@ process, each tool runs as a separate process on the first ``--small`` rows and 
   flag and no Ray address (the default on one machine), bundled model, moderation, clip_score,
   dedup, Parquet, report;
 - ``job (Ray Data)``: the same command with ``RAY_ADDRESS`` pointing at a local Ray head
-  started before timing (loopback only), i.e. the path ``ray job submit`` takes.
+  started before timing (loopback only), i.e. the path ``ray job submit`` takes;
+- ``download`` (with ``--tools``): ``clipcurate download`` with its default flags (the
+  download half alone: download, decode + resize, shards).
 
 CPU is counted two ways for each run: the whole machine's busy time from ``/proc/stat``
 (every process, this benchmark's included, which is what the issue's figures are), and the CPU
@@ -183,6 +185,9 @@ def run_measured(tool: str, rows: int, cmd: list[str], env: dict[str, str], cg: 
 def parse_ok(tool: str, out: str) -> int:
     if tool == "img2dataset":
         return int(out.strip().splitlines()[-1])
+    if tool == "download":  # "rows: N  successes: M ..."
+        line = next(x for x in out.splitlines() if x.startswith("rows:"))
+        return int(line.split("successes:")[1].split()[0])
     for line in out.splitlines():
         # format_summary's status block: "  ok    N"
         parts = line.split()
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", type=int, default=2, help="Ray head num_cpus")
     p.add_argument("--tools", nargs="+", default=["img2dataset", "job", "job-ray"],
-                   choices=["img2dataset", "job", "job-ray"])
+                   choices=["img2dataset", "download", "job", "job-ray"])
     p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
@@ -348,6 +353,11 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "img2dataset":
                     cmd = [sys.executable, "-c", I2D_CODE, str(src), str(out), str(PER_SHARD)]
+                    run_env = env
+                elif tool == "download":
+                    cmd = [sys.executable, "-m", "pipeline.cli", "download", "--url_list", str(src),
+                           "--output_folder", str(out), "--allowed_networks", "127.0.0.1/32",
+                           "--number_sample_per_shard", str(PER_SHARD), "--retries", "0"]
                     run_env = env
                 else:
                     cmd = job_cmd(src, out)
