@@ -321,6 +321,7 @@ def _hf_preprocess(pp: dict[str, Any], image_size: int) -> PreprocessConfig:
         mean=tuple(pp.get("image_mean", PreprocessConfig.mean)),
         std=tuple(pp.get("image_std", PreprocessConfig.std)),
         interpolation=_HF_RESAMPLE.get(int(pp.get("resample", 3)), "bicubic"),
+        crop_rounding="floor",  # CLIPImageProcessor's center_crop offset: (side - size) // 2
     )
 
 

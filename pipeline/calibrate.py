@@ -90,7 +90,7 @@ def calibrate(
     if model is None:
         from pipeline.stages.embed import load_model
 
-        model, _ = load_model(embed.model, embed.pretrained)
+        model, _ = load_model(embed.model, embed.pretrained, text_model=embed.text_model)
     stage = Moderation.prepare(replace(moderate, thresholds_file=None), storage or StorageConfig(), model)
     rules = stage.rules
     if S.MODEL in table.column_names:
@@ -180,6 +180,7 @@ def read_parquet(uri: str, storage: StorageConfig | None = None) -> pa.Table:
 FLAGS = {
     "--model": ("embed.model", "embedding model, as given to the job (default tiny-synthetic)"),
     "--pretrained": ("embed.pretrained", "weights tag or path, as given to the job"),
+    "--text_model": ("embed.text_model", "text tower folder, as given to the job"),
     "--head": ("moderate.head_path", "safetensors head to calibrate as well"),
     "--s3_endpoint_url": ("storage.s3_endpoint_url", "S3-compatible endpoint"),
 }

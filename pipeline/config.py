@@ -283,6 +283,10 @@ class EmbedConfig:
 
     model: str = "tiny-synthetic"
     pretrained: str | None = "synthetic"
+    # A folder (path, URL or s3://) holding a text tower to use instead of the model's own:
+    # a sentence-transformers M-CLIP text encoder beside an image tower, or the config and
+    # tokenizer of an HF-text architecture when they are not beside the weights.
+    text_model: str | None = None
     precision: str = "auto"
     inference_batch: int = 64
     concurrency: tuple[int, int] | None = None

@@ -57,7 +57,7 @@ CONFIG_NAME = "config.yaml"
 # Sections (or section.field) a later run on the same output must not change.
 # dedup.pixel_check decides whether rows carry thumbnails: rows written without them cannot be
 # pixel-checked later.
-SHAPING = ("input", "read", "decode", "shard", "embed.model", "embed.pretrained", "moderate", "dedup.pixel_check")
+SHAPING = ("input", "read", "decode", "shard", "embed.model", "embed.pretrained", "embed.text_model", "moderate", "dedup.pixel_check")
 
 
 # ------------------------------------------------------------------------------- summary
@@ -131,7 +131,7 @@ def prepare_model(cfg: JobConfig, emit: Callable[[str], None]) -> ModelSpec:
     from pipeline.stages.moderate import Moderation
 
     try:
-        model, _ = load_model(cfg.embed.model, cfg.embed.pretrained)
+        model, _ = load_model(cfg.embed.model, cfg.embed.pretrained, text_model=cfg.embed.text_model)
     except (ValueError, OSError, KeyError) as e:
         raise ConfigError(f"embed.pretrained: cannot load {cfg.embed.model} ({cfg.embed.pretrained}): {e}") from e
     moderation = Moderation.prepare(cfg.moderate, cfg.storage, model) if cfg.moderate.enabled else None

@@ -449,6 +449,7 @@ FLAGS: dict[str, Flag | tuple[str, str]] = {
     "--save-additional-columns": ("read.save_additional_columns", "input columns to keep (a,b,c)"),
     "--model": ("embed.model", "CLIP architecture or weights path (default tiny-synthetic)"),
     "--pretrained": ("embed.pretrained", "weights tag, path, URL or s3:// URI (default synthetic)"),
+    "--text-model": ("embed.text_model", "folder of a text tower to pair with the image tower (M-CLIP)"),
     "--precision": ("embed.precision", "auto | fp32 | fp16 | bf16"),
     "--s3-endpoint-url": ("storage.s3_endpoint_url", "S3-compatible endpoint (MinIO, local S3)"),
     "--allowed-networks": Flag(

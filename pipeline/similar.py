@@ -174,7 +174,7 @@ class QueryEmbedder:
         from pipeline.stages.embed import load_model
 
         self.cfg = cfg
-        self.model, self.preprocess = load_model(cfg.embed.model, cfg.embed.pretrained)
+        self.model, self.preprocess = load_model(cfg.embed.model, cfg.embed.pretrained, text_model=cfg.embed.text_model)
 
     def image(self, data: bytes) -> tuple[np.ndarray, bytes | None]:
         """(unit embedding float32 [D], 32 x 32 thumbnail) of image file bytes: decoded with

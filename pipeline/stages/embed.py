@@ -45,19 +45,22 @@ log = logging.getLogger("clipcurate.embed")
 RANDOM_INIT_SEED = 0
 
 
-def load_model(name: str, pretrained: str | None, device: Any = "cpu") -> tuple[Any, PreprocessConfig]:
+def load_model(
+    name: str, pretrained: str | None, device: Any = "cpu", text_model: str | None = None
+) -> tuple[Any, PreprocessConfig]:
     """``clip_model.create_model`` in fp32; without weights the random init is seeded with
     :data:`RANDOM_INIT_SEED` (on CPU, then moved), so every worker and the driver build the
-    same model and a job's embeddings stay comparable with each other."""
+    same model and a job's embeddings stay comparable with each other. ``text_model``: a
+    folder with a text tower to pair with the image tower (M-CLIP), as in create_model."""
     import torch
 
     import clip_model
 
     if pretrained is not None:
-        return clip_model.create_model(name, pretrained, device=device, precision="fp32")
+        return clip_model.create_model(name, pretrained, device=device, precision="fp32", text_model=text_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model, pp = clip_model.create_model(name, None, device="cpu", precision="fp32")
+        model, pp = clip_model.create_model(name, None, device="cpu", precision="fp32", text_model=text_model)
     return model.to(device), pp
 
 
@@ -199,7 +202,7 @@ class EmbedStage(Stage):
         if precision == "auto":
             precision = "fp16" if self._device.type == "cuda" else "fp32"
         self._autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        model, pp = load_model(self.cfg.model, self.cfg.pretrained, self._device)
+        model, pp = load_model(self.cfg.model, self.cfg.pretrained, self._device, self.cfg.text_model)
         model.eval()
         if self.preprocess is not None and pp != self.preprocess:
             raise ValueError(

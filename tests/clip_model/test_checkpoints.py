@@ -10,6 +10,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -112,6 +113,29 @@ def test_hf_folder_alone_matches_transformers(tmp_path, hidden_act, weights_file
         _assert_close(ours.encode_image(images), ref_img)
         _assert_close(ours.encode_text(tokens), ref_txt)
         assert torch.allclose(ours.logit_scale, hf.logit_scale)
+
+
+def test_hf_folder_preprocess_matches_clip_image_processor(tmp_path):
+    """An odd excess over the crop (45x33 -> 43x32, offset 5.5) is where the crop's rounding
+    shows: transformers floors it. Pixel values may differ by one uint8 level (its resize
+    round-trips through float)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    _hf_model("quick_gelu").save_pretrained(tmp_path)
+    proc = CLIPImageProcessor(
+        crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25],
+    )  # fmt: skip
+    proc.save_pretrained(tmp_path)
+    _, preprocess = clip_model.create_model_and_transforms(str(tmp_path))
+    rng = np.random.default_rng(0)
+    for w, h in [(45, 33), (33, 46), (64, 40)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = proc(img, return_tensors="np")["pixel_values"][0]
+        got = preprocess(img).numpy()
+        assert got.shape == want.shape == (3, 32, 32)
+        assert np.abs(got - want).max() <= 1.01 / 255 / 0.25, (w, h)
 
 
 def test_hf_folder_without_weights_is_a_clear_error(tmp_path):

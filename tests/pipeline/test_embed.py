@@ -408,3 +408,41 @@ def test_the_model_input_does_not_depend_on_how_the_copy_is_stored() -> None:
         got[mode] = out.column(S.PIXELS).to_pylist()
         assert out.column(S.IMAGE).to_pylist() != got[mode]  # the stored copies differ by mode
     assert got["border"] == got["center_crop"] == got["keep_ratio"] == got["no"]
+
+
+def test_text_model_flag_pairs_an_mclip_text_tower_with_the_image_tower(tmp_path) -> None:
+    """``--text-model`` reaches every place the job loads its model: the driver's ModelSpec
+    (tokenizer, id) and the embedding workers, whose text embeddings are then the
+    sentence-transformers model's and whose image embeddings are the image tower's."""
+    from clip_model.model import CLIP
+    from pipeline import job_config as J
+    from pipeline.job import prepare_model
+    from testkit.hf_folders import mclip_folder
+
+    folder, ref = mclip_folder(tmp_path / "mclip")
+    torch.manual_seed(1)
+    image_clip = CLIP(clip_model.get_model_config("ViT-B-32")).eval()
+    torch.save(image_clip.state_dict(), tmp_path / "ViT-B-32.pt")
+    cfg = J.from_args(["--input", "in.parquet", "--output", str(tmp_path / "out"), "--model", "ViT-B-32",
+                       "--pretrained", str(tmp_path / "ViT-B-32.pt"), "--text-model", str(folder),
+                       "--set", "moderate.enabled=false"])  # fmt: skip
+    assert cfg.embed.text_model == str(folder)
+    spec = prepare_model(cfg, lambda _: None)
+    assert spec.model_id.startswith(f"ViT-B-32+{folder.name}@sha256:") and spec.dim == 512
+
+    captions = ["a red square", "ein blaues Quadrat", "un cercle vert sur fond noir"]
+    images = [_jpeg((250 + 9 * i, 230), 40 + i) for i in range(3)]
+    rows = pa.table({S.KEY: ["0", "1", "2"], S.SHARD: ["00000"] * 3, S.CAPTION: captions,
+                     S.STATUS: [S.OK] * 3, S.ERROR: [None] * 3, S.IMAGE_BYTES: pa.array(images, pa.binary())})  # fmt: skip
+    rows = DecodeStage(cfg=DecodeConfig(image_size=64), model_input=spec.preprocess, isolate=False).process_batch(rows)
+    rows = TokenizeStage(tokenizer=spec.tokenizer).process_batch(rows)
+    out = EmbedStage(cfg=cfg.embed, preprocess=spec.preprocess).process_batch(rows)
+    transform = clip_model.image_transform(spec.preprocess)
+    with torch.inference_mode():
+        want_txt = torch.nn.functional.normalize(ref.encode(captions, convert_to_tensor=True), dim=-1)
+        x = torch.stack([transform(Image.open(io.BytesIO(b))) for b in images])
+        want_img = torch.nn.functional.normalize(image_clip.encode_image(x), dim=-1)
+    got_txt = np.asarray(out.column(S.TEXT_EMBEDDING).to_pylist(), np.float64)
+    got_img = np.asarray(out.column(S.IMAGE_EMBEDDING).to_pylist(), np.float64)
+    assert np.abs(got_txt - want_txt.double().numpy()).max() <= 2e-3
+    assert np.abs(got_img - want_img.double().numpy()).max() <= 2e-3
