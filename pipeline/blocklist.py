@@ -55,6 +55,8 @@ import numpy as np
 
 from pipeline.config import BlocklistConfig, ConfigError, StorageConfig
 
+# List kinds (what an entry names), not column names: url and domain lists are checked against
+# a row's URL, hash lists against its downloaded bytes, pdq lists against its decoded picture.
 KINDS = ("url", "domain", "md5", "sha1", "sha256", "pdq")
 HASH_KINDS = ("md5", "sha1", "sha256")
 HEX_DIGITS = {"md5": 32, "sha1": 40, "sha256": 64, "pdq": 64}

@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline import schema as S
 from pipeline.config import DedupConfig
 from pipeline.pixel_check import confirm_pairs
 from pipeline.thumbnails import thumbs_array
@@ -69,12 +70,8 @@ _BLOCK_ENTRIES = 16 * 1024 * 1024
 # less than a second and gives recall 1.0.
 AUTO_SINGLE_CLUSTER_MAX = 10_000
 
-KIND_EXACT = "exact"
-KIND_SEMANTIC = "semantic"
-KIND_PREVIOUS = "previous_run"
-
 # Columns read from an earlier run's Parquet files.
-PREVIOUS_COLUMNS = ("key", "sha256", "image_embedding", "status", "duplicate_of", "image_thumb")
+PREVIOUS_COLUMNS = (S.KEY, S.SHA256, S.IMAGE_EMBEDDING, S.STATUS, S.DUPLICATE_OF, S.IMAGE_THUMB)
 
 
 @dataclass(frozen=True)
@@ -527,24 +524,10 @@ def keep_greedily(
 
 
 def _embedding_matrix(col: pa.ChunkedArray | pa.Array, what: str) -> np.ndarray:
-    """[N, D] float16 from a non-null (fixed_size_)list<float16|float32> column."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    t = arr.type
-    if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
-        raise ValueError(f"{what}.image_embedding must be a list of floats, got {t}")
-    if not pa.types.is_floating(t.value_type):
-        raise ValueError(f"{what}.image_embedding must hold floats, got {t}")
-    n = len(arr)
-    if n == 0:
-        return np.empty((0, t.list_size if pa.types.is_fixed_size_list(t) else 0), np.float16)
-    if not pa.types.is_fixed_size_list(t):
-        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-        if len(np.unique(lengths)) != 1:
-            raise ValueError(
-                f"{what}.image_embedding rows have different lengths {np.unique(lengths)[:5]}"
-            )
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
-    return flat.reshape(n, -1)
+    """[N, D] float16 (the storage dtype; a view of the Arrow buffer where it can be) from a
+    non-null list-of-floats column; errors name ``<what>.image_embedding``."""
+    emb, _ = S.embedding_matrix(col, dtype=np.float16, copy=False, name=f"{what}.{S.IMAGE_EMBEDDING}")
+    return emb
 
 
 def _unit_rows(emb: np.ndarray, block_rows: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
@@ -630,9 +613,9 @@ class _PixelConfirm:
 
 
 def _eligible(table: pa.Table) -> np.ndarray:
-    mask = pc.is_valid(table["image_embedding"])
-    if "status" in table.column_names:
-        mask = pc.and_(mask, pc.fill_null(pc.equal(table["status"], "ok"), False))
+    mask = pc.is_valid(table[S.IMAGE_EMBEDDING])
+    if S.STATUS in table.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(table[S.STATUS], S.OK), False))
     return np.flatnonzero(mask.to_numpy(zero_copy_only=False))
 
 
@@ -645,12 +628,12 @@ def _require(table: pa.Table, cols: Sequence[str], what: str) -> None:
 def _previous_kept(previous: pa.Table) -> pa.Table:
     """The rows of an earlier run that new rows are compared with: ok, with an embedding, not
     themselves a duplicate."""
-    _require(previous, ("key", "image_embedding"), "previous")
-    mask = pc.is_valid(previous["image_embedding"])
-    if "status" in previous.column_names:
-        mask = pc.and_(mask, pc.fill_null(pc.equal(previous["status"], "ok"), False))
-    if "duplicate_of" in previous.column_names:
-        mask = pc.and_(mask, pc.is_null(previous["duplicate_of"]))
+    _require(previous, (S.KEY, S.IMAGE_EMBEDDING), "previous")
+    mask = pc.is_valid(previous[S.IMAGE_EMBEDDING])
+    if S.STATUS in previous.column_names:
+        mask = pc.and_(mask, pc.fill_null(pc.equal(previous[S.STATUS], S.OK), False))
+    if S.DUPLICATE_OF in previous.column_names:
+        mask = pc.and_(mask, pc.is_null(previous[S.DUPLICATE_OF]))
     return previous.filter(mask)
 
 
@@ -680,17 +663,17 @@ def dedup_table(
     receives one line per phase (counts and seconds), for the job log.
     """
     cfg.validate()
-    _require(table, ("key", "sha256", "clip_score", "image_embedding"), "input")
+    _require(table, (S.KEY, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING), "input")
     if cfg.pixel_check:
-        _require(table, ("image_thumb",), "input (dedup.pixel_check)")
-    thumbs = table["image_thumb"] if cfg.pixel_check else None
+        _require(table, (S.IMAGE_THUMB,), "input (dedup.pixel_check)")
+    thumbs = table[S.IMAGE_THUMB] if cfg.pixel_check else None
     n_rows = table.num_rows
     rows = _eligible(table)
     take = pa.array(rows, pa.int64())
     n = len(rows)
-    keys = table["key"].take(take).to_pylist()
-    hashes = table["sha256"].take(take).to_pylist()
-    score = pc.cast(table["clip_score"].take(take), pa.float64()).to_numpy(zero_copy_only=False)
+    keys = table[S.KEY].take(take).to_pylist()
+    hashes = table[S.SHA256].take(take).to_pylist()
+    score = pc.cast(table[S.CLIP_SCORE].take(take), pa.float64()).to_numpy(zero_copy_only=False)
     order = priority_order(score, keys)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n, dtype=np.int64)
@@ -710,7 +693,7 @@ def dedup_table(
 
     # Only the representatives' embeddings are materialised: one copy, in the column's dtype.
     emb = _embedding_matrix(
-        table["image_embedding"].take(pa.array(rows[cand], pa.int64())), "input"
+        table[S.IMAGE_EMBEDDING].take(pa.array(rows[cand], pa.int64())), "input"
     )
     emb, emb_ok = _unit_rows(emb)
     if not emb_ok.all():
@@ -728,19 +711,19 @@ def dedup_table(
     # Earlier runs: a representative that repeats a previous row is dropped.
     if previous is not None:
         prev = _previous_kept(previous)
-        pkeys = prev["key"].to_pylist()
-        if "sha256" in prev.column_names and prev.num_rows:
+        pkeys = prev[S.KEY].to_pylist()
+        if S.SHA256 in prev.column_names and prev.num_rows:
             by_hash = {
                 h: k
-                for h, k in zip(prev["sha256"].to_pylist(), pkeys, strict=True)
+                for h, k in zip(prev[S.SHA256].to_pylist(), pkeys, strict=True)
                 if h is not None
             }
             for c, r in enumerate(cand.tolist()):
                 h = hashes[r]
                 if h is not None and h in by_hash:
-                    prev_key[r], kind[r] = by_hash[h], KIND_PREVIOUS
+                    prev_key[r], kind[r] = by_hash[h], S.DUP_PREVIOUS_RUN
                     claimed[c] = True
-        pemb = _embedding_matrix(prev["image_embedding"], "previous")
+        pemb = _embedding_matrix(prev[S.IMAGE_EMBEDDING], "previous")
         if pemb.shape[0] and emb.shape[1] != pemb.shape[1]:
             raise ValueError(
                 f"previous embeddings have dimension {pemb.shape[1]}, this run {emb.shape[1]}"
@@ -760,7 +743,7 @@ def dedup_table(
             live = ~claimed[pp.i]
             pi, pj, psim = pp.i[live], pp.j[live], pp.sim[live]
             if cfg.pixel_check:
-                pthumbs = prev["image_thumb"] if "image_thumb" in prev.column_names else None
+                pthumbs = prev[S.IMAGE_THUMB] if S.IMAGE_THUMB in prev.column_names else None
                 check = _PixelConfirm(cfg, thumbs, rows[cand], pthumbs, np.arange(prev.num_rows))
                 sure = check.many(pi, pj)
                 check.warn_missing()
@@ -773,7 +756,7 @@ def dedup_table(
             first_of_row = by_best[first]
             for c, b in zip(pi[first_of_row].tolist(), pj[first_of_row].tolist(), strict=True):
                 r = int(cand[c])
-                prev_key[r], kind[r] = pkeys[b], KIND_PREVIOUS
+                prev_key[r], kind[r] = pkeys[b], S.DUP_PREVIOUS_RUN
                 claimed[c] = True
         del pemb
 
@@ -814,14 +797,14 @@ def dedup_table(
         dropped = np.flatnonzero(keep_of >= 0)
         keeper_idx[cand[dropped]] = cand[keep_of[dropped]]
         for r in cand[dropped].tolist():
-            kind[r] = KIND_SEMANTIC
+            kind[r] = S.DUP_SEMANTIC
     del emb
 
     # Hash-group members are exact duplicates of their representative, whatever became of it.
     not_rep = np.flatnonzero(~is_rep)
     keeper_idx[not_rep] = rep[not_rep]
     for r in not_rep:
-        kind[r] = KIND_EXACT
+        kind[r] = S.DUP_EXACT
 
     dup_of: list[str | None] = [
         prev_key[r]
@@ -836,7 +819,7 @@ def dedup_table(
     # so a group is identified by (from an earlier run, key).
     final: list[tuple[bool, str]] = []
     for r in range(n):
-        g = int(keeper_idx[r]) if kind[r] == KIND_EXACT else r
+        g = int(keeper_idx[r]) if kind[r] == S.DUP_EXACT else r
         if prev_key[g] is not None:
             final.append((True, prev_key[g]))
         else:
@@ -852,18 +835,9 @@ def dedup_table(
     full_size: list[int | None] = [None] * n_rows
     for pos, r in enumerate(rows.tolist()):
         full_dup[r], full_kind[r], full_size[r] = dup_of[pos], kind[pos], int(size[pos])
-    out = table
-    for name, values, typ in (
-        ("duplicate_of", full_dup, pa.string()),
-        ("dup_group_size", full_size, pa.int32()),
-        ("dup_kind", full_kind, pa.string()),
-    ):
-        arr = pa.array(values, typ)
-        if name in out.column_names:
-            out = out.set_column(out.column_names.index(name), name, arr)
-        else:
-            out = out.append_column(name, arr)
-    return out
+    out = S.set_column(table, S.DUPLICATE_OF, pa.array(full_dup, pa.string()))
+    out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(full_size, pa.int32()))
+    return S.set_column(out, S.DUP_KIND, pa.array(full_kind, pa.string()))
 
 
 def read_previous_run(path: str, filesystem: object | None = None) -> pa.Table:
@@ -875,7 +849,7 @@ def read_previous_run(path: str, filesystem: object | None = None) -> pa.Table:
 
     dataset = ds.dataset(path, format="parquet", filesystem=filesystem)
     names = dataset.schema.names
-    missing = [c for c in ("key", "image_embedding") if c not in names]
+    missing = [c for c in (S.KEY, S.IMAGE_EMBEDDING) if c not in names]
     if missing:
         raise ValueError(f"previous run {path!r} lacks column(s) {missing}; it has {names}")
     cols = [c for c in PREVIOUS_COLUMNS if c in names]

@@ -43,6 +43,9 @@ from pipeline import schema as S
 
 STATS_NAME = "_stats.json"
 HTML_NAME = "report.html"
+# The keys of ``_stats.json`` ("status", "clip_score", ...) and the histograms' names are the
+# report's own format (img2dataset's keys included), not column names, though some are spelled
+# alike: a renamed column leaves them as they are.
 
 # Decoded-pixel cap for a thumbnail source; images in our shards are already resized, so this
 # only guards against a caller handing over something unexpected.
@@ -141,7 +144,7 @@ def _kept_and_categories(table: pa.Table) -> tuple[list[bool], list[str | None]]
         if k:
             cats.append(None)
         elif r is None and s != S.OK:
-            cats.append(f"status:{s}")  # what pipeline.decisions would have written
+            cats.append(S.status_reason(s))  # what pipeline.decisions would have written
         else:
             cats.append(reason_category(r))
     return kept, cats

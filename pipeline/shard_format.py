@@ -114,9 +114,10 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
                 continue
             if images[i] is None:
                 # A stage upstream said ok without producing an image: record it, store nothing.
-                statuses[i] = "decode_error"
+                statuses[i] = S.DECODE_ERROR
                 errors[i] = "no image after decode"
                 continue
+            # img2dataset's .json fields (what its readers expect), not our column names.
             meta: dict[str, Any] = {"url": urls[i], "caption": captions[i]}
             meta.update({c: _json_value(v[i]) for c, v in extra.items()})
             meta.update(

@@ -126,8 +126,6 @@ class Rows:
 
 def read_rows(output: str, storage: StorageConfig, thumbs: bool) -> Rows:
     """Every row of ``<output>/embeddings/*.parquet`` that has an image embedding."""
-    from pipeline.schema import embedding_matrix
-
     folder = f"{output.rstrip('/')}/{EMBEDDINGS_DIR}"
     names = sorted(n for n in Storage(folder, storage).list_names() if n.endswith(".parquet") and not n.startswith("."))
     if not names:
@@ -142,14 +140,14 @@ def read_rows(output: str, storage: StorageConfig, thumbs: bool) -> Rows:
         t = pq.read_table(path, filesystem=fs, columns=cols)
         col = t.column(S.IMAGE_EMBEDDING)
         dim = col.type.list_size
-        emb, ok = embedding_matrix(col, dim)
+        emb, ok = S.embedding_matrix(col, dim)
         idx = np.flatnonzero(ok)
         sub = t.take(pa.array(idx, pa.int64()))
         keys += sub.column(S.KEY).to_pylist()
         for target, c in ((shards, S.SHARD), (urls, S.URL), (caps, S.CAPTION)):
-            target += sub.column(c).to_pylist() if c in sub.column_names else [None] * len(idx)
+            target += S.column_list(sub, c)
         if thumbs:
-            th += sub.column(S.IMAGE_THUMB).to_pylist() if S.IMAGE_THUMB in sub.column_names else [None] * len(idx)
+            th += S.column_list(sub, S.IMAGE_THUMB)
         v = emb[idx]
         v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         vecs.append(v)
@@ -312,10 +310,11 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
     storage = storage or StorageConfig()
     os.makedirs(folder, exist_ok=True)
     table = pa.table({
-        "key": [m.key for m in matches], "shard": [m.shard for m in matches], "url": [m.url for m in matches],
-        "caption": [m.caption for m in matches], "cosine": pa.array([m.cosine for m in matches], pa.float32()),
-        "query": [m.query for m in matches],
-        "pixel_confirmed": pa.array([m.pixel_confirmed for m in matches], pa.bool_()),
+        S.KEY: [m.key for m in matches], S.SHARD: [m.shard for m in matches], S.URL: [m.url for m in matches],
+        S.CAPTION: [m.caption for m in matches],
+        S.MATCH_COSINE: pa.array([m.cosine for m in matches], pa.float32()),
+        S.MATCH_QUERY: [m.query for m in matches],
+        S.MATCH_PIXEL_CONFIRMED: pa.array([m.pixel_confirmed for m in matches], pa.bool_()),
     })
     pq_path = os.path.join(folder, "matches.parquet")
     pq.write_table(table, pq_path)

@@ -53,9 +53,9 @@ from pipeline import schema as S
 from pipeline.config import EMBEDDINGS_DIR, SHARDS_DIR, StorageConfig
 from pipeline.storage import MANIFEST_SUFFIX, Storage, filesystem_for
 
-TAKEDOWN = "takedown"  # string column: the takedown reason, null for rows not taken down
+TAKEDOWN = S.TAKEDOWN  # string column: the takedown reason, null for rows not taken down
 AUDIT_NAME = "_takedowns.jsonl"
-REASON_PREFIX = "takedown: "
+REASON_PREFIX = S.REASON_TAKEDOWN
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -212,16 +212,6 @@ def _read_light(uri: str, storage: StorageConfig) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=[c for c in names if c not in _EMBEDDING_COLUMNS])
 
 
-def _column(table: pa.Table, name: str) -> list[Any]:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
-
-
-def _set(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, arr.cast(table.schema.field(name).type))
-    return table.append_column(name, arr)
-
-
 def _digest(data: bytes) -> dict[str, Any]:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -273,11 +263,11 @@ class _Plan:
 
 
 def _mark_shard_table(table: pa.Table, hit: list[bool], reason: str) -> tuple[pa.Table, set[str]]:
-    current = _column(table, TAKEDOWN)
-    keys = _column(table, S.KEY)
+    current = S.column_list(table, TAKEDOWN)
+    keys = S.column_list(table, S.KEY)
     new = [reason if h and c is None else c for h, c in zip(hit, current, strict=True)]
     newly = {k for k, a, b in zip(keys, current, new, strict=True) if a != b}
-    return _set(table, TAKEDOWN, pa.array(new, pa.string())), newly
+    return S.set_column(table, TAKEDOWN, pa.array(new, pa.string()), keep_type=True), newly
 
 
 def _plan_shard(
@@ -297,7 +287,7 @@ def _plan_shard(
         tar_new, plan.samples_removed = filter_tar(tar_old, hit_keys)
 
     table, pq_old = _read_table(store, pq_rel)
-    hit = [k in hit_keys for k in _column(table, S.KEY)]
+    hit = [k in hit_keys for k in S.column_list(table, S.KEY)]
     marked, plan.newly_marked = _mark_shard_table(table, hit, reason)
     pq_new = pq_old if marked.equals(table) else _table_bytes(marked, pq_old)
 
@@ -344,14 +334,14 @@ def _plan_shard(
 
 def _mark_embeddings(table: pa.Table, hit_keys: set[str], reason: str) -> tuple[pa.Table, set[str]]:
     """Embeddings rows of ``hit_keys`` marked; returns (table, keys whose marks changed)."""
-    keys = _column(table, S.KEY)
+    keys = S.column_list(table, S.KEY)
     hit = [k in hit_keys for k in keys]
     if not any(hit):
         return table, set()
     text = _reason_text(reason)
-    keep = _column(table, S.KEEP)
-    drop = _column(table, S.DROP_REASON)
-    mark = _column(table, TAKEDOWN)
+    keep = S.column_list(table, S.KEEP)
+    drop = S.column_list(table, S.DROP_REASON)
+    mark = S.column_list(table, TAKEDOWN)
     newly: set[str] = set()
     for i, h in enumerate(hit):
         if not h:
@@ -364,15 +354,15 @@ def _mark_embeddings(table: pa.Table, hit_keys: set[str], reason: str) -> tuple[
         drop[i] = drop[i] if isinstance(drop[i], str) and drop[i].startswith(REASON_PREFIX) else text
         if before != (keep[i], drop[i]):
             newly.add(keys[i])
-    out = _set(table, S.KEEP, pa.array(keep, pa.bool_()))
-    out = _set(out, S.DROP_REASON, pa.array(drop, pa.string()))
-    out = _set(out, TAKEDOWN, pa.array(mark, pa.string()))
+    out = S.set_column(table, S.KEEP, pa.array(keep, pa.bool_()), keep_type=True)
+    out = S.set_column(out, S.DROP_REASON, pa.array(drop, pa.string()), keep_type=True)
+    out = S.set_column(out, TAKEDOWN, pa.array(mark, pa.string()), keep_type=True)
     # The thumbnail (dedup.pixel_check) is the picture itself, only smaller.
     for name in (S.IMAGE_EMBEDDING, S.IMAGE_THUMB):
         if name in out.column_names:
             col = out.column(name)
             vals = [None if h else v for h, v in zip(hit, col.to_pylist(), strict=True)]
-            out = _set(out, name, pa.array(vals, col.type))
+            out = S.set_column(out, name, pa.array(vals, col.type), keep_type=True)
     return out, newly
 
 
@@ -472,8 +462,8 @@ def takedown(
     rows: dict[str, dict[str, Any]] = {}
 
     def scan(table: pa.Table, shard_of: Callable[[int], str]) -> None:
-        urls, hashes, keys = _column(table, S.URL), _column(table, S.SHA256), _column(table, S.KEY)
-        sources, pdqs = _column(table, S.SOURCE_SHA256), _column(table, S.PDQ)
+        urls, hashes, keys = S.column_list(table, S.URL), S.column_list(table, S.SHA256), S.column_list(table, S.KEY)
+        sources, pdqs = S.column_list(table, S.SOURCE_SHA256), S.column_list(table, S.PDQ)
         for i, h in enumerate(matchers.match(urls, hashes, keys, sources)):
             info = rows.setdefault(keys[i], {"shards": set()})
             info["shards"].add(shard_of(i))
@@ -497,7 +487,7 @@ def takedown(
         table = _read_light(emb_store.uri(name), storage)
         light[name] = table
         stem = name[: -len(".parquet")]
-        shard_col = _column(table, S.SHARD)
+        shard_col = S.column_list(table, S.SHARD)
         scan(table, lambda i, shard_col=shard_col, stem=stem: shard_col[i] or stem)
 
     named = {k for k, v in rows.items() if v.get("named")}
@@ -520,6 +510,7 @@ def takedown(
     # or names this output stores these URLs or pictures again, even if this takedown crashes
     # below (a rerun completes it; entries already listed are not added twice).
     taken = [rows[k] for k in sorted(all_keys) if k in rows]
+    # Keyed by blocklist kind (pipeline/blocklist.py KINDS), not by column.
     entries = {
         "url": sorted(matchers.urls | {v[S.URL].strip() for v in taken if isinstance(v.get(S.URL), str)}),
         "sha256": sorted(matchers.sha256 | {v[S.SOURCE_SHA256] for v in taken if v.get(S.SOURCE_SHA256)}),
@@ -529,7 +520,7 @@ def takedown(
     if not dry_run and any(entries.values()):
         from pipeline.blocklist import append_to_output
 
-        summary.blocklist_added = append_to_output(output, entries, storage, note=f"takedown: {reason}")
+        summary.blocklist_added = append_to_output(output, entries, storage, note=_reason_text(reason))
         if any(summary.blocklist_added.values()):
             emit("added to the output's blocklist: " + ", ".join(f"{n} {k}" for k, n in summary.blocklist_added.items()))
 
@@ -553,7 +544,7 @@ def takedown(
 
     # 4. Embeddings files.
     for name, table in light.items():
-        if all_keys.isdisjoint(_column(table, S.KEY)):
+        if all_keys.isdisjoint(S.column_list(table, S.KEY)):
             continue
         full, data = _read_table(emb_store, name)
         new, newly_here = _mark_embeddings(full, all_keys, reason)
@@ -567,11 +558,11 @@ def takedown(
     orphans: list[str] = []
     taken: set[str] = set()
     for t in marked_tables:
-        taken.update(k for k, m in zip(_column(t, S.KEY), _column(t, TAKEDOWN), strict=True) if m is not None)
+        taken.update(k for k, m in zip(S.column_list(t, S.KEY), S.column_list(t, TAKEDOWN), strict=True) if m is not None)
     for t in marked_tables:
-        dup = _column(t, S.DUPLICATE_OF)
-        keys = _column(t, S.KEY)
-        keep = _column(t, S.KEEP)
+        dup = S.column_list(t, S.DUPLICATE_OF)
+        keys = S.column_list(t, S.KEY)
+        keep = S.column_list(t, S.KEEP)
         orphans.extend(k for k, d, kp in zip(keys, dup, keep, strict=True) if d in taken and k not in taken and not kp)
     summary.orphaned_duplicates = sorted(orphans)
     summary.rows_newly_marked = len(newly)
@@ -584,7 +575,7 @@ def takedown(
         marked_rows = sum(
             1
             for t in marked_tables
-            for r in _column(t, S.DROP_REASON)
+            for r in S.column_list(t, S.DROP_REASON)
             if isinstance(r, str) and r.startswith(REASON_PREFIX)
         )
         if summary.changed or _report_is_stale(root, marked_rows):
