@@ -153,14 +153,10 @@ def write_yaml(doc: dict[str, Any], uri: str, storage: StorageConfig | None = No
     """Write the thresholds document to a local path or ``s3://`` URI."""
     import yaml
 
-    from pipeline.storage import filesystem_for
+    from pipeline.storage import write_file
 
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
-    fs, path = filesystem_for(uri, storage)
-    if "/" in path:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
+    write_file(uri, text.encode("utf-8"), storage)
 
 
 def read_parquet(uri: str, storage: StorageConfig | None = None) -> pa.Table:

@@ -367,9 +367,6 @@ def thumbnail_data_uri(image: bytes, size: int = 128) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-
-
 def read_thumbnails_from_shards(
     shards_root: str, table: pa.Table, keys: set[str], storage: Any = None
 ) -> dict[str, bytes]:
@@ -377,42 +374,22 @@ def read_thumbnails_from_shards(
     ``s3://`` URI holding ``<shard>.tar``), for :func:`render_html`'s ``thumbnails``.
 
     ``table`` maps each key to its shard (``shard`` column). Each needed tar is streamed once
-    and only until its last wanted member, so memory stays at one image. A missing or
-    unreadable tar leaves its keys out (their figures show "no thumbnail").
+    and only until its last wanted member, so memory stays at one image
+    (:func:`pipeline.shard_format.stream_tar_images`). A missing or unreadable tar leaves its
+    keys out (their figures show "no thumbnail").
     ``storage``: a :class:`pipeline.config.StorageConfig` or None.
     """
-    import posixpath
-    import tarfile
-
-    from pipeline.storage import filesystem_for
+    from pipeline.shard_format import stream_tar_images
 
     if S.SHARD not in table.column_names:
-        raise ValueError("the table has no 'shard' column to find the tars by")
+        raise ValueError(f"the table has no {S.SHARD!r} column to find the tars by")
     by_shard: dict[str, set[str]] = {}
     for k, sh in zip(
         table.column(S.KEY).to_pylist(), table.column(S.SHARD).to_pylist(), strict=True
     ):
         if k in keys and sh is not None:
             by_shard.setdefault(sh, set()).add(k)
-    fs, root = filesystem_for(shards_root, storage) if storage else filesystem_for(shards_root)
-    found: dict[str, bytes] = {}
-    for shard, wanted in sorted(by_shard.items()):
-        left = set(wanted)
-        try:
-            with fs.open_input_stream(posixpath.join(root, f"{shard}.tar")) as stream:
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
-                    for member in tar:
-                        stem, ext = posixpath.splitext(member.name)
-                        if stem in left and ext.lower() in _IMAGE_EXTS and member.isfile():
-                            f = tar.extractfile(member)
-                            if f is not None:
-                                found[stem] = f.read()
-                                left.discard(stem)
-                        if not left:
-                            break
-        except (OSError, tarfile.TarError):
-            continue
-    return found
+    return stream_tar_images(shards_root, by_shard, storage)
 
 
 def _lookup(thumbnails: Thumbnails | None, key: str) -> bytes | None:

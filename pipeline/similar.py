@@ -38,6 +38,9 @@ from pipeline.storage import Storage, filesystem_for
 
 EXACT_BELOW = 50_000
 DEFAULT_NPROBE = 32
+# The files of a review folder (write_review).
+MATCHES_NAME = "matches.parquet"
+REVIEW_NAME = "review.html"
 
 
 class VectorIndex:
@@ -308,7 +311,7 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
     from pipeline.shard_format import read_tar_images
 
     storage = storage or StorageConfig()
-    os.makedirs(folder, exist_ok=True)
+    review = Storage(folder, storage)
     table = pa.table({
         S.KEY: [m.key for m in matches], S.SHARD: [m.shard for m in matches], S.URL: [m.url for m in matches],
         S.CAPTION: [m.caption for m in matches],
@@ -316,8 +319,9 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
         S.MATCH_QUERY: [m.query for m in matches],
         S.MATCH_PIXEL_CONFIRMED: pa.array([m.pixel_confirmed for m in matches], pa.bool_()),
     })
-    pq_path = os.path.join(folder, "matches.parquet")
-    pq.write_table(table, pq_path)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    review.write_atomic(MATCHES_NAME, buf.getvalue())
     shards = Storage(f"{output.rstrip('/')}/shards", storage)
     by_shard: dict[str, set[str]] = {}
     for m in matches:
@@ -354,10 +358,8 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
         f"{html.escape(facts['index'])} over {facts['rows']:,} rows. Nothing is removed until the takedown runs "
         "without --dry-run.</p>" + "".join(cells) + "</body></html>"
     )
-    html_path = os.path.join(folder, "review.html")
-    with open(html_path, "w", encoding="utf-8") as f:
-        f.write(page)
-    return pq_path, html_path
+    review.write_atomic(REVIEW_NAME, page.encode("utf-8"))
+    return os.path.join(folder, MATCHES_NAME), os.path.join(folder, REVIEW_NAME)
 
 
 __all__ = ["Match", "Query", "VectorIndex", "find_similar", "read_rows", "write_review"]

@@ -36,11 +36,9 @@ and completes it. A second identical takedown therefore writes nothing at all.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
-import tarfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -51,7 +49,17 @@ import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.config import EMBEDDINGS_DIR, SHARDS_DIR, StorageConfig
-from pipeline.storage import MANIFEST_SUFFIX, Storage, filesystem_for
+from pipeline.shard_format import (
+    file_matches,
+    filter_tar,
+    manifest_bytes,
+    manifest_keys,
+    manifest_name,
+    read_manifest,
+    rewritten_manifest,
+    tar_sample_keys,
+)
+from pipeline.storage import Storage, filesystem_for
 
 TAKEDOWN = S.TAKEDOWN  # string column: the takedown reason, null for rows not taken down
 AUDIT_NAME = "_takedowns.jsonl"
@@ -212,39 +220,6 @@ def _read_light(uri: str, storage: StorageConfig) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=[c for c in names if c not in _EMBEDDING_COLUMNS])
 
 
-def _digest(data: bytes) -> dict[str, Any]:
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _stem(member_name: str) -> str:
-    # WebDataset groups members by the basename up to its first dot; keys never hold dots.
-    return member_name.rsplit("/", 1)[-1].split(".", 1)[0]
-
-
-def tar_sample_keys(tar_bytes: bytes) -> list[str]:
-    """Sample keys in a tar, in member order, each once."""
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-        return list(dict.fromkeys(_stem(m.name) for m in tar.getmembers() if m.isfile()))
-
-
-def filter_tar(tar_bytes: bytes, drop: set[str]) -> tuple[bytes, int]:
-    """``tar_bytes`` without the members of the samples ``drop``; returns (new bytes, samples
-    removed). Kept members are copied with their original headers and data, so a sample that
-    stays is byte-identical in the new tar. Unchanged input is returned as is."""
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as src:
-        members = src.getmembers()
-        removed = {_stem(m.name) for m in members if _stem(m.name) in drop}
-        if not removed:
-            return tar_bytes, 0
-        out = io.BytesIO()
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
-            for m in members:
-                if _stem(m.name) in drop:
-                    continue
-                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
-    return out.getvalue(), len(removed)
-
-
 def _reason_text(reason: str) -> str:
     return f"{REASON_PREFIX}{reason}"
 
@@ -278,8 +253,8 @@ def _plan_shard(
     Raises :class:`TakedownError` when the shard's files disagree with its manifest in a way a
     crashed takedown cannot explain (another writer, or a shard never committed)."""
     plan = _Plan(shard)
-    tar_rel, pq_rel, man_rel = f"{shard}.tar", f"{shard}.parquet", f"{shard}{MANIFEST_SUFFIX}"
-    manifest = store.read_manifest(shard) if man_rel in names else None
+    tar_rel, pq_rel, man_rel = f"{shard}.tar", f"{shard}.parquet", manifest_name(shard)
+    manifest = read_manifest(store, shard) if man_rel in names else None
 
     tar_old = store.read_bytes(tar_rel) if tar_rel in names else None
     tar_new = tar_old
@@ -292,22 +267,20 @@ def _plan_shard(
     pq_new = pq_old if marked.equals(table) else _table_bytes(marked, pq_old)
 
     if manifest is not None:
-        files = dict(manifest.get("files") or {})
-        recorded = files.get(tar_rel, {})
-        if tar_old is not None and recorded.get("sha256") != _digest(tar_old)["sha256"]:
+        if tar_old is not None and not file_matches(manifest, tar_rel, tar_old):
             # A tar that differs from its manifest is only ours to finish when it is exactly
             # the manifest's samples minus the ones this takedown removes.
-            want = [k for k in manifest.get("keys", []) if k not in hit_keys]
+            listed = manifest_keys(manifest)
+            want = [k for k in listed if k not in hit_keys]
             if tar_sample_keys(tar_old) != want:
-                gone = sorted(set(manifest.get("keys", [])) - set(tar_sample_keys(tar_old)))
+                gone = sorted(set(listed) - set(tar_sample_keys(tar_old)))
                 raise TakedownError(
                     f"shard {shard}: {tar_rel} does not match its manifest and is not this "
                     f"takedown's rewrite of it (samples missing from the tar: {gone[:10]}); if an "
                     "earlier takedown was interrupted, run that one again first; else check "
                     "whether a job is writing this output"
                 )
-        recorded_pq = files.get(pq_rel, {})
-        if recorded_pq.get("sha256") != _digest(pq_old)["sha256"] and TAKEDOWN not in table.column_names:
+        if not file_matches(manifest, pq_rel, pq_old) and TAKEDOWN not in table.column_names:
             raise TakedownError(f"shard {shard}: {pq_rel} does not match its manifest")
 
     if tar_new is not None and tar_new is not tar_old:
@@ -316,19 +289,9 @@ def _plan_shard(
         plan.writes.append((pq_rel, pq_new))
 
     if manifest is not None and tar_new is not None:
-        new_manifest = dict(manifest)
-        files = dict(manifest.get("files") or {})
-        files[tar_rel] = _digest(tar_new)
-        files[pq_rel] = _digest(pq_new)
-        keys = tar_sample_keys(tar_new)
-        new_manifest["files"] = files
-        new_manifest["keys"] = keys
-        new_manifest["samples"] = len(keys)
-        removed = sorted(set(manifest.get("taken_down", [])) | (set(manifest.get("keys", [])) - set(keys)))
-        if removed:
-            new_manifest["taken_down"] = removed
+        new_manifest = rewritten_manifest(manifest, shard, tar_new, pq_new)
         if new_manifest != manifest:
-            plan.writes.append((man_rel, json.dumps(new_manifest, indent=2).encode("utf-8")))
+            plan.writes.append((man_rel, manifest_bytes(new_manifest)))
     return plan
 
 
@@ -618,9 +581,7 @@ __all__ = [
     "Matchers",
     "TakedownError",
     "TakedownSummary",
-    "filter_tar",
     "format_summary",
     "read_list_file",
-    "tar_sample_keys",
     "takedown",
 ]
