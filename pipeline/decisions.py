@@ -5,7 +5,7 @@ the filter, its threshold and the model whose numbers it used. Reasons are check
 order and the first that applies is recorded:
 
 0. ``takedown: <reason>``: the row was taken down (``takedown`` column, set by
-   pipeline/takedown.py); a re-decision never brings it back.
+   pipeline/takedown/); a re-decision never brings it back.
 1. ``status:<status>``: the row failed upstream (``status:http_404``, ``status:decode_error``).
 2. ``unsafe:<concept>(<side> margin>0.05; <model>)``: the moderate stage flagged it
    (``unsafe_score > 0``) and ``filter.unsafe`` is on. The side is ``image``, ``caption`` or
@@ -45,7 +45,7 @@ from pipeline import schema as S
 from pipeline.config import DedupConfig, FilterConfig
 
 DECISION_COLUMNS = (S.DUPLICATE_OF, S.DUP_GROUP_SIZE, S.DUP_KIND, S.KEEP, S.DROP_REASON)
-# How a takedown's reason starts in drop_reason (pipeline/takedown.py writes the rest).
+# How a takedown's reason starts in drop_reason (pipeline/takedown/ writes the rest).
 TAKEDOWN_PREFIX = S.REASON_TAKEDOWN
 
 _SHA = "@sha256:"

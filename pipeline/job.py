@@ -416,7 +416,7 @@ def redecide(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSu
 def write_report(
     cfg: JobConfig, decided: pa.Table, summary: JobSummary, stages: dict[str, dict[str, Any]]
 ) -> None:
-    """``_stats.json`` and ``report.html`` in the output root (pipeline/report.py), with
+    """``_stats.json`` and ``report.html`` in the output root (pipeline/report/), with
     thumbnails of sample rows read from the shard tars."""
     from pipeline import report
 

@@ -40,7 +40,7 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
-PDQ = "pdq"  # hex PDQ hash of the decoded picture (pipeline/blocklist.py), before resizing
+PDQ = "pdq"  # hex PDQ hash of the decoded picture (pipeline/blocklist/), before resizing
 
 # --- column set by the shard stage --------------------------------------------------------
 SHARD = "shard"  # "00012": the file stem of the tar/parquet holding the row
@@ -214,7 +214,7 @@ DUP_GROUP_SIZE = "dup_group_size"  # int32: rows in its duplicate group, itself 
 DUP_KIND = "dup_kind"  # DUP_EXACT, DUP_SEMANTIC or DUP_PREVIOUS_RUN (null: not a duplicate)
 KEEP = "keep"
 DROP_REASON = "drop_reason"
-TAKEDOWN = "takedown"  # the takedown reason (pipeline/takedown.py), null for rows not taken down
+TAKEDOWN = "takedown"  # the takedown reason (pipeline/takedown/), null for rows not taken down
 
 # Values of ``dup_kind``: same sha256 as a kept row, embedding (and pixels) close to a kept row,
 # or a repeat of a row an earlier run kept.

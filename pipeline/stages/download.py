@@ -12,7 +12,7 @@ same order):
 - ``source_sha256`` (string): hex sha256 of the downloaded bytes (the hash image hash lists
   use; ``sha256`` is the stored, re-encoded file's), only for rows that end ``ok``.
 
-Blocklists (``blocklist``, pipeline/blocklist.py): a URL or domain on a list is never requested
+Blocklists (``blocklist``, pipeline/blocklist/): a URL or domain on a list is never requested
 (checked at every redirect hop too), and downloaded bytes whose md5, sha1 or sha256 is listed
 are dropped at once; either way the row gets status ``blocked`` and an error naming the list.
 

@@ -16,7 +16,7 @@ the image and everything computed from its pixels:
 * ``_takedowns.jsonl``: one audit line per takedown that changed something (time, matchers,
   reason, keys affected; never image bytes);
 * ``_blocklist/urls.txt``, ``sha256.txt``, ``pdq.txt``: the output's own blocklist
-  (pipeline/blocklist.py) gets the taken-down rows' URLs, the sha256 of their downloaded bytes
+  (pipeline/blocklist/) gets the taken-down rows' URLs, the sha256 of their downloaded bytes
   and their PDQ hashes, so every later run that writes to this output, deduplicates against
   it or names it in ``blocklist.outputs`` never requests those URLs and never stores those
   pictures again, under any URL (written first, before the files below).

@@ -78,7 +78,7 @@ def takedown(
     # or names this output stores these URLs or pictures again, even if this takedown crashes
     # below (a rerun completes it; entries already listed are not added twice).
     taken = [rows[k] for k in sorted(all_keys) if k in rows]
-    # Keyed by blocklist kind (pipeline/blocklist.py KINDS), not by column.
+    # Keyed by blocklist kind (pipeline.blocklist.KINDS), not by column.
     entries = {
         "url": sorted(matchers.urls | {v[S.URL].strip() for v in taken if isinstance(v.get(S.URL), str)}),
         "sha256": sorted(matchers.sha256 | {v[S.SOURCE_SHA256] for v in taken if v.get(S.SOURCE_SHA256)}),
