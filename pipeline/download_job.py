@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import DownloadJobConfig, ExecutionConfig
-from pipeline.shard_format import committed_shards
+from pipeline.shard_format import committed_shards, read_stats
 from pipeline.stages.read import ShardDescriptor, plan_shards
 from pipeline.storage import Storage
 
@@ -125,7 +125,7 @@ def write_totals(
     summary = DownloadSummary(storage.root, len(shards), skipped, written)
     statuses: Counter[str] = Counter()
     for d in shards:
-        stats = json.loads(storage.read_bytes(f"{S.shard_name(d.shard_id)}_stats.json"))
+        stats = read_stats(storage, S.shard_name(d.shard_id))
         summary.count += stats["count"]
         summary.successes += stats["successes"]
         summary.failed_to_download += stats["failed_to_download"]

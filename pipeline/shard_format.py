@@ -43,6 +43,7 @@ from pipeline import schema as S
 from pipeline.storage import Storage
 
 MANIFEST_SUFFIX = ".manifest.json"
+PARQUET_SUFFIX = ".parquet"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 _SAFE_KEY = re.compile(r"^[0-9A-Za-z_-]+$")
@@ -172,9 +173,9 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
         "samples": len(stored),
         "keys": stored,
         "files": {
-            f"{name}.tar": file_digest(tar_bytes),
-            f"{name}.parquet": file_digest(parquet_bytes),
-            f"{name}_stats.json": file_digest(stats_bytes),
+            tar_name(name): file_digest(tar_bytes),
+            parquet_name(name): file_digest(parquet_bytes),
+            stats_name(name): file_digest(stats_bytes),
         },
         "created_at": now,
     }
@@ -210,15 +211,38 @@ def _shard_table(
 
 def commit_shard(storage: Storage, files: ShardFiles) -> None:
     """Write the tar, parquet and stats, then the manifest (the commit marker)."""
-    storage.write_atomic(f"{files.name}.tar", files.tar)
-    storage.write_atomic(f"{files.name}.parquet", files.parquet)
-    storage.write_atomic(f"{files.name}_stats.json", files.stats)
+    storage.write_atomic(tar_name(files.name), files.tar)
+    storage.write_atomic(parquet_name(files.name), files.parquet)
+    storage.write_atomic(stats_name(files.name), files.stats)
     storage.write_atomic(manifest_name(files.name), manifest_bytes(files.manifest))
+
+
+def tar_name(shard: str) -> str:
+    """``"00012" -> "00012.tar"``."""
+    return f"{shard}.tar"
+
+
+def parquet_name(shard: str) -> str:
+    """``"00012" -> "00012.parquet"`` (the shard's rows, in the shard folder)."""
+    return f"{shard}{PARQUET_SUFFIX}"
+
+
+def stats_name(shard: str) -> str:
+    """``"00012" -> "00012_stats.json"``."""
+    return f"{shard}_stats.json"
 
 
 def manifest_name(shard: str) -> str:
     """``"00012" -> "00012.manifest.json"``."""
     return f"{shard}{MANIFEST_SUFFIX}"
+
+
+def shards_with_rows(names: set[str] | list[str]) -> list[str]:
+    """The shards (sorted) of a shard folder's file ``names`` that have a parquet of rows,
+    committed or not (temporary files, which start with ".", are not shards)."""
+    return sorted(
+        n[: -len(PARQUET_SUFFIX)] for n in names if n.endswith(PARQUET_SUFFIX) and not n.startswith(".")
+    )
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -315,7 +339,7 @@ def stream_tar_images(shards_root: str, wanted: dict[str, set[str]], storage: An
     for shard, keys in sorted(wanted.items()):
         left = set(keys)
         try:
-            with fs.open_input_stream(posixpath.join(root, f"{shard}.tar")) as stream:
+            with fs.open_input_stream(posixpath.join(root, tar_name(shard))) as stream:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
                         stem = _image_stem(member)
@@ -333,12 +357,18 @@ def stream_tar_images(shards_root: str, wanted: dict[str, set[str]], storage: An
 
 def read_rows(storage: Storage, shard: str) -> pa.Table:
     """The shard's parquet: every row of the shard, whatever its status."""
-    return pq.read_table(pa.BufferReader(storage.read_bytes(f"{shard}.parquet")))
+    return pq.read_table(pa.BufferReader(storage.read_bytes(parquet_name(shard))))
 
 
 def read_images(storage: Storage, shard: str, keys: set[str] | None = None) -> dict[str, bytes]:
     """Stored image bytes by key, from the shard's tar."""
-    return read_tar_images(storage.read_bytes(f"{shard}.tar"), keys)
+    return read_tar_images(storage.read_bytes(tar_name(shard)), keys)
+
+
+def read_stats(storage: Storage, shard: str) -> dict[str, Any]:
+    """The shard's img2dataset stats (``count``, ``successes``, ``failed_to_download``,
+    ``failed_to_resize``, ``status_dict``, times)."""
+    return json.loads(storage.read_bytes(stats_name(shard)))
 
 
 # ------------------------------------------------------------------------------ rewrite
@@ -381,8 +411,8 @@ def rewritten_manifest(manifest: dict[str, Any], shard: str, tar_bytes: bytes, p
     everything else are unchanged."""
     new = dict(manifest)
     files = dict(manifest.get("files") or {})
-    files[f"{shard}.tar"] = file_digest(tar_bytes)
-    files[f"{shard}.parquet"] = file_digest(parquet_bytes)
+    files[tar_name(shard)] = file_digest(tar_bytes)
+    files[parquet_name(shard)] = file_digest(parquet_bytes)
     keys = tar_sample_keys(tar_bytes)
     new["files"] = files
     new["keys"] = keys

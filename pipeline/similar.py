@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.config import EMBEDDINGS_DIR, ConfigError, JobConfig, StorageConfig
+from pipeline.config import EMBEDDINGS_DIR, SHARDS_DIR, ConfigError, JobConfig, StorageConfig
 from pipeline.storage import Storage, filesystem_for
 
 EXACT_BELOW = 50_000
@@ -308,7 +308,7 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
 
     from PIL import Image
 
-    from pipeline.shard_format import read_tar_images
+    from pipeline.shard_format import read_images
 
     storage = storage or StorageConfig()
     review = Storage(folder, storage)
@@ -322,7 +322,7 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
     buf = io.BytesIO()
     pq.write_table(table, buf)
     review.write_atomic(MATCHES_NAME, buf.getvalue())
-    shards = Storage(f"{output.rstrip('/')}/shards", storage)
+    shards = Storage(f"{output.rstrip('/')}/{SHARDS_DIR}", storage)
     by_shard: dict[str, set[str]] = {}
     for m in matches:
         if m.shard:
@@ -330,7 +330,7 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
     images: dict[str, bytes] = {}
     for shard, keys in by_shard.items():
         try:
-            images.update(read_tar_images(shards.read_bytes(f"{shard}.tar"), keys))
+            images.update(read_images(shards, shard, keys))
         except (OSError, FileNotFoundError):
             continue
     cells = []

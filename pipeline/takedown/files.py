@@ -20,8 +20,10 @@ from pipeline.shard_format import (
     manifest_bytes,
     manifest_keys,
     manifest_name,
+    parquet_name,
     read_manifest,
     rewritten_manifest,
+    tar_name,
     tar_sample_keys,
 )
 from pipeline.storage import Storage, filesystem_for
@@ -92,7 +94,7 @@ def plan_shard(
     Raises :class:`TakedownError` when the shard's files disagree with its manifest in a way a
     crashed takedown cannot explain (another writer, or a shard never committed)."""
     plan = Plan(shard)
-    tar_rel, pq_rel, man_rel = f"{shard}.tar", f"{shard}.parquet", manifest_name(shard)
+    tar_rel, pq_rel, man_rel = tar_name(shard), parquet_name(shard), manifest_name(shard)
     manifest = read_manifest(store, shard) if man_rel in names else None
 
     tar_old = store.read_bytes(tar_rel) if tar_rel in names else None

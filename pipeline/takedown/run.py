@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import EMBEDDINGS_DIR, SHARDS_DIR, StorageConfig
+from pipeline.shard_format import parquet_name, shards_with_rows
 from pipeline.storage import Storage
 from pipeline.takedown.files import (
     EMBEDDING_COLUMNS,
@@ -57,7 +58,7 @@ def takedown(
     summary = TakedownSummary(output=output, reason=reason, dry_run=dry_run)
 
     shard_names = set(shards_store.list_names())
-    shards = sorted(n[: -len(".parquet")] for n in shard_names if n.endswith(".parquet") and not n.startswith("."))
+    shards = shards_with_rows(shard_names)
     if not shards:
         raise TakedownError(f"{output}/{SHARDS_DIR} holds no shard parquet files: not a job output")
     emb_names = sorted(n for n in emb_store.list_names() if n.endswith(".parquet") and not n.startswith("."))
@@ -95,7 +96,7 @@ def takedown(
     # 3. Shards: tar and parquet, manifest last.
     plans = []
     for shard in sorted(hits):
-        if f"{shard}.parquet" not in shard_names:
+        if parquet_name(shard) not in shard_names:
             continue  # rows known only from an embeddings file; handled there
         plans.append(plan_shard(shards_store, shard, hits[shard], reason, shard_names))
     newly: set[str] = set()
@@ -229,7 +230,7 @@ def _find(
                     found_sha.add(digest.lower())
 
     for shard in shards:
-        table, _ = read_table(shards_store, f"{shard}.parquet")
+        table, _ = read_table(shards_store, parquet_name(shard))
         scan(table, lambda i, shard=shard: shard)
     for name in emb_names:
         table = read_light(emb_store.uri(name), storage)
