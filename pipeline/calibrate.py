@@ -106,6 +106,7 @@ def calibrate(
     m_img = margins(img, stage.directions, stage.neutral) if stage.directions is not None else None
     m_txt = margins(txt, stage.directions, stage.neutral) if stage.directions is not None else None
 
+    # The thresholds file's YAML fields (what moderate.thresholds_file reads), not column names.
     doc: dict[str, Any] = {
         "model": stage.model_id,
         "target": {"recall": target_recall} if target_recall is not None else {"precision": target_precision},

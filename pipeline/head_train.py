@@ -122,6 +122,7 @@ def run(a: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"clipcurate train-head: error: {e}", file=sys.stderr)
         return 2
+    # The head file's safetensors metadata (whose embeddings it reads, provenance), not columns.
     meta: dict[str, Any] = {"model": model or "", "input_dim": str(emb.shape[1]), "label_col": a.label_col,
                             "rows": str(len(labels)), "positives": str(int(labels.sum()))}
     write_file(a.out, save(tensors, metadata=meta), storage)

@@ -166,6 +166,7 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
         "status_dict": dict(sorted(counts.items())),
     }
     stats_bytes = json.dumps(stats, indent=4).encode("utf-8")
+    # The manifest's fields (this format's own JSON), not column names.
     manifest = {
         "shard": name,
         "shard_id": shard_id,

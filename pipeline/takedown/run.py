@@ -154,6 +154,7 @@ def takedown(
 
     # 6. Audit, last: a crash before it leaves work a rerun completes and then records.
     if summary.changed and not dry_run:
+        # The audit line's own fields (not column names).
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "reason": reason,
@@ -286,6 +287,7 @@ def _regenerate_report(root: Storage, output: str, tables: list[pa.Table], stora
     except Exception:  # only report.html exists, or the stats are unreadable: start afresh
         old = {}
     table = pa.concat_tables(tables, promote_options="permissive")
+    # _stats.json's keys (pipeline/report/stats.py), not column names.
     clip = (old.get("clip_score") or {}).get("threshold")
     unsafe = (old.get("unsafe_score") or {}).get("threshold")
     input_rows = old.get("input_rows")
