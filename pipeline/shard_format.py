@@ -335,7 +335,7 @@ def stream_tar_images(shards_root: str, wanted: dict[str, set[str]], storage: An
 
     from pipeline.storage import filesystem_for
 
-    fs, root = filesystem_for(shards_root, storage) if storage else filesystem_for(shards_root)
+    fs, root = filesystem_for(shards_root, storage)
     found: dict[str, bytes] = {}
     for shard, keys in sorted(wanted.items()):
         left = set(keys)
