@@ -1,5 +1,6 @@
 """Blocklists at LAION scale: memory and CPU per image of a 10M-entry exact list and a 1M-entry
-PDQ list (issue 15: must fit a worker, <= 1 ms of CPU per image).
+PDQ list. The targets: the lists fit in a download or decode worker next to its other work,
+and the checks add <= 1 ms of CPU per image, small beside downloading and decoding it.
 
 Writes the lists as text files the way hash lists are distributed (one hex digest a line),
 loads them with :func:`pipeline.blocklist.load` (the worker's path: parse, validate, index),

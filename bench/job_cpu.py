@@ -16,7 +16,7 @@ process, each tool runs as a separate process on the first ``--small`` rows and 
   download half alone: download, decode + resize, shards).
 
 CPU is counted two ways for each run: the whole machine's busy time from ``/proc/stat``
-(every process, this benchmark's included, which is what the issue's figures are), and the CPU
+(every process, this benchmark's included: what a user's machine pays), and the CPU
 of the run's own process tree from a cpuacct cgroup that the run, the image server and the Ray
 head are placed in (exact for the run even when other work shares the machine; absent when
 the cgroup cannot be created). Start-up cancels in the marginal figure:

@@ -17,7 +17,7 @@ Rows are marked (``keep=false``, ``drop_reason="takedown: <reason>"``, image emb
 removed), the samples are removed from the shard tars (manifests updated), the report is
 regenerated, ``<output>/_takedowns.jsonl`` gets an audit line and ``<output>/_blocklist/`` the
 rows' URLs, hashes and PDQ hashes, so later runs never store them again; see
-pipeline/takedown.py.
+pipeline/takedown/.
 Running the same takedown again changes nothing. Exit status 0 when done (URLs or hashes not
 found are listed), 2 for bad input or an output that cannot be changed safely.
 """

@@ -106,6 +106,7 @@ def calibrate(
     m_img = margins(img, stage.directions, stage.neutral) if stage.directions is not None else None
     m_txt = margins(txt, stage.directions, stage.neutral) if stage.directions is not None else None
 
+    # The thresholds file's YAML fields (what moderate.thresholds_file reads), not column names.
     doc: dict[str, Any] = {
         "model": stage.model_id,
         "target": {"recall": target_recall} if target_recall is not None else {"precision": target_precision},
@@ -153,14 +154,10 @@ def write_yaml(doc: dict[str, Any], uri: str, storage: StorageConfig | None = No
     """Write the thresholds document to a local path or ``s3://`` URI."""
     import yaml
 
-    from pipeline.storage import filesystem_for
+    from pipeline.storage import write_file
 
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
-    fs, path = filesystem_for(uri, storage)
-    if "/" in path:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
+    write_file(uri, text.encode("utf-8"), storage)
 
 
 def read_parquet(uri: str, storage: StorageConfig | None = None) -> pa.Table:

@@ -196,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     _print_summary(summary)
     if args.summary_json:
-        with open(args.summary_json, "w") as f:
-            json.dump(summary.to_json(), f, indent=2)
+        from pipeline.storage import write_file
+
+        write_file(args.summary_json, json.dumps(summary.to_json(), indent=2).encode("utf-8"))
     return 0
 
 

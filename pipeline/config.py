@@ -165,7 +165,7 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class BlocklistConfig:
-    """Lists of URLs, domains and image hashes never stored (pipeline/blocklist.py).
+    """Lists of URLs, domains and image hashes never stored (pipeline/blocklist/).
 
     Each of ``urls`` .. ``pdq`` is a tuple of lists: a path or ``s3://`` URI of a text file
     (one entry a line) or a Parquet file, optionally named ``name=uri`` (a blocked row's error
@@ -212,7 +212,7 @@ class DownloadJobConfig:
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """Global dedup after the stream (pipeline/dedup.py). Similarities are cosines in [-1, 1]."""
+    """Global dedup after the stream (pipeline/dedup/). Similarities are cosines in [-1, 1]."""
 
     threshold: float | str = 0.95  # rows whose image embeddings have cosine >= this are duplicates
     n_clusters: int | None = None  # k-means clusters; None: 1 up to 10,000 rows, else ~sqrt(N)
@@ -263,8 +263,7 @@ class DedupConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Embed half (helper E): embed, moderate, write. See pipeline/stages/embed.py, moderate.py,
-# write.py.
+# Embed half: embed, moderate, write. See pipeline/stages/embed.py, moderate.py, write.py.
 
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
@@ -418,7 +417,7 @@ class WriteConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# The whole job (helper G): jobs/embed_laion.py. YAML / flags / --set loading is in
+# The whole job: jobs/embed_laion.py. YAML / flags / --set loading is in
 # pipeline/job_config.py; the final keep/drop decisions in pipeline/decisions.py.
 
 

@@ -5,7 +5,7 @@ the filter, its threshold and the model whose numbers it used. Reasons are check
 order and the first that applies is recorded:
 
 0. ``takedown: <reason>``: the row was taken down (``takedown`` column, set by
-   pipeline/takedown.py); a re-decision never brings it back.
+   pipeline/takedown/); a re-decision never brings it back.
 1. ``status:<status>``: the row failed upstream (``status:http_404``, ``status:decode_error``).
 2. ``unsafe:<concept>(<side> margin>0.05; <model>)``: the moderate stage flagged it
    (``unsafe_score > 0``) and ``filter.unsafe`` is on. The side is ``image``, ``caption`` or
@@ -45,8 +45,8 @@ from pipeline import schema as S
 from pipeline.config import DedupConfig, FilterConfig
 
 DECISION_COLUMNS = (S.DUPLICATE_OF, S.DUP_GROUP_SIZE, S.DUP_KIND, S.KEEP, S.DROP_REASON)
-# How a takedown's reason starts in drop_reason (pipeline/takedown.py writes the rest).
-TAKEDOWN_PREFIX = "takedown: "
+# How a takedown's reason starts in drop_reason (pipeline/takedown/ writes the rest).
+TAKEDOWN_PREFIX = S.REASON_TAKEDOWN
 
 _SHA = "@sha256:"
 
@@ -75,9 +75,9 @@ def unsafe_reason(concept: str, source: str | None, model: str | None, rules: An
             threshold = (rules.image_thresholds if side == "image" else rules.caption_thresholds).get(concept)
     m = short_model(model)
     if threshold is None:
-        return f"unsafe:{concept}({side} unsafe_score>0; {m})"
+        return f"{S.REASON_UNSAFE}{concept}({side} unsafe_score>0; {m})"
     kind = "probability" if side == "head" else "margin"
-    return f"unsafe:{concept}({side} {kind}>{threshold:g}; {m})"
+    return f"{S.REASON_UNSAFE}{concept}({side} {kind}>{threshold:g}; {m})"
 
 
 def filter_reasons(table: pa.Table, filters: FilterConfig, rules: Any = None) -> list[str | None]:
@@ -95,13 +95,13 @@ def filter_reasons(table: pa.Table, filters: FilterConfig, rules: Any = None) ->
         if taken_down[i] is not None:
             out.append(f"{TAKEDOWN_PREFIX}{taken_down[i]}")
         elif status != S.OK:
-            out.append(f"status:{status}")
+            out.append(S.status_reason(status))
         elif filters.unsafe and concepts[i] is not None and unsafe[i] is not None and unsafe[i] > 0:
             out.append(unsafe_reason(concepts[i], sources[i], models[i], rules))
         elif threshold is not None and (scores[i] is None or np.isnan(scores[i])):
-            out.append(f"clip_score<{threshold:g} ({short_model(models[i])}; no caption)")
+            out.append(f"{S.REASON_CLIP_SCORE}{threshold:g} ({short_model(models[i])}; no caption)")
         elif threshold is not None and scores[i] < threshold:
-            out.append(f"clip_score<{threshold:g} ({short_model(models[i])})")
+            out.append(f"{S.REASON_CLIP_SCORE}{threshold:g} ({short_model(models[i])})")
         else:
             out.append(None)
     return out
@@ -109,14 +109,14 @@ def filter_reasons(table: pa.Table, filters: FilterConfig, rules: Any = None) ->
 
 def dedup_reason(kind: str, model: str | None, cfg: DedupConfig) -> str:
     """The drop reason of a duplicate of ``kind`` (``exact``, ``semantic``, ``previous_run``)."""
-    if kind == "exact":
-        return "dedup:exact(sha256)"
+    if kind == S.DUP_EXACT:
+        return f"{S.REASON_DEDUP}{S.DUP_EXACT}(sha256)"
     test = f"cos>={cfg.threshold:g}"
     if cfg.pixel_check:
         test += f" & pixels(mean<={cfg.pixel_mean_max:g},blob<={cfg.pixel_blob_max:g})"
-    if kind == "semantic":
-        return f"dedup:semantic({test}; {short_model(model)})"
-    return f"dedup:previous_run({test} or sha256; {short_model(model)})"
+    if kind == S.DUP_SEMANTIC:
+        return f"{S.REASON_DEDUP}{S.DUP_SEMANTIC}({test}; {short_model(model)})"
+    return f"{S.REASON_DEDUP}{S.DUP_PREVIOUS_RUN}({test} or sha256; {short_model(model)})"
 
 
 def decide(

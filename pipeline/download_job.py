@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.config import DownloadJobConfig, ExecutionConfig
+from pipeline.shard_format import committed_shards, read_stats
 from pipeline.stages.read import ShardDescriptor, plan_shards
 from pipeline.storage import Storage
 
@@ -82,7 +83,7 @@ def run_download(
     started = time.time()
     shards = plan_shards(cfg.read, cfg.shard.number_sample_per_shard, cfg.storage)
     storage = Storage(cfg.shard.output_folder, cfg.storage)
-    committed = storage.committed_shards()
+    committed = committed_shards(storage)
     todo = [d for d in shards if S.shard_name(d.shard_id) not in committed]
     log.info("%d shards planned, %d already committed, %d to do", len(shards), len(shards) - len(todo), len(todo))
     status: Counter[str] = Counter()
@@ -105,7 +106,7 @@ def run_download(
         for k, v in status.items():
             per_stage[S.stage_of(k)] += v
         log.info("rows this run by stage outcome: %s", dict(per_stage))
-    committed = storage.committed_shards()
+    committed = committed_shards(storage)
     missing = [S.shard_name(d.shard_id) for d in todo if S.shard_name(d.shard_id) not in committed]
     if missing:
         raise RuntimeError(f"shards not committed after the run: {missing[:20]}")
@@ -124,7 +125,7 @@ def write_totals(
     summary = DownloadSummary(storage.root, len(shards), skipped, written)
     statuses: Counter[str] = Counter()
     for d in shards:
-        stats = json.loads(storage.read_bytes(f"{S.shard_name(d.shard_id)}_stats.json"))
+        stats = read_stats(storage, S.shard_name(d.shard_id))
         summary.count += stats["count"]
         summary.successes += stats["successes"]
         summary.failed_to_download += stats["failed_to_download"]

@@ -38,6 +38,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from pipeline import schema as S
 from pipeline.blocklist import Blocklist
 from pipeline.config import DownloadConfig
 from pipeline.netguard import (
@@ -388,7 +389,7 @@ class Fetcher:
                     return location
                 current = location
             return FetchResult(
-                "too_many_redirects",
+                S.TOO_MANY_REDIRECTS,
                 f"more than {self.config.max_redirects} redirects (last: {current})",
                 http_status=None,
             )
@@ -399,7 +400,7 @@ class Fetcher:
 
     def _timeout(self, what: str, http_status: int | None = None) -> FetchResult:
         return FetchResult(
-            "timeout", f"{what} exceeded the {self.config.timeout:g} s deadline", http_status
+            S.TIMEOUT, f"{what} exceeded the {self.config.timeout:g} s deadline", http_status
         )
 
     def _hop(self, url: str, deadline: _Deadline) -> str | FetchResult:
@@ -407,7 +408,7 @@ class Fetcher:
         if self.blocklist is not None:
             hit = self.blocklist.check_url(url)
             if hit is not None:  # no request at all, not even a DNS lookup
-                return FetchResult("blocked", f"{hit.reason()}: {url}")
+                return FetchResult(S.BLOCKED, f"{hit.reason()}: {url}")
         try:
             target = parse_url(url)
             addrs = resolve_checked(target, self.policy, self.resolver, deadline.remaining())
@@ -416,7 +417,7 @@ class Fetcher:
         except ResolveError as e:
             if e.timed_out:
                 return self._timeout("name resolution")
-            return FetchResult("connection_error", str(e), transient=e.transient)
+            return FetchResult(S.CONNECTION_ERROR, str(e), transient=e.transient)
         with self.limiter.slot(target.host, deadline.remaining()) as got_slot:
             if not got_slot:
                 return self._timeout(f"waiting for a free connection slot to {target.host}")
@@ -456,16 +457,16 @@ class Fetcher:
             )
         except NewConnectionError as e:  # before ConnectTimeoutError: it subclasses it
             return FetchResult(
-                "connection_error", f"cannot connect: {e}", transient=True, not_connected=True
+                S.CONNECTION_ERROR, f"cannot connect: {e}", transient=True, not_connected=True
             )
         except (ConnectTimeoutError, ReadTimeoutError):
             return self._timeout("connect + response headers")
         except SSLError as e:
-            return FetchResult("tls_error", f"TLS failure: {e}")
+            return FetchResult(S.TLS_ERROR, f"TLS failure: {e}")
         except (ProtocolError, HTTPError, OSError) as e:
             if deadline.expired:
                 return self._timeout("connect + response headers")
-            return FetchResult("connection_error", f"{type(e).__name__}: {e}", transient=True)
+            return FetchResult(S.CONNECTION_ERROR, f"{type(e).__name__}: {e}", transient=True)
         try:
             return self._handle(resp, url, deadline)
         finally:
@@ -479,7 +480,7 @@ class Fetcher:
             transient = code == 429 or code >= 500
             retry_after = parse_retry_after(resp.headers.get("Retry-After")) if transient else None
             return FetchResult(
-                f"http_{code}",
+                S.http_failure(code),
                 f"HTTP {code} {resp.reason or ''}".strip(),
                 code,
                 transient=transient,
@@ -492,20 +493,20 @@ class Fetcher:
             if refused:
                 resp.close()  # never read the body of an opted-out image
                 return FetchResult(
-                    "opt_out", f"X-Robots-Tag: {', '.join(sorted(refused))} ({url})", code
+                    S.OPT_OUT, f"X-Robots-Tag: {', '.join(sorted(refused))} ({url})", code
                 )
         if code in REDIRECT_CODES:
             location = resp.headers.get("Location")
             _discard(resp)
             if not location:
-                return FetchResult(f"http_{code}", "redirect without a Location header", code)
+                return FetchResult(S.http_failure(code), "redirect without a Location header", code)
             return urljoin(url, location.strip())
         cap = self.config.max_bytes
         declared = resp.headers.get("Content-Length")
         if declared is not None and declared.strip().isdigit() and int(declared) > cap:
             resp.close()
             return FetchResult(
-                "too_large", f"Content-Length {int(declared)} exceeds max_bytes {cap}", code
+                S.TOO_LARGE, f"Content-Length {int(declared)} exceeds max_bytes {cap}", code
             )
         chunks: list[bytes] = []
         size = 0
@@ -520,18 +521,18 @@ class Fetcher:
                 size += len(chunk)
                 if size > cap:
                     resp.close()
-                    return FetchResult("too_large", f"body exceeds max_bytes {cap}", code)
+                    return FetchResult(S.TOO_LARGE, f"body exceeds max_bytes {cap}", code)
                 chunks.append(chunk)
         except (ReadTimeoutError, ProtocolError, HTTPError, OSError) as e:
             resp.close()
             if deadline.expired:
                 return self._timeout("body download", code)
             return FetchResult(
-                "incomplete_body",
+                S.INCOMPLETE_BODY,
                 f"body ended early after {size} bytes: {type(e).__name__}: {e}",
                 code,
                 transient=True,
             )
         if deadline.expired:  # the watchdog's shutdown can look like a clean end of body
             return self._timeout("body download", code)
-        return FetchResult("ok", None, code, body=b"".join(chunks))
+        return FetchResult(S.OK, None, code, body=b"".join(chunks))

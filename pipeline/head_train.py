@@ -100,7 +100,7 @@ def labelled_embeddings(table: pa.Table, label_col: str) -> tuple[np.ndarray, np
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="labelled output Parquet: file, folder, glob or s3://")
     p.add_argument("--label_col", required=True, help="bool (or concept-name) label of each row")
-    p.add_argument("--out", required=True, help="safetensors file to write")
+    p.add_argument("--out", required=True, help="safetensors file to write (path or s3://)")
     p.add_argument("--hidden", default="32", help="hidden layer sizes, comma-separated ('' = logistic regression)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -109,9 +109,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from pipeline.calibrate import read_parquet
+    from pipeline.storage import write_file
 
     storage = StorageConfig(s3_endpoint_url=a.s3_endpoint_url)
     try:
@@ -121,9 +122,10 @@ def run(a: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"clipcurate train-head: error: {e}", file=sys.stderr)
         return 2
+    # The head file's safetensors metadata (whose embeddings it reads, provenance), not columns.
     meta: dict[str, Any] = {"model": model or "", "input_dim": str(emb.shape[1]), "label_col": a.label_col,
                             "rows": str(len(labels)), "positives": str(int(labels.sum()))}
-    save_file(tensors, a.out, metadata=meta)
+    write_file(a.out, save(tensors, metadata=meta), storage)
     print(f"wrote {a.out}: {emb.shape[1]} -> {' -> '.join(map(str, hidden))}{' -> ' if hidden else ''}1 "
           f"from {len(labels)} rows ({int(labels.sum())} positive); pick its threshold with "
           f"`clipcurate calibrate --head {a.out}`")

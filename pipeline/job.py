@@ -46,6 +46,7 @@ from pipeline.global_pass import global_pass
 from pipeline.model_defaults import notes as model_defaults_notes
 from pipeline.report import HTML_NAME as REPORT_NAME
 from pipeline.report import STATS_NAME
+from pipeline.shard_format import committed_shards
 from pipeline.storage import Storage, StorageError
 
 if TYPE_CHECKING:
@@ -315,7 +316,7 @@ def run(
     plan = plan_shards(cfg.read, cfg.shard.number_sample_per_shard, cfg.storage)
     names = [S.shard_name(d.shard_id) for d in plan]
     expected = {S.shard_name(d.shard_id): d.length for d in plan}
-    committed = Storage(cfg.shard.output_folder, cfg.storage).committed_shards()
+    committed = committed_shards(Storage(cfg.shard.output_folder, cfg.storage))
     embedded = set(_embedded_shards(cfg))
     to_download = [d for d, n in zip(plan, names, strict=True) if n not in committed]
     to_embed = [d for d, n in zip(plan, names, strict=True) if n in committed and n not in embedded]
@@ -415,7 +416,7 @@ def redecide(cfg: JobConfig, emit: Callable[[str], None] | None = None) -> JobSu
 def write_report(
     cfg: JobConfig, decided: pa.Table, summary: JobSummary, stages: dict[str, dict[str, Any]]
 ) -> None:
-    """``_stats.json`` and ``report.html`` in the output root (pipeline/report.py), with
+    """``_stats.json`` and ``report.html`` in the output root (pipeline/report/), with
     thumbnails of sample rows read from the shard tars."""
     from pipeline import report
 

@@ -40,45 +40,70 @@ HEIGHT = "height"
 ORIGINAL_WIDTH = "original_width"
 ORIGINAL_HEIGHT = "original_height"
 SHA256 = "sha256"
-PDQ = "pdq"  # hex PDQ hash of the decoded picture (pipeline/blocklist.py), before resizing
+PDQ = "pdq"  # hex PDQ hash of the decoded picture (pipeline/blocklist/), before resizing
 
 # --- column set by the shard stage --------------------------------------------------------
 SHARD = "shard"  # "00012": the file stem of the tar/parquet holding the row
 
 OK = "ok"
+
+# --- statuses: "ok" or the reason a row failed, grouped by the stage that sets them ---------
+# Statuses the read stage sets.
+MISSING_URL = "missing_url"
+MALFORMED_ROW = "malformed_row"
+READ_STATUSES = frozenset({MISSING_URL, MALFORMED_ROW})
+
+# Statuses the download stage sets (pipeline/fetch.py, pipeline/netguard.py); ``http_<code>``
+# (:func:`http_failure`) is open-ended and not listed.
+TIMEOUT = "timeout"
+CONNECTION_ERROR = "connection_error"
+TOO_LARGE = "too_large"
+BLOCKED_ADDRESS = "blocked_address"
+BAD_SCHEME = "bad_scheme"
+BAD_URL = "bad_url"
+OPT_OUT = "opt_out"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+TLS_ERROR = "tls_error"
+INCOMPLETE_BODY = "incomplete_body"
+DOWNLOAD_ERROR = "download_error"  # an unexpected exception, recorded rather than raised
 # A blocklist (URL, domain, md5/sha1/sha256 of the bytes, PDQ of the picture) names the row:
 # nothing of it is stored; its error names the list.
 BLOCKED = "blocked"
-
-# Statuses the read stage sets.
-READ_STATUSES = frozenset({"missing_url", "malformed_row"})
-# Statuses the download stage sets (helper C1's vocabulary; http_<code> is open-ended).
 DOWNLOAD_STATUSES = frozenset(
     {
-        "timeout",
-        "connection_error",
-        "too_large",
-        "blocked_address",
-        "bad_scheme",
-        "bad_url",
-        "opt_out",
-        "too_many_redirects",
-        "tls_error",
-        "incomplete_body",
-        "download_error",
+        TIMEOUT,
+        CONNECTION_ERROR,
+        TOO_LARGE,
+        BLOCKED_ADDRESS,
+        BAD_SCHEME,
+        BAD_URL,
+        OPT_OUT,
+        TOO_MANY_REDIRECTS,
+        TLS_ERROR,
+        INCOMPLETE_BODY,
+        DOWNLOAD_ERROR,
         BLOCKED,
     }
 )
+_HTTP_PREFIX = "http_"
+
+
+def http_failure(code: int) -> str:
+    """The status of a row whose server answered with HTTP ``code``: ``404 -> "http_404"``."""
+    return f"{_HTTP_PREFIX}{code}"
+
+
 # Statuses the decode stage sets when its crash guard (pipeline/crashguard.py) quarantines a
 # row: the decoder process died on it, or ran past the per-row timeout, on every attempt.
 WORKER_CRASH = "worker_crash"
 DECODE_TIMEOUT = "decode_timeout"
 # Statuses the decode stage sets.
+DECODE_ERROR = "decode_error"
 DECODE_STATUSES = frozenset(
     {
         WORKER_CRASH,
         DECODE_TIMEOUT,
-        "decode_error",
+        DECODE_ERROR,
         "unsupported_format",
         "too_many_pixels",
         "too_many_frames",
@@ -154,7 +179,7 @@ SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_TABLE_FIELDS))
 
 
 # ==============================================================================================
-# Embed half (helper E): preprocess -> embed -> moderate -> write, and the output Parquet schema.
+# Embed half: preprocess -> embed -> moderate -> write, and the output Parquet schema.
 # ==============================================================================================
 
 # Working columns between the decode task and the embed stage; never written.
@@ -186,10 +211,37 @@ UNSAFE_SOURCE = "unsafe_source"  # "image", "caption" or "head" (null when not f
 # --- decisions (pipeline/decisions.py fills these) ------------------------------------------
 DUPLICATE_OF = "duplicate_of"  # key of the row this one duplicates (null: not a duplicate)
 DUP_GROUP_SIZE = "dup_group_size"  # int32: rows in its duplicate group, itself included
-DUP_KIND = "dup_kind"  # "exact", "semantic" or "previous_run"
+DUP_KIND = "dup_kind"  # DUP_EXACT, DUP_SEMANTIC or DUP_PREVIOUS_RUN (null: not a duplicate)
 KEEP = "keep"
 DROP_REASON = "drop_reason"
-TAKEDOWN = "takedown"  # the takedown reason (pipeline/takedown.py), null for rows not taken down
+TAKEDOWN = "takedown"  # the takedown reason (pipeline/takedown/), null for rows not taken down
+
+# Values of ``dup_kind``: same sha256 as a kept row, embedding (and pixels) close to a kept row,
+# or a repeat of a row an earlier run kept.
+DUP_EXACT = "exact"
+DUP_SEMANTIC = "semantic"
+DUP_PREVIOUS_RUN = "previous_run"
+
+# How each ``drop_reason`` starts (pipeline/decisions.py writes the rest): the category the
+# report counts by is the reason up to its first "(" (``status:http_404``, ``unsafe:nudity``,
+# ``clip_score<0.28``, ``dedup:semantic``, ``takedown: request``).
+REASON_TAKEDOWN = "takedown: "  # + the takedown's reason
+REASON_STATUS = "status:"  # + the row's failure status
+REASON_UNSAFE = "unsafe:"  # + concept(side, threshold; model)
+REASON_CLIP_SCORE = "clip_score<"  # + threshold (model)
+REASON_DEDUP = "dedup:"  # + dup_kind(test; model)
+
+
+def status_reason(status: str) -> str:
+    """The drop reason of a row that failed upstream: ``"http_404" -> "status:http_404"``."""
+    return f"{REASON_STATUS}{status}"
+
+
+# --- a similarity search's review table (pipeline/similar.py, ``matches.parquet``) ----------
+# key, shard, url and caption as above, then:
+MATCH_COSINE = "cosine"  # float32: the row's best cosine to a query
+MATCH_QUERY = "query"  # the query (image path, row key or text) it matched
+MATCH_PIXEL_CONFIRMED = "pixel_confirmed"  # bool: thumbnails agree (null: not checked)
 
 # Statuses the preprocess stage sets (an ok row whose stored image cannot reach the model).
 EMBED_STATUSES = frozenset({"image_missing", "preprocess_error"})
@@ -246,10 +298,16 @@ def output_schema(dim: int, passthrough: pa.Schema | None = None) -> pa.Schema:
 # ----------------------------------------------------------------------------- Arrow helpers
 
 
-def set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
-    """``table`` with column ``name`` replaced in place (keeping its position) or appended."""
+def set_column(
+    table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray, *, keep_type: bool = False
+) -> pa.Table:
+    """``table`` with column ``name`` replaced in place (keeping its position) or appended.
+    ``keep_type``: a replaced column keeps its type (``values`` are cast to it), so rewriting
+    a file someone else wrote does not change its schema."""
     i = table.schema.get_field_index(name)
     if i >= 0:
+        if keep_type:
+            values = values.cast(table.schema.field(i).type)
         return table.set_column(i, name, values)
     return table.append_column(name, values)
 
@@ -293,17 +351,49 @@ def embedding_array(values: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListAr
     return pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
 
 
-def embedding_matrix(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 [N, D], valid bool [N]) from a nullable fixed_size_list<float> column."""
+def embedding_matrix(
+    col: pa.ChunkedArray | pa.Array,
+    dim: int | None = None,
+    dtype: Any = np.float32,
+    *,
+    copy: bool = True,
+    name: str = "embeddings",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(values [N, D] in ``dtype``, valid bool [N]) from a nullable list-of-floats column: the
+    stored ``fixed_size_list<float16>[D]``, or a ``list``/``large_list`` of floats as other
+    tools write it (every non-null row of the same length). Null rows are zero.
+
+    ``dim``: the expected D (ValueError when a non-null row differs), None to take the
+    column's. ``copy=False`` may return a read-only view of the Arrow buffer (when every row
+    is valid and the values already have ``dtype``), so a large column is not duplicated.
+    ``name`` is what error messages call the column."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = arr.type
+    fixed = pa.types.is_fixed_size_list(t)
+    if not (fixed or pa.types.is_list(t) or pa.types.is_large_list(t)):
+        raise ValueError(f"{name} must be a list of floats, got {t}")
+    if not pa.types.is_floating(t.value_type):
+        raise ValueError(f"{name} must hold floats, got {t}")
     n = len(arr)
     valid = pc.is_valid(arr).to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
-    out = np.zeros((n, dim), np.float32)
-    if n and valid.any():
-        if arr.type.list_size != dim:
-            raise ValueError(f"embeddings have dimension {arr.type.list_size}, expected {dim}")
+    if fixed:
+        d = t.list_size
+    else:
+        lengths = np.unique(pc.list_value_length(arr).to_numpy(zero_copy_only=False)[valid])
+        if len(lengths) > 1:
+            raise ValueError(f"{name} rows have different lengths {lengths[:5]}")
+        d = int(lengths[0]) if len(lengths) else (dim or 0)
+    if dim is not None and valid.any() and d != dim:
+        raise ValueError(f"{name} have dimension {d}, expected {dim}")
+    if not valid.any():
+        return np.zeros((n, dim if dim is not None else d), dtype), valid
+    if fixed:
         # Null rows still occupy their slots in a fixed-size list's values.
-        flat = arr.values.to_numpy(zero_copy_only=False)
-        flat = flat[arr.offset * dim : (arr.offset + n) * dim].reshape(n, dim)
-        out[valid] = flat[valid]
+        flat = arr.values.to_numpy(zero_copy_only=False)[arr.offset * d : (arr.offset + n) * d]
+    else:
+        flat = arr.flatten().to_numpy(zero_copy_only=False)  # the non-null rows' values only
+    if valid.all() and not copy:
+        return flat.astype(dtype, copy=False).reshape(n, d), valid
+    out = np.zeros((n, d), dtype)
+    out[valid] = flat.reshape(n, d)[valid] if fixed else flat.reshape(-1, d)
     return out, valid

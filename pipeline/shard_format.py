@@ -1,6 +1,7 @@
-"""The shard format, in one place: what a committed shard is, and how it is written, read and
-checked. Used by the shard stage (write), resume (read rows and images back), the report
-(thumbnails) and takedowns (rewrite).
+"""The shard format, in one place: what a committed shard is, and how it is written, read,
+checked and rewritten. Used by the shard stage (write), resume (which shards are committed;
+rows and images read back), the report (thumbnails streamed from the tars) and takedowns
+(tar and manifest rewritten without some samples). Nothing else parses a shard's files.
 
 A shard ``00012`` is four files in the shard folder, in img2dataset's layout plus a manifest:
 
@@ -19,6 +20,8 @@ A shard ``00012`` is four files in the shard folder, in img2dataset's layout plu
 
 Each file is built in memory and committed with :meth:`Storage.write_atomic`, so a crash never
 leaves a half file under a final name; a shard without a manifest is simply redone on resume.
+A shard is committed when its manifest exists and the files it names exist with the sizes it
+records (:func:`committed_shards`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.storage import MANIFEST_SUFFIX, Storage
+from pipeline.storage import Storage
 
+MANIFEST_SUFFIX = ".manifest.json"
+PARQUET_SUFFIX = ".parquet"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 _SAFE_KEY = re.compile(r"^[0-9A-Za-z_-]+$")
@@ -55,7 +60,8 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
     tar.addfile(info, io.BytesIO(data))
 
 
-def _digest(data: bytes) -> dict[str, Any]:
+def file_digest(data: bytes) -> dict[str, Any]:
+    """How a manifest records one of its files: ``{"size": bytes, "sha256": hex}``."""
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -114,9 +120,10 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
                 continue
             if images[i] is None:
                 # A stage upstream said ok without producing an image: record it, store nothing.
-                statuses[i] = "decode_error"
+                statuses[i] = S.DECODE_ERROR
                 errors[i] = "no image after decode"
                 continue
+            # img2dataset's .json fields (what its readers expect), not our column names.
             meta: dict[str, Any] = {"url": urls[i], "caption": captions[i]}
             meta.update({c: _json_value(v[i]) for c, v in extra.items()})
             meta.update(
@@ -159,6 +166,7 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
         "status_dict": dict(sorted(counts.items())),
     }
     stats_bytes = json.dumps(stats, indent=4).encode("utf-8")
+    # The manifest's fields (this format's own JSON), not column names.
     manifest = {
         "shard": name,
         "shard_id": shard_id,
@@ -166,9 +174,9 @@ def build_shard(shard_id: int, rows: pa.Table, passthrough: tuple[str, ...] = ()
         "samples": len(stored),
         "keys": stored,
         "files": {
-            f"{name}.tar": _digest(tar_bytes),
-            f"{name}.parquet": _digest(parquet_bytes),
-            f"{name}_stats.json": _digest(stats_bytes),
+            tar_name(name): file_digest(tar_bytes),
+            parquet_name(name): file_digest(parquet_bytes),
+            stats_name(name): file_digest(stats_bytes),
         },
         "created_at": now,
     }
@@ -204,12 +212,103 @@ def _shard_table(
 
 def commit_shard(storage: Storage, files: ShardFiles) -> None:
     """Write the tar, parquet and stats, then the manifest (the commit marker)."""
-    storage.write_atomic(f"{files.name}.tar", files.tar)
-    storage.write_atomic(f"{files.name}.parquet", files.parquet)
-    storage.write_atomic(f"{files.name}_stats.json", files.stats)
-    storage.write_atomic(
-        f"{files.name}{MANIFEST_SUFFIX}", json.dumps(files.manifest, indent=2).encode("utf-8")
+    storage.write_atomic(tar_name(files.name), files.tar)
+    storage.write_atomic(parquet_name(files.name), files.parquet)
+    storage.write_atomic(stats_name(files.name), files.stats)
+    storage.write_atomic(manifest_name(files.name), manifest_bytes(files.manifest))
+
+
+def tar_name(shard: str) -> str:
+    """``"00012" -> "00012.tar"``."""
+    return f"{shard}.tar"
+
+
+def parquet_name(shard: str) -> str:
+    """``"00012" -> "00012.parquet"`` (the shard's rows, in the shard folder)."""
+    return f"{shard}{PARQUET_SUFFIX}"
+
+
+def stats_name(shard: str) -> str:
+    """``"00012" -> "00012_stats.json"``."""
+    return f"{shard}_stats.json"
+
+
+def manifest_name(shard: str) -> str:
+    """``"00012" -> "00012.manifest.json"``."""
+    return f"{shard}{MANIFEST_SUFFIX}"
+
+
+def shards_with_rows(names: set[str] | list[str]) -> list[str]:
+    """The shards (sorted) of a shard folder's file ``names`` that have a parquet of rows,
+    committed or not (temporary files, which start with ".", are not shards)."""
+    return sorted(
+        n[: -len(PARQUET_SUFFIX)] for n in names if n.endswith(PARQUET_SUFFIX) and not n.startswith(".")
     )
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """A manifest as it is stored (indented JSON, UTF-8)."""
+    return json.dumps(manifest, indent=2).encode("utf-8")
+
+
+# ------------------------------------------------------------------------------ verify
+
+
+def read_manifest(storage: Storage, shard: str) -> dict[str, Any] | None:
+    """The shard's manifest, or None when it is missing or not JSON. An unreachable store
+    raises StorageError: "cannot read" must never pass for "not committed", or a writer
+    would treat a shard's rows as complete with only the rows at hand."""
+    try:
+        return json.loads(storage.read_bytes(manifest_name(shard)))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def manifest_matches(storage: Storage, manifest: dict[str, Any]) -> bool:
+    """True when every file a manifest names exists with the size it records."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    return all(
+        isinstance(info, dict) and storage.size(name) == info.get("size")
+        for name, info in files.items()
+    )
+
+
+def file_matches(manifest: dict[str, Any], name: str, data: bytes) -> bool:
+    """True when ``manifest`` records the file ``name`` with the sha256 of ``data``."""
+    recorded = dict(manifest.get("files") or {}).get(name, {})
+    return recorded.get("sha256") == file_digest(data)["sha256"]
+
+
+def manifest_keys(manifest: dict[str, Any]) -> list[str]:
+    """The sample keys a manifest says its tar holds, in tar order."""
+    return list(manifest.get("keys", []))
+
+
+def committed_shards(storage: Storage) -> set[str]:
+    """Shard names (``"00012"``) under ``storage`` whose manifest exists and matches the files
+    on storage (the manifest is written last, so it is the commit marker): what resume skips."""
+    done: set[str] = set()
+    for name in storage.list_names():
+        if not name.endswith(MANIFEST_SUFFIX) or name.startswith("."):
+            continue
+        shard = name[: -len(MANIFEST_SUFFIX)]
+        manifest = read_manifest(storage, shard)
+        if manifest is not None and manifest_matches(storage, manifest):
+            done.add(shard)
+    return done
+
+
+# ------------------------------------------------------------------------------ read
+
+
+def _image_stem(member: tarfile.TarInfo) -> str | None:
+    """The key of an image member ``<key>.<jpg|jpeg|png|webp>``, None for any other member."""
+    if not member.isfile():
+        return None
+    stem, _, ext = member.name.rpartition(".")
+    return stem if ext.lower() in IMAGE_EXTENSIONS else None
 
 
 def read_tar_images(data: bytes, keys: set[str] | None = None) -> dict[str, bytes]:
@@ -218,21 +317,108 @@ def read_tar_images(data: bytes, keys: set[str] | None = None) -> dict[str, byte
     found: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.rpartition(".")
-            if (keys is None or stem in keys) and ext.lower() in IMAGE_EXTENSIONS:
+            stem = _image_stem(member)
+            if stem is not None and (keys is None or stem in keys):
                 f = tar.extractfile(member)
                 if f is not None:
                     found[stem] = f.read()
     return found
 
 
+def stream_tar_images(shards_root: str, wanted: dict[str, set[str]], storage: Any = None) -> dict[str, bytes]:
+    """Image bytes of the wanted keys (``{shard: keys}``) from the tars under ``shards_root``
+    (folder or ``s3://`` URI). Each tar is streamed once, in shard order, and only until its
+    last wanted member, so memory stays at one image whatever the tar's size. A missing or
+    unreadable tar leaves its keys out. ``storage``: a :class:`pipeline.config.StorageConfig`
+    or None."""
+    import posixpath
+
+    from pipeline.storage import filesystem_for
+
+    fs, root = filesystem_for(shards_root, storage)
+    found: dict[str, bytes] = {}
+    for shard, keys in sorted(wanted.items()):
+        left = set(keys)
+        try:
+            with fs.open_input_stream(posixpath.join(root, tar_name(shard))) as stream:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for member in tar:
+                        stem = _image_stem(member)
+                        if stem in left:
+                            f = tar.extractfile(member)
+                            if f is not None:
+                                found[stem] = f.read()
+                                left.discard(stem)
+                        if not left:
+                            break
+        except (OSError, tarfile.TarError):
+            continue
+    return found
+
+
 def read_rows(storage: Storage, shard: str) -> pa.Table:
     """The shard's parquet: every row of the shard, whatever its status."""
-    return pq.read_table(pa.BufferReader(storage.read_bytes(f"{shard}.parquet")))
+    return pq.read_table(pa.BufferReader(storage.read_bytes(parquet_name(shard))))
 
 
 def read_images(storage: Storage, shard: str, keys: set[str] | None = None) -> dict[str, bytes]:
     """Stored image bytes by key, from the shard's tar."""
-    return read_tar_images(storage.read_bytes(f"{shard}.tar"), keys)
+    return read_tar_images(storage.read_bytes(tar_name(shard)), keys)
+
+
+def read_stats(storage: Storage, shard: str) -> dict[str, Any]:
+    """The shard's img2dataset stats (``count``, ``successes``, ``failed_to_download``,
+    ``failed_to_resize``, ``status_dict``, times)."""
+    return json.loads(storage.read_bytes(stats_name(shard)))
+
+
+# ------------------------------------------------------------------------------ rewrite
+
+
+def sample_key(member_name: str) -> str:
+    """The sample a tar member belongs to: its basename up to the first dot, as WebDataset
+    groups members (keys never hold dots)."""
+    return member_name.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def tar_sample_keys(tar_bytes: bytes) -> list[str]:
+    """Sample keys in a tar, in member order, each once."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
+        return list(dict.fromkeys(sample_key(m.name) for m in tar.getmembers() if m.isfile()))
+
+
+def filter_tar(tar_bytes: bytes, drop: set[str]) -> tuple[bytes, int]:
+    """``tar_bytes`` without the members of the samples ``drop``; returns (new bytes, samples
+    removed). Kept members are copied with their original headers and data, so a sample that
+    stays is byte-identical in the new tar. Unchanged input is returned as is."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as src:
+        members = src.getmembers()
+        removed = {sample_key(m.name) for m in members if sample_key(m.name) in drop}
+        if not removed:
+            return tar_bytes, 0
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as dst:
+            for m in members:
+                if sample_key(m.name) in drop:
+                    continue
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    return out.getvalue(), len(removed)
+
+
+def rewritten_manifest(manifest: dict[str, Any], shard: str, tar_bytes: bytes, parquet_bytes: bytes) -> dict[str, Any]:
+    """``manifest`` for the shard's new tar and parquet: their size and sha256, the tar's
+    ``keys`` and ``samples``, and ``taken_down``: every key an earlier manifest listed that
+    the tar no longer holds (kept from earlier rewrites too). The stats file's entry and
+    everything else are unchanged."""
+    new = dict(manifest)
+    files = dict(manifest.get("files") or {})
+    files[tar_name(shard)] = file_digest(tar_bytes)
+    files[parquet_name(shard)] = file_digest(parquet_bytes)
+    keys = tar_sample_keys(tar_bytes)
+    new["files"] = files
+    new["keys"] = keys
+    new["samples"] = len(keys)
+    removed = sorted(set(manifest.get("taken_down", [])) | (set(manifest.get("keys", [])) - set(keys)))
+    if removed:
+        new["taken_down"] = removed
+    return new

@@ -33,11 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.config import EMBEDDINGS_DIR, ConfigError, JobConfig, StorageConfig
+from pipeline.config import EMBEDDINGS_DIR, SHARDS_DIR, ConfigError, JobConfig, StorageConfig
 from pipeline.storage import Storage, filesystem_for
 
 EXACT_BELOW = 50_000
 DEFAULT_NPROBE = 32
+# The files of a review folder (write_review).
+MATCHES_NAME = "matches.parquet"
+REVIEW_NAME = "review.html"
 
 
 class VectorIndex:
@@ -126,8 +129,6 @@ class Rows:
 
 def read_rows(output: str, storage: StorageConfig, thumbs: bool) -> Rows:
     """Every row of ``<output>/embeddings/*.parquet`` that has an image embedding."""
-    from pipeline.schema import embedding_matrix
-
     folder = f"{output.rstrip('/')}/{EMBEDDINGS_DIR}"
     names = sorted(n for n in Storage(folder, storage).list_names() if n.endswith(".parquet") and not n.startswith("."))
     if not names:
@@ -142,14 +143,14 @@ def read_rows(output: str, storage: StorageConfig, thumbs: bool) -> Rows:
         t = pq.read_table(path, filesystem=fs, columns=cols)
         col = t.column(S.IMAGE_EMBEDDING)
         dim = col.type.list_size
-        emb, ok = embedding_matrix(col, dim)
+        emb, ok = S.embedding_matrix(col, dim)
         idx = np.flatnonzero(ok)
         sub = t.take(pa.array(idx, pa.int64()))
         keys += sub.column(S.KEY).to_pylist()
         for target, c in ((shards, S.SHARD), (urls, S.URL), (caps, S.CAPTION)):
-            target += sub.column(c).to_pylist() if c in sub.column_names else [None] * len(idx)
+            target += S.column_list(sub, c)
         if thumbs:
-            th += sub.column(S.IMAGE_THUMB).to_pylist() if S.IMAGE_THUMB in sub.column_names else [None] * len(idx)
+            th += S.column_list(sub, S.IMAGE_THUMB)
         v = emb[idx]
         v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         vecs.append(v)
@@ -307,19 +308,21 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
 
     from PIL import Image
 
-    from pipeline.shard_format import read_tar_images
+    from pipeline.shard_format import read_images
 
     storage = storage or StorageConfig()
-    os.makedirs(folder, exist_ok=True)
+    review = Storage(folder, storage)
     table = pa.table({
-        "key": [m.key for m in matches], "shard": [m.shard for m in matches], "url": [m.url for m in matches],
-        "caption": [m.caption for m in matches], "cosine": pa.array([m.cosine for m in matches], pa.float32()),
-        "query": [m.query for m in matches],
-        "pixel_confirmed": pa.array([m.pixel_confirmed for m in matches], pa.bool_()),
+        S.KEY: [m.key for m in matches], S.SHARD: [m.shard for m in matches], S.URL: [m.url for m in matches],
+        S.CAPTION: [m.caption for m in matches],
+        S.MATCH_COSINE: pa.array([m.cosine for m in matches], pa.float32()),
+        S.MATCH_QUERY: [m.query for m in matches],
+        S.MATCH_PIXEL_CONFIRMED: pa.array([m.pixel_confirmed for m in matches], pa.bool_()),
     })
-    pq_path = os.path.join(folder, "matches.parquet")
-    pq.write_table(table, pq_path)
-    shards = Storage(f"{output.rstrip('/')}/shards", storage)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    review.write_atomic(MATCHES_NAME, buf.getvalue())
+    shards = Storage(f"{output.rstrip('/')}/{SHARDS_DIR}", storage)
     by_shard: dict[str, set[str]] = {}
     for m in matches:
         if m.shard:
@@ -327,7 +330,7 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
     images: dict[str, bytes] = {}
     for shard, keys in by_shard.items():
         try:
-            images.update(read_tar_images(shards.read_bytes(f"{shard}.tar"), keys))
+            images.update(read_images(shards, shard, keys))
         except (OSError, FileNotFoundError):
             continue
     cells = []
@@ -355,10 +358,8 @@ def write_review(matches: list[Match], facts: dict[str, Any], output: str, folde
         f"{html.escape(facts['index'])} over {facts['rows']:,} rows. Nothing is removed until the takedown runs "
         "without --dry-run.</p>" + "".join(cells) + "</body></html>"
     )
-    html_path = os.path.join(folder, "review.html")
-    with open(html_path, "w", encoding="utf-8") as f:
-        f.write(page)
-    return pq_path, html_path
+    review.write_atomic(REVIEW_NAME, page.encode("utf-8"))
+    return os.path.join(folder, MATCHES_NAME), os.path.join(folder, REVIEW_NAME)
 
 
 __all__ = ["Match", "Query", "VectorIndex", "find_similar", "read_rows", "write_review"]

@@ -1,30 +1,41 @@
 """Where bytes live: local paths or ``s3://`` URIs, one interface for both.
 
+* :class:`Storage` is the one writer of outputs. :meth:`Storage.write_atomic` commits a file
+  whole or not at all: locally to a temporary name in the same directory, fsync, then
+  ``os.replace``; on S3 with one ``PutObject`` of the complete object, so a reader sees either
+  nothing or the whole file, never a half-written one under its final name. Shard files,
+  embeddings Parquet, the report, config.yaml, takedown audits and blocklists, and single-file
+  outputs (:func:`write_file`: thresholds YAML, a trained head, a review page, a summary) all
+  go through it. It also reads whole small files (:meth:`Storage.read_bytes`), lists a folder
+  and checks sizes. What a committed shard is, is :mod:`pipeline.shard_format`'s business.
 * :func:`filesystem_for` maps a URI to a pyarrow filesystem plus the path inside it (S3
   endpoint, region and retries from :class:`~pipeline.config.StorageConfig`, falling back to the
-  standard ``AWS_*`` variables), used to read URL lists and write Parquet.
-* :class:`Storage` writes shard files with an atomic commit: locally to a temporary name in the
-  same directory, then ``os.replace``; on S3 with one ``PutObject`` of the complete object, so
-  a reader sees either nothing or the whole file, never a half-written shard under its final
-  name.
-* :meth:`Storage.committed_shards` lists the shards a previous run finished, for resume. A shard
-  is committed when its manifest exists and the tar and parquet it names exist with the sizes
-  it records (the manifest is written last, so it is the commit marker).
+  standard ``AWS_*`` variables). It is used for reading only: URL lists, Parquet with column
+  projection and datasets over many files, blocklists and shard tars streamed in blocks.
 * :meth:`Storage.abort_incomplete_writes` removes what a killed writer leaves behind: incomplete
   multipart uploads on S3 (invisible, but billed until aborted) and temporary files locally.
 
-Retries: ``StorageConfig.s3_retries`` is the number of retries after the first attempt, for
-boto3 (``total_max_attempts = s3_retries + 1``, standard mode: throttling, 5xx and connection
-errors, jittered exponential backoff) and for pyarrow (``AwsStandardS3RetryStrategy``, whose
-``max_attempts`` counts the first attempt too, as measured against a fault proxy). When the
-retries are spent, Storage raises :class:`StorageError` naming the operation and
-``s3://bucket/key``; pyarrow's own ``OSError`` names bucket and key as well. A missing object is
-``FileNotFoundError``, never ``StorageError``, so callers can tell "absent" from "unreachable".
+Why two S3 clients: pyarrow's S3 filesystem is what Arrow's readers (``pq.read_table``,
+``pyarrow.dataset``, CSV/JSON readers) take, with ranged reads, so a reader fetches only the
+columns and row groups it needs; boto3 gives the writes their one-request atomic commit and
+errors that carry the S3 error code, which is how :class:`Storage` tells a missing object
+(``FileNotFoundError``) from an unreachable store (:class:`StorageError`).
+
+One retry policy: ``StorageConfig.s3_retries`` is the number of retries after the first
+attempt, for both. boto3: ``total_max_attempts = s3_retries + 1``, standard mode (throttling,
+5xx and connection errors, jittered exponential backoff), plus the same number of re-reads of a
+body that breaks off mid-stream (``_get_body``). pyarrow: ``AwsStandardS3RetryStrategy`` with
+``max_attempts = s3_retries + 1`` (its ``max_attempts`` counts the first attempt too, as
+measured against a fault proxy in tests/pipeline/test_s3_faults.py). When the retries are
+spent, Storage raises :class:`StorageError` naming the operation and ``s3://bucket/key``; a
+pyarrow read raises pyarrow's ``OSError``, which names the S3 operation. A missing object is
+``FileNotFoundError``, never ``StorageError``, so callers can tell "absent" from
+"unreachable". (Model weights given as ``s3://`` are fetched by clip_model/pretrained.py with
+its own client: clip_model imports nothing from pipeline.)
 """
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import re
@@ -38,9 +49,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import StorageConfig
 
-MANIFEST_SUFFIX = ".manifest.json"
-# Names of temporary files written before an atomic rename: ``.<name>.<anything>.tmp-<8 hex>``
-# (write_atomic) or ``.<name>.tmp-<8 hex>`` (stages/write.py).
+# Names of temporary files write_atomic writes before its rename: ``.<name>.<anything>.tmp-<8 hex>``.
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
 _NOT_FOUND = ("404", "NoSuchKey", "NotFound")
 
@@ -168,6 +177,14 @@ def _is_not_found(e: Exception) -> bool:
     ) == "404"
 
 
+def write_file(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    """Write ``data`` as the file ``uri`` (local path or ``s3://bucket/key``) with
+    :meth:`Storage.write_atomic` of its folder: what every single-file output (a thresholds
+    YAML, a head, a review page, a summary) is written with."""
+    folder, _, name = uri.rstrip("/").rpartition("/")
+    Storage(folder, cfg or StorageConfig()).write_atomic(name, data)
+
+
 @dataclass
 class Storage:
     """A folder (local or ``s3://``) holding shard files.
@@ -287,37 +304,6 @@ class Storage:
         if not os.path.isdir(self.root):
             return []
         return sorted(e.name for e in os.scandir(self.root) if e.is_file())
-
-    def read_manifest(self, shard: str) -> dict[str, Any] | None:
-        """The shard's manifest, or None when it is missing or not JSON. An unreachable store
-        raises StorageError: "cannot read" must never pass for "not committed", or a writer
-        would treat a shard's rows as complete with only the rows at hand."""
-        try:
-            return json.loads(self.read_bytes(f"{shard}{MANIFEST_SUFFIX}"))
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def manifest_matches(self, manifest: dict[str, Any]) -> bool:
-        """True when every file a manifest names exists with the size it records."""
-        files = manifest.get("files")
-        if not isinstance(files, dict) or not files:
-            return False
-        return all(
-            isinstance(info, dict) and self.size(name) == info.get("size")
-            for name, info in files.items()
-        )
-
-    def committed_shards(self) -> set[str]:
-        """Shard names (``"00012"``) whose manifest exists and matches the files on storage."""
-        done: set[str] = set()
-        for name in self.list_names():
-            if not name.endswith(MANIFEST_SUFFIX) or name.startswith("."):
-                continue
-            shard = name[: -len(MANIFEST_SUFFIX)]
-            manifest = self.read_manifest(shard)
-            if manifest is not None and self.manifest_matches(manifest):
-                done.add(shard)
-        return done
 
     def abort_incomplete_writes(self) -> list[str]:
         """Remove what killed or failed writers left under the root; returns what was removed.

@@ -12,9 +12,9 @@ scheduler with the bundled model (one CPU worker, one torch thread: deterministi
 Normalisation: Parquet files are compared by their rows (Arrow IPC of the table without
 ``download_s``); tars by member names and contents; manifests without ``created_at`` and file
 digests; per-shard stats without their times; ``_stats.json`` without ``timings``,
-``generated_at`` and stage seconds; ``report.html`` with numbers next to ``s`` / ``rows/s``
-and the generation time masked; the work folder's path and the server's port are masked
-everywhere, so two runs in different folders compare equal.
+``generated_at`` and stage seconds; ``report.html`` with numbers next to ``s`` / ``rows/s``,
+the throughput tables' seconds and rates, and the generation time masked; the work folder's
+path and the server's port are masked everywhere, so two runs in different folders compare equal.
 """
 
 from __future__ import annotations
@@ -88,6 +88,15 @@ def _json(path: Path, drop: tuple[str, ...]) -> str:
 
 
 _HTML_TIMES = re.compile(r"\d+(\.\d+)?(?=\s*(s|rows/s|ms)\b)|\d{4}-\d\d-\d\d[ T]\d\d:\d\d(:\d\d)?[^<\"]*")
+# The report's throughput tables give seconds and rows/s in cells of their own ("1.9", "-"
+# for 0 s), without a unit next to them; row counts (integers) and stage names stay compared.
+_HTML_THROUGHPUT = re.compile(r"<h2>Throughput</h2>.*?(?=<h2>|$)", re.S)
+_HTML_RATE_CELL = re.compile(r'(<td class="n">)(\d+\.\d+|-)(</td>)')
+
+
+def _html(text: str) -> bytes:
+    text = _HTML_THROUGHPUT.sub(lambda m: _HTML_RATE_CELL.sub(r"\1#\3", m.group(0)), text)
+    return _unhost(_HTML_TIMES.sub("#", text).encode())
 
 
 def fingerprint(output: str | Path) -> dict[str, str]:
@@ -110,7 +119,7 @@ def fingerprint(output: str | Path) -> dict[str, str]:
         elif p.name.endswith("_stats.json"):
             out[rel] = _json(p, ("duration", "start_time", "end_time"))
         elif p.suffix == ".html":
-            out[rel] = _digest(_unhost(_HTML_TIMES.sub("#", p.read_text(errors="replace")).encode()))
+            out[rel] = _digest(_html(p.read_text(errors="replace")))
         else:
             out[rel] = _digest(_unhost(p.read_bytes()))
     return out

@@ -466,7 +466,7 @@ class DecodeStage(Stage):
     timeout_s: float | None = 60.0
     decoder: str = "pipeline.stages.decode:decode_row"
     # The job's blocklists: a picture within the PDQ distance of a listed hash gets status
-    # ``blocked`` here, before anything of it leaves this stage (pipeline/blocklist.py).
+    # ``blocked`` here, before anything of it leaves this stage (pipeline/blocklist/).
     blocklist: BlocklistSpec | None = None
 
     def process_batch(self, batch: pa.Table) -> pa.Table:

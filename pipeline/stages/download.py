@@ -12,7 +12,7 @@ same order):
 - ``source_sha256`` (string): hex sha256 of the downloaded bytes (the hash image hash lists
   use; ``sha256`` is the stored, re-encoded file's), only for rows that end ``ok``.
 
-Blocklists (``blocklist``, pipeline/blocklist.py): a URL or domain on a list is never requested
+Blocklists (``blocklist``, pipeline/blocklist/): a URL or domain on a list is never requested
 (checked at every redirect hop too), and downloaded bytes whose md5, sha1 or sha256 is listed
 are dropped at once; either way the row gets status ``blocked`` and an error naming the list.
 
@@ -104,33 +104,30 @@ class DownloadStage(Stage):
         start = time.monotonic()
         assert self._fetcher is not None
         if url is None or not str(url).strip():
-            result = FetchResult("bad_url", "missing URL")
+            result = FetchResult(S.BAD_URL, "missing URL")
         else:
             try:
                 result = self._fetcher.fetch(str(url))
-                if result.status == "ok" and result.body is not None:
+                if result.status == S.OK and result.body is not None:
                     result = _check_bytes(result, self._fetcher.blocklist)
             except Exception as e:  # noqa: BLE001 - a row's failure must not fail the batch
-                result = FetchResult("download_error", f"{type(e).__name__}: {e}")
+                result = FetchResult(S.DOWNLOAD_ERROR, f"{type(e).__name__}: {e}")
         return result, time.monotonic() - start
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         """Fetch every ``ok`` row of ``batch``; returns the batch plus the download columns."""
-        if "url" not in batch.column_names:
-            raise ValueError(f"download stage needs a 'url' column, got {batch.column_names}")
+        if S.URL not in batch.column_names:
+            raise ValueError(f"download stage needs a {S.URL!r} column, got {batch.column_names}")
         self.setup()
         assert self._pool is not None
         n = batch.num_rows
-        urls = batch.column("url").to_pylist()
-        if "status" in batch.column_names:
-            statuses = batch.column("status").to_pylist()
+        urls = batch.column(S.URL).to_pylist()
+        if S.STATUS in batch.column_names:
+            statuses = batch.column(S.STATUS).to_pylist()
         else:
-            statuses = ["ok"] * n
-        if "error" in batch.column_names:
-            errors = batch.column("error").to_pylist()
-        else:
-            errors = [None] * n
-        todo = [i for i in range(n) if statuses[i] == "ok"]
+            statuses = [S.OK] * n
+        errors = S.column_list(batch, S.ERROR)
+        todo = [i for i in range(n) if statuses[i] == S.OK]
         bodies: list[bytes | None] = [None] * n
         codes: list[int | None] = [None] * n
         seconds: list[float | None] = [None] * n
@@ -140,12 +137,12 @@ class DownloadStage(Stage):
         ):
             statuses[i] = result.status
             # A successful fetch keeps an earlier stage's note (e.g. a caption repaired at read).
-            if result.error is not None or result.status != "ok":
+            if result.error is not None or result.status != S.OK:
                 errors[i] = result.error
             codes[i] = result.http_status
             seconds[i] = spent
-            bodies[i] = result.body if result.status == "ok" else None
-            digests[i] = result.sha256 if result.status == "ok" else None
+            bodies[i] = result.body if result.status == S.OK else None
+            digests[i] = result.sha256 if result.status == S.OK else None
         out = S.set_column(batch, S.STATUS, pa.array(statuses, pa.string()))
         out = S.set_column(out, S.ERROR, pa.array(errors, pa.string()))
         out = S.set_column(out, S.IMAGE_BYTES, S.binary_column(bodies))
@@ -161,6 +158,6 @@ def _check_bytes(result: FetchResult, blocklist: Any) -> FetchResult:
     if blocklist is not None:
         hit = blocklist.check_bytes(result.body, digest.digest())
         if hit is not None:
-            return FetchResult("blocked", hit.reason(), result.http_status, attempts=result.attempts)
+            return FetchResult(S.BLOCKED, hit.reason(), result.http_status, attempts=result.attempts)
     result.sha256 = digest.hexdigest()
     return result

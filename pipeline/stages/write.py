@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pipeline import schema as S
 from pipeline.config import FilterConfig, StorageConfig, WriteConfig
 from pipeline.stages.base import Resources, Stage, per_process
-from pipeline.storage import Storage
+from pipeline.storage import Storage, write_file
 
 log = logging.getLogger("clipcurate.write")
 
@@ -90,8 +90,7 @@ def write_parquet(table: pa.Table, uri: str, cfg: WriteConfig, storage: StorageC
     """Write ``table`` to ``uri`` (local path or ``s3://``) atomically; returns the size in
     bytes."""
     data = parquet_bytes(table, cfg)
-    folder, _, name = uri.rstrip("/").rpartition("/")
-    Storage(folder, storage).write_atomic(name, data)
+    write_file(uri, data, storage)
     return len(data)
 
 

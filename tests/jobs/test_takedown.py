@@ -22,6 +22,7 @@ from jobs.takedown import main
 from pipeline import report
 from pipeline import schema as S
 from pipeline.config import WriteConfig
+from pipeline.shard_format import committed_shards
 from pipeline.stages.shard import build_shard, commit_shard
 from pipeline.stages.write import output_table, write_parquet
 from pipeline.storage import Storage
@@ -151,7 +152,7 @@ def test_takedown_by_url_and_hash(output: str, tmp_path: Path, capsys) -> None:
     after = _snapshot(output)
 
     shards = Storage(f"{output}/shards")
-    assert shards.committed_shards() == {"00000", "00001"}
+    assert committed_shards(shards) == {"00000", "00001"}
     for name in ("00000", "00001"):
         tar_bytes = after[f"shards/{name}.tar"]
         old, new = _members(before[f"shards/{name}.tar"]), _members(tar_bytes)
@@ -253,11 +254,11 @@ def test_rerun_completes_a_crashed_takedown(tmp_path: Path, monkeypatch) -> None
         takedown(root, Matchers.build([url]), "x")
     monkeypatch.setattr(Storage, "write_atomic", real_write)
     # The new tar no longer matches the old manifest: the shard is not committed right now.
-    assert Storage(f"{root}/shards").committed_shards() == {"00000"}
+    assert committed_shards(Storage(f"{root}/shards")) == {"00000"}
 
     summary = takedown(root, Matchers.build([url]), "x")
     assert summary.shards_rewritten == ["00001"] and summary.samples_removed == 0
-    assert Storage(f"{root}/shards").committed_shards() == {"00000", "00001"}
+    assert committed_shards(Storage(f"{root}/shards")) == {"00000", "00001"}
     manifest = json.loads((tmp_path / "out/shards/00001.manifest.json").read_text())
     assert S.make_key(1, 1, PER_SHARD) not in manifest["keys"] and manifest["samples"] == 2
     emb = pq.read_table(tmp_path / "out/embeddings/00001.parquet").to_pylist()

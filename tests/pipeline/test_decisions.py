@@ -189,7 +189,7 @@ def test_a_taken_down_row_stays_down_whatever_its_scores() -> None:
     marks = [None] * t.num_rows
     marks[2] = "DMCA 2026-118"  # k02 was the keeper of the near-duplicate pair
     t = t.append_column("takedown", pa.array(marks, pa.string()))
-    # pipeline/takedown.py also removes the image embedding of a taken-down row.
+    # pipeline/takedown/ also removes the image embedding of a taken-down row.
     emb = t[S.IMAGE_EMBEDDING].to_pylist()
     emb[2] = None
     t = t.set_column(t.column_names.index(S.IMAGE_EMBEDDING), S.IMAGE_EMBEDDING, pa.array(emb, S.embedding_type(4)))

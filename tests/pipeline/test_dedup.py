@@ -11,10 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ConfigError, DedupConfig
+from pipeline.config import ConfigError, DedupConfig, StorageConfig
 from pipeline.dedup import (
     assign_clusters,
-    choose_keepers,
     cluster_members,
     dedup_table,
     earlier_neighbours,
@@ -22,10 +21,11 @@ from pipeline.dedup import (
     keep_greedily,
     pairs_within_clusters,
     priority_order,
-    read_previous_run,
     semantic_clusters,
     semantic_pairs,
 )
+from pipeline.global_pass import read_previous
+from testkit.dedup_reference import choose_keepers
 
 
 def _angles(*deg: float) -> np.ndarray:
@@ -426,7 +426,7 @@ def test_dedup_against_previous_run_drops_resubmitted_items(tmp_path):
     keys2 = [f"run2/{r}" for r in range(len(emb2))]
     table2 = _table(keys2, emb2, sha=sha2)
 
-    for previous in (run1, read_previous_run(str(tmp_path))):
+    for previous in (run1, read_previous(str(tmp_path), StorageConfig())):
         res = dedup_table(table2, DedupConfig(), previous=previous)
         dup_of, kind = res["duplicate_of"].to_pylist(), res["dup_kind"].to_pylist()
         assert kind[:40] == ["previous_run"] * 40

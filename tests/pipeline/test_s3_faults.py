@@ -1,5 +1,5 @@
-"""S3 faults against the real client code paths: boto3 (Storage: every write, shard files and
-Parquet alike) and pyarrow's S3 filesystem (reads), through a fault proxy in front of the local
+"""S3 faults against the real client code paths: boto3 (Storage: every write, shard reads) and
+pyarrow's S3 filesystem (Parquet and list reads), through a fault proxy in front of the local
 moto server.
 
 What is pinned down: ``storage.s3_retries`` is the number of retries after the first attempt
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import StorageConfig, WriteConfig
+from pipeline.shard_format import read_manifest
 from pipeline.stages.write import write_parquet
 from pipeline.storage import Storage, StorageError, filesystem_for
 from testkit.s3_fault_proxy import S3FaultProxy
@@ -54,7 +55,8 @@ def _put_parquet(proxy: S3FaultProxy, bucket: str, retries: int) -> str:
     return "out/embeddings/00000.parquet"
 
 
-WRITERS = {"shard file": _put_with_storage, "parquet": _put_parquet}
+# Both go through Storage.write_atomic (boto3): the one writer of the output.
+WRITERS = {"write_atomic": _put_with_storage, "write_parquet": _put_parquet}
 
 
 def _keys(s3: LocalS3, bucket: str) -> list[str]:
@@ -75,7 +77,7 @@ def test_slowdown_puts_are_retried_and_the_object_lands_whole(
     assert [r.status for r in puts] == [503, 503, 200]
     assert rule.hits == 2
     body = s3_server.client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
-    if writer == "parquet":
+    if writer == "write_parquet":
         assert pq.read_table(pa.BufferReader(body)).equals(_table())
     else:
         assert body == b"tar bytes"
@@ -91,13 +93,36 @@ def test_retries_spent_fail_naming_the_object_after_exactly_retries_plus_one_att
     with pytest.raises(StorageError) as info:
         WRITERS[writer](proxy, s3_bucket, retries)
     message = str(info.value)
-    key = "out/shards/00000.tar" if writer == "shard file" else "out/embeddings/00000.parquet"
+    key = "out/shards/00000.tar" if writer == "write_atomic" else "out/embeddings/00000.parquet"
     assert f"s3://{s3_bucket}/{key}" in message
     assert f"after {retries + 1} attempt(s)" in message and f"s3_retries={retries}" in message
     assert "SlowDown" in message
     assert len(proxy.requests("PUT", key)) == retries + 1
     assert _keys(s3_server, s3_bucket) == []  # nothing, not a partial object
     assert _uploads(s3_server, s3_bucket) == []
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2])
+def test_pyarrow_reads_retry_exactly_s3_retries_times(
+    retries: int, proxy: S3FaultProxy, s3_server: LocalS3, s3_bucket: str
+) -> None:
+    key = "out/embeddings/00000.parquet"
+    buf = pa.BufferOutputStream()
+    pq.write_table(_table(), buf)
+    s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=buf.getvalue().to_pybytes())
+    fs, path = filesystem_for(f"s3://{s3_bucket}/{key}", _cfg(proxy, retries))
+    # ``retries`` failures are absorbed: the read succeeds after exactly retries + 1 GETs.
+    rule = proxy.fail(method="GET", key_pattern=r"00000\.parquet$", times=retries)
+    with fs.open_input_stream(path) as f:
+        assert pq.read_table(pa.BufferReader(f.read())).equals(_table())
+    assert rule.hits == retries and len(proxy.requests("GET", key)) == retries + 1
+    # One more and the read fails with pyarrow's OSError (it names the operation, GetObject).
+    proxy.fail(method="GET", key_pattern=r"00000\.parquet$", times=retries + 1)
+    before = len(proxy.requests("GET", key))
+    with pytest.raises(OSError, match="SLOW_DOWN during GetObject"):
+        with fs.open_input_stream(path) as f:
+            f.read()
+    assert len(proxy.requests("GET", key)) - before == retries + 1
 
 
 def test_reads_distinguish_missing_from_unreachable(proxy: S3FaultProxy, s3_server: LocalS3, s3_bucket: str) -> None:
@@ -112,7 +137,7 @@ def test_reads_distinguish_missing_from_unreachable(proxy: S3FaultProxy, s3_serv
     # An unreadable manifest is an error, not "this shard was never committed".
     proxy.fail(method="GET", times=2, status=503)
     with pytest.raises(StorageError):
-        store.read_manifest("00000")
+        read_manifest(store, "00000")
     missing_bucket = Storage("s3://no-such-bucket-i1/out", _cfg(proxy, 0))
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-i1' does not exist"):
         missing_bucket.write_atomic("config.yaml", b"x")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import StorageConfig
+from pipeline.shard_format import committed_shards
 from pipeline.storage import Storage, filesystem_for
 
 
@@ -52,7 +53,7 @@ def test_committed_shards_requires_matching_manifest(tmp_path: Path) -> None:
     store.write_atomic("00003.tar", b"no manifest, never committed")
     (tmp_path / "00001.tar").write_bytes(b"t" * 3)  # size no longer matches
     (tmp_path / "00002.tar").unlink()
-    assert store.committed_shards() == {"00000"}
+    assert committed_shards(store) == {"00000"}
 
 
 def test_filesystem_for_local_paths(tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_s3_commit_list_and_resume_markers(s3_bucket: str) -> None:
     assert store.read_bytes("00000.tar") == b"tar-bytes"
     assert store.size("00000.parquet") == 2
     assert store.size("nope") is None
-    assert store.committed_shards() == {"00000"}
+    assert committed_shards(store) == {"00000"}
     # pyarrow (used to read URL lists) sees the same objects through the same endpoint.
     fs, path = filesystem_for(f"s3://{s3_bucket}/run/1/00000.tar")
     with fs.open_input_stream(path) as f:

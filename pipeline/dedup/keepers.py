@@ -1,0 +1,178 @@
+"""Which rows are kept: hash groups and their representatives, the priority order (best
+``clip_score`` first, then the smallest key), and the greedy keeper over the similarity graph
+that never lists every pair (see :mod:`pipeline.dedup` for the rule and its guarantees).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.dedup.clusters import BLOCK_ENTRIES
+
+
+def exact_groups(sha256: Sequence[str | None]) -> np.ndarray:
+    """Group rows by identical hash.
+
+    ``sha256``: N hex strings, ``None`` where the row has no image. Returns int64 [N]: for each
+    row the index of the first row with the same hash (a row that is first points at itself),
+    -1 for ``None``.
+    """
+    first: dict[str, int] = {}
+    out = np.full(len(sha256), -1, dtype=np.int64)
+    for idx, h in enumerate(sha256):
+        if h is None:
+            continue
+        out[idx] = first.setdefault(h, idx)
+    return out
+
+
+def hash_representatives(sha256: Sequence[str | None], order: np.ndarray) -> np.ndarray:
+    """The representative of each row's hash group: the group's first row in ``order`` (int64
+    [N] row indices, best first; see :func:`priority_order`). Returns int64 [N]; a row without
+    a hash represents itself."""
+    n = len(sha256)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+    first = exact_groups(sha256)
+    rep = np.arange(n, dtype=np.int64)
+    has_hash = first >= 0
+    if has_hash.any():
+        groups = first[has_hash]
+        members = np.flatnonzero(has_hash)
+        best_rank = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(best_rank, groups, rank[members])
+        rep[members] = order[best_rank[groups]]
+    return rep
+
+
+def priority_order(clip_score: np.ndarray, key: Sequence[str]) -> np.ndarray:
+    """Row indices best first: highest ``clip_score`` (float [N], NaN counts as lowest), ties
+    broken by the smallest ``key`` (N strings). Returns int64 [N]."""
+    score = np.asarray(clip_score, dtype=np.float64)
+    score = np.where(np.isnan(score), -np.inf, score)
+    keys = np.asarray(list(key), dtype=str) if len(key) else np.empty(0, dtype=str)
+    return np.lexsort((keys, -score)).astype(np.int64)
+
+
+def earlier_neighbours(
+    emb: np.ndarray, members: list[np.ndarray], threshold: float, rank: np.ndarray, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's best-ranked similar rows: of the rows that share a cluster with it, rank
+    before it and have cosine >= ``threshold``, the ``limit`` with the smallest rank.
+
+    ``emb``: [N, D] unit rows; ``members``: as :func:`cluster_members`; ``rank``: int64 [N]
+    (0 = best). Returns CSR (``start`` int64 [N + 1], ``nbr`` int64 [E], each row's slice in
+    rank order) and ``overflow`` bool [N]: True where more such rows exist than are listed.
+    Memory: O(N * limit) however large a group of near copies is (all pairs would be m^2 / 2).
+    """
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    n = emb.shape[0]
+    rows_parts: list[np.ndarray] = []
+    nbr_parts: list[np.ndarray] = []
+    overflow = np.zeros(n, dtype=bool)
+    for idx in members:
+        if len(idx) < 2:
+            continue
+        idx = idx[np.argsort(rank[idx], kind="stable")]  # cluster members best first
+        x = torch.from_numpy(np.asarray(emb[idx], dtype=np.float32))
+        step = max(1, BLOCK_ENTRIES // len(idx))
+        for s in range(0, len(idx), step):
+            e = min(s + step, len(idx))
+            # Row s + r may only name columns before it: the strictly lower triangle of
+            # [s:e, :e] (zeroed entries are below any threshold > 0).
+            hit = torch.tril(x[s:e] @ x[:e].T, diagonal=s - 1) >= threshold
+            over = hit.sum(dim=1) > limit
+            if over.any():
+                # Only rows with more than ``limit`` hits pay for a running count.
+                overflow[idx[s:e][over.numpy()]] = True
+                sub = hit[over]
+                hit[over] = sub & (sub.to(torch.int32).cumsum(dim=1, dtype=torch.int32) <= limit)
+            r, q = torch.nonzero(hit, as_tuple=True)
+            rows_parts.append(idx[(r + s).numpy()])
+            nbr_parts.append(idx[q.numpy()])
+    if rows_parts:
+        rows = np.concatenate(rows_parts)
+        nbr = np.concatenate(nbr_parts)
+    else:
+        rows = nbr = np.empty(0, dtype=np.int64)
+    # A row in two clusters may list a neighbour twice and more than ``limit`` in all.
+    code = np.unique(rows * np.int64(max(n, 1)) + nbr)
+    rows, nbr = code // max(n, 1), code % max(n, 1)
+    order = np.lexsort((rank[nbr], rows))
+    rows, nbr = rows[order], nbr[order]
+    start = np.searchsorted(rows, np.arange(n + 1))
+    within = np.arange(len(rows)) - start[rows]
+    overflow[rows[within >= limit]] = True
+    keep = within < limit
+    rows, nbr = rows[keep], nbr[keep]
+    return np.searchsorted(rows, np.arange(n + 1)), nbr, overflow
+
+
+def keep_greedily(
+    emb: np.ndarray,
+    members: list[np.ndarray],
+    threshold: float,
+    order: np.ndarray,
+    confirm: Callable[[int, int], bool] | None = None,
+    skip: np.ndarray | None = None,
+    limit: int = 16,
+) -> np.ndarray:
+    """The greedy keep rule over the graph "shares a cluster, cosine >= ``threshold`` and
+    ``confirm(i, j)``", without listing every pair of it.
+
+    A row is kept unless a kept row of higher priority is similar to it; then that row's
+    keeper is the best-ranked such row. Each row's ``limit`` best-ranked similar rows
+    (:func:`earlier_neighbours`) are tried first, in rank order; only a row all of whose listed
+    rows were dropped, with more unlisted, is compared again with every kept row of its
+    clusters. ``order``: int64 [N] rows best first; ``skip``: bool [N] rows that take no part
+    (neither kept nor keepers). ``confirm`` is asked only about (row, kept row) candidates, in
+    rank order, so a group of m copies costs about m checks, not m^2 / 2.
+    Returns int64 [N]: -1 for a kept (or skipped) row, else the keeper's index.
+    """
+    n = emb.shape[0]
+    result = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return result
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n, dtype=np.int64)
+    start, nbr, overflow = earlier_neighbours(emb, members, threshold, rank, limit)
+    skip = np.zeros(n, dtype=bool) if skip is None else np.asarray(skip, dtype=bool)
+    # Rows with nothing similar before them are kept whatever happens to the others.
+    kept = ~skip
+    busy = (np.diff(start) > 0) | overflow
+    busy &= ~skip
+    kept[busy] = False
+    clusters_of: dict[int, list[int]] | None = None
+    for row in order[busy[order]].tolist():
+        keeper = -1
+        for j in nbr[start[row] : start[row + 1]].tolist():
+            if kept[j] and (confirm is None or confirm(row, j)):
+                keeper = j
+                break
+        if keeper < 0 and overflow[row]:
+            if clusters_of is None:
+                clusters_of = {}
+                for c, idx in enumerate(members):
+                    for r in idx[overflow[idx]].tolist():
+                        clusters_of.setdefault(r, []).append(c)
+            listed = nbr[start[row] : start[row + 1]]
+            cand = np.unique(np.concatenate([members[c] for c in clusters_of[row]]))
+            cand = cand[kept[cand] & (rank[cand] < rank[row]) & ~np.isin(cand, listed)]
+            if len(cand):
+                sims = torch.from_numpy(np.asarray(emb[cand], dtype=np.float32)) @ torch.from_numpy(
+                    np.asarray(emb[row], dtype=np.float32)
+                )
+                cand = cand[(sims >= threshold).numpy()]
+                for j in cand[np.argsort(rank[cand], kind="stable")].tolist():
+                    if confirm is None or confirm(row, j):
+                        keeper = j
+                        break
+        if keeper >= 0:
+            result[row] = keeper
+        else:
+            kept[row] = True
+    return result
