@@ -183,24 +183,37 @@ def _reach(side: int) -> int:
     return int(np.floor(move)) + 1
 
 
+def _reach_range(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi), int16 [P, S, S, 3] each: the minimum and maximum of ``b`` (uint8 [P, S, S, 3])
+    over each pixel's :func:`_reach` window, edges replicated (where a warp samples from)."""
+    s, r = b.shape[1], _reach(b.shape[1])
+    edge = np.clip(np.arange(-r, s + r), 0, s - 1)  # replicate padding, by index (np.pad is slow)
+    padded = b[:, edge][:, :, edge]
+    # A square window's extreme is the extreme of its rows' extremes: two 1-D passes, each
+    # an elementwise max/min of 2r + 1 shifted views (cheaper than a windowed reduction).
+    hi_rows, lo_rows = padded[:, : s].copy(), padded[:, : s].copy()
+    for k in range(1, 2 * r + 1):
+        np.maximum(hi_rows, padded[:, k : k + s], out=hi_rows)
+        np.minimum(lo_rows, padded[:, k : k + s], out=lo_rows)
+    hi, lo = hi_rows[:, :, : s].astype(np.int16), lo_rows[:, :, : s].astype(np.int16)
+    for k in range(1, 2 * r + 1):
+        np.maximum(hi, hi_rows[:, :, k : k + s], out=hi)
+        np.minimum(lo, lo_rows[:, :, k : k + s], out=lo)
+    return lo, hi
+
+
 def mean_lower_bound(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """float64 [P]: a lower bound, over every pose the search tries, of the interior mean of
     |a - warp(b)| (uint8 [P, S, S, 3] each; before the contrast gain). A warped pixel of b is
     a convex mix of b's pixels within :func:`_reach` of it, so it lies between their minimum
     and maximum; its distance to a's pixel can be no smaller than a's distance to that range.
     Lets :func:`confirm_pairs` skip the search for pairs that cannot pass (no answer changes)."""
-    p, s = a.shape[0], a.shape[1]
-    r = _reach(s)
+    s = a.shape[1]
     border = max(1, int(BORDER * s))
-    with torch.inference_mode(), _one_thread():
-        tb = torch.from_numpy(np.ascontiguousarray(b)).permute(0, 3, 1, 2).float()
-        padded = F.pad(tb, (r, r, r, r), mode="replicate")
-        hi = F.max_pool2d(padded, 2 * r + 1, stride=1)
-        lo = -F.max_pool2d(-padded, 2 * r + 1, stride=1)
-        ta = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float()
-        dist = (torch.clamp(lo - ta, min=0) + torch.clamp(ta - hi, min=0)).mean(1)
-        inner = dist[:, border : s - border, border : s - border]
-        return inner.mean((1, 2)).double().numpy().reshape(p)
+    lo, hi = _reach_range(b)
+    ta = a.astype(np.int16)
+    dist = np.maximum(lo - ta, 0) + np.maximum(ta - hi, 0)
+    return dist[:, border : s - border, border : s - border].mean((1, 2, 3), dtype=np.float64)
 
 
 def confirm_pairs(
@@ -212,20 +225,24 @@ def confirm_pairs(
     j: np.ndarray,
     mean_max: float = MEAN_MAX,
     blob_max: float = BLOB_MAX,
+    contrast_i: np.ndarray | None = None,
+    contrast_j: np.ndarray | None = None,
 ) -> np.ndarray:
     """bool [E]: which candidate pairs (``thumbs_i[i[e]]``, ``thumbs_j[j[e]]``) look like the
     same picture: either thumbnail, warped onto the other, passes both bounds. Symmetric, so
     the answer does not depend on which row a caller names first (the warp is not: borders
     and the pose grid differ by direction). A pair with a missing thumbnail on either side is
     not confirmed (dedup then keeps both rows: a wrong drop loses data, a missed one only
-    keeps a copy)."""
+    keeps a copy). ``contrast_i`` / ``contrast_j``: :func:`contrast` of every thumbnail of
+    each side, for a caller that asks about the same rows many times."""
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
     out = np.zeros(len(i), dtype=bool)
     have = np.flatnonzero(ok_i[i] & ok_j[j])
     if len(have):
         a, b = thumbs_i[i[have]], thumbs_j[j[have]]
-        ca, cb = contrast(a), contrast(b)
+        ca = contrast(a) if contrast_i is None else contrast_i[i[have]]
+        cb = contrast(b) if contrast_j is None else contrast_j[j[have]]
         gain = MIN_CONTRAST / np.clip((ca + cb) / 2, 1.0, MIN_CONTRAST)
         # Most candidates are different pictures: skip each direction's search when even
         # the best pose cannot bring the mean within bounds.

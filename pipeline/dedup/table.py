@@ -20,7 +20,7 @@ from pipeline.config import DedupConfig
 from pipeline.dedup.clusters import semantic_clusters
 from pipeline.dedup.keepers import hash_representatives, keep_greedily, priority_order
 from pipeline.dedup.pairs import semantic_pairs
-from pipeline.pixel_check import confirm_pairs
+from pipeline.pixel_check import confirm_pairs, contrast
 from pipeline.thumbnails import thumbs_array
 
 log = logging.getLogger("pipeline.dedup")
@@ -79,16 +79,20 @@ class _PixelConfirm:
         self.sides = (side_i, side_i if rows_j is None else (col_j, rows_j, {}))
         self.calls = self.passed = self.missing = 0
 
-    def _thumbs(self, side: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _thumbs(self, side: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(thumbnails, ok, contrast) of rows ``idx`` of one side, each row's made once."""
         col, rows, cache = self.sides[side]
-        for i in idx.tolist():
-            if i not in cache:
-                value = None if col is None else col[int(rows[i])].as_py()
-                arr, ok = thumbs_array([value])
-                cache[i] = (arr[0], bool(ok[0]))
-                self.missing += int(not ok[0])
+        new = [i for i in dict.fromkeys(idx.tolist()) if i not in cache]
+        if new:
+            values = [None if col is None else col[int(rows[i])].as_py() for i in new]
+            arr, ok = thumbs_array(values)
+            con = contrast(arr)
+            for k, i in enumerate(new):
+                cache[i] = (arr[k], bool(ok[k]), float(con[k]))
+            self.missing += int((~ok).sum())
         got = [cache[i] for i in idx.tolist()]
-        return np.stack([g[0] for g in got]), np.array([g[1] for g in got], dtype=bool)
+        return (np.stack([g[0] for g in got]), np.array([g[1] for g in got], dtype=bool),
+                np.array([g[2] for g in got], dtype=np.float64))  # fmt: skip
 
     def many(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
         """bool [E] for the pairs (``pi[e]``, ``pj[e]``)."""
@@ -96,10 +100,10 @@ class _PixelConfirm:
             return np.zeros(0, dtype=bool)
         ui, inv_i = np.unique(np.asarray(pi, dtype=np.int64), return_inverse=True)
         uj, inv_j = np.unique(np.asarray(pj, dtype=np.int64), return_inverse=True)
-        ti, oki = self._thumbs(0, ui)
-        tj, okj = self._thumbs(1, uj)
+        ti, oki, ci = self._thumbs(0, ui)
+        tj, okj, cj = self._thumbs(1, uj)
         cfg = self.cfg
-        out = confirm_pairs(ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max)
+        out = confirm_pairs(ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max, ci, cj)
         self.calls += len(out)
         self.passed += int(out.sum())
         return out
