@@ -58,6 +58,8 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(REPO))
 LOCAL = REPO / "infra" / "local"
 PY = Path(sys.executable)
 TARGET_RATIO = 1.3
