@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(REPO))
 MACHINE = "2-core CI box, CPU, shared with other agents' work"
 HAZARD = "hazard=a hazard sign|a warning sign|a danger sign"
 WORLD = dict(mismatch_rate=0.3, exact_dup_rate=0.0, near_dup_rate=0.1, unsafe_rate=0.2,

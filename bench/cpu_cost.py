@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def cpu_ms_per_item(items: list[bytes], fn: Callable[[bytes], object], repeats: int) -> list[float]:

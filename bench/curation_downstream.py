@@ -34,6 +34,8 @@ import pyarrow.dataset as pads
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(REPO))
 MACHINE = "2-core CI box, CPU, shared with other agents' work"
 WORLD_SEED, CALIBRATION_SEED, HELD_OUT_SEED = 31415, 27182, 16180
 WORLD = dict(mismatch_rate=0.3, exact_dup_rate=0.05, near_dup_rate=0.1, unsafe_rate=0.1,

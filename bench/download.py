@@ -43,6 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(REPO))
 
 
 def _free_port() -> int:

@@ -1,17 +1,23 @@
-"""Embedding throughput: the pipeline's embed path (tars -> Parquet) vs a plain open_clip loop.
+"""Embedding throughput: the job's re-embed path (tars -> Parquet) vs a plain open_clip loop.
 
 Both sides read the same committed WebDataset shards (made once from the synthetic world by
 the pipeline's own decode and shard code) and write image + text embeddings (float16, unit
 norm) to Parquet, with the same ViT-B-32 random weights (seeded, saved once as safetensors):
 
-- clipcurate: ``run_curate`` over shards that are committed but have no output yet, i.e.
-  preprocess (CPU tasks) -> embed (one actor) -> write; moderation off. Captions are encoded
-  at their real length and decoding overlaps the model.
+- clipcurate: the job's stream (``pipeline.job.stream``) over shards that are committed but
+  have no embeddings file yet, i.e. the ``reread`` source of the stage graph
+  (``pipeline.graph.build_job_graph``): reread + tokenize (CPU workers) -> embed (one model
+  worker) -> write, on the scheduler ``scheduler_for`` gives (``--scheduler local``, the
+  default: local worker processes, no Ray; ``--scheduler ray``: Ray Data on a local Ray);
+  moderation off. Captions are encoded at their real length and re-reading the next shard
+  overlaps the model.
 - baseline: one process, open_clip's model, preprocess and tokenizer: for each tar, decode and
   preprocess each image, then encode images and 77-token captions in batches, then write.
 
-Wall time of each side includes loading the model; Ray's start-up is excluded (a cluster is
-already running when a job starts). The two outputs are compared row by row as a check.
+Wall time of each side includes loading the model (clipcurate loads it as the job does: once in
+the driver for the model spec, once in the embedding worker) and starting its workers; Ray's
+start-up is excluded (a cluster is already running when a job starts). The two outputs are
+compared row by row as a check.
 
     .venv/bin/python bench/embed.py --rows 1024 --append bench/RESULTS.md
 """
@@ -32,9 +38,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
@@ -75,39 +84,66 @@ def make_shards(folder: Path, rows: int, per_shard: int, seed: int) -> int:
     return ok
 
 
-def save_random_weights(path: Path) -> None:
-    from pipeline.stages.embed import load_model
-
-    model, _ = load_model(ARCH, None)
+def save_random_weights(path: Path, arch: str = ARCH) -> None:
+    """``arch`` with the job's seeded random init, as one safetensors file both sides load."""
     from safetensors.torch import save_file
 
+    from pipeline.stages.embed import load_model
+
+    model, _ = load_model(arch, None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def run_clipcurate(folder: Path, weights: Path, rows_per_call: int, batch: int, cpus: int) -> float:
-    from pipeline.runner import run_curate
+def run_clipcurate(
+    folder: Path,
+    weights: Path,
+    *,
+    arch: str = ARCH,
+    out: str = "ours",
+    batch: int = 64,
+    cpus: int | None = None,
+    scheduler: str = "local",
+    precision: str = "auto",
+) -> tuple[float, dict[str, dict]]:
+    """The job's stream over the committed shards under ``folder/shards``, none embedded yet;
+    the embeddings it writes (``folder/embeddings``) are then moved to ``folder/<out>``. Returns (seconds, per-segment rows and seconds).
 
-    from pipeline.config import (
-        DownloadJobConfig,
-        EmbedConfig,
-        ModerateConfig,
-        ReadConfig,
-        ShardConfig,
-        WriteConfig,
-    )
+    ``cpus``: local CPU worker processes and the CPU embedding worker's torch threads (None:
+    one per CPU; on a GPU the worker uses the GPU); ``scheduler``: ``local`` or ``ray``
+    (connects to the Ray this process started); ``precision``: embed.precision (``auto``: fp16
+    autocast on GPU, fp32 on CPU)."""
+    from pipeline import job_config as J
+    from pipeline import schema as S
+    from pipeline.config import EmbedConfig, ExecutionConfig, JobConfig, ModerateConfig, ShardConfig
+    from pipeline.job import stream
+    from pipeline.stages.read import plan_shards
+    from pipeline.storage import Storage
 
     # The URL list only plans the shards; they are all committed, so nothing is downloaded.
-    job = DownloadJobConfig(
-        read=ReadConfig(url_list=str(folder / "world" / "urls.parquet")),
-        shard=ShardConfig(output_folder=str(folder / "shards"), number_sample_per_shard=_per_shard(folder)),
-    )
-    embed = EmbedConfig(model=ARCH, pretrained=str(weights), rows_per_call=rows_per_call,
-                        inference_batch=batch, num_cpus=cpus, concurrency=(1, 1))
+    cfg = J.validate(JobConfig(
+        input=str(folder / "world" / "urls.parquet"),
+        output=str(folder),
+        shard=ShardConfig(number_sample_per_shard=_per_shard(folder)),
+        embed=EmbedConfig(model=arch, pretrained=str(weights), inference_batch=batch, precision=precision,
+                          num_cpus=float(cpus or os.cpu_count() or 1)),
+        moderate=ModerateConfig(enabled=False),
+        execution=ExecutionConfig(scheduler=scheduler, processes=cpus if scheduler == "local" else None),
+    ))
+    plan = plan_shards(cfg.read, cfg.shard.number_sample_per_shard, cfg.storage)
+    names = [S.shard_name(d.shard_id) for d in plan]
+    committed = Storage(cfg.shard.output_folder, cfg.storage).committed_shards()
+    written = Path(cfg.write.output_folder)
+    if set(names) - committed or written.exists() or (folder / out).exists():
+        raise RuntimeError(f"expected {len(names)} committed shards, no {written} and no {folder / out}")
+    expected = {n: d.length for n, d in zip(names, plan, strict=True)}
     started = time.perf_counter()
-    summary = run_curate(job, embed, ModerateConfig(enabled=False), WriteConfig(output_folder=str(folder / "ours")))
+    statuses, stages = stream(cfg, [], plan, expected, lambda line: print(line, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - started
-    assert summary.shards_downloaded == 0 and summary.shards_reembedded == len(summary.files)
-    return elapsed
+    if sum(statuses.values()) != sum(expected.values()):
+        raise RuntimeError(f"{sum(expected.values())} rows planned, {sum(statuses.values())} embedded")
+    # Moved aside, so the same shards are again "committed, not embedded" for the next run.
+    written.rename(folder / out)
+    return elapsed, stages
 
 
 def _per_shard(folder: Path) -> int:
@@ -161,11 +197,15 @@ def run_baseline(folder: Path, weights: Path, batch: int) -> float:
 
 
 def compare(folder: Path, ours_dir: str = "ours", base_dir: str = "baseline") -> float:
-    """Largest absolute difference between the two outputs' embeddings (same rows by key)."""
-    ours = pq.read_table(folder / ours_dir).sort_by("key")
-    ours = ours.filter(pa.compute.equal(ours.column("status"), "ok"))
-    base = pq.read_table(folder / base_dir).sort_by("key")
-    assert ours.column("key").to_pylist() == base.column("key").to_pylist()
+    """Largest absolute difference between two outputs' embeddings, row by row: the ``ok``
+    rows of each (every row of an output without ``status``) must have the same keys."""
+    def ok_rows(name: str) -> pa.Table:
+        t = pq.read_table(folder / name).sort_by("key")
+        return t.filter(pc.equal(t.column("status"), "ok")) if "status" in t.column_names else t
+
+    ours, base = ok_rows(ours_dir), ok_rows(base_dir)
+    if ours.column("key").to_pylist() != base.column("key").to_pylist():
+        raise RuntimeError(f"{ours_dir} and {base_dir} hold different rows ({ours.num_rows} vs {base.num_rows})")
     worst = 0.0
     for col in ("image_embedding", "text_embedding"):
         a = np.asarray(ours.column(col).to_pylist(), np.float32)
@@ -174,24 +214,31 @@ def compare(folder: Path, ours_dir: str = "ours", base_dir: str = "baseline") ->
     return worst
 
 
+def stage_lines(stages: dict[str, dict]) -> str:
+    """Markdown rows: rows/s of each segment of the graph, as the job records them."""
+    return "".join(f"| {name} | {st['rows']} | {st['seconds']:.1f} | {st['rows'] / st['seconds']:.1f} |\n"
+                   for name, st in stages.items() if st.get("seconds"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1024)
     p.add_argument("--per_shard", type=int, default=256)
     p.add_argument("--batch", type=int, default=64, help="model inference batch (both sides)")
-    p.add_argument("--rows_per_call", type=int, default=256)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2,
-                   help="Ray CPUs; the embed actor gets them all, preprocess tasks share them")
+                   help="torch threads of both sides; local: also the CPU worker processes; ray: the "
+                        "embed actor's CPUs (the local Ray gets one more for the reread tasks)")
+    p.add_argument("--scheduler", choices=("local", "ray"), default="local",
+                   help="what runs clipcurate's graph (local: worker processes, no Ray)")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--workdir", default=None, help="default: a temporary folder, removed after")
     p.add_argument("--append", default=None, help="append the result table to this Markdown file")
     a = p.parse_args(argv)
-
-    import ray
-
-    from pipeline.ray_start import init_ray
+    if a.rows < 1 or a.per_shard < 1:
+        p.error("--rows and --per_shard must be >= 1")
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="clipcurate-bench-embed-"))
+    ray_start = None
     try:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -202,13 +249,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.cpus)
         base_s = run_baseline(work, weights, a.batch)
         print(f"baseline: {base_s:.1f} s", file=sys.stderr)
-        t0 = time.perf_counter()
-        # One more logical CPU than cores: the actor takes the cores for torch, preprocess
-        # tasks run beside it (they mostly wait on the actor).
-        init_ray(num_cpus=a.cpus + 1, include_dashboard=False, log_to_driver=False)
-        ray_start = time.perf_counter() - t0
-        ours_s = run_clipcurate(work, weights, a.rows_per_call, a.batch, a.cpus)
-        ray.shutdown()
+        if a.scheduler == "ray":
+            from pipeline.ray_start import init_ray
+
+            t0 = time.perf_counter()
+            # A Ray of its own ("local": never one recorded by `ray start` on this machine).
+            # One more logical CPU than cores: the actor takes the cores for torch, reread
+            # tasks run beside it (they mostly wait on the actor).
+            init_ray("local", num_cpus=a.cpus + 1, include_dashboard=False, log_to_driver=False)
+            ray_start = time.perf_counter() - t0
+        try:
+            ours_s, stages = run_clipcurate(work, weights, batch=a.batch, cpus=a.cpus, scheduler=a.scheduler)
+        finally:
+            if a.scheduler == "ray":
+                import ray
+
+                ray.shutdown()
         diff = compare(work)
     finally:
         if a.workdir is None:
@@ -216,21 +272,27 @@ def main(argv: list[str] | None = None) -> int:
     ratio = base_s / ours_s
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()[0]
+    how = (f"local scheduler: {a.cpus} CPU worker processes + 1 embed worker" if a.scheduler == "local"
+           else "Ray Data: reread tasks + 1 embed actor")
+    started = "" if ray_start is None else f"Ray start-up (not in the time): {ray_start:.1f} s; "
     text = (
         f"\n## Embed path (tars -> Parquet) vs plain open_clip loop ({when})\n\n"
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}, load average "
         f"{load:.1f} at the end. Command: `python bench/embed.py {shlex.join(argv or sys.argv[1:])}`. "
         f"{ok} stored images (synthetic world, 256 px, border) in shards of {a.per_shard}; "
         f"{ARCH}, random weights (seeded, one safetensors file for both), CPU, fp32, image and "
-        f"text embeddings, inference batch {a.batch}.\n\n"
+        f"text embeddings, inference batch {a.batch}. clipcurate: the job's re-embed path "
+        "(pipeline.job.stream over committed shards without embeddings: reread -> tokenize -> "
+        "embed -> write), model load included on both sides.\n\n"
         "| path | seconds | images/s |\n|---|---:|---:|\n"
         f"| open_clip {__import__('open_clip').__version__}, one process, 77-token captions | "
         f"{base_s:.1f} | {ok / base_s:.1f} |\n"
-        f"| clipcurate run_curate (preprocess tasks + 1 embed actor, {a.cpus} torch threads) | "
+        f"| clipcurate job stream, re-embed path ({how}, {a.cpus} torch threads) | "
         f"{ours_s:.1f} | {ok / ours_s:.1f} |\n\n"
-        f"ratio clipcurate / open_clip loop: {ratio:.2f}x (target >= 1.3x); Ray start-up (not in "
-        f"the time): {ray_start:.1f} s; largest embedding difference between the two outputs: "
-        f"{diff:.1e}.\n"
+        f"ratio clipcurate / open_clip loop: {ratio:.2f}x (target >= 1.3x); {started}largest "
+        f"embedding difference between the two outputs: {diff:.1e}.\n\n"
+        "clipcurate per segment (rows, seconds from its first shard's start to its last's end):\n\n"
+        "| segment | rows | seconds | rows/s |\n|---|---:|---:|---:|\n" + stage_lines(stages)
     )
     print(text)
     if a.append:

@@ -1,27 +1,31 @@
-"""GPU embedding throughput: the pipeline's embed stages vs a plain open_clip loop, fp16.
+"""GPU embedding throughput: the job's re-embed path vs a plain open_clip loop, fp16.
 
     python bench/embed_gpu.py --rows 2048 --models ViT-B-32 ViT-L-14 --append bench/RESULTS.md
 
 For each model (random weights, seeded, one safetensors file shared by both sides) and the same
 committed WebDataset shards (synthetic world, 256 px, border):
 
-- clipcurate: the stages ``build_embed_stages`` builds for a job (PreprocessStage ->
-  EmbedStage -> WriteStage, moderation off), driven in one process: preprocessing of the next
-  calls runs in a thread pool while the main thread embeds (what the Ray graph does with CPU
-  tasks beside the GPU actor). Ray itself is not in the loop, because a lent GPU machine may not
-  have it (its wheel is larger than what can be carried there); the stage code is the same.
+- clipcurate: the job's stream (``pipeline.job.stream``) over shards committed without
+  embeddings, on the local scheduler: the stage objects of ``build_job_graph``'s reread
+  source (RereadStage + TokenizeStage in CPU worker processes, one per CPU) -> EmbedStage (one
+  model worker per GPU, fp16 autocast: ``embed.precision`` auto) -> WriteStage, moderation
+  off. No Ray anywhere: a lent GPU machine does not have it (its wheel is larger than what can
+  be carried there); the script fails if ``ray`` was imported.
 - baseline: the loop a user writes with open_clip: decode + torchvision preprocess per image,
   encode images and 77-token captions in batches under fp16 autocast, write Parquet.
 
-Reported: images/s (image + text embeddings of every row, model load excluded, first shard
-included) and GPU utilisation (mean of NVML samples every 50 ms while the side runs).
-On a machine without CUDA it runs on CPU in fp32 (useful only to check the script).
+Reported: images/s (image + text embeddings of every row; each side's time includes loading
+its model and, for clipcurate, starting its worker processes and the driver's load of the
+model spec, as a job pays them), GPU utilisation (mean of NVML samples every 50 ms while the
+side runs, when pynvml is installed), and two checks: the largest embedding difference of
+clipcurate's fp16 output from the same path in fp32 (``embed.precision=fp32``, same device,
+not timed: fp16 parity), and from the open_clip loop's output, row by row. Without CUDA it
+runs on the CPU in fp32 (useful only to check the script: the parity figure is then 0).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import datetime as dt
 import io
 import os
@@ -42,7 +46,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from embed import compare, make_shards  # noqa: E402
+from embed import compare, make_shards, run_clipcurate, save_random_weights, stage_lines  # noqa: E402
 
 
 class GpuSampler:
@@ -82,55 +86,16 @@ class GpuSampler:
         return float(np.mean(self.samples)) if self.samples else None
 
 
-def save_random_weights(arch: str, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    import clip_model
-
-    torch.manual_seed(0)
-    model, _ = clip_model.create_model(arch, device="cpu")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-
-
-def run_ours(work: Path, arch: str, weights: Path, rows_per_call: int, batch: int, threads: int) -> tuple[float, float | None, int]:
-    from pipeline.runner import build_embed_stages
-
-    from pipeline.config import (
-        DownloadJobConfig,
-        EmbedConfig,
-        ModerateConfig,
-        ShardConfig,
-        WriteConfig,
-    )
-    from pipeline.stages.embed import EmbedStage, PreprocessStage
-
-    gpu = torch.cuda.is_available()
-    job = DownloadJobConfig(shard=ShardConfig(output_folder=str(work / "shards")))
-    embed = EmbedConfig(model=arch, pretrained=str(weights), rows_per_call=rows_per_call,
-                        inference_batch=batch, num_gpus=1.0 if gpu else 0.0,
-                        num_cpus=float(os.cpu_count() or 1))
-    out = work / f"ours-{arch}"
-    stages = build_embed_stages(job, embed, ModerateConfig(enabled=False), WriteConfig(output_folder=str(out)))
-    pre = next(s for s in stages if isinstance(s, PreprocessStage))
-    emb = next(s for s in stages if isinstance(s, EmbedStage))
-    write = stages[-1]
-    emb.setup()
-    tables = [pq.read_table(p) for p in sorted((work / "shards").glob("*.parquet"))]
-    calls = [(i, t.slice(s, rows_per_call)) for i, t in enumerate(tables) for s in range(0, t.num_rows, rows_per_call)]
-    done: dict[int, list[pa.Table]] = {}
-    n_img = 0
-    if gpu:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    with GpuSampler() as gs, cf.ThreadPoolExecutor(threads) as pool:
-        futures = [(i, pool.submit(pre.process_batch, t)) for i, t in calls]
-        for i, fut in futures:
-            res = emb.process_batch(fut.result())
-            n_img += res.num_rows - res.column("image_embedding").null_count
-            done.setdefault(i, []).append(res)
-            if len(done[i]) * rows_per_call >= tables[i].num_rows:
-                write.process_batch(pa.concat_tables(done.pop(i)))
-    return time.perf_counter() - started, gs.mean, n_img
+def run_ours(work: Path, arch: str, weights: Path, batch: int, processes: int | None,
+             precision: str = "auto", out: str | None = None) -> tuple[float, float | None, int, dict[str, dict]]:
+    """The job's re-embed path on the local scheduler into ``work/<out>`` (default
+    ``ours-<arch>``); (seconds, mean GPU utilisation, images embedded, per-segment stats)."""
+    out = out or f"ours-{arch}"
+    with GpuSampler() as gs:
+        seconds, stages = run_clipcurate(work, weights, arch=arch, out=out, batch=batch, cpus=processes,
+                                         scheduler="local", precision=precision)
+    col = pq.read_table(work / out, columns=["image_embedding"]).column("image_embedding")
+    return seconds, gs.mean, len(col) - col.null_count, stages
 
 
 def run_baseline(work: Path, arch: str, weights: Path, batch: int) -> tuple[float, float | None, int]:
@@ -138,16 +103,16 @@ def run_baseline(work: Path, arch: str, weights: Path, batch: int) -> tuple[floa
     from PIL import Image
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=dev)
-    model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
     out = work / f"baseline-{arch}"
     out.mkdir(exist_ok=True)
     n_img = 0
-    if dev == "cuda":
-        torch.cuda.synchronize()
     started = time.perf_counter()
     with GpuSampler() as gs:
+        # Loading is timed, as on clipcurate's side (whose workers load the model themselves).
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights), device=dev)
+        model.eval()
+        tokenizer = open_clip.get_tokenizer(arch)
+        print(f"open_clip {arch} loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         for tar_path in sorted((work / "shards").glob("*.tar")):
             samples: dict[str, dict[str, bytes]] = {}
             with tarfile.open(tar_path) as tar:
@@ -171,6 +136,8 @@ def run_baseline(work: Path, arch: str, weights: Path, batch: int) -> tuple[floa
                 "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(txt.reshape(-1)), dim),
             }), out / f"{tar_path.stem}.parquet", compression="zstd")
             n_img += len(keys)
+        if dev == "cuda":
+            torch.cuda.synchronize()
     return time.perf_counter() - started, gs.mean, n_img
 
 
@@ -180,13 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per_shard", type=int, default=512)
     p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-L-14"])
     p.add_argument("--batch", type=int, default=256, help="model inference batch (both sides)")
-    p.add_argument("--rows_per_call", type=int, default=512)
-    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="preprocess threads")
+    p.add_argument("--processes", type=int, default=None,
+                   help="clipcurate's CPU worker processes (reread + tokenize, write); default one per CPU")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
+    if a.rows < 1 or a.per_shard < 1 or (a.processes is not None and a.processes < 1):
+        p.error("--rows, --per_shard and --processes must be >= 1")
 
-    lines = []
+    gpu = torch.cuda.is_available()
+    lines, checks = [], []
     with tempfile.TemporaryDirectory(prefix="clipcurate-bench-embed-gpu-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
@@ -194,29 +164,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepared {ok} stored images in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         for arch in a.models:
             weights = work / f"{arch}.safetensors"
-            save_random_weights(arch, weights)
-            # Warm-up on a copy of the shards would double the set-up; instead both sides count
-            # their first shard, with cuDNN/cuBLAS kernel selection, in the time.
+            save_random_weights(weights, arch)
             base_s, base_u, base_n = run_baseline(work, arch, weights, a.batch)
-            ours_s, ours_u, ours_n = run_ours(work, arch, weights, a.rows_per_call, a.batch, a.threads)
+            if gpu:
+                torch.cuda.empty_cache()  # the baseline's memory is not the embed worker's to share
+            ours_s, ours_u, ours_n, stages = run_ours(work, arch, weights, a.batch, a.processes)
+            # The fp32 reference: the same path and inputs, no autocast (not timed).
+            run_ours(work, arch, weights, a.batch, a.processes, precision="fp32", out=f"fp32-{arch}")
+            parity = compare(work, f"ours-{arch}", f"fp32-{arch}")
             diff = compare(work, f"ours-{arch}", f"baseline-{arch}")
             fmt = lambda u: "n/a" if u is None else f"{u:.0f} %"  # noqa: E731
             lines.append(f"| {arch} | open_clip loop | {base_s:.1f} | {base_n / base_s:.0f} | {fmt(base_u)} |")
-            lines.append(f"| {arch} | clipcurate embed stages | {ours_s:.1f} | {ours_n / ours_s:.0f} | {fmt(ours_u)} |")
-            lines.append(f"| {arch} | ratio | | {(ours_n / ours_s) / (base_n / base_s):.2f}x | max emb diff {diff:.1e} |")
-            print(lines[-3] + "\n" + lines[-2] + "\n" + lines[-1], file=sys.stderr, flush=True)
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+            lines.append(f"| {arch} | clipcurate re-embed path | {ours_s:.1f} | {ours_n / ours_s:.0f} | {fmt(ours_u)} |")
+            lines.append(f"| {arch} | ratio | | {(ours_n / ours_s) / (base_n / base_s):.2f}x | |")
+            checks.append(f"- {arch}: largest embedding difference, clipcurate {'fp16' if gpu else 'fp32'} vs "
+                          f"its fp32 reference: {parity:.1e}; vs the open_clip loop: {diff:.1e}. Segments:\n\n"
+                          "  | segment | rows | seconds | rows/s |\n  |---|---:|---:|---:|\n"
+                          + "".join(f"  {line}\n" for line in stage_lines(stages).splitlines()))
+            print("\n".join(lines[-3:]) + "\n" + checks[-1], file=sys.stderr, flush=True)
+    leaked = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
+    if leaked:
+        raise SystemExit(f"embed_gpu.py must run without Ray, but imported {', '.join(leaked[:5])}")
+    dev = torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.machine()})"
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"\n## GPU embed path vs open_clip loop ({when})\n\n"
         f"Device: {dev}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{'fp16 autocast' if torch.cuda.is_available() else 'fp32'}. Command: "
+        f"{'fp16 autocast' if gpu else 'fp32'}. Command: "
         f"`python bench/embed_gpu.py {shlex.join(argv if argv is not None else sys.argv[1:])}`. {ok} stored images "
-        f"(synthetic world, 256 px, border), shards of {a.per_shard}, inference batch {a.batch}, "
-        f"{a.rows_per_call} rows per embed call, {a.threads} preprocess threads; random weights. "
-        "Time from first shard to last Parquet written, model load excluded; GPU utilisation = "
-        "mean of NVML samples (50 ms). The embed stages are driven in one process (no Ray).\n\n"
-        "| model | path | seconds | images/s | GPU util |\n|---|---|---:|---:|---:|\n" + "\n".join(lines) + "\n"
+        f"(synthetic world, 256 px, border), shards of {a.per_shard}, inference batch {a.batch}; "
+        f"clipcurate: the job's re-embed path on the local scheduler ({a.processes or os.cpu_count()} CPU worker "
+        "processes, one embed worker per GPU, or one on the CPU), no Ray; random weights. Time from start to last Parquet written, "
+        "model load (and clipcurate's worker start-up) included on both sides; GPU utilisation = mean of NVML "
+        "samples (50 ms).\n\n"
+        "| model | path | seconds | images/s | GPU util |\n|---|---|---:|---:|---:|\n" + "\n".join(lines) + "\n\n"
+        + "\n".join(checks)
     )
     print(text)
     if a.append:

@@ -26,18 +26,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import torch
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import dedup as D
-from pipeline import job_config as J
-from pipeline import schema as S
-from pipeline.config import DecodeConfig
-from pipeline.pixel_check import confirm_pairs
-from pipeline.thumbnails import thumbs_array
-from testkit.embedding import embed_images
-from testkit.synthetic import generate_world
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline import dedup as D  # noqa: E402
+from pipeline import job_config as J  # noqa: E402
+from pipeline import schema as S  # noqa: E402
+from pipeline.config import DecodeConfig  # noqa: E402
+from pipeline.pixel_check import confirm_pairs  # noqa: E402
+from pipeline.thumbnails import thumbs_array  # noqa: E402
+from testkit.embedding import embed_images  # noqa: E402
+from testkit.synthetic import generate_world  # noqa: E402
 
 MACHINE = "2-core CI box, CPU, shared with other work"
 REPO = Path(__file__).resolve().parents[1]

@@ -1,26 +1,33 @@
 """Scale: the whole job on growing synthetic URL lists; rows/s per stage and peak memory.
 
-For each size in ``--rows`` (default 2000 10000 50000), on a fresh loopback-only local stack
-(``infra/local/up.sh``: Ray head, local S3 server, synthetic image server):
+For each scheduler in ``--scheduler`` (default ``ray``; ``local``: the job's local worker
+processes, no Ray; ``ray local`` measures both in one run) and each size in ``--rows`` (default
+2000 10000 50000), on a fresh loopback-only local stack (``infra/local/up.sh``: Ray head,
+local S3 server, synthetic image server; with ``local`` the Ray head idles):
 
 1. a synthetic world of that many rows with small images (``--min-side``/``--max-side``,
    no "large" format, so 50k rows fit a 2-core box) is generated once and cached under
    ``--workdir``; its URL list, pointed at the image server, is uploaded to the local S3;
-2. the job runs as users run it, ``python jobs/embed_laion.py --config jobs/demo.yaml ...``
-   as a driver joining the stack's Ray, reading from and writing to the local S3;
+2. the job runs as users run it, ``python jobs/embed_laion.py --config jobs/demo.yaml ...``,
+   reading from and writing to the local S3: with ``ray`` as a driver joining the stack's Ray
+   (``$RAY_ADDRESS``, as under ``ray job submit``), with ``local`` as a plain command
+   (``--scheduler local``, no Ray address) whose own worker processes run the stages;
 3. while it runs, the resident set size (``VmRSS`` from ``/proc/<pid>/status``) of the driver
-   and of every Ray worker process (the raylet's ``ray::`` / ``default_worker.py`` children:
-   tasks and actors) is sampled every ``--interval`` s, and once the workers are up,
-   ``infra/local/check_loopback.sh`` must find every socket of the run (driver included) on
-   127.0.0.1;
+   and of every worker process is sampled every ``--interval`` s: with ``ray`` the raylet's
+   ``ray::`` / ``default_worker.py`` children (tasks and actors), with ``local`` the driver's
+   LocalScheduler workers (``cc-cpu`` / ``cc-model<i>``, forked by its forkserver; see
+   pipeline/schedulers/local.py). In both, a worker's decode crash-guard child is not counted.
+   Once the workers are up, ``infra/local/check_loopback.sh`` must find every socket of the
+   run (driver included) on 127.0.0.1;
 4. the per-stage rows and seconds the job recorded in ``<output>/_stats.json`` are read back,
    and the output's row count is checked against the input.
 
-Prints a table of memory and totals, the driver's peak per phase of the job (start, stream,
-global pass, report) and rows/s per stage, then compares the peak memory of the largest size with the smallest (target: within 1.3x, i.e. the stream does not
-accumulate). ``--append FILE`` adds the section to ``bench/RESULTS.md`` style Markdown.
+Prints, per scheduler, a table of memory and totals, the driver's peak per phase of the job
+(start, stream, global pass, report) and rows/s per stage, then compares the peak memory of the
+largest size with the smallest (target: within 1.3x, i.e. the stream does not accumulate).
+``--append FILE`` adds the sections to ``bench/RESULTS.md`` style Markdown.
 
-    .venv/bin/python bench/scale.py --rows 2000 10000 50000 --append bench/RESULTS.md
+    .venv/bin/python bench/scale.py --rows 2000 10000 50000 --scheduler ray local --append bench/RESULTS.md
 
 RSS counts shared pages (libraries, Ray's object store mappings) in every process that
 touches them, so the "total" column overstates the physical memory of the workers together;
@@ -43,6 +50,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,8 @@ from typing import Any
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# The repository root: this checkout's packages and the test rig (testkit is not installed).
+sys.path.insert(0, str(REPO))
 LOCAL = REPO / "infra" / "local"
 PY = Path(sys.executable)
 TARGET_RATIO = 1.3
@@ -121,16 +131,20 @@ class Stack:
     def s3_endpoint(self) -> str:
         return self.state["S3_ENDPOINT_URL"]
 
-    def driver_env(self) -> dict[str, str]:
-        """A driver that joins this stack's Ray (GCS address, the run's token) and uses its
-        S3. The run marker makes the driver part of the run for check_loopback.sh and down.sh."""
-        return _clean_env() | {
+    def driver_env(self, ray: bool = True) -> dict[str, str]:
+        """A driver that uses this stack's S3 and, with ``ray``, joins its Ray (GCS address,
+        the run's token); without, it has no Ray address, so the job runs on its local
+        scheduler. The run marker makes the driver (and the processes it starts) part of the
+        run for check_loopback.sh and down.sh."""
+        joins = {
             "RAY_ADDRESS": self.state["RAY_GCS_ADDRESS"],
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": self.state["RAY_AUTH_TOKEN_PATH"],
             # Ray's local-only mode, as up.sh sets for the head: every socket on loopback.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        return _clean_env() | (joins if ray else {}) | {
             "CLIPCURATE_LOCAL_RUN": str(self.run_dir),
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
@@ -230,6 +244,24 @@ def ray_worker_pids(raylet: int) -> list[int]:
     return out
 
 
+def local_worker_pids(driver: int) -> list[int]:
+    """The driver's LocalScheduler worker processes: its descendants (children of the
+    scheduler's forkserver) named ``cc-<pool>`` (``cc-cpu``, ``cc-model<i>``) by
+    pipeline/schedulers/local.py, under a parent not so named. That leaves out the forkserver,
+    multiprocessing's resource tracker and the workers' decode crash-guard children (exec'd,
+    so named ``python``, though for an instant during their exec they still show the
+    worker's name)."""
+    out, todo = [], [driver]
+    while todo:
+        parent = todo.pop()
+        named = _comm(parent).startswith("cc-")
+        for pid in _children(parent):
+            if not named and _comm(pid).startswith("cc-"):
+                out.append(pid)
+            todo.append(pid)
+    return out
+
+
 def find_raylet(run_dir: Path) -> int:
     """Pid of the stack's raylet (a process of the run named ``raylet``)."""
     proc = subprocess.run([str(PY), str(LOCAL / "localrun.py"), "pids", str(run_dir)],
@@ -256,11 +288,13 @@ class MemoryPeaks:
 
 
 class Sampler(threading.Thread):
-    """Samples the RSS of the driver and the Ray workers every ``interval`` s until stopped."""
+    """Samples the RSS of the driver and of the worker processes ``workers()`` lists (Ray's:
+    :func:`ray_worker_pids`; the local scheduler's: :func:`local_worker_pids`) every
+    ``interval`` s until stopped."""
 
-    def __init__(self, driver: int, raylet: int, interval: float, log: Path) -> None:
+    def __init__(self, driver: int, workers: Callable[[], list[int]], interval: float, log: Path) -> None:
         super().__init__(daemon=True)
-        self.driver, self.raylet, self.interval, self.log = driver, raylet, interval, log
+        self.driver, self.workers, self.interval, self.log = driver, workers, interval, log
         self.peaks = MemoryPeaks()
         self.phase = "start"
         self._offset = 0
@@ -289,7 +323,7 @@ class Sampler(threading.Thread):
             p.driver = max(p.driver, d)
             p.driver_by_phase[self.phase] = max(p.driver_by_phase.get(self.phase, 0), d)
         total = 0
-        for pid in ray_worker_pids(self.raylet):
+        for pid in self.workers():
             r = rss_bytes(pid)
             if r is None:
                 continue
@@ -307,7 +341,7 @@ class Sampler(threading.Thread):
     def stop(self) -> MemoryPeaks:
         self._halt.set()
         self.join()
-        self.sample()  # workers outlive the driver; their final size counts too
+        self.sample()  # Ray's workers outlive the driver; their final size counts too
         return self.peaks
 
 
@@ -328,6 +362,7 @@ class SizeResult:
     peaks: MemoryPeaks
     command: str
     loopback_checked: bool = False  # check_loopback.sh ran while the workers were up, and passed
+    scheduler: str = "ray"  # what ran the job's stages: "ray" (the stack's Ray) or "local"
 
 
 def upload_url_list(stack: Stack, worlds: Path, name: str, bucket: str) -> str:
@@ -344,18 +379,29 @@ def upload_url_list(stack: Stack, worlds: Path, name: str, bucket: str) -> str:
     return f"s3://{bucket}/{name}/urls.parquet"
 
 
-def job_args(url_list: str, output: str, endpoint: str, a: argparse.Namespace) -> list[str]:
-    """The job's command line (after ``python``), as a user on this stack would type it."""
+def job_args(url_list: str, output: str, endpoint: str, a: argparse.Namespace, scheduler: str = "ray") -> list[str]:
+    """The job's command line (after ``python``), as a user on this stack would type it. With
+    ``ray`` the driver finds the Ray through ``$RAY_ADDRESS``; ``local`` is said explicitly."""
     return [
         "jobs/embed_laion.py", "--config", "jobs/demo.yaml",
         "--input", url_list, "--output", output, "--s3-endpoint-url", endpoint,
         "--allowed-networks", "127.0.0.1/32", "--image-size", str(a.image_size),
         "--number-sample-per-shard", str(a.per_shard),
+        *(["--scheduler", "local"] if scheduler == "local" else []),
     ]  # fmt: skip
 
 
-def run_size(rows: int, a: argparse.Namespace, worlds: Path, log: Path) -> SizeResult:
-    """World (cached) -> fresh stack -> the job with memory sampling -> figures from _stats.json."""
+def _workers_of(scheduler: str, stack: Stack) -> Callable[[int], Callable[[], list[int]]]:
+    """For a driver pid, the function listing the worker processes that run its stages."""
+    if scheduler == "ray":
+        raylet = find_raylet(stack.run_dir)
+        return lambda driver: lambda: ray_worker_pids(raylet)
+    return lambda driver: lambda: local_worker_pids(driver)
+
+
+def run_size(rows: int, a: argparse.Namespace, worlds: Path, log: Path, scheduler: str = "ray") -> SizeResult:
+    """World (cached) -> fresh stack -> the job on ``scheduler`` (``ray`` or ``local``) with
+    memory sampling -> figures from _stats.json."""
     name = make_world(worlds, rows, a.seed, a.min_side, a.max_side)
     stack = Stack.up(a.cpus, a.object_store_mb, worlds)
     try:
@@ -363,13 +409,13 @@ def run_size(rows: int, a: argparse.Namespace, worlds: Path, log: Path) -> SizeR
         stack.s3().create_bucket(Bucket=bucket)
         url_list = upload_url_list(stack, worlds, name, bucket)
         output = f"s3://{bucket}/{name}/out"
-        args = job_args(url_list, output, stack.s3_endpoint, a)
-        raylet = find_raylet(stack.run_dir)
+        args = job_args(url_list, output, stack.s3_endpoint, a, scheduler)
+        workers_of = _workers_of(scheduler, stack)
         started = time.perf_counter()
         with open(log, "w") as out:
             driver = subprocess.Popen([str(PY), *args], stdout=out, stderr=subprocess.STDOUT,
-                                      env=stack.driver_env(), cwd=REPO)
-            sampler = Sampler(driver.pid, raylet, a.interval, log)
+                                      env=stack.driver_env(ray=scheduler == "ray"), cwd=REPO)
+            sampler = Sampler(driver.pid, workers_of(driver.pid), a.interval, log)
             sampler.start()
             loopback_checked = False
             try:
@@ -394,13 +440,16 @@ def run_size(rows: int, a: argparse.Namespace, worlds: Path, log: Path) -> SizeR
         stats = json.loads(stack.s3().get_object(Bucket=bucket, Key=f"{name}/out/_stats.json")["Body"].read())
     finally:
         stack.down()
+    used = re.findall(r"^scheduler: (\w+)", log.read_text(errors="replace"), re.MULTILINE)
+    if used != [scheduler]:
+        raise RuntimeError(f"the job was to run on the {scheduler} scheduler, its log says {used}; log {log}")
     if stats["rows"] != rows or sum(stats["status"].values()) != rows:
         raise RuntimeError(f"{rows} input rows but the output has {stats['rows']} ({stats['status']})")
     command = "python " + shlex.join(args)
     # The printed summary's timings include the report's own, which _stats.json cannot hold.
     timings = dict(stats.get("timings", {})) | log_timings(log.read_text(errors="replace"))
     return SizeResult(rows, int(stats.get("shards") or 0), int(stats["rows"]), dict(stats["status"]), wall,
-                      timings, dict(stats.get("stages", {})), peaks, command, loopback_checked)
+                      timings, dict(stats.get("stages", {})), peaks, command, loopback_checked, scheduler)
 
 
 def log_timings(text: str) -> dict[str, float]:
@@ -484,18 +533,29 @@ def ratio_check(results: list[SizeResult]) -> tuple[str, bool]:
     return text, ok
 
 
+def _how(scheduler: str, a: argparse.Namespace) -> str:
+    if scheduler == "local":
+        return (f"the job on its local scheduler (no Ray address: up to {len(os.sched_getaffinity(0))} CPU worker "
+                "processes, one per CPU, and the embedding worker(s); the stack's Ray head idles); workers = the driver's "
+                "LocalScheduler processes (cc-cpu, cc-model<i>)")
+    return (f"the job as a driver on the stack's Ray ({a.cpus} logical CPUs, object store "
+            f"{a.object_store_mb} MB); workers = the raylet's ray:: worker processes")
+
+
 def report(results: list[SizeResult], a: argparse.Namespace, argv: list[str], load: tuple[float, ...]) -> str:
-    """The Markdown section for bench/RESULTS.md (also what is printed)."""
+    """The Markdown section for bench/RESULTS.md (also what is printed): one scheduler's sizes."""
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     check, _ = ratio_check(results)
     cmd = "python bench/scale.py " + shlex.join(argv)
+    scheduler = results[0].scheduler
     return (
-        f"\n## Scale: the whole job at {', '.join(f'{r.rows:,}' for r in results)} rows ({when})\n\n"
+        f"\n## Scale: the whole job at {', '.join(f'{r.rows:,}' for r in results)} rows, {scheduler} "
+        f"scheduler ({when})\n\n"
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; load average "
         f"(1/5/15 min) before {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, after "
         "{:.1f}/{:.1f}/{:.1f}. ".format(*os.getloadavg())
-        + f"Command: `{cmd}`. Each size on a fresh local stack (infra/local/up.sh, {a.cpus} "
-        f"logical CPUs, object store {a.object_store_mb} MB); synthetic world seed {a.seed}, long "
+        + f"Command: `{cmd}`. Each size on a fresh local stack (infra/local/up.sh), "
+        f"{_how(scheduler, a)}; synthetic world seed {a.seed}, long "
         f"side {a.min_side}-{a.max_side} px, no 'large' images; job: `jobs/demo.yaml` (tiny-synthetic "
         f"model, moderation, clip-score filter, dedup), image_size {a.image_size}, {a.per_shard} rows "
         f"per shard. RSS sampled every {a.interval} s from /proc.\n\n"
@@ -514,6 +574,8 @@ def main(argv: list[str] | None = None) -> list[SizeResult]:
     p.add_argument("--min-side", type=int, default=48, help="shortest long side of a source image")
     p.add_argument("--max-side", type=int, default=96, help="longest long side of a source image")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", nargs="+", choices=("ray", "local"), default=["ray"],
+                   help="what runs the job's stages: the stack's Ray, the job's local worker processes, or both")
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--object-store-mb", type=int, default=400)
     p.add_argument("--interval", type=float, default=0.5, help="RSS sampling period (s)")
@@ -527,17 +589,21 @@ def main(argv: list[str] | None = None) -> list[SizeResult]:
     work = Path(a.workdir)
     worlds = work / "worlds"
     worlds.mkdir(parents=True, exist_ok=True)
-    load = os.getloadavg()
     results = []
-    for rows in sorted(a.rows):
-        log = work / f"job-{rows}.log"
-        t0 = time.perf_counter()
-        results.append(run_size(rows, a, worlds, log))
-        r = results[-1]
-        print(f"{rows} rows: job {r.wall_s:.1f} s (all in {time.perf_counter() - t0:.1f} s); "
-              f"driver {_mib(r.peaks.driver)} MiB, largest worker {_mib(r.peaks.worker_process)} MiB, "
-              f"workers {_mib(r.peaks.worker_total)} MiB; log {log}", file=sys.stderr, flush=True)
-    text = report(results, a, argv, load)
+    text = ""
+    for scheduler in dict.fromkeys(a.scheduler):
+        load = os.getloadavg()
+        mine = []
+        for rows in sorted(a.rows):
+            log = work / f"job-{scheduler}-{rows}.log"
+            t0 = time.perf_counter()
+            mine.append(run_size(rows, a, worlds, log, scheduler))
+            r = mine[-1]
+            print(f"{scheduler}, {rows} rows: job {r.wall_s:.1f} s (all in {time.perf_counter() - t0:.1f} s); "
+                  f"driver {_mib(r.peaks.driver)} MiB, largest worker {_mib(r.peaks.worker_process)} MiB, "
+                  f"workers {_mib(r.peaks.worker_total)} MiB; log {log}", file=sys.stderr, flush=True)
+        results += mine
+        text += report(mine, a, argv, load)
     print(text)
     if a.append:
         with open(a.append, "a") as f:

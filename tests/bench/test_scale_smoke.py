@@ -5,6 +5,8 @@ job on a local stack) whose printed tables must account for every row."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +43,27 @@ def test_rss_of_a_process_holding_256_mib_is_at_least_that_and_none_once_gone() 
     assert scale.rss_bytes(child.pid) is None
 
 
+def test_local_workers_are_the_descendants_named_cc_but_not_their_children() -> None:
+    # A child names itself as a LocalScheduler worker does (prctl PR_SET_NAME) and starts a
+    # grandchild, as a worker starts its decode crash-guard child: only the child is a worker
+    # (the grandchild may still show the name while it execs).
+    code = ("import ctypes, subprocess, sys, time; ctypes.CDLL(None).prctl(15, b'cc-cpu', 0, 0, 0); "
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print(g.pid, flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    grandchild = None
+    try:
+        grandchild = int(child.stdout.readline())
+        assert scale.local_worker_pids(child.pid) == []
+        workers = scale.local_worker_pids(os.getpid())
+        assert child.pid in workers and grandchild not in workers
+    finally:
+        if grandchild is not None:
+            os.kill(grandchild, signal.SIGKILL)
+        child.kill()
+        child.wait()
+
+
 def _result(rows: int, driver: int, worker: int, total: int) -> object:
     peaks = scale.MemoryPeaks(driver=driver * MIB, worker_process=worker * MIB, worker_total=total * MIB)
     return scale.SizeResult(rows, 1, rows, {"ok": rows}, 1.0, {}, {}, peaks, "python x")
@@ -68,13 +91,15 @@ def test_log_timings_reads_the_last_summary_line() -> None:
 
 
 @pytest.mark.slow
-def test_main_runs_the_job_and_reports_every_row_and_stage(tmp_path, capsys) -> None:
+@pytest.mark.parametrize("scheduler", ["ray", "local"])
+def test_main_runs_the_job_and_reports_every_row_and_stage(tmp_path, capsys, scheduler) -> None:
     rows = 60
     started = time.monotonic()
     results = scale.main(["--rows", str(rows), "--per-shard", "20", "--workdir", str(tmp_path),
-                          "--interval", "0.2"])
+                          "--interval", "0.2", "--scheduler", scheduler])
     assert time.monotonic() - started < 240
     (r,) = results
+    assert r.scheduler == scheduler
     assert (r.rows, r.output_rows, r.shards) == (rows, rows, 3)
     assert sum(r.status.values()) == rows
     # Every stream stage saw every row (the synthetic world has no failing rows).
@@ -92,3 +117,5 @@ def test_main_runs_the_job_and_reports_every_row_and_stage(tmp_path, capsys) -> 
     assert f"| {rows} | 3 | {rows} | {r.status.get('ok', 0)} |" in out
     assert "| EmbedStage |" in out and "one size only" in out
     assert "--number-sample-per-shard 20" in r.command
+    assert ("--scheduler local" in r.command) == (scheduler == "local")
+    assert f"{scheduler} scheduler" in out
