@@ -196,3 +196,27 @@ def test_forward_logits_match_open_clip(vit_b_32, quick_from_path):
     assert per_image.shape == (2, len(CAPTIONS)) and per_text.shape == (len(CAPTIONS), 2)
     assert (per_image - expected).abs().max().item() <= 1e-3
     assert torch.equal(per_text, per_image.t())
+
+
+def test_the_class_token_shortcut_equals_the_whole_last_block_in_float64() -> None:
+    """The image tower computes only the class token in its last block; in float64 that is
+    the full block's class token to rounding, and the tower's output is the full stack's."""
+    from clip_model.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(11)
+    block = ResidualAttentionBlock(64, 4, 4.0, quick_gelu=True).double().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(3, 17, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        assert torch.allclose(block.first_token(x), block(x)[:, :1], rtol=0, atol=1e-12)
+
+    model, _ = clip_model.create_model("ViT-B-32")
+    visual = model.visual.double()
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    with torch.inference_mode():
+        t = visual.conv1(images).flatten(2).transpose(1, 2)
+        t = torch.cat([visual.class_embedding.expand(2, 1, -1), t], dim=1) + visual.positional_embedding
+        full = visual.ln_post(visual.transformer(visual.ln_pre(t))[:, 0]) @ visual.proj
+        assert torch.allclose(visual(images), full, rtol=0, atol=1e-10)
