@@ -30,6 +30,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
+from pipeline import schema as S
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -183,11 +185,11 @@ def parse_ipv4_literal(host: str) -> ipaddress.IPv4Address | None:
         return None
     values = [_ipv4_part(p) for p in labels]
     if len(labels) > 4 or any(v is None for v in values):
-        raise GuardError("bad_url", f"host {host!r} is neither a name nor a valid IPv4 address")
+        raise GuardError(S.BAD_URL, f"host {host!r} is neither a name nor a valid IPv4 address")
     nums = [v for v in values if v is not None]
     head, last = nums[:-1], nums[-1]
     if any(v > 255 for v in head) or last >= 256 ** (5 - len(nums)):
-        raise GuardError("bad_url", f"host {host!r} is an out-of-range IPv4 address")
+        raise GuardError(S.BAD_URL, f"host {host!r} is an out-of-range IPv4 address")
     value = last
     for i, v in enumerate(head):
         value |= v << (8 * (3 - i))
@@ -224,40 +226,40 @@ def parse_url(url: str) -> Target:
     :func:`resolve_checked`, which needs the policy and a resolver.
     """
     if not isinstance(url, str) or not url:
-        raise GuardError("bad_url", "empty URL")
+        raise GuardError(S.BAD_URL, "empty URL")
     if _BAD_URL_CHARS.search(url.strip()):
-        raise GuardError("bad_url", "URL contains whitespace, control characters or backslashes")
+        raise GuardError(S.BAD_URL, "URL contains whitespace, control characters or backslashes")
     url = url.strip()
     try:
         parts: SplitResult = urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
             raise GuardError(
-                "bad_scheme", f"scheme {scheme or '(none)'!r} refused: only http and https"
+                S.BAD_SCHEME, f"scheme {scheme or '(none)'!r} refused: only http and https"
             )
         port = parts.port or _DEFAULT_PORTS[scheme]
     except ValueError as e:  # bad port, bad IPv6 brackets
-        raise GuardError("bad_url", f"cannot parse URL: {e}") from e
+        raise GuardError(S.BAD_URL, f"cannot parse URL: {e}") from e
     if parts.username is not None or parts.password is not None:
-        raise GuardError("bad_url", "credentials in the URL are refused")
+        raise GuardError(S.BAD_URL, "credentials in the URL are refused")
     raw_host = parts.hostname  # lower-cased, brackets removed
     if not raw_host:
-        raise GuardError("bad_url", "URL has no host")
+        raise GuardError(S.BAD_URL, "URL has no host")
     ip: IPAddress | None
     if "[" in parts.netloc:  # bracketed: must be an IPv6 literal
         if "%" in raw_host:
-            raise GuardError("bad_url", "IPv6 zone identifiers are refused")
+            raise GuardError(S.BAD_URL, "IPv6 zone identifiers are refused")
         try:
             ip = ipaddress.IPv6Address(raw_host)
         except ValueError as e:
-            raise GuardError("bad_url", f"bad IPv6 literal {raw_host!r}") from e
+            raise GuardError(S.BAD_URL, f"bad IPv6 literal {raw_host!r}") from e
         host = str(ip)
         host_text = f"[{host}]"
     else:
         try:
             ascii_host = raw_host.encode("idna").decode("ascii")
         except UnicodeError as e:
-            raise GuardError("bad_url", f"host {raw_host!r} is not a valid name ({e})") from e
+            raise GuardError(S.BAD_URL, f"host {raw_host!r} is not a valid name ({e})") from e
         ip = parse_ipv4_literal(ascii_host)
         host = str(ip) if ip is not None else ascii_host
         host_text = host
@@ -346,5 +348,5 @@ def resolve_checked(
         reason = policy.refusal(addr)
         if reason is not None:
             via = "" if target.ip is not None else f"{target.host} resolves to "
-            raise GuardError("blocked_address", f"{via}{reason}")
+            raise GuardError(S.BLOCKED_ADDRESS, f"{via}{reason}")
     return list(addrs)

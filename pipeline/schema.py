@@ -99,17 +99,23 @@ WORKER_CRASH = "worker_crash"
 DECODE_TIMEOUT = "decode_timeout"
 # Statuses the decode stage sets.
 DECODE_ERROR = "decode_error"
+UNSUPPORTED_FORMAT = "unsupported_format"
+TOO_MANY_PIXELS = "too_many_pixels"
+TOO_MANY_FRAMES = "too_many_frames"
+TOO_SMALL = "too_small"
+BAD_ASPECT_RATIO = "bad_aspect_ratio"
+TRUNCATED = "truncated"
 DECODE_STATUSES = frozenset(
     {
         WORKER_CRASH,
         DECODE_TIMEOUT,
         DECODE_ERROR,
-        "unsupported_format",
-        "too_many_pixels",
-        "too_many_frames",
-        "too_small",
-        "bad_aspect_ratio",
-        "truncated",
+        UNSUPPORTED_FORMAT,
+        TOO_MANY_PIXELS,
+        TOO_MANY_FRAMES,
+        TOO_SMALL,
+        BAD_ASPECT_RATIO,
+        TRUNCATED,
     }
 )
 
@@ -243,8 +249,11 @@ MATCH_COSINE = "cosine"  # float32: the row's best cosine to a query
 MATCH_QUERY = "query"  # the query (image path, row key or text) it matched
 MATCH_PIXEL_CONFIRMED = "pixel_confirmed"  # bool: thumbnails agree (null: not checked)
 
-# Statuses the preprocess stage sets (an ok row whose stored image cannot reach the model).
-EMBED_STATUSES = frozenset({"image_missing", "preprocess_error"})
+# Statuses the re-read stage sets when re-embedding a committed shard (pipeline/stages/reread.py):
+# an ok row whose stored image cannot reach the model.
+IMAGE_MISSING = "image_missing"
+PREPROCESS_ERROR = "preprocess_error"
+EMBED_STATUSES = frozenset({IMAGE_MISSING, PREPROCESS_ERROR})
 
 
 def embedding_type(dim: int) -> pa.DataType:

@@ -145,7 +145,7 @@ def count_gif_frames(data: bytes, limit: int) -> int:
 def _failure(e: Exception) -> RowFailure:
     # Pillow reports a cut-off file as OSError "image file is truncated" (while decoding) or
     # "Truncated File Read" (while parsing headers); everything else is a plain decode error.
-    status = "truncated" if "truncated" in str(e).lower() else "decode_error"
+    status = S.TRUNCATED if "truncated" in str(e).lower() else S.DECODE_ERROR
     return RowFailure(status, _describe(e))
 
 
@@ -285,43 +285,43 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
     opts = cfg if isinstance(cfg, DecodeOptions) else DecodeOptions(cfg)
     cfg = opts.cfg
     if not data:
-        raise RowFailure("decode_error", "no image bytes")
+        raise RowFailure(S.DECODE_ERROR, "no image bytes")
     fmt = sniff_format(data)
     if fmt is None:
-        raise RowFailure("unsupported_format", f"unrecognised magic bytes {data[:8].hex()}")
+        raise RowFailure(S.UNSUPPORTED_FORMAT, f"unrecognised magic bytes {data[:8].hex()}")
     if fmt not in cfg.allowed_formats:
-        raise RowFailure("unsupported_format", f"{fmt} is not in allowed_formats")
+        raise RowFailure(S.UNSUPPORTED_FORMAT, f"{fmt} is not in allowed_formats")
     try:
         im = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])
     except Image.DecompressionBombError as e:
-        raise RowFailure("too_many_pixels", str(e)) from e
+        raise RowFailure(S.TOO_MANY_PIXELS, str(e)) from e
     except Exception as e:
         raise _failure(e) from e
     raw_w, raw_h = im.size
     if raw_w <= 0 or raw_h <= 0:
-        raise RowFailure("decode_error", f"image header says {raw_w}x{raw_h}")
+        raise RowFailure(S.DECODE_ERROR, f"image header says {raw_w}x{raw_h}")
     if raw_w * raw_h > cfg.max_image_pixels:
         raise RowFailure(
-            "too_many_pixels", f"{raw_w}x{raw_h} exceeds max_image_pixels={cfg.max_image_pixels}"
+            S.TOO_MANY_PIXELS, f"{raw_w}x{raw_h} exceeds max_image_pixels={cfg.max_image_pixels}"
         )
     frames = _frame_count(im, fmt, data, cfg.max_frames)
     if frames > cfg.max_frames:
-        raise RowFailure("too_many_frames", f"more than max_frames={cfg.max_frames} frames")
+        raise RowFailure(S.TOO_MANY_FRAMES, f"more than max_frames={cfg.max_frames} frames")
     orientation = _orientation(im)
     swapped = orientation in (5, 6, 7, 8)
     ow, oh = (raw_h, raw_w) if swapped else (raw_w, raw_h)
     if min(ow, oh) < cfg.min_image_size:
-        raise RowFailure("too_small", f"{ow}x{oh} is below min_image_size={cfg.min_image_size}")
+        raise RowFailure(S.TOO_SMALL, f"{ow}x{oh} is below min_image_size={cfg.min_image_size}")
     if max(ow, oh) / min(ow, oh) > cfg.max_aspect_ratio:
         raise RowFailure(
-            "bad_aspect_ratio", f"{ow}x{oh} exceeds max_aspect_ratio={cfg.max_aspect_ratio}"
+            S.BAD_ASPECT_RATIO, f"{ow}x{oh} exceeds max_aspect_ratio={cfg.max_aspect_ratio}"
         )
     target = _target_size(ow, oh, cfg)
     if target is not None and target[0] * target[1] > cfg.max_image_pixels:
         # keep_ratio and center_crop scale the shortest side up to image_size, so a tiny
         # 60000x1 file would otherwise be resized into billions of pixels.
         raise RowFailure(
-            "too_many_pixels",
+            S.TOO_MANY_PIXELS,
             f"{ow}x{oh} resized to {target[0]}x{target[1]} exceeds max_image_pixels={cfg.max_image_pixels}",
         )
     try:
@@ -432,7 +432,7 @@ def decode_row(item: tuple[bytes | None, str | None, DecodeOptions]) -> DecodedI
     except RowFailure as f:
         return f.status, str(f)
     except Exception as e:  # a Pillow bug on a hostile file must not kill the batch
-        return "decode_error", _describe(e)
+        return S.DECODE_ERROR, _describe(e)
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 

@@ -40,8 +40,8 @@ from pipeline.config import ConfigError, ReadConfig, StorageConfig
 from pipeline.stages.base import Stage
 from pipeline.storage import filesystem_for, is_s3
 
-MALFORMED = "malformed_row"
-MISSING_URL = "missing_url"
+MALFORMED = S.MALFORMED_ROW
+MISSING_URL = S.MISSING_URL
 # Python's csv module refuses fields over 128 KiB by default; LAION captions can be longer and
 # one long field must not fail the whole file.
 _CSV_FIELD_LIMIT = 1 << 30

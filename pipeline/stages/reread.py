@@ -84,18 +84,18 @@ class RereadStage(Stage):
         except (OSError, tarfile.TarError) as e:
             images = {}
             for i in ok:
-                statuses[i], errors[i] = "image_missing", f"shard tar unreadable: {e}"
+                statuses[i], errors[i] = S.IMAGE_MISSING, f"shard tar unreadable: {e}"
             ok = []
         for i in ok:
             data = images.get(keys[i])
             if data is None:
-                statuses[i], errors[i] = "image_missing", "image not found in the shard tar"
+                statuses[i], errors[i] = S.IMAGE_MISSING, "image not found in the shard tar"
                 continue
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     arr = resize_crop_uint8(img, self.model_input)
             except Exception as e:  # Pillow raises many types for bad data; the row records it
-                statuses[i], errors[i] = "preprocess_error", f"{type(e).__name__}: {e}"
+                statuses[i], errors[i] = S.PREPROCESS_ERROR, f"{type(e).__name__}: {e}"
                 continue
             pixels[i] = arr.tobytes()
             if self.thumbnails:
