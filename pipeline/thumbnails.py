@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 THUMB_SIDE = 32
@@ -39,3 +40,57 @@ def thumbs_array(
     return out, ok
 
 
+
+
+class ThumbColumn:
+    """Thumbnails of chosen rows of an Arrow binary column, gathered straight from its buffers.
+
+    ``rows``: int64 [N], the table rows this view answers for (position p means table row
+    ``rows[p]``). Memory: 13 bytes per position besides the column itself, however many
+    lookups are made; nothing per row is kept between calls (dedup asks about the same rows
+    thousands of times, and a per-row cache of small arrays fragments the heap). ``col`` None
+    (no thumbnail column) makes every row missing."""
+
+    def __init__(self, col: pa.ChunkedArray | None, rows: np.ndarray, side: int = THUMB_SIDE) -> None:
+        self.side = side
+        size = side * side * 3
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        self.chunk = np.zeros(n, dtype=np.int32)
+        self.start = np.zeros(n, dtype=np.int64)
+        self.ok = np.zeros(n, dtype=bool)
+        self.data: list[np.ndarray] = []
+        if col is None:
+            return
+        bounds = np.cumsum([0] + [len(c) for c in col.chunks])
+        which = np.searchsorted(bounds, rows, side="right") - 1
+        for c, arr in enumerate(col.chunks):
+            if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+                arr = arr.cast(pa.large_binary())
+            sel = np.flatnonzero(which == c)
+            local = rows[sel] - bounds[c]
+            _, offsets_buf, data_buf = arr.buffers()
+            width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+            offsets = np.frombuffer(offsets_buf, dtype=width)[arr.offset : arr.offset + len(arr) + 1]
+            valid = arr.is_valid().to_numpy(zero_copy_only=False)[local]
+            begin = offsets[local].astype(np.int64)
+            self.ok[sel] = valid & (offsets[local + 1] - begin == size)
+            self.start[sel] = begin
+            self.chunk[sel] = c
+            empty = data_buf is None  # an all-null chunk may have no data buffer
+            self.data.append(np.zeros(0, np.uint8) if empty else np.frombuffer(data_buf, np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.ok)
+
+    def gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [K, side, side, 3] thumbnails of positions ``idx`` (int [K]) and bool [K]
+        ok; a missing thumbnail's slot is zero."""
+        idx = np.asarray(idx, dtype=np.int64)
+        size = self.side * self.side * 3
+        out = np.zeros((len(idx), size), dtype=np.uint8)
+        ok = self.ok[idx]
+        for c in np.unique(self.chunk[idx[ok]]).tolist():
+            sel = np.flatnonzero(ok & (self.chunk[idx] == c))
+            out[sel] = self.data[c][self.start[idx[sel], None] + np.arange(size)]
+        return out.reshape(len(idx), self.side, self.side, 3), ok

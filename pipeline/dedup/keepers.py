@@ -117,7 +117,7 @@ def keep_greedily(
     members: list[np.ndarray],
     threshold: float,
     order: np.ndarray,
-    confirm: Callable[[int, int], bool] | None = None,
+    confirm: Callable[[int, np.ndarray], np.ndarray] | None = None,
     skip: np.ndarray | None = None,
     limit: int = 16,
 ) -> np.ndarray:
@@ -129,8 +129,11 @@ def keep_greedily(
     (:func:`earlier_neighbours`) are tried first, in rank order; only a row all of whose listed
     rows were dropped, with more unlisted, is compared again with every kept row of its
     clusters. ``order``: int64 [N] rows best first; ``skip``: bool [N] rows that take no part
-    (neither kept nor keepers). ``confirm`` is asked only about (row, kept row) candidates, in
-    rank order, so a group of m copies costs about m checks, not m^2 / 2.
+    (neither kept nor keepers). ``confirm(row, cands)`` (cands int64 [K], kept rows in rank
+    order; returns bool [K]) is asked only about kept candidates, in growing batches (up to
+    256) that stop at the first confirmed one, so a group of m copies costs about m
+    checks, not m^2 / 2, and a row with many look-alikes that are not copies is checked in a
+    few calls.
     Returns int64 [N]: -1 for a kept (or skipped) row, else the keeper's index.
     """
     n = emb.shape[0]
@@ -148,18 +151,14 @@ def keep_greedily(
     kept[busy] = False
     clusters_of: dict[int, list[int]] | None = None
     for row in order[busy[order]].tolist():
-        keeper = -1
-        for j in nbr[start[row] : start[row + 1]].tolist():
-            if kept[j] and (confirm is None or confirm(row, j)):
-                keeper = j
-                break
+        listed = nbr[start[row] : start[row + 1]]
+        keeper = _first_confirmed(row, listed[kept[listed]], confirm)
         if keeper < 0 and overflow[row]:
             if clusters_of is None:
                 clusters_of = {}
                 for c, idx in enumerate(members):
                     for r in idx[overflow[idx]].tolist():
                         clusters_of.setdefault(r, []).append(c)
-            listed = nbr[start[row] : start[row + 1]]
             cand = np.unique(np.concatenate([members[c] for c in clusters_of[row]]))
             cand = cand[kept[cand] & (rank[cand] < rank[row]) & ~np.isin(cand, listed)]
             if len(cand):
@@ -167,12 +166,36 @@ def keep_greedily(
                     np.asarray(emb[row], dtype=np.float32)
                 )
                 cand = cand[(sims >= threshold).numpy()]
-                for j in cand[np.argsort(rank[cand], kind="stable")].tolist():
-                    if confirm is None or confirm(row, j):
-                        keeper = j
-                        break
+                # Past the listed ones a copy is unlikely: start with larger batches.
+                ranked = cand[np.argsort(rank[cand], kind="stable")]
+                keeper = _first_confirmed(row, ranked, confirm, first=16)
         if keeper >= 0:
             result[row] = keeper
         else:
             kept[row] = True
     return result
+
+
+def _first_confirmed(
+    row: int,
+    cands: np.ndarray,
+    confirm: Callable[[int, np.ndarray], np.ndarray] | None,
+    first: int = 1,
+) -> int:
+    """The first of ``cands`` (rank order) that ``confirm`` accepts for ``row``, else -1.
+    Asked in growing batches: ``first`` candidates (1: the best-ranked alone, usually the
+    answer for a real copy), then 4x as many each time, at most 256 (few calls for many
+    look-alikes that are not copies)."""
+    if len(cands) == 0:
+        return -1
+    if confirm is None:
+        return int(cands[0])
+    at, size = 0, first
+    while at < len(cands):
+        batch = cands[at : at + size]
+        hit = np.flatnonzero(confirm(row, batch))
+        if len(hit):
+            return int(batch[hit[0]])
+        at += size
+        size = min(size * 4, 256)
+    return -1

@@ -21,7 +21,7 @@ from pipeline.dedup.clusters import semantic_clusters
 from pipeline.dedup.keepers import hash_representatives, keep_greedily, priority_order
 from pipeline.dedup.pairs import semantic_pairs
 from pipeline.pixel_check import confirm_pairs, contrast
-from pipeline.thumbnails import thumbs_array
+from pipeline.thumbnails import ThumbColumn
 
 log = logging.getLogger("pipeline.dedup")
 
@@ -61,10 +61,12 @@ class _PixelConfirm:
     """Do rows look alike by their thumbnails (:func:`pipeline.pixel_check.confirm_pairs`)?
 
     Pairs are (row ``rows_i[i]`` of ``col_i``, row ``rows_j[j]`` of ``col_j``); the j side
-    defaults to the i side. ``confirm(i, j)`` answers one pair (what :func:`keep_greedily`
-    asks), :meth:`many` a batch. Each row's thumbnail is decoded once, when first needed
-    (3 KiB each); a missing column or value confirms nothing. ``calls``, ``passed`` and
-    ``missing`` count pairs asked, pairs confirmed and rows without a thumbnail."""
+    defaults to the i side. ``confirm(i, js)`` answers one row against candidates (what
+    :func:`keep_greedily` asks), :meth:`many` any batch of pairs. Thumbnails are read from the
+    Arrow buffers per call (:class:`pipeline.thumbnails.ThumbColumn`); each row's contrast is
+    computed once, into one float64 array per side. A missing column or value confirms
+    nothing. ``calls``, ``passed`` and ``missing`` count pairs asked, pairs confirmed and rows
+    without a thumbnail."""
 
     def __init__(
         self,
@@ -75,24 +77,27 @@ class _PixelConfirm:
         rows_j: np.ndarray | None = None,
     ) -> None:
         self.cfg = cfg
-        side_i = (col_i, rows_i, {})
-        self.sides = (side_i, side_i if rows_j is None else (col_j, rows_j, {}))
+        side_i = self._side(col_i, rows_i)
+        self.sides = (side_i, side_i if rows_j is None else self._side(col_j, rows_j))
         self.calls = self.passed = self.missing = 0
 
+    @staticmethod
+    def _side(col: pa.ChunkedArray | None, rows: np.ndarray) -> tuple[ThumbColumn, np.ndarray, np.ndarray]:
+        view = ThumbColumn(col, rows)
+        # contrast per position (NaN: not yet computed), and "counted as missing" flags
+        return view, np.full(len(view), np.nan), np.zeros(len(view), dtype=bool)
+
     def _thumbs(self, side: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(thumbnails, ok, contrast) of rows ``idx`` of one side, each row's made once."""
-        col, rows, cache = self.sides[side]
-        new = [i for i in dict.fromkeys(idx.tolist()) if i not in cache]
-        if new:
-            values = [None if col is None else col[int(rows[i])].as_py() for i in new]
-            arr, ok = thumbs_array(values)
-            con = contrast(arr)
-            for k, i in enumerate(new):
-                cache[i] = (arr[k], bool(ok[k]), float(con[k]))
-            self.missing += int((~ok).sum())
-        got = [cache[i] for i in idx.tolist()]
-        return (np.stack([g[0] for g in got]), np.array([g[1] for g in got], dtype=bool),
-                np.array([g[2] for g in got], dtype=np.float64))  # fmt: skip
+        """(thumbnails, ok, contrast) of positions ``idx`` (unique) of one side."""
+        view, con, counted = self.sides[side]
+        arr, ok = view.gather(idx)
+        fresh = np.isnan(con[idx])
+        if fresh.any():
+            con[idx[fresh]] = contrast(arr[fresh])
+        lost = idx[~ok & ~counted[idx]]
+        counted[lost] = True
+        self.missing += len(lost)
+        return arr, ok, con[idx]
 
     def many(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
         """bool [E] for the pairs (``pi[e]``, ``pj[e]``)."""
@@ -108,8 +113,8 @@ class _PixelConfirm:
         self.passed += int(out.sum())
         return out
 
-    def __call__(self, i: int, j: int) -> bool:
-        return bool(self.many(np.array([i]), np.array([j]))[0])
+    def __call__(self, i: int, js: np.ndarray) -> np.ndarray:
+        return self.many(np.full(len(js), i, dtype=np.int64), js)
 
     def warn_missing(self) -> None:
         if self.missing:

@@ -209,28 +209,56 @@ def test_keep_greedily_equals_choose_keepers_over_all_pairs(limit: int, with_con
     rng = np.random.default_rng(4)
     order = priority_order(rng.random(len(emb)), [f"{i:05d}" for i in range(len(emb))])
     confirm = (lambda a, b: (a + b) % 5 != 0) if with_confirm else None
+    batch = (lambda a, bs: np.array([confirm(a, b) for b in bs.tolist()], dtype=bool)) if with_confirm else None
     skip = rng.random(len(emb)) < 0.02
     for sk in (None, skip):
-        got = keep_greedily(emb, members, 0.95, order, confirm, skip=sk, limit=limit)
+        got = keep_greedily(emb, members, 0.95, order, batch, skip=sk, limit=limit)
         assert np.array_equal(got, _oracle(emb, members, 0.95, order, confirm, sk))
     assert (got >= 0).sum() > 50  # there was something to decide
+
+
+def _one_blob(n: int, noise: float, seed: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """``n`` float16 unit rows around one direction (all look alike), one cluster, rank = row."""
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.standard_normal((1, 32)))
+    emb = _unit(base + noise * rng.standard_normal((n, 32))).astype(np.float16)
+    return emb, [np.arange(n, dtype=np.int64)], np.arange(n, dtype=np.int64)
 
 
 def test_keep_greedily_on_many_copies_lists_few_pairs_and_checks_few():
     # 3,000 near copies of one picture: all pairs would be 4.5 million; each row lists at most
     # `limit` earlier neighbours and the check is asked about one pair per dropped copy.
-    rng = np.random.default_rng(0)
-    base = _unit(rng.standard_normal((1, 32)))
-    emb = _unit(base + 0.02 * rng.standard_normal((3000, 32))).astype(np.float16)
-    members = [np.arange(3000, dtype=np.int64)]
-    order = np.arange(3000, dtype=np.int64)
+    emb, members, order = _one_blob(3000, 0.02, seed=0)
     rank = order.copy()
     start, nbr, overflow = earlier_neighbours(emb, members, 0.95, rank, 4)
     assert len(nbr) <= 4 * 3000 and overflow[5:].all() and not overflow[:5].any()
     calls = []
-    got = keep_greedily(emb, members, 0.95, order, lambda a, b: calls.append((a, b)) or True, limit=4)
+
+    def confirm(a, bs):
+        calls.extend((a, b) for b in bs.tolist())
+        return np.ones(len(bs), dtype=bool)
+
+    got = keep_greedily(emb, members, 0.95, order, confirm, limit=4)
     assert got[0] == -1 and (got[1:] == 0).all()
     assert len(calls) == 2999
+
+
+def test_keep_greedily_checks_look_alikes_in_few_batches():
+    # 400 rows that all look alike to the embedding but no pair is a copy: row r (rank order)
+    # has r kept candidates; they are asked in growing batches (at most 256), so each row costs
+    # a handful of calls (one per candidate would be ~80,000) and every row is kept.
+    emb, members, order = _one_blob(400, 0.01, seed=1)
+    sizes = []
+
+    def confirm(a, bs):
+        sizes.append(len(bs))
+        assert (bs < a).all() and np.array_equal(bs, np.sort(bs))  # kept, earlier, rank order
+        return np.zeros(len(bs), dtype=bool)
+
+    got = keep_greedily(emb, members, 0.95, order, confirm, limit=4)
+    assert (got == -1).all()
+    assert sum(sizes) == 399 * 400 // 2  # every (row, earlier row) pair asked exactly once
+    assert len(sizes) < 400 * 7 and max(sizes) == 256
 
 
 def test_chain_keeps_both_ends_when_they_differ():

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, DedupConfig
 from pipeline.decisions import dedup_reason
 from pipeline.dedup import dedup_table
 from pipeline.pixel_check import confirm_pairs, contrast, residuals
-from pipeline.thumbnails import THUMB_BYTES, THUMB_SIDE, thumbnail, thumbs_array
+from pipeline.thumbnails import THUMB_BYTES, THUMB_SIDE, ThumbColumn, thumbnail, thumbs_array
 from testkit.synthetic import ObjectGroup, Scene, perturb, render
 
 SCENE = Scene(
@@ -61,6 +61,27 @@ def test_thumbnail_bytes_and_array_round_trip() -> None:
     assert ok.tolist() == [True, False, False]
     expected = np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR))
     assert np.array_equal(arr[0], expected) and not arr[1].any() and not arr[2].any()
+
+
+@pytest.mark.parametrize("typ", [pa.binary(), pa.large_binary()])
+def test_thumb_column_gathers_the_same_bytes_as_the_values(typ: pa.DataType) -> None:
+    # Several chunks, one of them a slice (non-zero offset), nulls and wrong lengths: each
+    # position's thumbnail is the value's bytes, missing ones zero and not ok.
+    rng = np.random.default_rng(5)
+    values = [rng.integers(0, 256, THUMB_BYTES, dtype=np.uint8).tobytes() for _ in range(30)]
+    values[3] = None
+    values[7] = b"short"
+    values[20] = values[20] + b"x"
+    whole = pa.array(values, typ)
+    col = pa.chunked_array([whole.slice(0, 10), whole.slice(10, 12), whole.slice(22)])
+    rows = np.array([29, 0, 3, 7, 12, 20, 21, 10, 9, 22], dtype=np.int64)
+    view = ThumbColumn(col, rows)
+    expected, expected_ok = thumbs_array([values[r] for r in rows.tolist()])
+    for idx in (np.arange(len(rows)), np.array([4, 4, 0, 8, 2])):
+        arr, ok = view.gather(idx)
+        assert ok.tolist() == expected_ok[idx].tolist()
+        assert np.array_equal(arr, expected[idx])
+    assert not ThumbColumn(None, rows).gather(np.arange(3))[1].any()
 
 
 def test_identical_and_offset_thumbnails_hand_worked() -> None:
@@ -260,3 +281,36 @@ def test_the_lower_bound_never_exceeds_the_searched_mean_and_skips_change_no_ans
     mean_r, blob_r = residuals(b, a)
     full = ((mean_f <= 4.5) & (blob_f <= 23.0)) | ((mean_r <= 4.5) & (blob_r <= 23.0))
     assert np.array_equal(fast, full)
+
+
+@pytest.mark.parametrize("side", [8, 16, 32])
+def test_reach_range_is_the_window_extreme_of_replicated_edges(side: int) -> None:
+    # Reference: for each pixel, min and max over the (2r+1)^2 window, edges clamped, by loops.
+    from pipeline.pixel_check import _reach, _reach_range
+
+    rng = np.random.default_rng(side)
+    b = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    r = _reach(side)
+    lo, hi = _reach_range(b)
+    assert lo.shape == hi.shape == b.shape
+    for y in range(side):
+        for x in range(side):
+            ys = np.clip(np.arange(y - r, y + r + 1), 0, side - 1)
+            xs = np.clip(np.arange(x - r, x + r + 1), 0, side - 1)
+            win = b[:, ys][:, :, xs]
+            assert np.array_equal(hi[:, y, x], win.max((1, 2)))
+            assert np.array_equal(lo[:, y, x], win.min((1, 2)))
+
+
+def test_one_row_against_many_candidates_answers_as_pair_by_pair() -> None:
+    # dedup asks one row against a batch; shared reach ranges must not change any answer.
+    base = _thumb(_stored(SCENE))
+    cands = [_thumb(_near_copy(_stored(SCENE), s)) for s in range(4)]
+    cands += [_thumb(_stored(_variant(count=3))), _thumb(_stored(_variant(position="bottom right")))]
+    thumbs = np.stack([base, *cands])
+    ok = np.ones(len(thumbs), dtype=bool)
+    j = np.array([1, 5, 2, 6, 3, 4, 1])
+    batch = confirm_pairs(thumbs, ok, thumbs, ok, np.zeros(len(j), dtype=np.int64), j)
+    single = [bool(confirm_pairs(thumbs, ok, thumbs, ok, np.array([0]), np.array([k]))[0]) for k in j.tolist()]
+    assert batch.tolist() == single
+    assert batch[[0, 2, 4, 5, 6]].all() and not batch[[1, 3]].any()
