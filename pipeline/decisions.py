@@ -153,12 +153,17 @@ def decide(
         linked = np.array([i for i, r in enumerate(reasons)
                            if statuses[i] == S.OK and taken_down[i] is None], np.int64)
         if len(linked):
-            cols = [c for c in (S.KEY, S.STATUS, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in table.column_names]
-            sub = table.select(cols).take(pa.array(linked))
+            # dedup sees every row but only the linked ones as "ok": taking the linked rows
+            # instead would copy the embedding and thumbnail columns (~3 KiB a row).
+            cols = [c for c in (S.KEY, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in table.column_names]
+            sub = table.select(cols)
+            is_linked = np.zeros(n, bool)
+            is_linked[linked] = True
+            sub = sub.append_column(S.STATUS, pa.array(np.where(is_linked, S.OK, None), pa.string()))
             for name, typ in ((S.SHA256, pa.string()), (S.CLIP_SCORE, pa.float32())):
                 if name not in sub.column_names:
-                    sub = sub.append_column(name, pa.nulls(len(linked), typ))
-            passes = np.array([reasons[i] is None for i in linked.tolist()], bool)
+                    sub = sub.append_column(name, pa.nulls(n, typ))
+            passes = np.array([r is None for r in reasons], bool)
             score = pc.cast(sub.column(S.CLIP_SCORE), pa.float64()).to_numpy(zero_copy_only=False)
             score = np.where(np.isnan(score), -2.0, score)  # cosines lie in [-1, 1]
             rank = np.where(passes, score, score - 10.0)
@@ -168,10 +173,10 @@ def decide(
             sub_dup = marked.column(S.DUPLICATE_OF).to_pylist()
             sub_size = marked.column(S.DUP_GROUP_SIZE).to_pylist()
             sub_kind = marked.column(S.DUP_KIND).to_pylist()
-            for j, i in enumerate(linked.tolist()):
-                dup_of[i], group[i], kinds[i] = sub_dup[j], sub_size[j], sub_kind[j]
-                if sub_kind[j] is not None and passes[j]:
-                    reasons[i] = dedup_reason(sub_kind[j], models[i], dedup)
+            for i in linked.tolist():
+                dup_of[i], group[i], kinds[i] = sub_dup[i], sub_size[i], sub_kind[i]
+                if sub_kind[i] is not None and passes[i]:
+                    reasons[i] = dedup_reason(sub_kind[i], models[i], dedup)
     out = S.set_column(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
     out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(group, pa.int32()))
     out = S.set_column(out, S.DUP_KIND, pa.array(kinds, pa.string()))
