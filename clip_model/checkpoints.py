@@ -56,6 +56,35 @@ _NON_WEIGHT_KEYS = re.compile(
 )
 
 
+def assign_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], name: str) -> None:
+    """Load ``sd`` into ``model`` strictly, by assignment (a meta-device model gets the file's
+    tensors, float ones as fp32 so fp16 files still give exact fp32 values; the caller's
+    precision cast follows). ``CheckpointError`` names what does not fit architecture ``name``:
+    missing and unexpected keys, shape mismatches. BatchNorm step counters
+    (``num_batches_tracked``, training bookkeeping that OpenAI's archives may omit) are zeroed
+    when absent."""
+    expected = model.state_dict()
+    counter = "num_batches_tracked"
+    missing = sorted(k for k in set(expected) - set(sd) if not k.endswith(counter))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                parts.append(f"{label} ({len(items)}): {', '.join(items[:4])}")
+        raise CheckpointError(f"weights do not fit architecture {name}: " + "; ".join(parts))
+    full = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    for k in expected:
+        if k.endswith(counter) and k not in full:
+            full[k] = torch.zeros((), dtype=torch.long)
+    model.load_state_dict(full, strict=True, assign=True)
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read CLIP weights from a file or an HF folder, detecting the format from the content."""
     path = Path(path)

@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 from . import pretrained as registry
-from .checkpoints import Checkpoint, CheckpointError, infer_config, read_checkpoint, same_shapes
+from .checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    assign_state_dict,
+    infer_config,
+    read_checkpoint,
+    same_shapes,
+)
 from .config import CLIPConfig, PreprocessConfig, TowersConfig
 from .model import CLIP
 
@@ -227,7 +234,7 @@ def create_model(
         # Built on the meta device and filled by assignment: no time spent on random init.
         with torch.device("meta"):
             model = CLIP(cfg)
-        _load_weights(model, ckpt.state_dict, name)
+        assign_state_dict(model, ckpt.state_dict, name)
     model = model.to(device=dev, dtype=dtype).eval()
     model.name = name
     model.weights_sha256 = None if ckpt is None else _weights_sha256(ckpt, known_sha)
@@ -276,33 +283,6 @@ def _create_tower(
             cfg = _with_act(cfg, quick_gelu)
         return tower_factory.mclip_pairing(model_name, cfg, weights, sha, pp, Path(text))
     return None
-
-
-def _load_weights(model: CLIP, sd: dict[str, torch.Tensor], name: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    # BatchNorm step counters are bookkeeping for training; OpenAI's archives may omit them.
-    missing_counters = [k for k in missing if k.endswith("num_batches_tracked")]
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    wrong = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
-            if items:
-                parts.append(f"{label} ({len(items)}): {', '.join(items[:4])}")
-        raise CheckpointError(f"weights do not fit architecture {name}: " + "; ".join(parts))
-    sd = dict(sd)
-    for k in missing_counters:
-        sd[k] = torch.zeros((), dtype=torch.long)
-    # Parameters take the stored dtype (fp16 for OpenAI releases); the caller's precision cast
-    # follows. Float weights go to fp32 first so fp16 files still give exact fp32 values.
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=True, assign=True)
 
 
 def create_model_and_transforms(

@@ -15,7 +15,7 @@ import torch
 
 from . import hf_formats as hf
 from . import pretrained as registry
-from .checkpoints import CheckpointError, read_checkpoint
+from .checkpoints import CheckpointError, assign_state_dict, read_checkpoint
 from .config import CLIPConfig, HFTextConfig, PreprocessConfig, TowersConfig
 from .hf_model import TowerCLIP
 
@@ -29,25 +29,7 @@ def _digest(files: tuple[Path, ...] | list[Path]) -> str:
 
 def load_tower_weights(model: TowerCLIP, sd: dict[str, torch.Tensor], name: str) -> None:
     """Assign ``sd`` to a meta-device TowerCLIP, strictly; errors name what does not fit."""
-    expected = model.state_dict()
-    missing = sorted(k for k in set(expected) - set(sd) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
-            if items:
-                parts.append(f"{label} ({len(items)}): {', '.join(items[:4])}")
-        raise CheckpointError(f"weights do not fit architecture {name}: " + "; ".join(parts))
-    full = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    for k in expected:
-        if k.endswith("num_batches_tracked") and k not in full:
-            full[k] = torch.zeros((), dtype=torch.long)
-    model.load_state_dict(full, strict=True, assign=True)
+    assign_state_dict(model, sd, name)
     # Buffers transformers creates outside the state dict (position ids) stay on the meta device
     # after assign=True; rebuild them on the CPU.
     _materialise_buffers(model)

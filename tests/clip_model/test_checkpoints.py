@@ -374,3 +374,26 @@ def test_config_json_round_trips():
         assert cls.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unsupported architecture config keys"):
         clip_model.CLIPConfig.from_dict({"embed_dim": 8, "vision_cfg": {"timm_model_name": "x"}})
+
+
+def test_assign_state_dict_fills_counters_upcasts_and_names_what_does_not_fit() -> None:
+    from clip_model.checkpoints import assign_state_dict
+
+    def module() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+
+    src = module().half()
+    sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    dst = module()
+    assign_state_dict(dst, sd, "toy")
+    assert dst[0].weight.dtype == torch.float32
+    assert torch.equal(dst[0].weight, src[0].weight.float())
+    assert int(dst[1].num_batches_tracked) == 0
+    bad = dict(sd, extra=torch.zeros(1))
+    bad["0.weight"] = torch.zeros(4, 3)
+    del bad["0.bias"]
+    with pytest.raises(CheckpointError) as err:
+        assign_state_dict(module(), bad, "toy")
+    msg = str(err.value)
+    assert "architecture toy" in msg and "missing (1): 0.bias" in msg
+    assert "unexpected (1): extra" in msg and "0.weight: file (4, 3) vs model (2, 3)" in msg
