@@ -456,6 +456,15 @@ def format_summary(s: JobSummary) -> str:
     ]
     if len(s.drop_reasons) > 12:
         lines.append(f"  ... {len(s.drop_reasons) - 12} more in _stats.json")
+    refused = s.status_counts.get(S.BLOCKED_ADDRESS, 0)
+    if refused:
+        # Loopback and private hosts are refused by default (SSRF guard); a user serving their
+        # own images from such a host needs to know the one setting that allows it.
+        lines.append(
+            f"note: {refused} rows were refused by the address guard (loopback, private or "
+            "link-local hosts; the row's error names the address). If those hosts are yours, "
+            "allow them with --allowed-networks CIDR [CIDR ...] (download.allowed_networks)."
+        )
     lines.append("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items()))
     if s.wrote_report:
         lines.append(f"report: {s.output}/{REPORT_NAME}   stats: {s.output}/{STATS_NAME}")
