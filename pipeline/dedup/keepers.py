@@ -120,6 +120,7 @@ def keep_greedily(
     confirm: Callable[[int, np.ndarray], np.ndarray] | None = None,
     skip: np.ndarray | None = None,
     limit: int = 16,
+    ahead: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """The greedy keep rule over the graph "shares a cluster, cosine >= ``threshold`` and
     ``confirm(i, j)``", without listing every pair of it.
@@ -133,7 +134,11 @@ def keep_greedily(
     order; returns bool [K]) is asked only about kept candidates, in growing batches (up to
     256) that stop at the first confirmed one, so a group of m copies costs about m
     checks, not m^2 / 2, and a row with many look-alikes that are not copies is checked in a
-    few calls.
+    few calls. ``ahead(rows, cands)`` (int64 [E] each; returns bool [E], the answers
+    ``confirm`` will give for those pairs) is given, before the loop and in two batches, the
+    questions the loop asks first (:func:`_likely_questions`), so that a ``confirm`` that
+    remembers them answers most of the loop without a call of its own; the result is the same
+    with or without it.
     Returns int64 [N]: -1 for a kept (or skipped) row, else the keeper's index.
     """
     n = emb.shape[0]
@@ -149,6 +154,8 @@ def keep_greedily(
     busy = (np.diff(start) > 0) | overflow
     busy &= ~skip
     kept[busy] = False
+    if confirm is not None and ahead is not None:
+        _likely_questions(start, nbr, busy, skip, ahead)
     clusters_of: dict[int, list[int]] | None = None
     for row in order[busy[order]].tolist():
         listed = nbr[start[row] : start[row + 1]]
@@ -174,6 +181,37 @@ def keep_greedily(
         else:
             kept[row] = True
     return result
+
+
+def _likely_questions(
+    start: np.ndarray,
+    nbr: np.ndarray,
+    busy: np.ndarray,
+    skip: np.ndarray,
+    ahead: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> None:
+    """Hand ``ahead`` what :func:`keep_greedily`'s loop will most likely ask, as two batches:
+    each busy row with its best-ranked listed row (the loop's first question, asked whenever
+    that row is still kept), then, for the rows where that pair failed, their next 4 listed
+    rows (the loop's second batch). Rows taken by an earlier run (``skip``) are never kept,
+    so never asked about. A guess may name a row the loop has dropped by then: a wasted
+    comparison, never a different answer."""
+    counts = np.diff(start)
+    row_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    entry = np.flatnonzero(busy[row_of] & ~skip[nbr])
+    if len(entry) == 0:
+        return
+    rows = row_of[entry]
+    # position of each entry among its row's usable entries (CSR keeps a row's entries together)
+    first_of_row = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    pos = np.arange(len(entry)) - np.repeat(first_of_row, np.diff(np.r_[first_of_row, len(entry)]))
+    lead = entry[pos == 0]
+    hit = ahead(row_of[lead], nbr[lead])
+    failed = np.zeros(len(counts), dtype=bool)
+    failed[row_of[lead][~np.asarray(hit, dtype=bool)]] = True
+    second = entry[(pos >= 1) & (pos <= 4) & failed[rows]]
+    if len(second):
+        ahead(row_of[second], nbr[second])
 
 
 def _first_confirmed(

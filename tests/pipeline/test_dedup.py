@@ -217,6 +217,48 @@ def test_keep_greedily_equals_choose_keepers_over_all_pairs(limit: int, with_con
     assert (got >= 0).sum() > 50  # there was something to decide
 
 
+def test_answers_asked_ahead_change_nothing_and_save_calls():
+    """keep_greedily with ``ahead`` decides exactly as without it; a confirm that remembers
+    the answers it gave ahead is then called about few pairs of its own, and every pair
+    ``ahead`` names is one of an eligible row and one of its listed earlier neighbours."""
+    emb = _topical(1500, 24, 5, seed=3)
+    members = semantic_clusters(emb, n_clusters=6, second_cluster_margin=0.1, seed=1)
+    rng = np.random.default_rng(4)
+    order = priority_order(rng.random(len(emb)), [f"{i:05d}" for i in range(len(emb))])
+    rank = np.empty(len(emb), dtype=np.int64)
+    rank[order] = np.arange(len(emb))
+    skip = rng.random(len(emb)) < 0.02
+
+    def truth(a, b):
+        return (a * 7 + b) % 3 != 0
+
+    for limit in (2, 16):
+        plain = keep_greedily(emb, members, 0.95, order, lambda a, bs: np.array([truth(a, b) for b in bs.tolist()]),
+                              skip=skip, limit=limit)  # fmt: skip
+        known: dict[tuple[int, int], bool] = {}
+        fresh: list[tuple[int, int]] = []
+        asked: list[tuple[int, int]] = []
+
+        def ahead(pi, pj, known=known):
+            pairs = list(zip(pi.tolist(), pj.tolist(), strict=True))
+            assert all(rank[b] < rank[a] and not skip[a] and not skip[b] for a, b in pairs)
+            for pair in pairs:
+                known[pair] = truth(*pair)
+            return np.array([known[pair] for pair in pairs], dtype=bool)
+
+        def confirm(a, bs, known=known, asked=asked, fresh=fresh):
+            pairs = [(a, b) for b in bs.tolist()]
+            asked.extend(pairs)
+            fresh.extend(p for p in pairs if p not in known)
+            return np.array([truth(*p) for p in pairs], dtype=bool)
+
+        got = keep_greedily(emb, members, 0.95, order, confirm, skip=skip, limit=limit, ahead=ahead)
+        assert np.array_equal(got, plain)
+        assert (got >= 0).sum() > 50 and len(asked) > 200
+        # the guesses cover most questions: the rest are fallbacks past the first five
+        assert len(fresh) < 0.25 * len(asked), (len(fresh), len(asked))
+
+
 def _one_blob(n: int, noise: float, seed: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """``n`` float16 unit rows around one direction (all look alike), one cluster, rank = row."""
     rng = np.random.default_rng(seed)
