@@ -272,7 +272,8 @@ _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 class EmbedConfig:
     """CLIP embedding: one model per actor, one GPU per actor where GPUs exist.
 
-    precision: "auto" autocasts to fp16 on GPU and runs fp32 on CPU; "fp32" never autocasts;
+    precision: "auto" autocasts to fp16 on GPU, to bf16 on a CPU with native bf16 (AVX512-BF16
+    or AMX) and runs fp32 on other CPUs; "fp32" never autocasts;
     "fp16"/"bf16" autocast to that dtype (weights stay fp32). Each embedding worker receives one
     shard per call; inference_batch is the images (or captions) per forward pass inside it.
     concurrency is the worker pool's (min, max), None: sized from the machine or cluster (one

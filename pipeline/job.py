@@ -29,6 +29,7 @@ decisions are recomputed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import Counter
@@ -180,6 +181,10 @@ def stream(
     embed = cfg.embed.with_gpus(scheduler.gpus())
     check_gpus(embed, scheduler.gpus())
     spec = prepare_model(cfg, emit)
+    # The imports and the model left ~10^5 long-lived objects (torch's among them) that every
+    # full collection would walk again while the stream runs: move them out of the collector's
+    # view (perf: 2-3 % of the job's CPU was the driver's gc before).
+    gc.freeze()
     if to_embed:
         emit(f"  {len(to_embed)} committed shard(s) are embedded from their stored images: "
              + ", ".join(S.shard_name(d.shard_id) for d in to_embed[:10]) + (" ..." if len(to_embed) > 10 else ""))

@@ -33,6 +33,7 @@ Committed shards and written files are kept either way: rerun to resume.
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -169,6 +170,7 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
             inbox.put((task, ahead))
 
     threading.Thread(target=receive, name="clipcurate-receive", daemon=True).start()
+    frozen = False
     try:
         while (item := inbox.get()) is not None:
             task, ahead = item
@@ -188,6 +190,12 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
                 results.send(("error", task.uid, traceback.format_exc(limit=10)))
                 return
             results.send(("done", task.uid, table.num_rows, started, time.time()))
+            if not frozen:
+                # After the first task the imports and the stage's own setup (a model, a
+                # decode child) are done: keep the collector from walking them on every full
+                # collection for the rest of the worker's life.
+                gc.freeze()
+                frozen = True
     finally:
         fetcher.shutdown(wait=False, cancel_futures=True)
         for stages in segs.values():

@@ -54,7 +54,9 @@ def resolve_preprocess(arch: str) -> clip_model.PreprocessConfig:
 @pytest.fixture(scope="module")
 def stage() -> EmbedStage:
     torch.manual_seed(0)
-    s = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None, inference_batch=2), preprocess=resolve_preprocess(ARCH))
+    # fp32: these tests compare with open_clip's fp32 reference at float16-storage tolerance.
+    s = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None, inference_batch=2, precision="fp32"),
+                   preprocess=resolve_preprocess(ARCH))
     s.setup()
     return s
 
@@ -289,6 +291,56 @@ def test_inference_batch_does_not_change_results(stage) -> None:
         x = np.asarray(a.column(col).to_pylist(), np.float32)
         y = np.asarray(b.column(col).to_pylist(), np.float32)
         assert np.abs(x - y).max() <= 1e-3
+
+
+def test_auto_precision_is_bf16_only_on_cpus_that_multiply_bf16(monkeypatch) -> None:
+    from pipeline.stages import embed as E
+
+    assert E.resolve_precision("auto", "cuda") == "fp16"
+    assert E.resolve_precision("fp32", "cpu") == "fp32" and E.resolve_precision("bf16", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert E.resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert E.resolve_precision("auto", "cpu") == "bf16"
+
+
+def test_bf16_embeddings_stay_within_cosine_1e4_of_fp32() -> None:
+    """What auto precision trades on a CPU with native bf16: the bundled model's image and
+    text embeddings of real synthetic scenes and their clip_score, bf16 against fp32."""
+    import random
+
+    from testkit.synthetic import caption, render, sample_scenes
+
+    rng = random.Random(5)
+    scenes = sample_scenes(48, seed=77)
+    images, captions = [], []
+    for scene in scenes:
+        buf = io.BytesIO()
+        render(scene, (96, 80)).save(buf, "JPEG", quality=90)
+        images.append(buf.getvalue())
+        captions.append(caption(scene, rng))
+    pp = clip_model.PreprocessConfig(image_size=64)
+    rows = pa.table({S.KEY: [f"{i:09d}" for i in range(48)], S.SHARD: ["00000"] * 48, S.CAPTION: captions,
+                     S.STATUS: [S.OK] * 48, S.ERROR: pa.nulls(48, pa.string()),
+                     S.IMAGE_BYTES: pa.array(images, pa.binary())})  # fmt: skip
+    rows = DecodeStage(cfg=DecodeConfig(image_size=64), model_input=pp, isolate=False).process_batch(rows)
+    rows = TokenizeStage(tokenizer=default_tokenizer()).process_batch(rows)
+    got = {}
+    for precision in ("fp32", "bf16"):
+        st = EmbedStage(cfg=EmbedConfig(precision=precision), preprocess=pp)
+        st.setup()
+        got[precision] = st.process_batch(rows)
+    a, b = got["fp32"], got["bf16"]
+    for col in (S.IMAGE_EMBEDDING, S.TEXT_EMBEDDING):
+        x = np.asarray(a.column(col).to_pylist(), np.float64)
+        y = np.asarray(b.column(col).to_pylist(), np.float64)
+        cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+        assert cos.min() >= 0.9999, (col, cos.min())
+        assert not np.array_equal(x, y)  # bf16 did run
+    sa = np.asarray(a.column(S.CLIP_SCORE).to_pylist())
+    sb = np.asarray(b.column(S.CLIP_SCORE).to_pylist())
+    assert np.abs(sa - sb).max() <= 2e-3 and sa.std() > 0.02
 
 
 def test_debug_worker_column_and_model_id(tmp_path) -> None:

@@ -260,8 +260,12 @@ def test_embeddings_equal_clip_model_on_the_downloaded_image(runs) -> None:
             flat.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
             want_img = model.encode_image(preprocess(flat)[None], normalize=True)[0].numpy()
             want_txt = model.encode_text(clip_model.tokenize([r[S.CAPTION]]), normalize=True)[0].numpy()
-            assert np.abs(np.asarray(r[S.IMAGE_EMBEDDING], np.float32) - want_img).max() <= 2e-3, r["_gt_row"]
-            assert np.abs(np.asarray(r[S.TEXT_EMBEDDING], np.float32) - want_txt).max() <= 2e-3
+            # Cosine, not per element: on a CPU with native bf16 the job's default precision
+            # is bf16 autocast (within cosine 1e-4 of fp32, test_embed.py), stored as float16.
+            got_img = np.asarray(r[S.IMAGE_EMBEDDING], np.float64)
+            got_txt = np.asarray(r[S.TEXT_EMBEDDING], np.float64)
+            assert got_img @ want_img / np.linalg.norm(got_img) >= 0.9999, r["_gt_row"]
+            assert got_txt @ want_txt / np.linalg.norm(got_txt) >= 0.9999, r["_gt_row"]
             cos = float(np.dot(want_img.astype(np.float64), want_txt.astype(np.float64)))
             assert abs(r[S.CLIP_SCORE] - cos) <= 2e-3
 
