@@ -57,6 +57,10 @@ def _unit_rows(emb: np.ndarray, block_rows: int = 65_536) -> tuple[np.ndarray, n
     return fixed, good
 
 
+# Pair (i, j) of positions is remembered as i * _CODE + j: room for 2^31 rows a side.
+_CODE = np.int64(1) << 31
+
+
 class _PixelConfirm:
     """Do rows look alike by their thumbnails (:func:`pipeline.pixel_check.confirm_pairs`)?
 
@@ -87,7 +91,10 @@ class _PixelConfirm:
         side_i = self._side(col_i, rows_i)
         self.sides = (side_i, side_i if rows_j is None else self._side(col_j, rows_j))
         self.calls = self.passed = self.missing = self.computed = 0
-        self._known: dict[tuple[int, int], bool] = {}
+        # Answers given ahead, as sorted pair codes (i * _CODE + j) and their results: 9 bytes
+        # a pair, so ~2 MiB for 50,000 rows' guesses.
+        self._known_code = np.empty(0, dtype=np.int64)
+        self._known_ok = np.empty(0, dtype=bool)
 
     @staticmethod
     def _side(col: pa.ChunkedArray | None, rows: np.ndarray) -> tuple[ThumbColumn, np.ndarray, np.ndarray]:
@@ -128,7 +135,10 @@ class _PixelConfirm:
         pi = np.asarray(pi, dtype=np.int64)
         pj = np.asarray(pj, dtype=np.int64)
         out = self._compare(pi, pj)
-        self._known.update(zip(zip(pi.tolist(), pj.tolist(), strict=True), out.tolist(), strict=True))
+        code = np.concatenate([self._known_code, pi * _CODE + pj])
+        ok = np.concatenate([self._known_ok, out])
+        order = np.argsort(code, kind="stable")
+        self._known_code, self._known_ok = code[order], ok[order]
         return out
 
     def many(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
@@ -139,11 +149,11 @@ class _PixelConfirm:
         pj = np.asarray(pj, dtype=np.int64)
         out = np.zeros(len(pi), dtype=bool)
         todo = np.ones(len(pi), dtype=bool)
-        if self._known:
-            for e, pair in enumerate(zip(pi.tolist(), pj.tolist(), strict=True)):
-                hit = self._known.get(pair)
-                if hit is not None:
-                    out[e], todo[e] = hit, False
+        if len(self._known_code):
+            code = pi * _CODE + pj
+            at = np.minimum(np.searchsorted(self._known_code, code), len(self._known_code) - 1)
+            hit = self._known_code[at] == code
+            out[hit], todo[hit] = self._known_ok[at[hit]], False
         fresh = np.flatnonzero(todo)
         if len(fresh):
             out[fresh] = self._compare(pi[fresh], pj[fresh])

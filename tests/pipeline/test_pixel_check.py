@@ -314,3 +314,25 @@ def test_one_row_against_many_candidates_answers_as_pair_by_pair() -> None:
     single = [bool(confirm_pairs(thumbs, ok, thumbs, ok, np.array([0]), np.array([k]))[0]) for k in j.tolist()]
     assert batch.tolist() == single
     assert batch[[0, 2, 4, 5, 6]].all() and not batch[[1, 3]].any()
+
+
+def test_answers_given_ahead_are_remembered_not_recomputed() -> None:
+    from pipeline.dedup.table import _PixelConfirm
+
+    img = _stored(SCENE)
+    thumbs = [thumbnail(img), thumbnail(_near_copy(img, 3)), thumbnail(_stored(_variant(position="bottom right"))),
+              thumbnail(_near_copy(img, 5))]  # fmt: skip
+    col = pa.chunked_array([pa.array(thumbs, pa.binary())])
+    rows = np.arange(4)
+    cfg = DedupConfig(threshold=0.9, pixel_check=True)
+    pi, pj = np.array([1, 2, 3, 3]), np.array([0, 0, 0, 2])
+    want = _PixelConfirm(cfg, col, rows).many(pi, pj)
+    assert want.tolist() == [True, False, True, False]
+    check = _PixelConfirm(cfg, col, rows)
+    assert check.ahead(pi[:2], pj[:2]).tolist() == [True, False]
+    assert (check.calls, check.computed) == (0, 2)
+    assert check.many(pi, pj).tolist() == want.tolist()
+    # asked 4, of which 2 were known: only the other 2 were compared
+    assert (check.calls, check.passed, check.computed) == (4, 2, 4)
+    assert check.many(pi[::-1], pj[::-1]).tolist() == want[::-1].tolist()
+    assert check.computed == 6  # answers to questions (not asked ahead) are not remembered
