@@ -119,6 +119,37 @@ def dedup_reason(kind: str, model: str | None, cfg: DedupConfig) -> str:
     return f"{S.REASON_DEDUP}{S.DUP_PREVIOUS_RUN}({test} or sha256; {short_model(model)})"
 
 
+# What the model says about a row, as the decisions read it.
+_MODEL_OUTPUTS = (S.CLIP_SCORE, S.UNSAFE_SCORE, S.UNSAFE_CONCEPT, S.UNSAFE_SOURCE)
+
+
+def _one_pair_one_score(table: pa.Table) -> pa.Table:
+    """``table`` where every ok row with the same image bytes (``sha256``) and the same caption
+    as an earlier row (by key) carries that row's model outputs. They are one image-caption
+    pair embedded twice, and the model's numbers can differ in the last bits by batch (bf16 /
+    fp16 autocast, batch-dependent kernels): without this, that noise could put one copy
+    above a threshold and the other below it, or pick which copy dedup keeps instead of the
+    key. Only the columns the decisions read are replaced, in this copy."""
+    if not {S.SHA256, S.CAPTION, S.KEY, S.STATUS} <= set(table.column_names):
+        return table
+    hashes, captions = S.column_list(table, S.SHA256), S.column_list(table, S.CAPTION)
+    keys, statuses = S.column_list(table, S.KEY), S.column_list(table, S.STATUS)
+    first: dict[tuple[str, Any], int] = {}
+    source = np.arange(table.num_rows)
+    for i in sorted(range(table.num_rows), key=lambda r: keys[r]):
+        h = hashes[i]
+        if h is None or statuses[i] != S.OK:
+            continue
+        source[i] = first.setdefault((h, captions[i]), i)
+    if (source == np.arange(table.num_rows)).all():
+        return table
+    take = pa.array(source, pa.int64())
+    for name in _MODEL_OUTPUTS:
+        if name in table.column_names:
+            table = S.set_column(table, name, table.column(name).take(take))
+    return table
+
+
 def decide(
     table: pa.Table,
     filters: FilterConfig,
@@ -135,8 +166,12 @@ def decide(
     ``image_embedding`` (fixed_size_list<float16>[D]) where present. ``rules``: the moderate
     stage's resolved rules, for thresholds in unsafe reasons. ``previous``: rows an earlier run
     kept (see :func:`pipeline.dedup.dedup_table`); ``progress`` gets dedup's phase lines.
+    Rows with the same bytes and caption are judged by the first one's scores
+    (:func:`_one_pair_one_score`); the stored scores stay each row's own.
     """
     n = table.num_rows
+    table_in = table
+    table = _one_pair_one_score(table)
     reasons = filter_reasons(table, filters, rules)
     dup_of: list[str | None] = [None] * n
     group: list[int | None] = [None] * n
@@ -177,7 +212,7 @@ def decide(
                 dup_of[i], group[i], kinds[i] = sub_dup[i], sub_size[i], sub_kind[i]
                 if sub_kind[i] is not None and passes[i]:
                     reasons[i] = dedup_reason(sub_kind[i], models[i], dedup)
-    out = S.set_column(table, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
+    out = S.set_column(table_in, S.DUPLICATE_OF, pa.array(dup_of, pa.string()))
     out = S.set_column(out, S.DUP_GROUP_SIZE, pa.array(group, pa.int32()))
     out = S.set_column(out, S.DUP_KIND, pa.array(kinds, pa.string()))
     out = S.set_column(out, S.KEEP, pa.array([r is None for r in reasons], pa.bool_()))

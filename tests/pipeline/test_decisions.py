@@ -198,3 +198,24 @@ def test_a_taken_down_row_stays_down_whatever_its_scores() -> None:
     # Its near twin k03 no longer has a kept row it duplicates, so it is kept now.
     assert out[S.DROP_REASON][3].as_py() is None and out[S.KEEP][3].as_py() is True
     assert decide(out, FILTERS, DEDUP, RULES).equals(out)
+
+
+def test_one_image_caption_pair_twice_gets_one_decision() -> None:
+    """The same bytes with the same caption, scored a hair apart (the model's numbers differ
+    by batch under bf16/fp16): both copies are judged by the first key's scores, so the
+    threshold treats them alike and dedup keeps the first key, not the noisier score. The
+    stored scores stay each row's own. Another caption on the same bytes is its own pair."""
+    rows = [
+        ("k0", "ok", 0.2799, E1, "A", -0.10, None, None),
+        ("k1", "ok", 0.2801, E1, "A", -0.10, None, None),  # k0's pair, just above 0.28
+        ("k2", "ok", 0.3401, E2, "B", 0.0495, None, None),
+        ("k3", "ok", 0.3403, E2, "B", 0.0505, "hazard", "image"),  # k2's pair, margin noise
+    ]
+    t = _table(rows).append_column(S.CAPTION, pa.array(["a cat", "a cat", "a dog", "a dog"]))
+    out = decide(t, FILTERS, DEDUP, RULES)
+    assert out[S.DROP_REASON].to_pylist() == [f"clip_score<0.28 ({SHORT})"] * 2 + [None, "dedup:exact(sha256)"]
+    assert out[S.DUPLICATE_OF].to_pylist()[3] == "k2"
+    assert out[S.CLIP_SCORE].to_pylist() == t[S.CLIP_SCORE].to_pylist()
+    # k1 with a caption of its own is judged on its own score: kept, k0 below the threshold.
+    t2 = t.set_column(t.column_names.index(S.CAPTION), S.CAPTION, pa.array(["a cat", "a kitten", "a dog", "a dog"]))
+    assert decide(t2, FILTERS, DEDUP, RULES)[S.KEEP].to_pylist()[:2] == [False, True]
