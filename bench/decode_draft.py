@@ -17,20 +17,19 @@ job runs it (decode, resize, JPEG q95 encode, sha256, PDQ; no model input), one 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import os
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+from results_md import append  # noqa: E402
 
 from pipeline.config import DecodeConfig  # noqa: E402
 from pipeline.stages import decode as D  # noqa: E402
@@ -114,15 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     print(table)
     if a.append:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(a.append, "a") as f:
-            f.write(
-                f"\n## JPEG draft headroom of the stored copy vs img2dataset's pixels ({stamp})\n\n"
-                f"Machine: {platform.node() or 'vm'}, {os.cpu_count()} CPUs, {platform.machine()}. "
-                f"Command: `python bench/decode_draft.py {shlex.join(sys.argv[1:] if argv is None else argv)}`. "
-                f"{len(data)} JPEGs ({a.rows} photo-like, 300-1200 px, and the test photos at their "
-                f"size and at 1200 px); stored copy 256 px border, PNG on both sides.\n\n{table}\n"
-            )
+        append(a.append, "JPEG draft headroom of the stored copy vs img2dataset's pixels",
+               f"{len(data)} JPEGs ({a.rows} photo-like, 300-1200 px, and the test photos at their "
+               "size and at 1200 px); stored copy 256 px border, PNG on both sides for the PSNR, the "
+               "job's JPEG q95 for the time.", table, argv)
 
 
 if __name__ == "__main__":
