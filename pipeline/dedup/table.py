@@ -75,9 +75,11 @@ class _PixelConfirm:
     ``passed`` and ``missing`` count pairs asked, pairs confirmed among them and rows without
     a thumbnail; ``computed`` counts pairs actually compared (asked or ahead)."""
 
-    # Pairs compared per confirm_pairs call: bounds the gathered thumbnails and reach ranges
-    # (~18 KiB per distinct row) to a few tens of MiB however many pairs are asked at once.
-    CHUNK = 2048
+    # Pairs compared per confirm_pairs call: enough to spread its fixed cost, small enough that
+    # its temporaries (reach ranges and differences, ~25 KiB a pair) stay a few MiB. At 2,048
+    # they reached ~50 MiB, and glibc then kept freed blocks of that size in the heap: the
+    # driver's peak at 50,000 rows grew by 240 MiB (bench/scale.py).
+    CHUNK = 256
 
     def __init__(
         self,
