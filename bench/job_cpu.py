@@ -196,10 +196,11 @@ def parse_ok(tool: str, out: str) -> int:
     return -1
 
 
-def job_cmd(src: Path, out: Path) -> list[str]:
+def job_cmd(src: Path, out: Path, sets: list[str] | None = None) -> list[str]:
+    extra = [x for kv in sets or [] for x in ("--set", kv)]
     return [
         sys.executable, "jobs/embed_laion.py", "--input", str(src), "--output", str(out),
-        "--allowed-networks", "127.0.0.1/32", "--number-sample-per-shard", str(PER_SHARD),
+        "--allowed-networks", "127.0.0.1/32", "--number-sample-per-shard", str(PER_SHARD), *extra,
     ]  # fmt: skip
 
 
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tools", nargs="+", default=["img2dataset", "job", "job-ray"],
                    choices=["img2dataset", "download", "job", "job-ray"])
     p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
+    p.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a --set for both job runs (e.g. execution.task_cpus=1.0); default: none")
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
     if not 0 < a.small < a.rows:
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
                            "--number_sample_per_shard", str(PER_SHARD), "--retries", "0"]
                     run_env = env
                 else:
-                    cmd = job_cmd(src, out)
+                    cmd = job_cmd(src, out, a.job_set)
                     run_env = (dict(env, RAY_ADDRESS=address, **head_env(work / "ray"))
                                if tool == "job-ray" else env)
                 r = run_measured(tool, rows, cmd, run_env, cg)
