@@ -35,7 +35,7 @@ column keeps the full id), so reasons group well in counts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,9 @@ import pyarrow.compute as pc
 
 from pipeline import schema as S
 from pipeline.config import DedupConfig, FilterConfig
+
+if TYPE_CHECKING:
+    from pipeline.thumbnails import ThumbFile
 
 DECISION_COLUMNS = (S.DUPLICATE_OF, S.DUP_GROUP_SIZE, S.DUP_KIND, S.KEEP, S.DROP_REASON)
 # How a takedown's reason starts in drop_reason (pipeline/takedown/ writes the rest).
@@ -157,6 +160,7 @@ def decide(
     rules: Any = None,
     previous: pa.Table | None = None,
     progress: Callable[[str], None] | None = None,
+    thumbs: ThumbFile | None = None,
 ) -> pa.Table:
     """``table`` with ``duplicate_of``, ``dup_group_size``, ``dup_kind``, ``keep`` and
     ``drop_reason`` (re)computed; same rows, same order, other columns untouched.
@@ -165,7 +169,8 @@ def decide(
     ``unsafe_concept``, ``unsafe_source``, ``model`` and dedup ``sha256`` and
     ``image_embedding`` (fixed_size_list<float16>[D]) where present. ``rules``: the moderate
     stage's resolved rules, for thresholds in unsafe reasons. ``previous``: rows an earlier run
-    kept (see :func:`pipeline.dedup.dedup_table`); ``progress`` gets dedup's phase lines.
+    kept (see :func:`pipeline.dedup.dedup_table`); ``progress`` gets dedup's phase lines;
+    ``thumbs``: the table's thumbnails spilled to a file, in place of its ``image_thumb``.
     Rows with the same bytes and caption are judged by the first one's scores
     (:func:`_one_pair_one_score`); the stored scores stay each row's own.
     """
@@ -203,7 +208,7 @@ def decide(
             score = np.where(np.isnan(score), -2.0, score)  # cosines lie in [-1, 1]
             rank = np.where(passes, score, score - 10.0)
             sub = sub.set_column(sub.column_names.index(S.CLIP_SCORE), S.CLIP_SCORE, pa.array(rank, pa.float64()))
-            marked = dedup_table(sub, dedup, previous, progress)
+            marked = dedup_table(sub, dedup, previous, progress, thumbs=thumbs)
             models = S.column_list(table, S.MODEL)
             sub_dup = marked.column(S.DUPLICATE_OF).to_pylist()
             sub_size = marked.column(S.DUP_GROUP_SIZE).to_pylist()

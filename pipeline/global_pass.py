@@ -9,6 +9,7 @@ duplicate are rewritten, and re-running a finished job rewrites nothing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from pipeline import schema as S
 from pipeline.config import ConfigError, JobConfig, StorageConfig
 from pipeline.decisions import DECISION_COLUMNS, decide, kept_rows
 from pipeline.storage import Storage, filesystem_for
+from pipeline.thumbnails import ThumbFile
 
 
 def _read_parquet(uri: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
@@ -53,6 +55,37 @@ _DECISION_INPUTS = [
 ]
 
 
+def _pixel_check(cfg: JobConfig) -> bool:
+    return cfg.filter.duplicates and cfg.dedup.pixel_check
+
+
+def _read_inputs(
+    cfg: JobConfig, root: str, shards: list[str], thumbs: ThumbFile | None
+) -> tuple[pa.Table, bool]:
+    """Every shard's decision inputs, in ``shards`` order, and whether any file had
+    thumbnails. With ``thumbs``, each file's thumbnails go to that spill file as the file is
+    read and the table has none: a run's thumbnails are 3 KiB a row, more than everything else
+    the pass holds for a small model, and the pixel check reads back only the rows in
+    candidate pairs."""
+    tables = []
+    seen = False
+    for shard in shards:
+        uri = f"{root}/{shard}.parquet"
+        fs, path = filesystem_for(uri, cfg.storage)
+        have = pq.read_schema(path, filesystem=fs).names
+        t = _read_parquet(uri, cfg.storage, [c for c in _DECISION_INPUTS if c in have])
+        seen = seen or S.IMAGE_THUMB in t.column_names
+        if thumbs is not None:
+            thumbs.append(t.column(S.IMAGE_THUMB) if S.IMAGE_THUMB in t.column_names else pa.nulls(t.num_rows, pa.binary()))
+            t = t.drop_columns([c for c in (S.IMAGE_THUMB,) if c in t.column_names])
+        tables.append(t)
+    table = pa.concat_tables(tables, promote_options="permissive")
+    # Decoding pages leaves freed buffers in Arrow's pool (~0.7x the table's size on 100 files
+    # of 500 rows); hand them back before dedup allocates its own.
+    pa.default_memory_pool().release_unused()
+    return table, seen
+
+
 def global_pass(cfg: JobConfig, shards: list[str], emit: Callable[[str], None]) -> tuple[pa.Table, int]:
     """Dedup and decisions over every shard's embeddings file; rewrites the files whose
     decisions changed (atomically, same names). Returns (the decided rows without embeddings,
@@ -61,22 +94,19 @@ def global_pass(cfg: JobConfig, shards: list[str], emit: Callable[[str], None]) 
     from pipeline.stages.write import parquet_bytes
 
     root = cfg.write.output_folder.rstrip("/")
-    tables = []
-    for shard in shards:
-        uri = f"{root}/{shard}.parquet"
-        fs, path = filesystem_for(uri, cfg.storage)
-        have = pq.read_schema(path, filesystem=fs).names
-        tables.append(_read_parquet(uri, cfg.storage, [c for c in _DECISION_INPUTS if c in have]))
-    table = pa.concat_tables(tables, promote_options="permissive")
-    # Decoding pages leaves freed buffers in Arrow's pool (~0.7x the table's size on 100 files
-    # of 500 rows); hand them back before dedup allocates its own.
-    pa.default_memory_pool().release_unused()
-    previous = None
-    if cfg.dedup.against and cfg.filter.duplicates:
-        previous = read_previous(cfg.dedup.against, cfg.storage)
-        emit(f"  dedup against {cfg.dedup.against}: {previous.num_rows} kept rows")
-    rules = resolve_rules(cfg.moderate, cfg.storage) if cfg.moderate.enabled else None
-    decided = decide(table, cfg.filter, cfg.dedup, rules, previous, progress=emit)
+    with ThumbFile() if _pixel_check(cfg) else contextlib.nullcontext() as thumbs:
+        table, spilled = _read_inputs(cfg, root, shards, thumbs)
+        # Files without a thumbnail column at all: dedup reports the missing column itself.
+        spilled = spilled and thumbs is not None
+        previous = None
+        if cfg.dedup.against and cfg.filter.duplicates:
+            previous = read_previous(cfg.dedup.against, cfg.storage)
+            emit(f"  dedup against {cfg.dedup.against}: {previous.num_rows} kept rows")
+        rules = resolve_rules(cfg.moderate, cfg.storage) if cfg.moderate.enabled else None
+        decided = decide(
+            table, cfg.filter, cfg.dedup, rules, previous, progress=emit,
+            thumbs=thumbs if spilled else None,
+        )  # fmt: skip
     decided = decided.drop_columns([c for c in (S.IMAGE_EMBEDDING, S.IMAGE_THUMB) if c in decided.column_names])
 
     rewritten = 0

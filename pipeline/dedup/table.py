@@ -21,7 +21,7 @@ from pipeline.dedup.clusters import semantic_clusters
 from pipeline.dedup.keepers import hash_representatives, keep_greedily, priority_order
 from pipeline.dedup.pairs import semantic_pairs
 from pipeline.pixel_check import confirm_pairs, contrast
-from pipeline.thumbnails import ThumbColumn
+from pipeline.thumbnails import ThumbColumn, ThumbFile
 
 log = logging.getLogger("pipeline.dedup")
 
@@ -84,9 +84,9 @@ class _PixelConfirm:
     def __init__(
         self,
         cfg: DedupConfig,
-        col_i: pa.ChunkedArray | None,
+        col_i: pa.ChunkedArray | ThumbFile | None,
         rows_i: np.ndarray,
-        col_j: pa.ChunkedArray | None = None,
+        col_j: pa.ChunkedArray | ThumbFile | None = None,
         rows_j: np.ndarray | None = None,
     ) -> None:
         self.cfg = cfg
@@ -99,7 +99,7 @@ class _PixelConfirm:
         self._known_ok = np.empty(0, dtype=bool)
 
     @staticmethod
-    def _side(col: pa.ChunkedArray | None, rows: np.ndarray) -> tuple[ThumbColumn, np.ndarray, np.ndarray]:
+    def _side(col: pa.ChunkedArray | ThumbFile | None, rows: np.ndarray) -> tuple[ThumbColumn, np.ndarray, np.ndarray]:
         view = ThumbColumn(col, rows)
         # contrast per position (NaN: not yet computed), and "counted as missing" flags
         return view, np.full(len(view), np.nan), np.zeros(len(view), dtype=bool)
@@ -204,6 +204,7 @@ def dedup_table(
     cfg: DedupConfig,
     previous: pa.Table | None = None,
     progress: Callable[[str], None] | None = None,
+    thumbs: ThumbFile | None = None,
 ) -> pa.Table:
     """Mark duplicates in a finished run's table.
 
@@ -214,7 +215,9 @@ def dedup_table(
     used when present); new rows that repeat one of them are dropped. With ``cfg.pixel_check``
     the input also needs ``image_thumb`` (binary, see :mod:`pipeline.pixel_check`), and an
     embedding pair counts only when the two thumbnails agree once aligned (an earlier run's row
-    without a thumbnail then repeats nothing but its exact bytes).
+    without a thumbnail then repeats nothing but its exact bytes). ``thumbs``: the table's
+    thumbnails spilled to a file (row i of the table is row i of the file), used instead of
+    the column.
 
     Returns ``table`` with ``duplicate_of`` (string, the kept row's key, null when the row is
     kept or did not take part), ``dup_group_size`` (int32: the kept row plus every row whose
@@ -226,9 +229,14 @@ def dedup_table(
     """
     cfg.validate()
     _require(table, (S.KEY, S.SHA256, S.CLIP_SCORE, S.IMAGE_EMBEDDING), "input")
-    if cfg.pixel_check:
+    col: pa.ChunkedArray | ThumbFile | None = None
+    if cfg.pixel_check and thumbs is not None:
+        if thumbs.rows != table.num_rows:
+            raise ValueError(f"thumbs: {thumbs.rows} rows for a table of {table.num_rows}")
+        col = thumbs
+    elif cfg.pixel_check:
         _require(table, (S.IMAGE_THUMB,), "input (dedup.pixel_check)")
-    thumbs = table[S.IMAGE_THUMB] if cfg.pixel_check else None
+        col = table[S.IMAGE_THUMB]
     rows = _eligible(table)
     take = pa.array(rows, pa.int64())
     n = len(rows)
@@ -264,7 +272,7 @@ def dedup_table(
     # Earlier runs: a representative that repeats a previous row is dropped.
     if previous is not None:
         cand_hashes = [hashes[r] for r in cand.tolist()]
-        for c, key in _repeats_of_previous(previous, cfg, emb, cand_hashes, thumbs, rows[cand]).items():
+        for c, key in _repeats_of_previous(previous, cfg, emb, cand_hashes, col, rows[cand]).items():
             r = int(cand[c])
             prev_key[r], kind[r] = key, S.DUP_PREVIOUS_RUN
             claimed[c] = True
@@ -277,7 +285,7 @@ def dedup_table(
     # Semantic, among the representatives that no earlier run claims.
     if len(cand) >= 2:
         keep_of = _semantic_keepers(
-            emb, cfg, np.argsort(rank[cand], kind="stable"), thumbs, rows[cand], claimed, say
+            emb, cfg, np.argsort(rank[cand], kind="stable"), col, rows[cand], claimed, say
         )
         dropped = np.flatnonzero(keep_of >= 0)
         keeper_idx[cand[dropped]] = cand[keep_of[dropped]]
@@ -308,7 +316,7 @@ def _repeats_of_previous(
     cfg: DedupConfig,
     emb: np.ndarray,
     hashes: list[str | None],
-    thumbs: pa.ChunkedArray | None,
+    thumbs: pa.ChunkedArray | ThumbFile | None,
     thumb_rows: np.ndarray,
 ) -> dict[int, str]:
     """The representatives (``emb``'s rows; ``hashes`` theirs, ``thumb_rows`` their rows in
@@ -370,7 +378,7 @@ def _semantic_keepers(
     emb: np.ndarray,
     cfg: DedupConfig,
     order: np.ndarray,
-    thumbs: pa.ChunkedArray | None,
+    thumbs: pa.ChunkedArray | ThumbFile | None,
     thumb_rows: np.ndarray,
     skip: np.ndarray,
     say: Callable[[str], None],

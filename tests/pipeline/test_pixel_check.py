@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import random
 
 import numpy as np
@@ -16,7 +17,14 @@ from pipeline.config import ConfigError, DedupConfig
 from pipeline.decisions import dedup_reason
 from pipeline.dedup import dedup_table
 from pipeline.pixel_check import confirm_pairs, contrast, residuals
-from pipeline.thumbnails import THUMB_BYTES, THUMB_SIDE, ThumbColumn, thumbnail, thumbs_array
+from pipeline.thumbnails import (
+    THUMB_BYTES,
+    THUMB_SIDE,
+    ThumbColumn,
+    ThumbFile,
+    thumbnail,
+    thumbs_array,
+)
 from testkit.synthetic import ObjectGroup, Scene, perturb, render
 
 SCENE = Scene(
@@ -82,6 +90,34 @@ def test_thumb_column_gathers_the_same_bytes_as_the_values(typ: pa.DataType) -> 
         assert ok.tolist() == expected_ok[idx].tolist()
         assert np.array_equal(arr, expected[idx])
     assert not ThumbColumn(None, rows).gather(np.arange(3))[1].any()
+
+
+def test_thumb_file_reads_back_what_the_column_holds() -> None:
+    # Appended a file at a time (the last part without a thumbnail column: all nulls), read
+    # back in any order with repeats: the same bytes and ok flags as the values themselves;
+    # the file is gone once closed.
+    rng = np.random.default_rng(9)
+    values = [rng.integers(0, 256, THUMB_BYTES, dtype=np.uint8).tobytes() for _ in range(20)]
+    values[2], values[11], values[19] = None, b"short", values[19] + b"x"
+    with ThumbFile() as spill:
+        spill.append(pa.array(values[:10], pa.binary()))
+        spill.append(pa.chunked_array([pa.array(values[10:], pa.large_binary())]))
+        spill.append(pa.nulls(5, pa.binary()))
+        assert spill.rows == 25
+        expected, expected_ok = thumbs_array(values + [None] * 5)
+        idx = np.array([24, 0, 2, 11, 12, 13, 14, 19, 3, 3, 18, 20])
+        arr, ok = spill.gather(idx)
+        assert ok.tolist() == expected_ok[idx].tolist() and np.array_equal(arr, expected[idx])
+        assert ok.sum() == 7
+        view = ThumbColumn(spill, np.array([5, 2, 18]))
+        arr, ok = view.gather(np.array([2, 0, 1, 2]))
+        assert ok.tolist() == [True, True, False, True]
+        assert np.array_equal(arr, expected[[18, 5, 2, 18]])
+        with pytest.raises(IndexError):
+            spill.gather(np.array([25]))
+        fd = spill._file.fileno()
+    with pytest.raises(OSError):
+        os.fstat(fd)
 
 
 def test_identical_and_offset_thumbnails_hand_worked() -> None:
@@ -183,6 +219,26 @@ def test_dedup_drops_only_pixel_confirmed_pairs() -> None:
     # Without the check the embedding alone drops all three.
     plain = dedup_table(_table(thumbs, emb), DedupConfig(threshold=0.9))
     assert plain["duplicate_of"].to_pylist() == [None, "k0", "k0", "k0"]
+
+
+def test_dedup_with_thumbnails_from_a_spill_file_decides_the_same() -> None:
+    # The global pass hands dedup the run's thumbnails in a file instead of a column: same
+    # links, same counts, and a file of another length is refused.
+    img = _stored(SCENE)
+    thumbs = [thumbnail(img), thumbnail(_near_copy(img, 3)), thumbnail(_stored(_variant(position="bottom right"))), None]
+    emb = np.tile(np.eye(1, 8), (4, 1))
+    cfg = DedupConfig(threshold=0.9, pixel_check=True)
+    table = _table(thumbs, emb)
+    by_column: list[str] = []
+    want = dedup_table(table, cfg, progress=by_column.append)
+    by_file: list[str] = []
+    with ThumbFile() as spill:
+        spill.append(table[S.IMAGE_THUMB])
+        got = dedup_table(table.drop_columns([S.IMAGE_THUMB]), cfg, progress=by_file.append, thumbs=spill)
+        assert got["duplicate_of"].to_pylist() == want["duplicate_of"].to_pylist() == [None, "k0", None, None]
+        assert [line.split(" in ")[0] for line in by_file] == [line.split(" in ")[0] for line in by_column]
+        with pytest.raises(ValueError, match="4 rows for a table of 3"):
+            dedup_table(table.slice(0, 3), cfg, thumbs=spill)
 
 
 def test_dedup_against_previous_run_checks_pixels_too() -> None:
