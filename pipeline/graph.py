@@ -79,6 +79,11 @@ class Segment:
         return any(s.stateful for s in self.stages)
 
     @property
+    def long_lived(self) -> bool:
+        """Run in long-lived workers (actors on Ray Data): stateful, or a stage asks for it."""
+        return any(s.stateful or s.long_lived for s in self.stages)
+
+    @property
     def resources(self) -> Resources:
         """What the fused task asks for: the most any of its stages needs."""
         return Resources(

@@ -42,7 +42,7 @@ ACTOR_TASK_MAX_RETRIES = -1
 
 
 class _SegmentActor:
-    """Ray Data callable class: one stateful segment per actor, set up once."""
+    """Ray Data callable class: one long-lived segment per actor, set up once."""
 
     def __init__(self, stages: tuple[Stage, ...]) -> None:
         self.stages = list(stages)
@@ -64,7 +64,7 @@ def _segment_task(seg: Segment) -> Callable[[pa.Table], pa.Table]:
 
 
 def pool_size(seg: Segment, cluster: dict[str, float]) -> tuple[int, int]:
-    """(min, max) actors of a stateful segment: its declared concurrency, else one per GPU
+    """(min, max) actors of a long-lived segment: its declared concurrency, else one per GPU
     (GPU stages) or 1 to half the cluster's CPUs (CPU stages, at least 2)."""
     c = seg.concurrency
     if c is not None:
@@ -125,7 +125,7 @@ class RayDataScheduler:
         # remote args are the only way, so its deprecation notice is silenced here only.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RayDeprecationWarning)
-            if seg.stateful:
+            if seg.long_lived:
                 lo, hi = pool_size(seg, cluster)
                 extra: dict[str, Any] = {"max_tasks_in_flight_per_actor": 2}
                 if res.num_gpus > 0 or seg.concurrency is not None:

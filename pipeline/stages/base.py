@@ -11,6 +11,11 @@ which stages they run. What a scheduler needs to know, a stage declares on itsel
   ``(min, max)``: a pool of long-lived workers that grows from min to max);
 - ``stateful``: it holds something expensive across batches (a model): it runs in long-lived
   workers of its own (Ray actors, a local process pool), never fused with other stages;
+- ``long_lived``: it is called every few seconds, each call short: on Ray Data it runs in a
+  pool of long-lived actors instead of tasks. Ray kills a task worker that idles for a second
+  while the node's CPUs are all taken (its idle-worker limit follows the CPUs left free), so
+  behind a saturated stream such a stage would pay a new worker's start-up (~2 CPU-seconds)
+  on most calls. The local scheduler's workers live for the whole job anyway;
 - ``io_bound``: it mostly waits on the network: a local worker overlaps it with the CPU-bound
   stages of the previous item instead of idling the core;
 - ``expands``: it turns shard descriptors into the shards' rows (a source's first stage), the
@@ -66,6 +71,7 @@ class Stage(ABC):
     concurrency: int | tuple[int, int] | None = None
 
     stateful: ClassVar[bool] = False
+    long_lived: ClassVar[bool] = False
     io_bound: ClassVar[bool] = False
     expands: ClassVar[bool] = False
 

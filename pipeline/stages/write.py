@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,6 +101,10 @@ class WriteStage(Stage):
 
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.25))
     cfg: WriteConfig = field(default_factory=WriteConfig)
+    # One call per shard, a fraction of a second each, every few seconds: as Ray tasks the
+    # worker idles between calls and Ray restarts it for most of them (bench/job_cpu.py on a
+    # started head: ~2 ms of CPU per row).
+    long_lived: ClassVar[bool] = True
     storage: StorageConfig = field(default_factory=StorageConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     rules: Any = None
