@@ -348,18 +348,19 @@ def test_bombs_do_not_grow_worker_memory() -> None:
     assert result["growth_kb"] < 200 * 1024, result
 
 
-def test_jpeg_draft_keeps_1_5x_for_the_stored_copy_and_3x_for_the_model() -> None:
+def test_jpeg_draft_keeps_1_25x_for_the_stored_copy_and_3x_for_the_model() -> None:
     from clip_model.config import PreprocessConfig
     from pipeline.stages.decode import _draft_request
 
-    # A 1200 x 900 photo stored at 256 x 192 may be decoded down to 384 x 288 (libjpeg then
+    # A 1200 x 900 photo stored at 256 x 192 may be decoded down to 320 x 240 (libjpeg then
     # picks 1/2 scale, 600 x 450); a 224 px model needs 3 x 224 = 672 px on the short side.
-    assert _draft_request(1200, 900, False, (256, 192), None) == (384, 288)
+    assert _draft_request(1200, 900, False, (256, 192), None) == (320, 240)
     assert _draft_request(1200, 900, False, (256, 192), PreprocessConfig(image_size=224)) == (896, 672)
     # EXIF-rotated files are drafted in their own orientation.
-    assert _draft_request(900, 1200, True, (256, 192), None) == (288, 384)
+    assert _draft_request(900, 1200, True, (256, 192), None) == (240, 320)
     assert _draft_request(1200, 900, False, None, None) is None  # resize_mode "no"
-    for size, decoded in (((1200, 900), (600, 450)), ((700, 525), (700, 525))):  # 350 < 384: whole
+    # 700 px: half is 350 >= 320, drafted; 600 px: half is 300 < 320, decoded whole.
+    for size, decoded in (((1200, 900), (600, 450)), ((700, 525), (350, 263)), ((600, 450), (600, 450))):
         im = Image.open(io.BytesIO(_encode(Image.new("RGB", size, (30, 140, 200)), "JPEG", quality=90)))
         im.draft("RGB", _draft_request(*size, False, (256, 192), None))
         assert im.size == decoded
