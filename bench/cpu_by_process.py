@@ -101,13 +101,12 @@ def measure(cmd: list[str], env: dict[str, str], log: Path) -> tuple[collections
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--small", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    J.list_arguments(p)
     p.add_argument("--schedulers", nargs="+", default=["local", "ray"], choices=["local", "ray"])
-    p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
+    if not 0 < a.small < a.rows:
+        p.error("need 0 < --small < --rows")
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     world = J.make_world(work, a.rows, a.seed)

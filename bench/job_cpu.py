@@ -313,16 +313,22 @@ def report(runs: list[Run], argv: list[str], load: tuple[float, float, float]) -
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def list_arguments(p: argparse.ArgumentParser) -> None:
+    """The URL list's flags, shared with the benchmarks that run the job on the same list:
+    ``--rows``, ``--small`` (the two list sizes), ``--seed`` (the world) and ``--workdir``."""
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--small", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    list_arguments(p)
     p.add_argument("--cpus", type=int, default=2, help="Ray head num_cpus")
     p.add_argument("--tools", nargs="+", default=["img2dataset", "job", "job-ray"],
                    choices=["img2dataset", "download", "job", "job-ray"])
-    p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
     p.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a --set for both job runs (e.g. execution.task_cpus=1.0); default: none")
     p.add_argument("--append", default=None)
