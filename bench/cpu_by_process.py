@@ -105,17 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedulers", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
-    if not 0 < a.small < a.rows:
-        p.error("need 0 < --small < --rows")
-    work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    world = J.make_world(work, a.rows, a.seed)
-    port = J.free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "testkit.http_server", "--root", str(world), "--port", str(port)],
-        cwd=J.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    work, world, server, base = J.serve_list(p, a)
 
     class _NoCgroup:
         def add(self, pid: int) -> None:

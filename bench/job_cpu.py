@@ -322,6 +322,23 @@ def list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
 
 
+def serve_list(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Path, Path, subprocess.Popen, str]:
+    """Check the list flags (:func:`list_arguments`), make (or reuse) the world in the
+    workdir and serve it from one loopback HTTP server process: (workdir, world folder, the
+    server process, its base URL). The caller waits for it (:func:`wait_http`) and stops it."""
+    if not 0 < a.small < a.rows:
+        p.error("need 0 < --small < --rows")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    world = make_world(work, a.rows, a.seed)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "testkit.http_server", "--root", str(world), "--port", str(port)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return work, world, server, f"http://127.0.0.1:{port}"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -333,19 +350,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="a --set for both job runs (e.g. execution.task_cpus=1.0); default: none")
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
-    if not 0 < a.small < a.rows:
-        p.error("need 0 < --small < --rows")
-    work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    world = make_world(work, a.rows, a.seed)
+    work, world, server, base = serve_list(p, a)
     cg = Cgroup(f"clipcurate-bench-{os.getpid()}")
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "testkit.http_server", "--root", str(world), "--port", str(port)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     cg.add(server.pid)
-    base = f"http://127.0.0.1:{port}"
     load = os.getloadavg()
     runs: list[Run] = []
     head: subprocess.Popen | None = None
