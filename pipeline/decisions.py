@@ -135,16 +135,26 @@ def _one_pair_one_score(table: pa.Table) -> pa.Table:
     key. Only the columns the decisions read are replaced, in this copy."""
     if not {S.SHA256, S.CAPTION, S.KEY, S.STATUS} <= set(table.column_names):
         return table
-    hashes, captions = S.column_list(table, S.SHA256), S.column_list(table, S.CAPTION)
-    keys, statuses = S.column_list(table, S.KEY), S.column_list(table, S.STATUS)
-    first: dict[tuple[str, Any], int] = {}
-    source = np.arange(table.num_rows)
-    for i in sorted(range(table.num_rows), key=lambda r: keys[r]):
-        h = hashes[i]
-        if h is None or statuses[i] != S.OK:
-            continue
-        source[i] = first.setdefault((h, captions[i]), i)
-    if (source == np.arange(table.num_rows)).all():
+    # Only ok rows whose bytes occur more than once can share a pair: find them in Arrow, so
+    # the per-row Python below touches a run's copies, not all its rows.
+    n = table.num_rows
+    ok = pc.fill_null(pc.equal(table.column(S.STATUS), S.OK), False).to_numpy(zero_copy_only=False)
+    codes = pc.dictionary_encode(table.column(S.SHA256)).combine_chunks().indices
+    code = pc.fill_null(codes, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    ok &= code >= 0
+    counts = np.bincount(code[ok], minlength=1)
+    repeated = np.flatnonzero(ok & (counts[np.maximum(code, 0)] > 1))
+    if not len(repeated):
+        return table
+    source = np.arange(n)
+    pick = pa.array(repeated, pa.int64())
+    keys = table.column(S.KEY).take(pick).to_pylist()
+    captions = table.column(S.CAPTION).take(pick).to_pylist()
+    first: dict[tuple[int, Any], int] = {}
+    for j in sorted(range(len(repeated)), key=lambda r: keys[r]):
+        i = int(repeated[j])
+        source[i] = first.setdefault((int(code[i]), captions[j]), i)
+    if (source == np.arange(n)).all():
         return table
     take = pa.array(source, pa.int64())
     for name in _MODEL_OUTPUTS:

@@ -219,3 +219,19 @@ def test_one_image_caption_pair_twice_gets_one_decision() -> None:
     # k1 with a caption of its own is judged on its own score: kept, k0 below the threshold.
     t2 = t.set_column(t.column_names.index(S.CAPTION), S.CAPTION, pa.array(["a cat", "a kitten", "a dog", "a dog"]))
     assert decide(t2, FILTERS, DEDUP, RULES)[S.KEEP].to_pylist()[:2] == [False, True]
+
+
+def test_only_ok_rows_with_repeated_bytes_share_scores() -> None:
+    """A failed row with the same bytes and caption neither lends its scores nor takes them,
+    and rows without a sha256 are each their own pair."""
+    rows = [
+        ("k0", "decode_error", 0.9, None, "A", None, None, None),  # first key, but not ok
+        ("k1", "ok", 0.2799, E1, "A", -0.10, None, None),
+        ("k2", "ok", 0.2801, E2, None, -0.10, None, None),
+        ("k3", "ok", 0.2801, E3, None, -0.10, None, None),
+    ]
+    t = _table(rows).append_column(S.CAPTION, pa.array(["a cat"] * 4))
+    out = decide(t, FILTERS, DEDUP, RULES)
+    # k1 keeps its own 0.2799 (below 0.28), not the failed row's 0.9; k2 and k3 keep theirs.
+    assert out[S.KEEP].to_pylist() == [False, False, True, True]
+    assert out[S.DROP_REASON].to_pylist()[1] == f"clip_score<0.28 ({SHORT})"
