@@ -21,6 +21,13 @@ PIL images. The runtime has no torchvision, so the same arithmetic is written ou
 The work is split in two so the pipeline can run the PIL part on CPU workers and the
 normalisation batched on the model's device: ``resize_crop_uint8`` (PIL, one image) and
 ``normalize_uint8`` (torch, a batch). ``image_transform`` chains them for one image.
+
+``pixels_tensor`` + ``resize_crop_tensor_uint8`` compute the resize and crop with torch's
+antialiased uint8 kernels instead of PIL's (the decode task's path, which has torch): the same filters and
+sizes at a fraction of the CPU (SIMD; PIL's resampling is scalar C). The two passes run in
+another order, each rounding to uint8, so a few pixels differ from PIL's by 1-3 levels
+(tests/clip_model/test_transform.py), and a real-size ViT's embedding by cosine < 1e-4
+(tests/pipeline/test_embed.py).
 """
 
 from __future__ import annotations
@@ -59,20 +66,13 @@ def _crop_offsets(resized: tuple[int, int], cfg: PreprocessConfig) -> tuple[int,
     return int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
 
 
-def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig, reducing_gap: float | None = None) -> np.ndarray:
+def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """Resize, center-crop and convert one image to RGB, as the weights expect.
 
     Args:
         img: a PIL image of any mode Pillow can convert to RGB (RGB, RGBA, L, LA, P, CMYK,
             ...); a lazily opened file is decoded here.
         cfg: the weights' preprocessing (image_size S, interpolation, resize_mode).
-        reducing_gap: None (default) computes exactly what open_clip's transform computes.
-            A number trades a little exactness for speed when shrinking a large image by
-            much (shrinking only): the crop's window alone is resampled (the same source
-            pixels feed each output pixel), after a box reduction by an integer factor while at least
-            ``reducing_gap`` times the output size remains (Pillow's ``reducing_gap``). At
-            2.0 a random-weight ViT-B-32 embeds 300-3000 px photos at cosine >= 0.99996 to
-            the exact path, for ~45 % of its CPU.
     Returns:
         numpy uint8 array [S, S, 3] (height, width, RGB), C-contiguous and writable.
     Raises:
@@ -87,12 +87,6 @@ def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig, reducing_gap: flo
         raise ValueError(f"image has no pixels: size {width}x{height}")
     size = cfg.image_size
     new_size = resize_size(width, height, cfg)
-    if reducing_gap is not None and cfg.resize_mode == "shortest" and new_size[0] < width and new_size[1] < height:
-        left, top = _crop_offsets(new_size, cfg)
-        sx, sy = width / new_size[0], height / new_size[1]
-        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        img = img.resize((size, size), _RESAMPLE[cfg.interpolation], box=box, reducing_gap=reducing_gap)
-        return np.array(img.convert("RGB"), dtype=np.uint8)
     if new_size != (width, height):
         img = img.resize(new_size, resample=_RESAMPLE[cfg.interpolation])
     if cfg.resize_mode == "shortest":
@@ -104,6 +98,68 @@ def resize_crop_uint8(img: Image.Image, cfg: PreprocessConfig, reducing_gap: flo
     rgb = img.convert("RGB")
     # np.array copies: np.asarray on a PIL image is read-only, which torch.from_numpy warns about.
     return np.array(rgb, dtype=np.uint8)
+
+
+def pixels_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as a uint8 tensor [1, C, H, W] in channels-last memory, the layout
+    torch's SIMD resampling kernels take.
+
+    C = 4 (R, G, B and Pillow's padding byte, which resampling ignores) when the image's rows
+    lie in one block: a view of Pillow's own memory through its Arrow export, no copy (a copy
+    to RGB costs ~0.35 ms for a 600 x 450 photo). Else C = 3, a copy. Read the tensor only
+    while ``img`` is alive and do not write to it.
+    Raises ValueError when ``img.mode`` is not "RGB".
+    """
+    import warnings
+
+    import pyarrow as pa
+    import torch
+
+    if img.mode != "RGB":
+        raise ValueError(f"pixels_tensor needs an RGB image, got mode {img.mode!r}")
+    width, height = img.size
+    try:
+        flat = pa.array(img).values.to_numpy(zero_copy_only=True)
+        hwc = flat.reshape(1, height, width, 4)
+    except (ValueError, pa.ArrowException):  # rows in several blocks (large images)
+        hwc = np.asarray(img)[None]
+    with warnings.catch_warnings():
+        # Arrow memory is read-only and torch warns about that; these tensors are only read.
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(hwc).permute(0, 3, 1, 2)
+
+
+def resize_tensor_uint8(x: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """Antialiased resize of uint8 [1, C, H, W] (as :func:`pixels_tensor` gives) to ``size``
+    (width, height) with ``interpolation`` ("bicubic" or "bilinear", PIL's filters); returns
+    uint8 [1, C, height, width], channels-last."""
+    import torch.nn.functional as F
+
+    if interpolation not in _RESAMPLE:
+        raise ValueError(f"interpolation must be bicubic or bilinear, got {interpolation!r}")
+    width, height = size
+    if (x.shape[-1], x.shape[-2]) == (width, height):
+        return x
+    return F.interpolate(x, size=(height, width), mode=interpolation, antialias=True)
+
+
+def resize_crop_tensor_uint8(x: torch.Tensor, cfg: PreprocessConfig) -> np.ndarray:
+    """:func:`resize_crop_uint8` of the image that :func:`pixels_tensor` made ``x`` from, by
+    torch's kernels: the same sizes, filter and crop; a few pixels 1-3 levels off (see the
+    module docstring).
+
+    Returns numpy uint8 [S, S, 3] (height, width, RGB), C-contiguous and writable.
+    """
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image has no pixels: size {width}x{height}")
+    size = cfg.image_size
+    new_size = resize_size(width, height, cfg)
+    x = resize_tensor_uint8(x, new_size, cfg.interpolation)
+    if cfg.resize_mode == "shortest" and new_size != (size, size):
+        left, top = _crop_offsets(new_size, cfg)
+        x = x[..., top : top + size, left : left + size]
+    return x[0, :3].permute(1, 2, 0).contiguous().numpy()
 
 
 def normalize_uint8(

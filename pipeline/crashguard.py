@@ -133,6 +133,9 @@ class _Child:
         # The child must import the same pipeline package as this process, wherever Ray put
         # it (an editable install, or a job's working_dir).
         env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+        # The child works one item at a time: one thread for native libraries (torch's
+        # resampling in the decode child), whose idle pool threads would spin for nothing.
+        env["OMP_NUM_THREADS"] = "1"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.crashguard", target, str(os.getpid())],
             stdin=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""Decode, check, resize and re-encode downloaded images (Pillow only).
+"""Decode, check, resize and re-encode downloaded images (Pillow; torch's kernels resample).
 
 Per row with ``status == "ok"``, in this order, stopping at the first failure:
 
@@ -15,13 +15,15 @@ Per row with ``status == "ok"``, in this order, stopping at the first failure:
    ``decode_error``.
 4. Resize exactly as img2dataset's ``Resizer`` defines the modes (sizes rounded the way
    albumentations' ``LongestMaxSize``/``SmallestMaxSize`` round them, padding and cropping
-   offsets as ``PadIfNeeded``/``CenterCrop`` place them); Hamming filter when shrinking (the
-   closest Pillow match to OpenCV's area filter), Lanczos when enlarging.
+   offsets as ``PadIfNeeded``/``CenterCrop`` place them); antialiased bicubic when shrinking,
+   by torch's SIMD uint8 kernel (as close to OpenCV's area filter as Pillow's Hamming, which
+   costs ~4x the CPU: see ``_shrink``), Pillow's Lanczos when enlarging.
 5. Re-encode (jpg with ``encode_quality``, png, or webp) and hash the stored bytes (sha256).
 6. Decode once: when the stage is given the embedding model's preprocessing
    (``model_input``), the model's uint8 input is made here, by the model's own
-   ``resize_crop_uint8`` (shortest side to S, centre crop), from the same decoded pixels as
-   the stored copy and before that copy is resized, padded and JPEG-encoded. So no image is
+   ``resize_crop_uint8`` arithmetic (shortest side to S, centre crop; computed by torch's
+   kernels, :func:`clip_model.transform.resize_crop_tensor_uint8`), from the same decoded
+   pixels as the stored copy and before that copy is resized, padded and JPEG-encoded. So no image is
    decoded twice, and the model never sees the stored copy's border padding or its JPEG
    artefacts. The JPEG draft keeps >= 3x headroom for the model's input. With ``thumbnails`` a
    32 x 32 thumbnail of the model's square is made too (dedup's pixel check).
@@ -45,7 +47,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +60,9 @@ from pipeline.config import DecodeConfig
 from pipeline.crashguard import Crashed, shared_sandbox
 from pipeline.stages.base import Resources, Stage
 from pipeline.thumbnails import THUMB_SIDE
+
+if TYPE_CHECKING:  # imported by the decode itself: this module loads in torch-free workers
+    import torch
 
 # Pillow plugin name for each allowlist name.
 _PIL_FORMAT = {
@@ -73,7 +78,6 @@ _ORIENTATION_TAG = 0x0112
 # of the model's input; see _draft_request.
 _STORE_DRAFT_HEADROOM = 1.25
 _MODEL_DRAFT_HEADROOM = 3
-_MODEL_REDUCING_GAP = 2.0
 
 
 class RowFailure(Exception):
@@ -259,11 +263,12 @@ def _draft_request(raw_w: int, raw_h: int, swapped: bool, target: tuple[int, int
     The stored copy's bound is set against img2dataset's pixels (OpenCV full decode, INTER_AREA)
     on 300 photo-like files and the test photos (bench/decode_draft.py). What a user keeps is
     the stored JPEG (quality 95): at 1.25x it is as close to img2dataset's pixels as
-    img2dataset's own stored JPEG is (PSNR median 37.8 dB against 38.1, 5th percentile 33.5
-    against 33.6, worst 32.5 against 32.5); at 1x the worst file loses 1.2 dB, so the draft
-    stops here. Before encoding, the resized copy differs from img2dataset's by a median 48 dB.
-    It decodes ~7 % faster than at 1.5x and ~28 % faster than at 3x (which drafts almost no
-    300-1200 px photo). The model input keeps 3x:
+    img2dataset's own stored JPEG is (PSNR median 37.9 dB against 38.1, 5th percentile 33.5
+    against 33.6, worst 32.5 against 32.5, with :func:`_shrink`'s filter); at 1x the worst
+    file loses ~1 dB, so the draft stops here. Before encoding, the resized copy differs from
+    img2dataset's by a median 48 dB. Decoding fewer pixels is most of what the draft saves
+    (bench/RESULTS.md, "JPEG draft headroom"; at 3x almost no 300-1200 px photo is drafted).
+    The model input keeps 3x:
     a real-size ViT's embedding stays at cosine >= 0.9999 to the full decode's."""
     if target is None:
         return None  # resize_mode "no" stores every pixel
@@ -277,19 +282,33 @@ def _draft_request(raw_w: int, raw_h: int, swapped: bool, target: tuple[int, int
     return need_w, need_h
 
 
-def _model_input(rgb: Image.Image, pp: PreprocessConfig, thumbnails: bool) -> tuple[bytes, bytes | None]:
-    from clip_model.transform import resize_crop_uint8
+def _model_input(view: torch.Tensor, pp: PreprocessConfig, thumbnails: bool) -> tuple[bytes, bytes | None]:
+    from clip_model.transform import resize_crop_tensor_uint8
 
-    # Antialiased bicubic of a whole photo at full resolution costs ~8 ms for a 224 px model;
-    # resampling only the crop's window, after an integer box reduction while >= 2x the
-    # model's size remains, costs under half and keeps a real-size ViT's embedding at cosine
-    # >= 0.9999 to the exact transform (tests/pipeline/test_embed.py).
-    arr = resize_crop_uint8(rgb, pp, reducing_gap=_MODEL_REDUCING_GAP)
+    # The whole decoded picture, resized as open_clip's transform resizes it: torch's uint8
+    # kernels do that in ~0.2 ms where Pillow took ~0.4 ms for a box-reduced approximation.
+    arr = resize_crop_tensor_uint8(view, pp)
     thumb = None
     if thumbnails:
         square = Image.fromarray(arr, "RGB")
         thumb = square.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR).tobytes()
     return arr.tobytes(), thumb
+
+
+def _shrink(view: torch.Tensor, target: tuple[int, int]) -> Image.Image:
+    """The stored copy, shrunk to ``target`` (width, height) from :func:`pixels_tensor`'s view.
+
+    Antialiased bicubic by torch's SIMD uint8 kernel: 0.3 ms for a typical drafted photo
+    where Pillow's Hamming took 1.2 ms. Against img2dataset's pixels (OpenCV full decode,
+    INTER_AREA) it is as close as Hamming was, on 300 photo-like files and the test photos
+    (bench/decode_draft.py: PSNR before encoding median 47.9 dB against 48.2, 5th percentile
+    41.4 against 41.1, worst 36.8 against 36.7; the stored JPEG q95 37.9 / 33.5 / 32.5 against
+    37.8 / 33.5 / 32.5)."""
+    from clip_model.transform import resize_tensor_uint8
+
+    out = resize_tensor_uint8(view, target, "bicubic")
+    hwc = out[0].permute(1, 2, 0).contiguous().numpy()
+    return Image.frombytes("RGB", target, hwc.tobytes(), "raw", "RGBX" if hwc.shape[2] == 4 else "RGB")
 
 
 def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> DecodedImage:
@@ -347,21 +366,22 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
         if orientation != 1:
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
+        shrink = target is not None and rgb.size != target and (target[0] < ow or target[1] < oh)
+        view = None
+        if shrink or opts.model_input is not None:
+            from clip_model.transform import pixels_tensor
+
+            view = pixels_tensor(rgb)  # shared by the model input and the stored copy
         pixels = thumb = None
         if opts.model_input is not None:
-            pixels, thumb = _model_input(rgb, opts.model_input, opts.thumbnails)
+            pixels, thumb = _model_input(view, opts.model_input, opts.thumbnails)
         pdq: tuple[bytes, ...] | None = None
         if target is not None:
-            shrinking = target[0] < ow or target[1] < oh
-            if rgb.size != target:
-                # Shrinking: Pillow's Hamming filter is the closest match to OpenCV's INTER_AREA
-                # (>= 39 dB on photos, where BOX gets ~31 dB at small factors). reducing_gap=2
-                # first box-reduces by an integer factor while >= 2x remains, which is cheaper
-                # and still >= 38.8 dB together with the draft above.
-                if shrinking:
-                    rgb = rgb.resize(target, Image.Resampling.HAMMING, reducing_gap=2.0)
-                else:
-                    rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+            if shrink:
+                rgb = _shrink(view, target)
+            elif rgb.size != target:
+                rgb = rgb.resize(target, Image.Resampling.LANCZOS)
+            view = None
             pdq = _pdq(rgb, opts.pdq_dihedral)  # blocklists: the whole picture, before pad/crop
             rgb = _place(rgb, cfg)
         if pdq is None:
