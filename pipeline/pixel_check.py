@@ -220,13 +220,16 @@ def _reach_range(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo.astype(np.int16), hi.astype(np.int16)
 
 
-def mean_lower_bound(
-    a: np.ndarray, b: np.ndarray, reach_b: tuple[np.ndarray, np.ndarray] | None = None
-) -> np.ndarray:
-    """float64 [P]: a lower bound, over every pose the search tries, of the interior mean of
-    |a - warp(b)| (uint8 [P, S, S, 3] each; before the contrast gain). A warped pixel of b is
-    a convex mix of b's pixels within :func:`_reach` of it, so it lies between their minimum
-    and maximum; its distance to a's pixel can be no smaller than a's distance to that range.
+def lower_bounds(
+    a: np.ndarray, b: np.ndarray | None, reach_b: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """float64 [P] each: lower bounds, over every pose the search tries, of the interior
+    ``mean`` and of the ``blob`` of |a - warp(b)| (uint8 [P, S, S, 3] each; before the
+    contrast gain). A warped pixel of b is a convex mix of b's pixels within :func:`_reach` of
+    it, so it lies between their minimum and maximum; its distance to a's pixel can be no
+    smaller than a's distance to that range. That holds pixel by pixel at every pose, so the
+    mean of those distances bounds ``mean``, and their largest 3 x 3 average (channels
+    averaged first, as :func:`residuals` does) bounds ``blob``, whichever pose is best.
     Lets :func:`confirm_pairs` skip the search for pairs that cannot pass (no answer changes).
     ``reach_b``: :func:`_reach_range` of ``b`` when the caller has it (b may then be None)."""
     s = a.shape[1]
@@ -235,7 +238,17 @@ def mean_lower_bound(
     ta = a[:, border : s - border, border : s - border].astype(np.int16)
     lo, hi = lo[:, border : s - border, border : s - border], hi[:, border : s - border, border : s - border]
     dist = np.maximum(lo - ta, 0) + np.maximum(ta - hi, 0)
-    return dist.mean((1, 2, 3), dtype=np.float64)
+    per_pixel = dist.mean(axis=3, dtype=np.float64)  # [P, h, w]
+    rows3 = per_pixel[:, :-2] + per_pixel[:, 1:-1] + per_pixel[:, 2:]
+    box3 = (rows3[:, :, :-2] + rows3[:, :, 1:-1] + rows3[:, :, 2:]) / 9.0
+    return per_pixel.mean(axis=(1, 2)), box3.max(axis=(1, 2))
+
+
+def _may_pass(bounds: tuple[np.ndarray, np.ndarray], gain: np.ndarray, mean_max: float, blob_max: float) -> np.ndarray:
+    """bool [P]: pairs whose :func:`lower_bounds` leave room to pass. The search computes in
+    float32; the slack keeps a pair whose exact bound sits within rounding of a limit."""
+    slack = 1e-3
+    return (bounds[0] * gain <= mean_max + slack) & (bounds[1] * gain <= blob_max + slack)
 
 
 def confirm_pairs(
@@ -271,9 +284,9 @@ def confirm_pairs(
         cb = contrast(b) if contrast_j is None else contrast_j[j[have]]
         gain = MIN_CONTRAST / np.clip((ca + cb) / 2, 1.0, MIN_CONTRAST)
         # Most candidates are different pictures: skip each direction's search when even
-        # the best pose cannot bring the mean within bounds.
+        # the best pose cannot bring the mean, or the worst patch, within bounds.
         lo, hi = _reach_range(thumbs_j[uj])
-        forward = np.flatnonzero(mean_lower_bound(a, None, (lo[at_j], hi[at_j])) * gain <= mean_max)
+        forward = np.flatnonzero(_may_pass(lower_bounds(a, None, (lo[at_j], hi[at_j])), gain, mean_max, blob_max))
         passed = np.zeros(len(have), dtype=bool)
         if len(forward):
             mean, blob = residuals(a[forward], b[forward], ca[forward], cb[forward])
@@ -285,7 +298,7 @@ def confirm_pairs(
             hi_i = np.zeros_like(lo_i)
             lo_i[back], hi_i[back] = _reach_range(thumbs_i[ui[back]])
             reach_a = (lo_i[at_i[retry]], hi_i[at_i[retry]])
-            retry = retry[mean_lower_bound(b[retry], None, reach_a) * gain[retry] <= mean_max]
+            retry = retry[_may_pass(lower_bounds(b[retry], None, reach_a), gain[retry], mean_max, blob_max)]
         if len(retry):
             mean, blob = residuals(b[retry], a[retry], cb[retry], ca[retry])
             passed[retry] = (mean <= mean_max) & (blob <= blob_max)

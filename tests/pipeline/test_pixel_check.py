@@ -313,10 +313,10 @@ def test_real_photographs_near_copies_confirmed_other_photos_not() -> None:
     assert np.array_equal(confirm_pairs(thumbs, ok, thumbs, ok, j, i), confirmed)
 
 
-def test_the_lower_bound_never_exceeds_the_searched_mean_and_skips_change_no_answer() -> None:
-    """confirm_pairs skips the pose search where mean_lower_bound proves it cannot pass; the
-    bound must hold for every pose the search tries (float64 reference: the search itself)."""
-    from pipeline.pixel_check import MIN_CONTRAST, mean_lower_bound
+def test_the_lower_bounds_never_exceed_the_searched_mean_and_blob_and_skips_change_no_answer() -> None:
+    """confirm_pairs skips the pose search where lower_bounds proves it cannot pass; the
+    bounds must hold for every pose the search tries (reference: the search itself)."""
+    from pipeline.pixel_check import MIN_CONTRAST, lower_bounds
 
     rng = np.random.default_rng(11)
     n = 60
@@ -325,11 +325,23 @@ def test_the_lower_bound_never_exceeds_the_searched_mean_and_skips_change_no_ans
     b[: n // 3] = np.roll(a[: n // 3], (2, -3), axis=(1, 2))  # shifted copies: must stay candidates
     b[n // 3 : 2 * n // 3] = rng.integers(0, 256, (n // 3, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
     b[2 * n // 3 :] = (a[2 * n // 3 :] // 2 + 60).astype(np.uint8)  # same layout, other colours
-    searched, _ = residuals(a, b)
+    # One more kind: the same picture with one square patch painted over, which the mean
+    # forgives and the blob does not.
+    ramp = 20 + 2 * np.arange(THUMB_SIDE)[None, :, None] + rng.integers(0, 30, (20, 1, 1, 3))  # gentle slopes
+    smooth = np.broadcast_to(ramp, (20, THUMB_SIDE, THUMB_SIDE, 3)).astype(np.uint8)
+    painted = smooth.copy()
+    # 9 x 9: larger than the 7 x 7 window a pose can move a pixel within, small beside the mean.
+    painted[:, 10:19, 10:19] += 150
+    a, b = np.concatenate([a, smooth]), np.concatenate([b, painted])
+    n = len(a)
+    searched, searched_blob = residuals(a, b)
     gain = MIN_CONTRAST / np.clip((contrast(a) + contrast(b)) / 2, 1.0, MIN_CONTRAST)
-    bound = mean_lower_bound(a, b)
-    assert (bound <= searched / gain + 1e-9).all()
-    assert (bound[n // 3 : 2 * n // 3] > 0).all()  # different pictures get a useful bound
+    bound, blob_bound = lower_bounds(a, b)
+    assert (bound <= searched / gain + 1e-4).all()
+    assert (blob_bound <= searched_blob / gain + 1e-4).all()
+    assert (bound[20:40] > 0).all()  # different pictures get a useful bound
+    # The painted patch alone rules those pairs out, where the mean bound cannot.
+    assert (blob_bound[60:] * gain[60:] > 23.0).all() and (bound[60:] * gain[60:] <= 4.5).all()
     ok = np.ones(n, bool)
     idx = np.arange(n)
     fast = confirm_pairs(a, ok, b, ok, idx, idx)
