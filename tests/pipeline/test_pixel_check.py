@@ -351,6 +351,48 @@ def test_the_lower_bounds_never_exceed_the_searched_mean_and_blob_and_skips_chan
     assert np.array_equal(fast, full)
 
 
+@pytest.mark.parametrize("side,border", [(16, 1), (32, 2), (9, 1)])
+def test_separable_warp_equals_grid_sample(side: int, border: int) -> None:
+    """The search warps by two small matrix products per pose; reference: torch's own
+    affine_grid + grid_sample (bilinear, border padding) at the same poses, pixel by pixel."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.pixel_check import (
+        _SCALES,
+        _SHIFTS,
+        _axis_weights,
+        _coarse_weights,
+        _warp_differences,
+    )
+
+    rng = np.random.default_rng(side)
+    a = torch.tensor(rng.uniform(0, 255, (3, 3, side, side)), dtype=torch.float32)
+    b = torch.tensor(rng.uniform(0, 255, (3, 3, side, side)), dtype=torch.float32)
+    scales, shifts = _SCALES.tolist(), _SHIFTS.tolist()
+    theta = torch.tensor([[[sc, 0.0, dx], [0.0, sc, dy]] for sc in scales for dx in shifts for dy in shifts])
+    grid = F.affine_grid(theta, [len(theta), 3, side, side], align_corners=False)
+    inner = slice(border, side - border)
+    w = _coarse_weights(side, border)
+    got = _warp_differences(a, b, w, w, border)
+    for p in range(3):
+        warped = F.grid_sample(b[p].expand(len(theta), 3, side, side), grid, mode="bilinear",
+                               padding_mode="border", align_corners=False)
+        want = (warped - a[p]).abs().sum(1)[:, inner, inner]
+        assert torch.allclose(got[p], want, atol=2e-3), float((got[p] - want).abs().max())
+    # Per-pair poses (the fine search): the pair's own scale and shifts.
+    sc = torch.tensor([[0.93], [1.0], [1.07]])[:, :, None]  # [P, 1, 1]
+    dx = torch.tensor([[-0.1], [0.0], [0.05]])[:, :, None]
+    dy = torch.tensor([[0.02], [-0.03], [0.1]])[:, :, None]
+    got = _warp_differences(a, b, _axis_weights(sc, dx, side, border), _axis_weights(sc, dy, side, border), border)
+    for p in range(3):
+        th = torch.tensor([[[sc[p].item(), 0.0, dx[p].item()], [0.0, sc[p].item(), dy[p].item()]]])
+        warped = F.grid_sample(b[p : p + 1], F.affine_grid(th, [1, 3, side, side], align_corners=False),
+                               mode="bilinear", padding_mode="border", align_corners=False)
+        want = (warped - a[p]).abs().sum(1)[:, inner, inner]
+        assert torch.allclose(got[p], want, atol=2e-3)
+
+
 @pytest.mark.parametrize("side", [8, 16, 32])
 def test_reach_range_is_the_window_extreme_of_replicated_edges(side: int) -> None:
     # Reference: for each pixel, min and max over the (2r+1)^2 window, edges clamped, by loops.
