@@ -463,7 +463,7 @@ class ExecutionConfig:
 
     scheduler: str = "auto"
     ray_address: str | None = None  # None: $RAY_ADDRESS (set under `ray job submit`) or local Ray
-    processes: int | None = None  # local: CPU worker processes (None: one per CPU)
+    processes: int | None = None  # local: CPU worker processes (None: the CPUs model workers on CPUs leave)
     prefetch: int = 1  # local: shards a CPU worker downloads ahead of the one it decodes
     # Tries per shard when the process running it dies (local: a worker process; Ray: a task
     # or actor); a shard that kills its worker this many times fails the run, naming it.

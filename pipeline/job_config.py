@@ -484,7 +484,7 @@ FLAGS: dict[str, Flag | tuple[str, str]] = {
         "execution.scheduler",
         "auto (default: ray with a Ray address, else local) | local (worker processes, no Ray) | ray",
     ),
-    "--processes": ("execution.processes", "local scheduler: CPU worker processes (default: one per CPU)"),
+    "--processes": ("execution.processes", "local scheduler: CPU worker processes (default: one per CPU that a model worker on CPUs does not take)"),
     "--ray-address": ("execution.ray_address", "Ray cluster; default $RAY_ADDRESS (set by ray job submit)"),
 }
 def build_parser(prog: str = "embed_laion.py") -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Run a :class:`~pipeline.graph.Graph` in local worker processes, without Ray: the default on
 one machine (img2dataset's ``multiprocessing`` distributor, for the whole job).
 
-    parent: items -> CPU workers (one per CPU): read+download+decode+shard+tokenize per shard
+    parent: items -> CPU workers (one per CPU a model worker on CPUs does not take):
+                     read+download+decode+shard+tokenize per shard
                   -> model workers (embed: one per GPU, or one on CPUs)
                   -> CPU workers again: write
                   -> parent: progress, counts
@@ -20,7 +21,8 @@ input is.
 
 Start-up: workers are forked from a ``forkserver`` that imported this module and the stages
 (pyarrow, Pillow, numpy; no torch): a CPU worker starts in milliseconds and never imports
-torch; a model worker imports it when its stage sets up. A forkserver keeps the environment
+torch (its decode crash-guard child does, for torch's resampling kernels); a model worker
+imports it when its stage sets up. A forkserver keeps the environment
 of the moment it started, so each worker is handed the parent's environment when it starts.
 
 Worker loss: when a worker process dies (SIGKILL, the OOM killer, a crashing decoder with
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -246,8 +249,9 @@ def _death(exitcode: int | None) -> str:
 
 
 class LocalScheduler:
-    """Local worker processes: ``processes`` CPU workers (default one per CPU), model workers
-    sized from the stage (``concurrency``) or the machine (one per GPU, else one)."""
+    """Local worker processes: ``processes`` CPU workers (default: one per CPU that no model
+    worker running on CPUs takes, see :meth:`cpu_workers`), model workers sized from the stage
+    (``concurrency``) or the machine (one per GPU, else one)."""
 
     name = "local"
 
@@ -258,7 +262,7 @@ class LocalScheduler:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if item_attempts < 1:
             raise ValueError(f"item_attempts must be >= 1, got {item_attempts}")
-        self.processes = processes or cpu_count()
+        self.processes = processes
         self.prefetch = prefetch
         self.item_attempts = item_attempts
 
@@ -280,6 +284,30 @@ class LocalScheduler:
         if seg.resources.num_gpus > 0:
             return max(1, int(self.gpus() // seg.resources.num_gpus))
         return 1
+
+    def cpu_workers(self, segs: list[Segment]) -> int:
+        """CPU worker processes for a graph's segments: ``processes`` when given, else the CPUs
+        left after the model workers that run on CPUs take what their stage declares
+        (``num_cpus`` each, as Ray Data would reserve for them), at least one.
+
+        A model worker on CPUs computes all the time; a CPU worker for each core beside it
+        oversubscribes the machine: on 2 cores, 2 CPU workers and the model worker cost 7.3-7.8
+        ms of CPU per image against 6.9 with one CPU worker, for 330 rather than 230 rows/s
+        (bench/RESULTS.md, "Local scheduler: CPU workers beside a model worker on CPUs").
+        Model workers on GPUs mostly wait for the device and take no CPU from the pool."""
+        if self.processes is not None:
+            return self.processes
+        gpus = None
+        taken = 0
+        for seg in segs:
+            if not seg.stateful:
+                continue
+            if seg.resources.num_gpus > 0:
+                gpus = self.gpus() if gpus is None else gpus
+                if gpus > 0:
+                    continue
+            taken += self.pool_size(seg) * max(1, math.ceil(seg.resources.num_cpus))
+        return max(1, cpu_count() - taken)
 
     def run(self, graph: Graph, items: dict[str, list[dict[str, Any]]],
             on_batch: Callable[[pa.Table], None]) -> dict[str, dict[str, Any]]:
@@ -328,7 +356,7 @@ class _Run:
             else:
                 self.pool_of[i] = "cpu"
         if any(p == "cpu" for p in self.pool_of.values()):
-            self.pool_sizes["cpu"] = min(sched.processes, max(1, self.total))
+            self.pool_sizes["cpu"] = min(sched.cpu_workers(self.segs), max(1, self.total))
         self.capacity = {p: (1 + sched.prefetch if p == "cpu" else 2) for p in self.pool_sizes}
         # How far along a plan each segment sits: deeper segments are served first.
         self.depth = {seg: max(p.index(seg) for p in plans if seg in p) for seg in range(len(self.segs))}

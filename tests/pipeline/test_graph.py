@@ -74,6 +74,29 @@ def test_local_pool_sizes_come_from_the_stage_or_the_machine(monkeypatch: pytest
     assert local.pool_size(declared) == 3
 
 
+def test_local_cpu_workers_leave_the_cores_model_workers_on_cpus_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Ray Data reserves an actor's declared CPUs: a model worker on CPUs takes its
+    num_cpus from the CPU pool; on GPUs it takes none; --processes overrides; at least one."""
+    import pipeline.schedulers.local as L
+
+    monkeypatch.setattr(L, "cpu_count", lambda: 8)
+    monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 0)
+    auto = LocalScheduler()
+    job = segments(_job_graph().tail)
+    assert auto.cpu_workers(job) == 7  # one model worker on CPUs, one CPU each
+    two_threads = segments(_job_graph(EmbedConfig(num_gpus=0.0, num_cpus=2.0, concurrency=(1, 3))).tail)
+    assert auto.cpu_workers(two_threads) == 2  # three model workers, two CPUs each
+    download = segments(build_download_graph(DownloadJobConfig(
+        read=ReadConfig(url_list="unused"), shard=ShardConfig(output_folder="/tmp/none"))).sources["download"])
+    assert auto.cpu_workers(download) == 8  # no model: every CPU
+    assert LocalScheduler(processes=3).cpu_workers(job) == 3
+    monkeypatch.setattr(L, "cpu_count", lambda: 1)
+    assert auto.cpu_workers(job) == 1
+    monkeypatch.setattr(L, "cpu_count", lambda: 8)
+    monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 2)
+    assert auto.cpu_workers(segments(_job_graph(EmbedConfig(num_gpus=1.0)).tail)) == 8  # on GPUs
+
+
 @pytest.fixture(scope="module")
 def ray_plan() -> Iterator[Any]:
     """A loopback-only local Ray to build (not run) datasets on."""
