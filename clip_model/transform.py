@@ -23,11 +23,11 @@ normalisation batched on the model's device: ``resize_crop_uint8`` (PIL, one ima
 ``normalize_uint8`` (torch, a batch). ``image_transform`` chains them for one image.
 
 ``pixels_tensor`` + ``resize_crop_tensor_uint8`` compute the resize and crop with torch's
-antialiased uint8 kernels instead of PIL's (the decode task's path, which has torch): the same filters and
-sizes at a fraction of the CPU (SIMD; PIL's resampling is scalar C). The two passes run in
-another order, each rounding to uint8, so a few pixels differ from PIL's by 1-3 levels
-(tests/clip_model/test_transform.py), and a real-size ViT's embedding by cosine < 1e-4
-(tests/pipeline/test_embed.py).
+antialiased uint8 kernels instead of PIL's (the decode task's path, which has torch): the
+same filters and sizes at a fraction of the CPU (SIMD; PIL's resampling is scalar C). The
+two passes run in another order, each rounding to uint8, so a few pixels differ from PIL's
+by 1-3 levels (tests/clip_model/test_transform.py), and a real-size ViT's embedding by
+cosine < 1e-4 (tests/pipeline/test_embed.py).
 """
 
 from __future__ import annotations
