@@ -266,8 +266,15 @@ def test_embeddings_equal_clip_model_on_the_downloaded_image(runs) -> None:
             got_txt = np.asarray(r[S.TEXT_EMBEDDING], np.float64)
             assert got_img @ want_img / np.linalg.norm(got_img) >= 0.9999, r["_gt_row"]
             assert got_txt @ want_txt / np.linalg.norm(got_txt) >= 0.9999, r["_gt_row"]
+            # clip_score is the cosine of the row's own two embeddings (float16 storage rounds
+            # each value by <= 2^-11 of itself, which moves a cosine by ~1e-3 at most)...
+            own = got_img @ got_txt / np.linalg.norm(got_img) / np.linalg.norm(got_txt)
+            assert abs(r[S.CLIP_SCORE] - own) <= 1.5e-3
+            # ...and close to fp32 clip_model's: on this world bf16 autocast alone moves it by up
+            # to 0.0027 (every row, the transform's exact pixels), the decode task's pixels by
+            # up to 0.0013 more in fp32; 2e-3 held only for the rows this sample happened to hit.
             cos = float(np.dot(want_img.astype(np.float64), want_txt.astype(np.float64)))
-            assert abs(r[S.CLIP_SCORE] - cos) <= 2e-3
+            assert abs(r[S.CLIP_SCORE] - cos) <= 4e-3
 
 
 @pytest.mark.slow
