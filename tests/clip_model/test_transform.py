@@ -180,7 +180,7 @@ def test_torch_kernels_give_the_pil_transform_within_a_few_levels(cfg):
     assert np.median(means) <= 0.01
 
 
-def test_pixels_tensor_views_pillow_memory_and_copies_when_it_must():
+def test_pixels_tensor_views_pillow_memory_and_copies_when_it_must(monkeypatch):
     small = _synthetic(640, 480, "RGB", "PNG", 1).convert("RGB")
     view = pixels_tensor(small)
     # Pillow keeps RGB as four bytes a pixel; the view shows all four, RGB first.
@@ -195,6 +195,10 @@ def test_pixels_tensor_views_pillow_memory_and_copies_when_it_must():
     assert tuple(out.shape) == (1, 3, 200, 300)
     want = np.asarray(big.resize((300, 200), Image.Resampling.BICUBIC)).astype(np.int16)
     assert np.abs(out[0].permute(1, 2, 0).numpy() - want).max() <= 1
+    # A Pillow without the Arrow export (before 11.2): a 3-channel copy, the same pixels.
+    monkeypatch.delattr(Image.Image, "__arrow_c_array__", raising=False)
+    old = pixels_tensor(small)
+    assert tuple(old.shape) == (1, 3, 480, 640) and torch.equal(old, view[:, :3])
     with pytest.raises(ValueError, match="RGB image"):
         pixels_tensor(Image.new("L", (4, 4)))
     with pytest.raises(ValueError, match="bicubic or bilinear"):
