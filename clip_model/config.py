@@ -197,12 +197,15 @@ class ResNetConfig:
     image_size: side of the square input, pixels (any multiple of 32).
     block: "basic" (ResNet18/34 shapes) or "bottleneck" (ResNet50/101).
     layers: blocks per stage; width: channels of the stem and first stage (64 published).
+    downsample: "stride" (torchvision's, the published weights) or "maxpool" (stages 2-4 enter
+        through a 2x2 max pool; for small inputs, see clip_model.resnet.ResNet).
     """
 
     image_size: int = 224
     block: str = "basic"
     layers: tuple[int, ...] = (2, 2, 2, 2)
     width: int = 64
+    downsample: str = "stride"
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, list):
@@ -215,6 +218,10 @@ class ResNetConfig:
             raise ValueError(f"ResNet image_size must be a positive multiple of 32, got {self.image_size}")
         if self.width <= 0:
             raise ValueError(f"ResNet width must be positive, got {self.width}")
+        if self.downsample not in ("stride", "maxpool"):
+            raise ValueError(
+                f"ResNet downsample must be 'stride' or 'maxpool', got {self.downsample!r}"
+            )
 
     @property
     def out_dim(self) -> int:
@@ -235,14 +242,18 @@ class ResNetConfig:
             block, layers = RESNET_SHAPES[name]
             d.setdefault("block", block)
             d.setdefault("layers", layers)
-        unknown = set(d) - {"image_size", "block", "layers", "width"}
+        unknown = set(d) - {"image_size", "block", "layers", "width", "downsample"}
         if unknown:
             raise ValueError(f"unsupported ResNet config keys: {sorted(unknown)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "block": self.block, "layers": list(self.layers),
-                "width": self.width}  # fmt: skip
+        d = {"image_size": self.image_size, "block": self.block, "layers": list(self.layers),
+             "width": self.width}  # fmt: skip
+        # Written only when set, so headers of torchvision-layout files stay as they were.
+        if self.downsample != "stride":
+            d["downsample"] = self.downsample
+        return d
 
 
 @dataclass(frozen=True)

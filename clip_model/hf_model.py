@@ -141,7 +141,7 @@ class ResNetTower(nn.Module):
         super().__init__()
         from .resnet import ResNet
 
-        self.trunk = ResNet(cfg.block, cfg.layers, cfg.width)
+        self.trunk = ResNet(cfg.block, cfg.layers, cfg.width, cfg.downsample)
         self.head = _projection(proj, self.trunk.out_dim, embed_dim, bias=False, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

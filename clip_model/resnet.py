@@ -16,7 +16,7 @@ from torch import nn
 
 from .resnet_shapes import RESNET_SHAPES
 
-__all__ = ["RESNET_SHAPES", "BasicBlock", "Bottleneck", "ResNet"]
+__all__ = ["DOWNSAMPLING", "RESNET_SHAPES", "BasicBlock", "Bottleneck", "ResNet"]
 
 
 class BasicBlock(nn.Module):
@@ -69,6 +69,9 @@ def _downsample(in_ch: int, out_ch: int, stride: int) -> nn.Sequential | None:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
 
 
+DOWNSAMPLING = ("stride", "maxpool")
+
+
 class ResNet(nn.Module):
     """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool), four stages, global average pool.
 
@@ -76,14 +79,27 @@ class ResNet(nn.Module):
     layers: blocks per stage.
     width: channels of the stem and the first stage (64 in the published nets); stage i has
         width * 2**i (times 4 at a bottleneck's output).
-    forward: [N, 3, H, W] -> [N, out_dim] pooled features (no classifier; ``out_dim`` is
+    downsample: how stages 2-4 halve the resolution. "stride": the first block's convolutions
+        stride 2 (torchvision, the published weights). "maxpool": a 2x2 max pool before the
+        stage and stride-1 blocks; the same parameters and state-dict names, so only the
+        forward differs. Why offer it: at 64 px inputs, where objects are 9-23 px, the strided
+        trunk needs about twice the steps to learn their outlines (bench/small_object_shape.py:
+        shape 0.33 / 0.71 at 200 / 400 steps against 0.69 / 0.94), and 600 contrastive steps on
+        a job's output left it at zero-shot colour 0.00-0.24 against 0.81-0.88 (towers-small in
+        bench/RESULTS.md). The same multiply-adds: each stage runs at the resolution it had.
+    forward: [N, 3, H, W] float -> [N, out_dim] pooled features (no classifier; ``out_dim`` is
     width * 8 for basic blocks, width * 32 for bottlenecks).
     """
 
-    def __init__(self, block: str, layers: tuple[int, ...], width: int = 64) -> None:
+    def __init__(
+        self, block: str, layers: tuple[int, ...], width: int = 64, downsample: str = "stride"
+    ) -> None:
         super().__init__()
         if block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
+        if downsample not in DOWNSAMPLING:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLING}, got {downsample!r}")
+        self.pool_stages = downsample == "maxpool"
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive ints, got {layers}")
         cls = BasicBlock if block == "basic" else Bottleneck
@@ -96,7 +112,8 @@ class ResNet(nn.Module):
             stage_width = width * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(cls(in_ch, stage_width, 2 if (j == 0 and i > 0) else 1))
+                stride = 2 if (j == 0 and i > 0 and not self.pool_stages) else 1
+                blocks.append(cls(in_ch, stage_width, stride))
                 in_ch = stage_width * cls.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.out_dim = in_ch
@@ -120,6 +137,7 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        for stage in (self.layer2, self.layer3, self.layer4):
+            x = stage(nn.functional.max_pool2d(x, 2) if self.pool_stages else x)
         return x.mean(dim=(2, 3))

@@ -48,3 +48,35 @@ def test_narrow_resnet_shapes_and_config_errors():
         ResNetConfig(image_size=70)
     with pytest.raises(ValueError, match="unsupported ResNet config keys"):
         ResNetConfig.from_dict({"name": "resnet18", "depth": 3})
+    with pytest.raises(ValueError, match="downsample must be 'stride' or 'maxpool'"):
+        ResNetConfig.from_dict({"name": "resnet18", "downsample": "avgpool"})
+
+
+def test_maxpool_downsampling_matches_torchvision_with_pooled_stage_entries():
+    """downsample="maxpool": torchvision's ResNet18 with the stage-entry strides set to 1 and a
+    2x2 max pool in front of stages 2-4 is the reference; same state dict, same outputs."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18(weights=None).eval()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    for stage in (ref.layer2, ref.layer3, ref.layer4):
+        stage[0].conv1.stride = (1, 1)
+        stage[0].downsample[0].stride = (1, 1)
+        stage.register_forward_pre_hook(lambda _m, args: (torch.nn.functional.max_pool2d(args[0], 2),))
+    cfg = ResNetConfig.from_dict({"name": "resnet18", "image_size": 64, "downsample": "maxpool"})
+    assert ResNetConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["downsample"] == "maxpool"
+    assert "downsample" not in ResNetConfig.from_dict({"name": "resnet18"}).to_dict()
+    ours = ResNet(cfg.block, cfg.layers, cfg.width, cfg.downsample).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.nn.Sequential(*list(ref.children())[:-1])(x).flatten(1)
+        got = ours(x)
+        strided = ResNet(cfg.block, cfg.layers, cfg.width).eval()
+        strided.load_state_dict(ours.state_dict())
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(strided(x), got, atol=1e-2)  # the option really changes the net

@@ -101,5 +101,6 @@ def test_trainer_reads_the_jobs_shards_keeps_only_kept_rows_and_resumes(job, tmp
 
     model, _ = clip_model.create_model(str(out), device="cpu")  # the file alone loads back
     assert type(model).__name__ == "TowerCLIP" and model.embed_dim == 128
+    assert model.visual.trunk.pool_stages  # towers-small's max-pool downsampling, from the header
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=True)
     assert "resumed from" in again.stderr and "at step 60/60" in again.stderr
