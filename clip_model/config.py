@@ -218,9 +218,12 @@ class ResNetConfig:
             raise ValueError(f"ResNet image_size must be a positive multiple of 32, got {self.image_size}")
         if self.width <= 0:
             raise ValueError(f"ResNet width must be positive, got {self.width}")
-        if self.downsample not in ("stride", "maxpool"):
+        from .resnet_shapes import DOWNSAMPLING
+
+        if self.downsample not in DOWNSAMPLING:
             raise ValueError(
-                f"ResNet downsample must be 'stride' or 'maxpool', got {self.downsample!r}"
+                f"ResNet downsample must be {' or '.join(map(repr, DOWNSAMPLING))}, "
+                f"got {self.downsample!r}"
             )
 
     @property

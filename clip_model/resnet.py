@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .resnet_shapes import RESNET_SHAPES
+from .resnet_shapes import DOWNSAMPLING, RESNET_SHAPES
 
 __all__ = ["DOWNSAMPLING", "RESNET_SHAPES", "BasicBlock", "Bottleneck", "ResNet"]
 
@@ -67,9 +67,6 @@ def _downsample(in_ch: int, out_ch: int, stride: int) -> nn.Sequential | None:
     if stride == 1 and in_ch == out_ch:
         return None
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
-
-
-DOWNSAMPLING = ("stride", "maxpool")
 
 
 class ResNet(nn.Module):
