@@ -145,27 +145,40 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
         pass  # the proxy's own log is S3FaultProxy.log
 
-    def _body(self) -> bytes:
+    def _body(self) -> bytes | None:
+        """The request body, or None when the client hung up before sending all of it (a killed
+        process mid-upload): a server never acts on such a request, so neither may the proxy."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             parts = []
             while True:
                 size_line = self.rfile.readline()
+                if not size_line.endswith(b"\n"):
+                    return None
                 size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
+                    while (line := self.rfile.readline()) not in (b"\r\n", b"\n"):
+                        if not line:
+                            return None  # the trailers (checksums) never came
                     break
-                parts.append(self.rfile.read(size))
+                part = self.rfile.read(size)
+                if len(part) < size:
+                    return None
+                parts.append(part)
                 self.rfile.readline()
             return b"".join(parts)
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        return body if len(body) == length else None
 
     def _handle(self) -> None:
         proxy = self.server.proxy
         split = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(split.path).lstrip("/")
         body = self._body()
+        if body is None:
+            proxy._record(self.command, path, split.query, None, False)
+            self.close_connection = True
+            return
         hook = proxy._claim_intercept(self.command, path)
         if hook is not None:
             if hook.forward:

@@ -156,6 +156,35 @@ def test_a_body_cut_off_mid_stream_is_read_again(proxy: S3FaultProxy, s3_bucket:
     assert rule.hits == 3
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_that_hangs_up_mid_upload_leaves_no_object(
+    proxy: S3FaultProxy, s3_server: LocalS3, s3_bucket: str, framing: str
+) -> None:
+    """A process killed while sending a PUT body: real S3 never stores the partial request,
+    so the proxy must not forward it (it once stored a 0-byte object under the full body's
+    checksum, which the driver-kill test then read as a cut tar)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(proxy.endpoint_url)
+    if framing == "content-length":
+        head = "Content-Length: 1000\r\nx-amz-checksum-crc32: smvAqQ==\r\n"
+        sent = b"x" * 10
+    else:
+        head = "Transfer-Encoding: chunked\r\n"
+        sent = b"3e8\r\n" + b"x" * 10
+    with socket.create_connection((where.hostname, where.port)) as conn:
+        conn.sendall(f"PUT /{s3_bucket}/cut.tar HTTP/1.1\r\nHost: {where.netloc}\r\n{head}\r\n".encode() + sent)
+    deadline = time.monotonic() + 5
+    while not any(r.path == f"{s3_bucket}/cut.tar" for r in proxy.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r.status for r in proxy.log if r.path == f"{s3_bucket}/cut.tar"] == [None]
+    assert "cut.tar" not in _keys(s3_server, s3_bucket)
+    # A whole PUT through the same proxy still lands.
+    Storage(f"s3://{s3_bucket}", _cfg(proxy, 0)).write_atomic("whole.tar", b"tar bytes")
+    assert "whole.tar" in _keys(s3_server, s3_bucket)
+
+
 @pytest.mark.parametrize("mode", ["503", "down"])
 def test_an_outage_of_two_seconds_is_survived_with_the_default_retries(
     mode: str, proxy: S3FaultProxy, s3_server: LocalS3, s3_bucket: str
