@@ -103,28 +103,28 @@ def phase_job(work: Path, rows: int) -> dict:
     return facts
 
 
-def _train_cmd(work: Path, arm: str, steps: int, batch: int) -> list[str]:
+def _train_cmd(work: Path, arm: str, steps: int, batch: int, neighbours: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "clip_model.train", "--recipe", "towers-small", "--seed", "0",
            "--data", str(work / "out"), "--steps", str(steps), "--batch-size", str(batch),
-           "--checkpoint-every", "100", "--out", str(work / f"{arm}.safetensors")]  # fmt: skip
+           "--checkpoint-every", "100", "--out", str(work / f"{arm}.safetensors"), *neighbours]  # fmt: skip
     return cmd + (["--all-rows"] if arm == "all" else [])
 
 
-def phase_train(work: Path, steps: int, batch: int, parallel: bool = False) -> dict:
+def phase_train(work: Path, steps: int, batch: int, parallel: bool = False, neighbours: list[str] = ()) -> dict:
     """Train both arms, one after the other or (``parallel``) side by side, each on one torch
     thread: the same arithmetic either way, so only the wall time differs."""
     facts = {}
     if not parallel:
         for arm in ("all", "kept"):
             t0 = time.perf_counter()
-            cpu = _run(_train_cmd(work, arm, steps, batch), work / f"train-{arm}.log")
+            cpu = _run(_train_cmd(work, arm, steps, batch, list(neighbours)), work / f"train-{arm}.log")
             facts[arm] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu, 1)}
     else:
         t0 = time.perf_counter()
         running = {}
         for arm in ("all", "kept"):
             with open(work / f"train-{arm}.log", "a") as f:
-                proc = subprocess.Popen(["nice", "-n", "19", *_train_cmd(work, arm, steps, batch)],
+                proc = subprocess.Popen(["nice", "-n", "19", *_train_cmd(work, arm, steps, batch, list(neighbours))],
                                         cwd=REPO, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
             running[proc.pid] = arm
         while running:
@@ -136,6 +136,7 @@ def phase_train(work: Path, steps: int, batch: int, parallel: bool = False) -> d
                 raise SystemExit(f"training arm {arm} failed; see {work / f'train-{arm}.log'}")
             facts[arm] = {"wall_s": round(time.perf_counter() - t0, 1),
                           "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}  # fmt: skip
+    facts["neighbours"] = list(neighbours)
     (work / "train.json").write_text(json.dumps(facts, indent=2))
     return facts
 
@@ -170,7 +171,7 @@ def table(work: Path, argv: list[str]) -> str:
         f"dropped), dedup as the tiny model's card sets it (cosine 0.9 + pixel check), moderation off. Job: {job['job_wall_s']} s wall, "
         f"{job['job_cpu_s']} s CPU. Training: recipe towers-small (ResNet18-shaped width-32 image "
         f"tower with max-pool downsampling + 4-layer BERT, projection heads, learned temperature), "
-        f"seed 0, one torch thread. "
+        f"seed 0, one torch thread{_batches_text(work)}. "
         f"Zero-shot on held-out world {HELD_OUT_SEED} (testkit.evaluate_model).",
         "",
         "| arm | rows trained on | mismatched | copies | training loop s | match AUC | shape acc | colour acc | hazard AUC | near-dup AUC |",
@@ -192,6 +193,24 @@ def table(work: Path, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _neighbour_flags(a: argparse.Namespace) -> list[str]:
+    if not a.neighbour_batches:
+        return []
+    return ["--neighbour-batches", str(a.neighbour_batches), "--neighbour-pool", str(a.neighbour_pool),
+            "--neighbour-from", str(a.neighbour_from)]  # fmt: skip
+
+
+def _batches_text(work: Path) -> str:
+    """How the arms were batched, from train.json (older runs' files lack it: random batches)."""
+    flags = json.loads((work / "train.json").read_text()).get("neighbours") or []
+    if not flags:
+        return "; random batches"
+    f = dict(zip(flags[::2], flags[1::2], strict=True))
+    return (f"; neighbour batches (clip_model.neighbour_batches: groups of {f['--neighbour-batches']} "
+            f"rows the model finds alike, re-mined every {f['--neighbour-pool']} steps from step "
+            f"{f['--neighbour-from']})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -202,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-rows", type=int, default=800)
     p.add_argument("--phase", choices=("all", "job", "train", "eval", "table"), default="all")
     p.add_argument("--parallel", action="store_true", help="train the two arms side by side")
+    p.add_argument("--neighbour-batches", type=int, default=0, metavar="GROUP",
+                   help="train both arms on neighbour batches of GROUP rows (0: random batches)")
+    p.add_argument("--neighbour-pool", type=int, default=64, metavar="STEPS")
+    p.add_argument("--neighbour-from", type=int, default=100, metavar="STEP")
     p.add_argument("--append", help="append the table to this markdown file")
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -209,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.phase in ("all", "job"):
         print(json.dumps(phase_job(work, a.rows)), flush=True)
     if a.phase in ("all", "train"):
-        print(json.dumps(phase_train(work, a.steps, a.batch_size, a.parallel)), flush=True)
+        print(json.dumps(phase_train(work, a.steps, a.batch_size, a.parallel, _neighbour_flags(a))), flush=True)
     if a.phase in ("all", "eval"):
         print(json.dumps(phase_eval(work, a.eval_rows)), flush=True)
     if a.phase in ("all", "table"):

@@ -208,28 +208,45 @@ class JobOutputBatches:
         self._shards.move_to_end(shard)
         return self._shards[shard]
 
-    def rows_of(self, step: int) -> list[Row]:
+    def _indices(self, first_step: int, steps: int) -> list[int]:
         n = len(self.rows)
-        out = []
-        for p in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(self.rows[self._order(p // n)[p % n]])
-        return out
+        positions = range(first_step * self.batch_size, (first_step + steps) * self.batch_size)
+        return [self._order(p // n)[p % n] for p in positions]
 
-    def __call__(self, step: int):
+    def rows_of(self, step: int) -> list[Row]:
+        return [self.rows[i] for i in self._indices(step, 1)]
+
+    def _pixels(self, indices: list[int]) -> np.ndarray:
         from PIL import Image
 
-        from .transform import normalize_uint8, resize_crop_uint8
+        from .transform import resize_crop_uint8
 
-        batch_rows = self.rows_of(step)
         s = self.preprocess.image_size
-        pixels = np.empty((len(batch_rows), s, s, 3), dtype=np.uint8)
-        for i, r in enumerate(batch_rows):
+        pixels = np.empty((len(indices), s, s, 3), dtype=np.uint8)
+        for out, i in enumerate(indices):
+            r = self.rows[i]
             data = self._images(r.shard).get(r.key)
             if data is None:
                 raise JobOutputError(f"{self.store.root}: image {r.key} missing from shard {r.shard}.tar")
             with Image.open(io.BytesIO(data)) as img:
-                pixels[i] = resize_crop_uint8(img, self.preprocess)
-        return normalize_uint8(pixels, self.preprocess), self.tokenizer([r.caption for r in batch_rows])
+                pixels[out] = resize_crop_uint8(img, self.preprocess)
+        return pixels
+
+    def normalize(self, pixels: np.ndarray):
+        """uint8 [n, S, S, 3] -> the model's input, float32 [n, 3, S, S]."""
+        from .transform import normalize_uint8
+
+        return normalize_uint8(pixels, self.preprocess)
+
+    def pool(self, first_step: int, steps: int):
+        """The rows of batches ``first_step .. first_step + steps - 1``, in stream order, for
+        clip_model.neighbour_batches: (uint8 pixels [n, S, S, 3], tokens [n, L], row ids)."""
+        indices = self._indices(first_step, steps)
+        return self._pixels(indices), self.tokenizer([self.rows[i].caption for i in indices]), indices
+
+    def __call__(self, step: int):
+        indices = self._indices(step, 1)
+        return self.normalize(self._pixels(indices)), self.tokenizer([self.rows[i].caption for i in indices])
 
 
 def job_output_batches(

@@ -20,6 +20,7 @@ function of ``step``, so runs are reproducible and resume exactly.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -59,6 +60,13 @@ class Recipe:
         init). The base's weights enter this stage rounded to float16, exactly as its saved file
         holds them, so training the base in the same run or loading its file gives the same
         result.
+    neighbour_group: 0, or rows per neighbour group in batches regrouped by the model's own
+        image embeddings (clip_model.neighbour_batches: hard negatives without labels; needs a
+        data provider with ``pool()``, as a job output's reader has).
+    neighbour_pool: steps per pool (the pool's rows are embedded and regrouped at its first
+        step).
+    neighbour_from: first step of neighbour batches; before it, the ordinary stream (a random
+        init's embedding groups by little more than mean colour).
     """
 
     name: str
@@ -75,6 +83,9 @@ class Recipe:
     threads: int = 1
     data_workers: int = 1
     init: str | None = None
+    neighbour_group: int = 0
+    neighbour_pool: int = 32
+    neighbour_from: int = 100
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size < 2:
@@ -83,6 +94,13 @@ class Recipe:
             raise ValueError(f"recipe {self.name}: need 0 <= min_lr <= lr")
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"recipe {self.name}: need 0 <= warmup_steps < steps")
+        if self.neighbour_group and not 2 <= self.neighbour_group <= self.batch_size:
+            raise ValueError(
+                f"recipe {self.name}: neighbour_group {self.neighbour_group} must be 0 (off) or "
+                f"between 2 and batch_size {self.batch_size}"
+            )
+        if self.neighbour_pool < 1 or self.neighbour_from < 0:
+            raise ValueError(f"recipe {self.name}: need neighbour_pool >= 1 and neighbour_from >= 0")
 
 
 # Stage 1: the whole world, pairs of one-attribute twins.
@@ -217,7 +235,8 @@ def train(
     checkpoint_dir: when given, the model, optimiser, step, losses and torch RNG state are saved
         there every ``checkpoint_every`` steps (``last.pt``, written atomically), and a run that
         finds a checkpoint of the same ``run_id`` there resumes from it: the batches are a pure
-        function of the step, so the resumed run ends where an uninterrupted one would.
+        function of the step (with neighbour batches: of the step and the pool's grouping, which
+        the checkpoint holds), so the resumed run ends where an uninterrupted one would.
     """
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(
@@ -225,6 +244,14 @@ def train(
     )
     losses: list[float] = []
     first = 0
+    mined = None
+    if recipe.neighbour_group:
+        from .neighbour_batches import NeighbourBatches
+
+        mined = NeighbourBatches(
+            batch, batch_size=recipe.batch_size, group=recipe.neighbour_group, pool=recipe.neighbour_pool,
+            start=min(recipe.neighbour_from, recipe.steps), steps=recipe.steps, log=log,
+        )  # fmt: skip
     ckpt_path = None if checkpoint_dir is None else Path(checkpoint_dir) / "last.pt"
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -237,11 +264,22 @@ def train(
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         first, losses = int(state["step"]), [float(x) for x in state["losses"]]
+        if mined is not None:
+            mined.load_state(state.get("neighbours"))
         if log is not None:
             log(f"resumed from {ckpt_path} at step {first}/{recipe.steps}")
     model.train()
     start = time.perf_counter()
-    batches = _prefetch(batch, first, recipe.steps, recipe.data_workers)
+    if mined is None:
+        batches = _prefetch(batch, first, recipe.steps, recipe.data_workers)
+    else:
+        # The ordinary stream until neighbour_from, then batches regrouped by the model as it is
+        # when each pool starts (a generator: each is built just before its step runs).
+        ordinary = max(first, mined.start)
+        batches = itertools.chain(
+            _prefetch(batch, first, ordinary, recipe.data_workers),
+            (mined(step, model) for step in range(ordinary, recipe.steps)),
+        )
     for step, (images, tokens) in zip(range(first, recipe.steps), batches, strict=False):
         lr = learning_rate(recipe, step)
         for group in opt.param_groups:
@@ -266,13 +304,15 @@ def train(
             )
         done = step + 1
         if ckpt_path is not None and (done % checkpoint_every == 0 or done == recipe.steps):
-            _save_checkpoint(ckpt_path, model, opt, done, losses, run_id)
+            _save_checkpoint(ckpt_path, model, opt, done, losses, run_id,
+                             None if mined is None else mined.state())  # fmt: skip
     model.eval()
     return TrainResult(losses=losses, seconds=time.perf_counter() - start)
 
 
 def _save_checkpoint(
-    path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float], run_id: str
+    path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, losses: list[float],
+    run_id: str, neighbours: dict | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -280,7 +320,7 @@ def _save_checkpoint(
         {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
             "losses": torch.tensor(losses, dtype=torch.float64), "rng": torch.get_rng_state(),
-            "run_id": run_id,
+            "run_id": run_id, "neighbours": neighbours,
         },
         tmp,
     )  # fmt: skip
@@ -302,7 +342,7 @@ class _Steps(torch.utils.data.Dataset):
 
 
 def _prefetch(batch: BatchFn, first: int, steps: int, workers: int):
-    if workers <= 0:
+    if workers <= 0 or steps <= first:
         return (batch(step) for step in range(first, steps))
     return torch.utils.data.DataLoader(
         _Steps(batch, first, steps),
@@ -436,6 +476,13 @@ def parser(prog: str = "python -m clip_model.train") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--threads", type=int, help="override the recipe's torch threads")
     p.add_argument(
+        "--neighbour-batches", type=int, metavar="GROUP",
+        help="build batches from groups of GROUP rows the model finds alike (hard negatives, "
+        "re-mined every --neighbour-pool steps; needs --data); 0: off",
+    )  # fmt: skip
+    p.add_argument("--neighbour-pool", type=int, metavar="STEPS", help="steps per re-mined pool (default 32)")
+    p.add_argument("--neighbour-from", type=int, metavar="STEP", help="first neighbour-batch step (default 100)")
+    p.add_argument(
         "--data",
         help="a job's output (folder or s3://bucket/prefix): train on its committed shards' "
         "rows marked keep",
@@ -475,6 +522,18 @@ def main(
         recipe = replace(recipe, batch_size=a.batch_size)
     if a.threads is not None:
         recipe = replace(recipe, threads=a.threads)
+    for field, flag, value in (
+        ("neighbour_group", "--neighbour-batches", a.neighbour_batches),
+        ("neighbour_pool", "--neighbour-pool", a.neighbour_pool),
+        ("neighbour_from", "--neighbour-from", a.neighbour_from),
+    ):
+        if value is not None:
+            try:
+                recipe = replace(recipe, **{field: value})
+            except ValueError as e:
+                raise SystemExit(f"{flag}: {e}") from None
+    if recipe.neighbour_group and not a.data:
+        raise SystemExit("--neighbour-batches needs --data (a job output's reader hands over pools of rows)")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
