@@ -103,28 +103,30 @@ def phase_job(work: Path, rows: int) -> dict:
     return facts
 
 
-def _train_cmd(work: Path, arm: str, steps: int, batch: int, neighbours: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "clip_model.train", "--recipe", "towers-small", "--seed", "0",
+def _train_cmd(work: Path, arm: str, steps: int, batch: int, neighbours: list[str], seed: int) -> list[str]:
+    cmd = [sys.executable, "-m", "clip_model.train", "--recipe", "towers-small", "--seed", str(seed),
            "--data", str(work / "out"), "--steps", str(steps), "--batch-size", str(batch),
            "--checkpoint-every", "100", "--out", str(work / f"{arm}.safetensors"), *neighbours]  # fmt: skip
     return cmd + (["--all-rows"] if arm == "all" else [])
 
 
-def phase_train(work: Path, steps: int, batch: int, parallel: bool = False, neighbours: list[str] = ()) -> dict:
+def phase_train(
+    work: Path, steps: int, batch: int, parallel: bool = False, neighbours: list[str] = (), seed: int = 0
+) -> dict:
     """Train both arms, one after the other or (``parallel``) side by side, each on one torch
     thread: the same arithmetic either way, so only the wall time differs."""
     facts = {}
     if not parallel:
         for arm in ("all", "kept"):
             t0 = time.perf_counter()
-            cpu = _run(_train_cmd(work, arm, steps, batch, list(neighbours)), work / f"train-{arm}.log")
+            cpu = _run(_train_cmd(work, arm, steps, batch, list(neighbours), seed), work / f"train-{arm}.log")
             facts[arm] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu, 1)}
     else:
         t0 = time.perf_counter()
         running = {}
         for arm in ("all", "kept"):
             with open(work / f"train-{arm}.log", "a") as f:
-                proc = subprocess.Popen(["nice", "-n", "19", *_train_cmd(work, arm, steps, batch, list(neighbours))],
+                proc = subprocess.Popen(["nice", "-n", "19", *_train_cmd(work, arm, steps, batch, list(neighbours), seed)],
                                         cwd=REPO, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
             running[proc.pid] = arm
         while running:
@@ -136,21 +138,30 @@ def phase_train(work: Path, steps: int, batch: int, parallel: bool = False, neig
                 raise SystemExit(f"training arm {arm} failed; see {work / f'train-{arm}.log'}")
             facts[arm] = {"wall_s": round(time.perf_counter() - t0, 1),
                           "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}  # fmt: skip
-    facts["neighbours"] = list(neighbours)
+    facts["neighbours"], facts["seed"] = list(neighbours), seed
     (work / "train.json").write_text(json.dumps(facts, indent=2))
     return facts
 
 
 def phase_eval(work: Path, rows: int) -> dict:
     import clip_model
-    from testkit.evaluate_model import evaluate
+    from testkit.evaluate_model import evaluate, paired_sign_test
 
     torch.set_num_threads(1)
-    out = {}
+    out: dict = {}
+    correct = {}
     for arm in ("all", "kept"):
         model, preprocess = clip_model.create_model_and_transforms(str(work / f"{arm}.safetensors"), device="cpu")
         m = evaluate(model, preprocess, model.tokenizer, rows=rows, seed=HELD_OUT_SEED)
         out[arm] = {k: m[k] for k in ("match_auc", "shape_acc", "color_acc", "hazard_auc", "neardup_auc")}
+        correct[arm] = m["_scores"]
+    out["rows"] = rows
+    # Both arms answer the same held-out items, so the fair test of "kept beats all" is paired.
+    out["paired"] = {
+        attr: {**paired_sign_test(correct["all"][f"{attr}_correct"], correct["kept"][f"{attr}_correct"]),
+               "items": len(correct["all"][f"{attr}_correct"])}
+        for attr in ("shape", "color")
+    }  # fmt: skip
     (work / "eval.json").write_text(json.dumps(out, indent=2))
     return out
 
@@ -160,6 +171,8 @@ def table(work: Path, argv: list[str]) -> str:
     ev = json.loads((work / "eval.json").read_text())
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cal = job["calibration"]
+    eval_rows = f" ({ev['rows']:,} rows)" if "rows" in ev else ""  # older runs' eval.json lack it
+    train = json.loads((work / "train.json").read_text())
     lines = [
         f"## Curation pays off downstream: training on what the job kept vs on every row ({when})",
         "",
@@ -171,8 +184,8 @@ def table(work: Path, argv: list[str]) -> str:
         f"dropped), dedup as the tiny model's card sets it (cosine 0.9 + pixel check), moderation off. Job: {job['job_wall_s']} s wall, "
         f"{job['job_cpu_s']} s CPU. Training: recipe towers-small (ResNet18-shaped width-32 image "
         f"tower with max-pool downsampling + 4-layer BERT, projection heads, learned temperature), "
-        f"seed 0, one torch thread{_batches_text(work)}. "
-        f"Zero-shot on held-out world {HELD_OUT_SEED} (testkit.evaluate_model).",
+        f"seed {train.get('seed', 0)}, one torch thread{_batches_text(train)}. "
+        f"Zero-shot on held-out world {HELD_OUT_SEED}{eval_rows} (testkit.evaluate_model).",
         "",
         "| arm | rows trained on | mismatched | copies | training loop s | match AUC | shape acc | colour acc | hazard AUC | near-dup AUC |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -190,6 +203,17 @@ def table(work: Path, argv: list[str]) -> str:
             f"| {arm} | {n} | {bad} | {dups} | {max(loop) if loop else '?'} | {e['match_auc']:.4f} | "
             f"{e['shape_acc']:.3f} | {e['color_acc']:.3f} | {e['hazard_auc']:.4f} | {e['neardup_auc']:.4f} |"
         )
+    if "paired" in ev:
+        lines.append("")
+        lines.append(
+            "Paired on the same held-out items (exact McNemar test): "
+            + "; ".join(
+                f"{attr} ({p['items']} scenes): right only with (b) {p['b_only']}, only with (a) "
+                f"{p['a_only']}, two-sided p = {p['p']:.2g}"
+                for attr, p in ev["paired"].items()
+            )
+            + "."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -200,9 +224,9 @@ def _neighbour_flags(a: argparse.Namespace) -> list[str]:
             "--neighbour-from", str(a.neighbour_from)]  # fmt: skip
 
 
-def _batches_text(work: Path) -> str:
+def _batches_text(train: dict) -> str:
     """How the arms were batched, from train.json (older runs' files lack it: random batches)."""
-    flags = json.loads((work / "train.json").read_text()).get("neighbours") or []
+    flags = train.get("neighbours") or []
     if not flags:
         return "; random batches"
     f = dict(zip(flags[::2], flags[1::2], strict=True))
@@ -225,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train both arms on neighbour batches of GROUP rows (0: random batches)")
     p.add_argument("--neighbour-pool", type=int, default=64, metavar="STEPS")
     p.add_argument("--neighbour-from", type=int, default=100, metavar="STEP")
+    p.add_argument("--seed", type=int, default=0, help="training seed (both arms)")
     p.add_argument("--append", help="append the table to this markdown file")
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -232,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.phase in ("all", "job"):
         print(json.dumps(phase_job(work, a.rows)), flush=True)
     if a.phase in ("all", "train"):
-        print(json.dumps(phase_train(work, a.steps, a.batch_size, a.parallel, _neighbour_flags(a))), flush=True)
+        print(json.dumps(phase_train(work, a.steps, a.batch_size, a.parallel, _neighbour_flags(a), a.seed)), flush=True)
     if a.phase in ("all", "eval"):
         print(json.dumps(phase_eval(work, a.eval_rows)), flush=True)
     if a.phase in ("all", "table"):

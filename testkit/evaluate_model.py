@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -225,7 +226,12 @@ def evaluate_world(
     clip_score = (img * cap).sum(1).numpy()
     matched = np.array([r["_gt_caption_matches"] for r in rows])
     match_rows = orig & ~gray
-    scores = {"clip_score": clip_score[match_rows], "matched": matched[match_rows]}
+    scores = {
+        "clip_score": clip_score[match_rows], "matched": matched[match_rows],
+        # per item, in world order, for paired comparisons of two models (paired_sign_test)
+        "shape_correct": shape_pred[single] == shape_true[single],
+        "color_correct": color_pred[color_rows] == color_true[color_rows],
+    }  # fmt: skip
     by_language = {}
     if rows and "_gt_language" in rows[0]:
         lang = np.array([r["_gt_language"] for r in rows])
@@ -278,6 +284,23 @@ def evaluate_world(
             "different_pairs": len(neg),
         },
     }
+
+
+def paired_sign_test(a_correct: Sequence[bool] | np.ndarray, b_correct: Sequence[bool] | np.ndarray) -> dict:
+    """Exact McNemar test of two classifiers scored on the same items.
+
+    a_correct, b_correct: per-item correctness (same items, same order).
+    Returns ``b_only`` (items b gets right and a wrong), ``a_only`` and ``p``: the two-sided
+    exact binomial p-value of the discordant items under "a and b are equally accurate"
+    (1.0 when there are none).
+    """
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"need two equal-length 1-D arrays, got {a.shape} and {b.shape}")
+    b_only, a_only = int((b & ~a).sum()), int((a & ~b).sum())
+    n = b_only + a_only
+    tail = sum(math.comb(n, k) for k in range(min(b_only, a_only) + 1)) / 2**n
+    return {"b_only": b_only, "a_only": a_only, "p": min(1.0, 2 * tail)}
 
 
 def evaluate(

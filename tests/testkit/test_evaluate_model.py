@@ -13,7 +13,13 @@ import torch
 
 import clip_model
 from testkit import subprocess_env
-from testkit.evaluate_model import evaluate, group_prompts, roc_auc, zero_shot_predict
+from testkit.evaluate_model import (
+    evaluate,
+    group_prompts,
+    paired_sign_test,
+    roc_auc,
+    zero_shot_predict,
+)
 from testkit.synthetic import generate_world
 
 
@@ -99,6 +105,23 @@ def test_an_untrained_model_scores_near_chance(tmp_path):
     weighted = sum(by[k] * n[k] for k in by) / m["counts"]["single_group"]
     assert weighted == pytest.approx(m["shape_acc"])
     assert (tmp_path / "urls.parquet").is_file()
+    # Per-item correctness for paired comparisons: one entry per scored scene.
+    shape, colour = m["_scores"]["shape_correct"], m["_scores"]["color_correct"]
+    assert len(shape) == m["counts"]["single_group"] and shape.mean() == pytest.approx(m["shape_acc"])
+    assert colour.mean() == pytest.approx(m["color_acc"])
+
+
+def test_paired_sign_test_hand_worked():
+    # 8 items only b gets right, 2 only a, 5 both, 3 neither: p = 2 * P(X <= 2), X ~ Bin(10, 1/2)
+    # = 2 * (1 + 10 + 45) / 1024.
+    a = [False] * 8 + [True] * 2 + [True] * 5 + [False] * 3
+    b = [True] * 8 + [False] * 2 + [True] * 5 + [False] * 3
+    assert paired_sign_test(a, b) == {"b_only": 8, "a_only": 2, "p": pytest.approx(112 / 1024, abs=1e-15)}
+    assert paired_sign_test(b, a)["p"] == pytest.approx(112 / 1024, abs=1e-15)
+    assert paired_sign_test([True, False], [True, False]) == {"b_only": 0, "a_only": 0, "p": 1.0}
+    assert paired_sign_test([False] * 3, [True] * 3)["p"] == pytest.approx(0.25)  # 2 * 1/8
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_sign_test([True], [True, False])
 
 
 def test_cli_prints_one_json_object_for_the_bundled_model():
