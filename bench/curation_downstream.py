@@ -9,9 +9,15 @@
    ``python -m clip_model.train --data OUTPUT`` on (a) every downloaded row (``--all-rows``)
    and (b) only the rows the job kept.
 3. Both are scored zero-shot on a held-out world (testkit.evaluate_model): match AUC, shape and
-   colour accuracy.
+   colour accuracy, and shape and colour compared item by item (both arms answer the same
+   scenes: exact McNemar test).
 
     .venv/bin/python bench/curation_downstream.py --work /tmp/curation --rows 6000 --steps 1000 --append bench/RESULTS.md
+
+With random batches the towers never learn shape from web-like captions (both arms at chance,
+bench/RESULTS.md); ``--neighbour-batches 8`` trains both arms on batches regrouped by the
+model's own image embeddings (clip_model.neighbour_batches), ``--parallel`` trains the arms
+side by side, ``--seed`` sets the training seed of both.
 
 Phases can be re-run one at a time (``--phase job|train|eval``); training resumes from its
 checkpoints.
