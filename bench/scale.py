@@ -232,6 +232,15 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def worker_role(pid: int) -> str:
+    """What a worker process runs: Ray's process title (``ray::MapWorker(...)``,
+    ``ray::IDLE``, a task's name) or the local scheduler's ``cc-<pool>``."""
+    argv = _cmdline(pid)
+    if argv and argv[0].startswith("ray::"):
+        return argv[0].split(" ")[0]
+    return _comm(pid) or "?"
+
+
 def ray_worker_pids(raylet: int) -> list[int]:
     """The raylet's worker processes (tasks and actors of every job): children whose command
     line Ray rewrote to ``ray::...`` or that still run ``default_worker.py``. The raylet's
@@ -285,6 +294,9 @@ class MemoryPeaks:
     # Driver peak per phase of the job (start, stream, global pass, report), to tell streaming
     # state from the global pass when memory grows with rows.
     driver_by_phase: dict[str, int] = field(default_factory=dict)
+    # The workers alive at the sample of ``worker_total``, (role, RSS) each: whether a larger
+    # sum is more processes (pools scaled out) or bigger ones (state that grows with rows).
+    worker_total_parts: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Sampler(threading.Thread):
@@ -322,7 +334,7 @@ class Sampler(threading.Thread):
         if d is not None:
             p.driver = max(p.driver, d)
             p.driver_by_phase[self.phase] = max(p.driver_by_phase.get(self.phase, 0), d)
-        total = 0
+        total, parts = 0, []
         for pid in self.workers():
             r = rss_bytes(pid)
             if r is None:
@@ -330,7 +342,9 @@ class Sampler(threading.Thread):
             p.workers_seen.add(pid)
             p.worker_process = max(p.worker_process, r)
             total += r
-        p.worker_total = max(p.worker_total, total)
+            parts.append((worker_role(pid), r))
+        if total > p.worker_total:
+            p.worker_total, p.worker_total_parts = total, parts
         p.samples += 1
 
     def run(self) -> None:
@@ -515,6 +529,20 @@ def stage_table(results: list[SizeResult]) -> str:
     return "\n".join(lines)
 
 
+def composition_table(results: list[SizeResult]) -> str:
+    """Per size, the workers alive when their summed RSS peaked, by role: count x mean MiB."""
+    roles = sorted({role for r in results for role, _ in r.peaks.worker_total_parts})
+    head = "| workers at the peak of their sum | " + " | ".join(f"{r.rows:,} rows" for r in results) + " |"
+    lines = [head, "|---|" + "---:|" * len(results)]
+    for role in roles:
+        cells = []
+        for r in results:
+            sizes = [b for name, b in r.peaks.worker_total_parts if name == role]
+            cells.append(f"{len(sizes)} x {_mib(sum(sizes) // len(sizes))}" if sizes else "-")
+        lines.append(f"| `{role}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ratio_check(results: list[SizeResult]) -> tuple[str, bool]:
     """Peak memory of the largest size over the smallest, per measure; (text, all within)."""
     small, big = min(results, key=lambda r: r.rows), max(results, key=lambda r: r.rows)
@@ -560,7 +588,8 @@ def report(results: list[SizeResult], a: argparse.Namespace, argv: list[str], lo
         f"model, moderation, clip-score filter, dedup), image_size {a.image_size}, {a.per_shard} rows "
         f"per shard. RSS sampled every {a.interval} s from /proc.\n\n"
         f"Job command of the largest size: `{results[-1].command}`\n\n"
-        f"{memory_table(results)}\n\n{phase_table(results)}\n\n{stage_table(results)}\n\n{check}\n"
+        f"{memory_table(results)}\n\n{composition_table(results)}\n\n{phase_table(results)}\n\n"
+        f"{stage_table(results)}\n\n{check}\n"
     )
 
 
