@@ -19,8 +19,12 @@ start is undone with an error if any listens elsewhere, so a Ray release that ch
 defaults fails loudly instead of opening the machine.
 
 Joining an existing cluster (an ``address``, ``$RAY_ADDRESS`` as under ``ray job submit``, or a
-cluster that ``ray start`` recorded on this machine) is unchanged: that cluster's own settings
-decide where it listens (docs/operations.md says what its operator must do).
+cluster that ``ray start`` recorded on this machine) leaves where it listens to that cluster's
+own settings (docs/operations.md says what its operator must do). One thing is decided here: a
+cluster at a loopback address (``127.0.0.1:6379``, the local head ``infra/local/up.sh`` or
+``ray start --head --node-ip-address 127.0.0.1`` makes) is joined in local-only mode too.
+Without it Ray rewrites the ``127.0.0.1`` the user gave into the host's external address and
+sends the driver's connection there, where a loopback-only head does not answer.
 """
 
 from __future__ import annotations
@@ -50,6 +54,35 @@ def _will_start_local(address: str | None) -> bool:
     try:
         return services.canonicalize_bootstrap_address(address) is None
     except Exception:  # an address Ray cannot parse: let ray.init report it
+        return False
+
+
+def _join_target(address: str | None) -> str | None:
+    """The ``host:port`` that ``ray.init(address)`` would join, as written (before Ray's
+    rewriting of loopback hosts); None when it would start a local Ray, for a Ray Client
+    (``ray://``) address, or when none can be read without asking Ray to search."""
+    from ray._private import services
+
+    env = os.environ.get("RAY_ADDRESS") or None
+    target = env or address
+    if target in (None, "auto"):
+        try:
+            target = services.get_ray_address_from_environment(target, None)
+        except Exception:  # nothing recorded: ray.init reports it
+            return None
+    if not target or target in ("local", "auto") or "://" in target:
+        return None
+    return target
+
+
+def _is_loopback_target(target: str) -> bool:
+    """``host:port`` (``[v6]:port`` too) names a loopback host."""
+    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
+    if host == "localhost":
+        return True
+    try:
+        return _is_loopback(host)
+    except ValueError:  # a DNS name: where it points is the cluster's business
         return False
 
 
@@ -99,6 +132,10 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
 
     if ray.is_initialized():
         return False
+    target = _join_target(address)
+    if target is not None and _is_loopback_target(target):
+        # Before _will_start_local: canonicalising the address is where Ray rewrites it.
+        _local_only_mode()
     if not _will_start_local(address):
         ray.init(address=address, **kwargs)
         return False

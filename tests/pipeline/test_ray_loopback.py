@@ -136,3 +136,56 @@ def test_joining_a_cluster_is_left_to_that_cluster(monkeypatch: pytest.MonkeyPat
     assert _will_start_local("10.0.0.5:6379") is False
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     assert _will_start_local(None) is False
+
+
+@pytest.mark.parametrize("given, env", [("127.0.0.1:6379", None), (None, "127.0.0.1:6379"),
+                                        ("localhost:6379", None), ("[::1]:6379", None)])
+def test_joining_a_loopback_cluster_keeps_the_loopback_address(
+    monkeypatch: pytest.MonkeyPatch, given: str | None, env: str | None
+) -> None:
+    """A head on 127.0.0.1 (infra/local/up.sh, ``ray start --node-ip-address 127.0.0.1``)
+    joined without Ray's local-only variable in the environment: Ray must still be asked to
+    connect to loopback. Left to itself it rewrites 127.0.0.1 into the host's external
+    address, where a loopback-only head does not listen."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+    from ray._private import services
+
+    import pipeline.ray_start as rs
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    asked: list[str] = []
+
+    def fake_init(address: str | None = None, **kwargs: object) -> None:
+        # What Ray itself would connect to, computed as ray.init computes it.
+        asked.append(services.canonicalize_bootstrap_address(address))
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    assert rs.init_ray(given) is False  # joined, not started
+    host = asked[0].rsplit(":", 1)[0].strip("[]")
+    assert host in ("127.0.0.1", "::1", "localhost"), asked
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+def test_joining_a_remote_cluster_leaves_ray_cluster_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    import pipeline.ray_start as rs
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    asked: list[str | None] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: asked.append(address))
+    assert rs.init_ray() is False
+    assert asked == [None]
+    assert ray_constants.ENABLE_RAY_CLUSTER is True
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
