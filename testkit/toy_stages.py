@@ -5,6 +5,7 @@ was called (its process, the GPUs Ray gave it, the rows per call)."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -16,13 +17,18 @@ from pipeline.stages.base import Resources, Stage
 
 @dataclass
 class MakeRows(Stage):
-    """``{shard_id, length}`` descriptors -> ``length`` rows each (key, shard, _shard_rows)."""
+    """``{shard_id, length}`` descriptors -> ``length`` rows each (key, shard, _shard_rows).
+    A descriptor with ``release_at`` (epoch seconds) is held until then: a test paces its
+    source that way."""
 
     expands: ClassVar[bool] = True
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         keys, shards, totals = [], [], []
         for row in batch.to_pylist():
+            wait = float(row.get("release_at") or 0.0) - time.time()
+            if wait > 0:
+                time.sleep(wait)
             n = int(row["length"])
             name = S.shard_name(int(row["shard_id"]))
             keys += [f"{name}{i:04d}" for i in range(n)]
@@ -34,12 +40,16 @@ class MakeRows(Stage):
 @dataclass
 class Probe(Stage):
     """Stateful: adds ``probe_pid``, ``probe_gpus`` (``ray.get_gpu_ids()`` under Ray, else
-    ``CUDA_VISIBLE_DEVICES``) and ``probe_rows`` (rows in the call)."""
+    ``CUDA_VISIBLE_DEVICES``) and ``probe_rows`` (rows in the call). ``busy_s``: seconds
+    each call takes."""
 
     stateful: ClassVar[bool] = True
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
+    busy_s: float = 0.0
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
+        if self.busy_s:
+            time.sleep(self.busy_s)
         try:
             import ray
 

@@ -10,8 +10,12 @@ the graph (pipeline.graph.segments) becomes one ``map_batches``:
   from the cluster (one actor per GPU; on CPUs, from 1 up to half the CPUs), started at its
   maximum when it holds GPUs or was sized by the user, so every model loads once up front.
 
-Every later segment takes whole blocks (``batch_size=None``), and ``target_max_block_size``
-is raised so Ray does not cut a shard's block. Retries are bounded: a lost task is tried at most
+An actor pool grows with the load and does not shrink until its inputs are done
+(:data:`NO_DOWNSCALE`): Ray Data's default shrinks a pool whenever half its call slots are
+empty, which a stream paced by downloads hits every few seconds, and it then starts a new actor
+(the model loaded again) a second later. Every later segment takes whole blocks
+(``batch_size=None``), and ``target_max_block_size`` is raised so Ray does not cut a shard's
+block. Retries are bounded: a lost task is tried at most
 ``attempts`` times and a lost actor restarted at most ``attempts - 1`` times, so a poison shard
 fails the job instead of looping; every side effect (a shard, a
 Parquet file) is committed whole under a fixed name, so a rerun leaves each row once.
@@ -19,6 +23,7 @@ Parquet file) is committed whole under a fixed name, so a rerun leaves each row 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable
@@ -35,6 +40,11 @@ log = logging.getLogger("clipcurate.ray")
 MIN_TARGET_MAX_BLOCK_SIZE = 4 * 1024**3
 # Default attempts per task (1 + retries) and per actor (1 + restarts).
 ATTEMPTS = 3
+# Ray Data's pool utilisation threshold for shrinking (calls in flight per actor slot; its
+# default 0.5). Below any reachable value: a pool shrinks only once its inputs are done. With
+# the default, a 50,000-row run on 4 CPUs started 30+ actors for pools of at most 2 + 2, each
+# embedding actor loading the model again (bench/RESULTS.md, 2026-12-06).
+NO_DOWNSCALE = -1.0
 # Calls to an actor are resent without limit while it restarts (a restart on another node,
 # with its model to load, outlasts a few quick resends, each counted as a retry). Still
 # bounded: a batch that kills its actor uses up one of the actor's restarts each time.
@@ -159,6 +169,11 @@ class RayDataScheduler:
             ctx = ray.data.DataContext.get_current()
         ctx.target_max_block_size = max(ctx.target_max_block_size or 0, MIN_TARGET_MAX_BLOCK_SIZE)
         ctx.enable_progress_bars = False
+        auto = getattr(ctx, "autoscaling_config", None)
+        if auto is not None and hasattr(auto, "actor_pool_util_downscaling_threshold"):
+            ctx.autoscaling_config = dataclasses.replace(auto, actor_pool_util_downscaling_threshold=NO_DOWNSCALE)
+        else:  # a Ray release without the setting: its pools shrink and restart as before
+            log.warning("Ray Data has no actor_pool_util_downscaling_threshold: actor pools may churn")
         cluster = self.resources()
         parts, names = [], []
         for source, stages in graph.sources.items():

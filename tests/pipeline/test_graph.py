@@ -185,6 +185,40 @@ def test_a_gpu_stage_gets_a_gpu_and_whole_shards_on_ray(monkeypatch: pytest.Monk
         assert r["probe_gpus"] in ("0", "1"), r
 
 
+def test_ray_actor_pool_does_not_shrink_and_restart_while_the_stream_runs() -> None:
+    """A pool of (1, 2) actors behind a source that trickles, then bursts. Ray Data's default
+    shrinks the pool when half its call slots sit empty and starts a new actor (for the job:
+    the model loaded again) as soon as calls queue up; a 50,000-row run started 30+ actors
+    for pools of 2 + 2. Here the pool keeps the actors it has until the stream ends: at most
+    two processes ever serve it."""
+    import time
+
+    import ray
+
+    from pipeline.graph import Graph
+    from pipeline.ray_start import init_ray
+    from pipeline.stages.base import Resources
+    from testkit.toy_stages import MakeRows, Probe
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        graph = Graph({"src": [MakeRows(batch_size=1, resources=Resources(num_cpus=0.25))]},
+                      [Probe(resources=Resources(num_cpus=0.5), concurrency=(1, 2), busy_s=1.0)])
+        t0 = time.time() + 3.0  # after the actors have started
+        # 8 shards, one every 1.5 s (the pool idles past Ray's 10 s debounce), then 8 at once.
+        release = [t0 + 1.5 * i for i in range(8)] + [t0 + 13.0] * 8
+        items = [{"shard_id": i, "length": 2, "release_at": r} for i, r in enumerate(release)]
+        got: list[Any] = []
+        RayDataScheduler().run(graph, {"src": items}, got.append)
+    finally:
+        ray.shutdown()
+    rows = pa.concat_tables(got).to_pylist()
+    assert len(rows) == 32
+    assert len({r["probe_pid"] for r in rows}) <= 2, sorted({r["probe_pid"] for r in rows})
+
+
 def test_local_model_workers_each_get_their_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 2)
     got: list[Any] = []
