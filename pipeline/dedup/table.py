@@ -20,7 +20,7 @@ from pipeline.config import DedupConfig
 from pipeline.dedup.clusters import semantic_clusters
 from pipeline.dedup.keepers import hash_representatives, keep_greedily, priority_order
 from pipeline.dedup.pairs import semantic_pairs
-from pipeline.pixel_check import confirm_pairs, contrast
+from pipeline.pixel_check import block_stats, confirm_pairs, contrast, may_confirm, pair_gain
 from pipeline.thumbnails import ThumbColumn, ThumbFile
 
 log = logging.getLogger("pipeline.dedup")
@@ -71,9 +71,16 @@ class _PixelConfirm:
     at a time costs ~0.8 ms of fixed overhead per call, a pair in a batch of thousands
     ~0.3 ms). Thumbnails are read from the Arrow buffers per batch
     (:class:`pipeline.thumbnails.ThumbColumn`); each row's contrast is computed once, into
-    one float64 array per side. A missing column or value confirms nothing. ``calls``,
-    ``passed`` and ``missing`` count pairs asked, pairs confirmed among them and rows without
-    a thumbnail; ``computed`` counts pairs actually compared (asked or ahead)."""
+    one float64 array per side. A missing column or value confirms nothing.
+
+    Before any pixels are compared, each pair is bounded from its rows' block statistics
+    (:func:`pipeline.pixel_check.may_confirm`; 729 bytes a row, made once per row, in one
+    array per side): most candidates are look-alikes that are not copies, and the bound
+    rules out ~93 % of them at ~5 microseconds a pair, where the search and its per-pixel
+    bound cost ~170 (on the 50,000-row scale world, bench/RESULTS.md 2026-12-06). No answer
+    changes. ``calls``, ``passed`` and ``missing`` count pairs asked, pairs confirmed among
+    them and rows without a thumbnail; ``computed`` counts pairs answered (asked or ahead),
+    ``searched`` those that needed the pixels."""
 
     # Pairs compared per confirm_pairs call: enough to spread its fixed cost, small enough that
     # its temporaries (reach ranges and differences, ~25 KiB a pair) stay a few MiB. At 2,048
@@ -92,43 +99,75 @@ class _PixelConfirm:
         self.cfg = cfg
         side_i = self._side(col_i, rows_i)
         self.sides = (side_i, side_i if rows_j is None else self._side(col_j, rows_j))
-        self.calls = self.passed = self.missing = self.computed = 0
+        self.calls = self.passed = self.missing = self.computed = self.searched = 0
         # Answers given ahead, as sorted pair codes (i * _CODE + j) and their results: 9 bytes
         # a pair, so ~2 MiB for 50,000 rows' guesses.
         self._known_code = np.empty(0, dtype=np.int64)
         self._known_ok = np.empty(0, dtype=bool)
 
     @staticmethod
-    def _side(col: pa.ChunkedArray | ThumbFile | None, rows: np.ndarray) -> tuple[ThumbColumn, np.ndarray, np.ndarray]:
-        view = ThumbColumn(col, rows)
-        # contrast per position (NaN: not yet computed), and "counted as missing" flags
-        return view, np.full(len(view), np.nan), np.zeros(len(view), dtype=bool)
+    def _side(col: pa.ChunkedArray | ThumbFile | None, rows: np.ndarray) -> _Side:
+        return _Side(ThumbColumn(col, rows))
 
     def _thumbs(self, side: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(thumbnails, ok, contrast) of positions ``idx`` (unique) of one side."""
-        view, con, counted = self.sides[side]
-        arr, ok = view.gather(idx)
-        fresh = np.isnan(con[idx])
+        sd = self.sides[side]
+        arr, ok = sd.view.gather(idx)
+        fresh = np.isnan(sd.con[idx])
         if fresh.any():
-            con[idx[fresh]] = contrast(arr[fresh])
-        lost = idx[~ok & ~counted[idx]]
-        counted[lost] = True
+            sd.con[idx[fresh]] = contrast(arr[fresh])
+        lost = idx[~ok & ~sd.counted[idx]]
+        sd.counted[lost] = True
         self.missing += len(lost)
-        return arr, ok, con[idx]
+        return arr, ok, sd.con[idx]
+
+    def _stats(self, side: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(block stats, ok, contrast) of positions ``idx`` (unique) of one side, made for the
+        positions that have none yet."""
+        sd = self.sides[side]
+        need = idx[~sd.has[idx]]
+        if len(need):
+            arr, ok, _ = self._thumbs(side, need)
+            if sd.stats is None:
+                sd.stats = np.zeros((len(sd.view),) + block_stats(arr[:0]).shape[1:], dtype=np.uint8)
+            sd.stats[need[ok]] = block_stats(arr[ok])
+            sd.ok[need] = ok
+            sd.has[need] = True
+        return sd.stats[idx], sd.ok[idx], sd.con[idx]
 
     def _compare(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
         """bool [E], computed (no memory of earlier answers), CHUNK pairs at a time."""
         out = np.zeros(len(pi), dtype=bool)
         cfg = self.cfg
+        self.computed += len(pi)
+        live = np.flatnonzero(self._may_confirm(pi, pj))
+        pi, pj = pi[live], pj[live]
+        self.searched += len(live)
         for s in range(0, len(pi), self.CHUNK):
             ui, inv_i = np.unique(pi[s : s + self.CHUNK], return_inverse=True)
             uj, inv_j = np.unique(pj[s : s + self.CHUNK], return_inverse=True)
             ti, oki, ci = self._thumbs(0, ui)
             tj, okj, cj = self._thumbs(1, uj)
-            out[s : s + self.CHUNK] = confirm_pairs(
+            out[live[s : s + self.CHUNK]] = confirm_pairs(
                 ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max, ci, cj
             )
-        self.computed += len(pi)
+        return out
+
+    def _may_confirm(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
+        """bool [E]: False for pairs the block bound rules out (and pairs missing a
+        thumbnail), CHUNK pairs at a time."""
+        out = np.zeros(len(pi), dtype=bool)
+        cfg = self.cfg
+        for s in range(0, len(pi), self.CHUNK):
+            ui, inv_i = np.unique(pi[s : s + self.CHUNK], return_inverse=True)
+            uj, inv_j = np.unique(pj[s : s + self.CHUNK], return_inverse=True)
+            si, oki, ci = self._stats(0, ui)
+            sj, okj, cj = self._stats(1, uj)
+            both = oki[inv_i] & okj[inv_j]
+            gain = pair_gain(ci[inv_i], cj[inv_j])
+            side = self.sides[0].view.side
+            may = may_confirm(si[inv_i], sj[inv_j], gain, side, cfg.pixel_mean_max, cfg.pixel_blob_max)
+            out[s : s + self.CHUNK] = both & may
         return out
 
     def ahead(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
@@ -172,6 +211,21 @@ class _PixelConfirm:
                 "dedup: %d rows in candidate pairs have no thumbnail; they are nobody's duplicate",
                 self.missing,
             )
+
+
+class _Side:
+    """One side's rows for :class:`_PixelConfirm`: the thumbnail view and, per position,
+    contrast (NaN: not yet computed), "counted as missing", and block statistics with their
+    "made" and "has a thumbnail" flags (the statistics array is allocated at first use)."""
+
+    def __init__(self, view: ThumbColumn) -> None:
+        n = len(view)
+        self.view = view
+        self.con = np.full(n, np.nan)
+        self.counted = np.zeros(n, dtype=bool)
+        self.has = np.zeros(n, dtype=bool)
+        self.ok = np.zeros(n, dtype=bool)
+        self.stats: np.ndarray | None = None
 
 
 def _eligible(table: pa.Table) -> np.ndarray:
@@ -404,7 +458,7 @@ def _semantic_keepers(
         unused = confirm.computed - confirm.calls
         checks = f", {confirm.calls:,} pixel checks ({confirm.passed:,} passed)" + (
             f", {unused:,} more compared ahead" if unused > 0 else ""
-        )
+        ) + f", {confirm.searched:,} past the block bound"
     say(
         f"  dedup: {int((keep_of >= 0).sum()):,} semantic duplicates at cosine >= "
         f"{cfg.threshold:g} in {len(members):,} clusters{checks}, "

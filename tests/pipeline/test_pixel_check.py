@@ -351,6 +351,87 @@ def test_the_lower_bounds_never_exceed_the_searched_mean_and_blob_and_skips_chan
     assert np.array_equal(fast, full)
 
 
+def _bound_cases() -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of every kind a bound must not misjudge: random pictures, shifted copies,
+    recoloured layouts, smooth ramps with a painted patch, and near copies of scenes."""
+    rng = np.random.default_rng(12)
+    a = rng.integers(0, 256, (30, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (30, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+    b[:10] = np.roll(a[:10], (2, -3), axis=(1, 2))
+    b[10:20] = (a[10:20] // 2 + 60).astype(np.uint8)
+    ramp = 20 + 2 * np.arange(THUMB_SIDE)[None, :, None] + rng.integers(0, 30, (10, 1, 1, 3))
+    smooth = np.broadcast_to(ramp, (10, THUMB_SIDE, THUMB_SIDE, 3)).astype(np.uint8)
+    painted = smooth.copy()
+    painted[:, 10:19, 10:19] += 150
+    img = _stored(SCENE)
+    scenes_a = [_thumb(img)] * 4 + [_thumb(_stored(_variant(count=3)))] * 2
+    scenes_b = [_thumb(_near_copy(img, s)) for s in range(4)] + [_thumb(img), _thumb(_stored(_variant(position="bottom right")))]
+    return (np.concatenate([a, smooth, np.stack(scenes_a)]), np.concatenate([b, painted, np.stack(scenes_b)]))
+
+
+def test_block_bounds_never_exceed_the_per_pixel_bounds_or_the_search() -> None:
+    """The block bound (from 729 bytes of statistics a row) is checked against the per-pixel
+    bound it relaxes and against the searched mean and blob themselves (float64 reference,
+    both directions)."""
+    from pipeline.pixel_check import block_lower_bounds, block_stats, lower_bounds
+
+    a, b = _bound_cases()
+    sa, sb = block_stats(a), block_stats(b)
+    assert sa.shape == (len(a), 3, 9, 9, 3) and sa.dtype == np.uint8
+    for x, y, sx, sy in ((a, b, sa, sb), (b, a, sb, sa)):
+        mean_lb, blob_lb = block_lower_bounds(sx, sy, THUMB_SIDE)
+        pix_mean, pix_blob = lower_bounds(x, y)
+        assert (mean_lb <= pix_mean + 1e-6).all() and (blob_lb <= pix_blob + 1e-6).all()
+        searched, searched_blob = residuals(x, y)
+        gain = 64.0 / np.clip((contrast(x) + contrast(y)) / 2, 1.0, 64.0)
+        assert (mean_lb <= searched / gain + 1e-4).all() and (blob_lb <= searched_blob / gain + 1e-4).all()
+    # Noise reaches every level within a few pixels (no bound to speak of), but a painted
+    # patch on a smooth picture is ruled out by the block bound alone.
+    _, blob_lb = block_lower_bounds(sa, sb, THUMB_SIDE)
+    assert (blob_lb[30:40] > 23).all()
+
+
+def test_block_bound_hand_worked() -> None:
+    """A flat grey thumbnail (level 100) against one whose interior block at the top left is
+    white: the block's stats are exact, and only that block may differ."""
+    from pipeline.pixel_check import block_lower_bounds, block_stats
+
+    a = np.full((1, THUMB_SIDE, THUMB_SIDE, 3), 100, np.uint8)
+    b = a.copy()
+    b[0, :12, :12] = 255  # covers the first interior blocks and the reach of their neighbours
+    sa, sb = block_stats(a), block_stats(b)
+    assert (sa[0, 0] == 100).all() and (sa[0, 1] == 100).all() and (sa[0, 2] == 100).all()
+    assert (sb[0, 0, 0, 0] == 255).all() and (sb[0, 1, 0, 0] == 255).all()  # block (0, 0): all white, and all it can reach
+    mean_lb, blob_lb = block_lower_bounds(sa, sb, THUMB_SIDE)
+    # Block (0, 0) of b can only show white: |100 - 255| less the 0.5 rounding slack.
+    assert blob_lb[0] == pytest.approx(154.5)
+    # By hand: a pose moves a pixel at most 3 px (reach 3 at S = 32), so b's minimum there is
+    # white only where the whole 7 x 7 window is, rows and columns 0-8. Interior blocks start
+    # at 2, 5, 8, ...: they hold 3, 3, 1, 0, ... such rows (and columns). A block with k of its
+    # 9 pixels white-only has a minimum mean of 100 + 155 k / 9, floored: k = 9 in 4 blocks
+    # (255: 154.5 each after the slack), k = 3 in 4 (151: 50.5), k = 1 in 1 (117: 16.5).
+    assert mean_lb[0] == pytest.approx((4 * 154.5 + 4 * 50.5 + 16.5) * 9 / 28**2)
+
+
+def test_the_block_bound_changes_no_answer_of_dedup_pixel_checks() -> None:
+    """_PixelConfirm skips the search for pairs the block bound rules out: its answers equal
+    confirm_pairs' on every pair, and most different pictures never reach the search."""
+    from pipeline.dedup.table import _PixelConfirm
+
+    a, b = _bound_cases()
+    thumbs = np.concatenate([a, b])
+    col = pa.chunked_array([pa.array([t.tobytes() for t in thumbs], pa.binary())])
+    n = len(a)
+    rows = np.arange(2 * n)
+    pi, pj = np.arange(n), np.arange(n) + n
+    check = _PixelConfirm(DedupConfig(threshold=0.9, pixel_check=True), col, rows)
+    got = check.many(pi, pj)
+    ok = np.ones(2 * n, dtype=bool)
+    assert np.array_equal(got, confirm_pairs(thumbs, ok, thumbs, ok, pi, pj))
+    assert got[40:44].all() and not got[10:40].any() and not got[44:].any()
+    assert check.searched <= n - 10  # the painted ramps, at least, stop at the bound
+
+
 @pytest.mark.parametrize("side,border", [(16, 1), (32, 2), (9, 1)])
 def test_separable_warp_equals_grid_sample(side: int, border: int) -> None:
     """The search warps by two small matrix products per pose; reference: torch's own
