@@ -297,6 +297,10 @@ class MemoryPeaks:
     # The workers alive at the sample of ``worker_total``, (role, RSS) each: whether a larger
     # sum is more processes (pools scaled out) or bigger ones (state that grows with rows).
     worker_total_parts: list[tuple[str, int]] = field(default_factory=list)
+    # Long-lived workers seen over the run (Ray Data's ``MapWorker`` actors, the local
+    # scheduler's ``cc-model`` workers): more than the pools' size means workers were
+    # stopped and started again (each embedding worker loads the model).
+    long_lived_seen: set[int] = field(default_factory=set)
 
 
 class Sampler(threading.Thread):
@@ -342,7 +346,10 @@ class Sampler(threading.Thread):
             p.workers_seen.add(pid)
             p.worker_process = max(p.worker_process, r)
             total += r
-            parts.append((worker_role(pid), r))
+            role = worker_role(pid)
+            parts.append((role, r))
+            if "MapWorker(" in role or role.startswith("cc-model"):
+                p.long_lived_seen.add(pid)
         if total > p.worker_total:
             p.worker_total, p.worker_total_parts = total, parts
         p.samples += 1
@@ -540,6 +547,8 @@ def composition_table(results: list[SizeResult]) -> str:
             sizes = [b for name, b in r.peaks.worker_total_parts if name == role]
             cells.append(f"{len(sizes)} x {_mib(sum(sizes) // len(sizes))}" if sizes else "-")
         lines.append(f"| `{role}` | " + " | ".join(cells) + " |")
+    lines.append("| long-lived workers started over the run (actors / model workers) | "
+                 + " | ".join(f"{len(r.peaks.long_lived_seen)}" for r in results) + " |")
     return "\n".join(lines)
 
 

@@ -111,11 +111,15 @@ def test_main_runs_the_job_and_reports_every_row_and_stage(tmp_path, capsys, sch
     assert r.peaks.worker_process > 100 * MIB
     assert r.peaks.worker_total >= r.peaks.worker_process
     assert len(r.peaks.workers_seen) >= 2
+    # The embedding worker (an actor, or the local model worker) is seen, and none is
+    # restarted: on the stack's 4 CPUs Ray's pools hold at most 2 embedding + 2 writer actors.
+    assert 1 <= len(r.peaks.long_lived_seen) <= (4 if scheduler == "ray" else 1)
     assert set(r.peaks.driver_by_phase) >= {"stream", "global pass", "report"}
     assert max(r.peaks.driver_by_phase.values()) == r.peaks.driver
     out = capsys.readouterr().out
     assert f"| {rows} | 3 | {rows} | {r.status.get('ok', 0)} |" in out
     assert "| EmbedStage |" in out and "one size only" in out
+    assert f"| long-lived workers started over the run (actors / model workers) | {len(r.peaks.long_lived_seen)} |" in out
     assert "--number-sample-per-shard 20" in r.command
     assert ("--scheduler local" in r.command) == (scheduler == "local")
     assert f"{scheduler} scheduler" in out
