@@ -21,10 +21,13 @@ defaults fails loudly instead of opening the machine.
 Joining an existing cluster (an ``address``, ``$RAY_ADDRESS`` as under ``ray job submit``, or a
 cluster that ``ray start`` recorded on this machine) leaves where it listens to that cluster's
 own settings (docs/operations.md says what its operator must do). One thing is decided here: a
-cluster at a loopback address (``127.0.0.1:6379``, the local head ``infra/local/up.sh`` or
-``ray start --head --node-ip-address 127.0.0.1`` makes) is joined in local-only mode too.
-Without it Ray rewrites the ``127.0.0.1`` the user gave into the host's external address and
-sends the driver's connection there, where a loopback-only head does not answer.
+loopback-only head on this machine (``infra/local/up.sh``, ``ray start --head
+--node-ip-address 127.0.0.1`` in local-only mode), named by a loopback address, is joined in
+local-only mode too. Without it Ray rewrites the ``127.0.0.1`` the user gave into the host's
+external address and sends the driver's connection there, where that head does not answer.
+"Loopback-only" is read from /proc/net/tcp: the port listens on loopback and on nothing else.
+A head listening on every interface (Ray's default) is a cluster head that registered this
+node under its external address, and is joined as Ray would.
 """
 
 from __future__ import annotations
@@ -75,15 +78,23 @@ def _join_target(address: str | None) -> str | None:
     return target
 
 
-def _is_loopback_target(target: str) -> bool:
-    """``host:port`` (``[v6]:port`` too) names a loopback host."""
-    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
-    if host == "localhost":
-        return True
+def _loopback_only_head(target: str) -> bool:
+    """``host:port`` (``[v6]:port`` too) names a loopback host, and on this machine that port
+    listens on loopback addresses only (Linux /proc; False where it cannot be read)."""
+    if ":" not in target:
+        return False
+    host, port_text = target.rsplit(":", 1)
+    host = host.strip("[]")
     try:
-        return _is_loopback(host)
+        port = int(port_text)
+        if host != "localhost" and not _is_loopback(host):
+            return False
     except ValueError:  # a DNS name: where it points is the cluster's business
         return False
+    from pipeline import proc_sockets
+
+    hosts = [h for _, h, p in proc_sockets.listening_inodes().values() if p == port]
+    return bool(hosts) and all(_is_loopback(h) for h in hosts)
 
 
 def _local_only_mode() -> None:
@@ -133,7 +144,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     if ray.is_initialized():
         return False
     target = _join_target(address)
-    if target is not None and _is_loopback_target(target):
+    if target is not None and _loopback_only_head(target):
         # Before _will_start_local: canonicalising the address is where Ray rewrites it.
         _local_only_mode()
     if not _will_start_local(address):

@@ -138,39 +138,69 @@ def test_joining_a_cluster_is_left_to_that_cluster(monkeypatch: pytest.MonkeyPat
     assert _will_start_local(None) is False
 
 
-@pytest.mark.parametrize("given, env", [("127.0.0.1:6379", None), (None, "127.0.0.1:6379"),
-                                        ("localhost:6379", None), ("[::1]:6379", None)])
-def test_joining_a_loopback_cluster_keeps_the_loopback_address(
-    monkeypatch: pytest.MonkeyPatch, given: str | None, env: str | None
-) -> None:
-    """A head on 127.0.0.1 (infra/local/up.sh, ``ray start --node-ip-address 127.0.0.1``)
-    joined without Ray's local-only variable in the environment: Ray must still be asked to
-    connect to loopback. Left to itself it rewrites 127.0.0.1 into the host's external
-    address, where a loopback-only head does not listen."""
+def _cluster_mode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Ray in cluster mode (no local-only variable), with ray.init replaced by what Ray would
+    connect to (its own canonicalisation of the address, as ray.init does); returns that list."""
     import ray
     import ray._private.ray_constants as ray_constants
     from ray._private import services
 
-    import pipeline.ray_start as rs
-
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    if env is None:
-        monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    else:
-        monkeypatch.setenv("RAY_ADDRESS", env)
     asked: list[str] = []
-
-    def fake_init(address: str | None = None, **kwargs: object) -> None:
-        # What Ray itself would connect to, computed as ray.init computes it.
-        asked.append(services.canonicalize_bootstrap_address(address))
-
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", fake_init)
-    assert rs.init_ray(given) is False  # joined, not started
-    host = asked[0].rsplit(":", 1)[0].strip("[]")
-    assert host in ("127.0.0.1", "::1", "localhost"), asked
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: asked.append(services.canonicalize_bootstrap_address(address)))
+    return asked
+
+
+@pytest.mark.parametrize("given, env", [("127.0.0.1:{port}", None), (None, "127.0.0.1:{port}"),
+                                        ("localhost:{port}", None), ("[::1]:{port}", None)])
+def test_joining_a_loopback_only_head_keeps_the_loopback_address(
+    monkeypatch: pytest.MonkeyPatch, given: str | None, env: str | None
+) -> None:
+    """A head listening on loopback only (infra/local/up.sh), joined without Ray's local-only
+    variable in the environment: Ray must still be asked to connect to loopback. Left to
+    itself it rewrites 127.0.0.1 into the host's external address, where that head is not."""
+    import pipeline.ray_start as rs
+
+    family, host = (socket.AF_INET6, "::1") if "::1" in (given or env or "") else (socket.AF_INET, "127.0.0.1")
+    with socket.socket(family) as head:  # stands in for the GCS port of a loopback-only head
+        head.bind((host, 0))
+        head.listen()
+        port = head.getsockname()[1]
+        asked = _cluster_mode(monkeypatch)
+        if env is None:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            monkeypatch.setenv("RAY_ADDRESS", env.format(port=port))
+        assert rs.init_ray(given.format(port=port) if given else None) is False  # joined, not started
+    assert asked[0].rsplit(":", 1)[0].strip("[]") in ("127.0.0.1", "::1", "localhost"), asked
+    assert asked[0].endswith(f":{port}")
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+@pytest.mark.parametrize("listening", [[("tcp", "127.0.0.1"), ("tcp", "0.0.0.0")], [("tcp", "0.0.0.0")], []])
+def test_a_head_on_every_interface_or_none_is_joined_as_ray_would(
+    monkeypatch: pytest.MonkeyPatch, listening: list[tuple[str, str]]
+) -> None:
+    """127.0.0.1 names a cluster head that also listens elsewhere (Ray's default binding), or
+    nothing listens: Ray's own rewriting to the node's address stays (the head registered this
+    node under that address)."""
+    import ray._private.ray_constants as ray_constants
+
+    import pipeline.ray_start as rs
+    from pipeline import proc_sockets
+
+    fake = {i: (fam, host, 6379) for i, (fam, host) in enumerate(listening)}
+    monkeypatch.setattr(proc_sockets, "listening_inodes", lambda: fake)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    asked = _cluster_mode(monkeypatch)
+    monkeypatch.setattr(rs, "_will_start_local", lambda address: False)
+    monkeypatch.setattr("ray.init", lambda address=None, **kw: asked.append(address))
+    assert rs.init_ray("127.0.0.1:6379") is False
+    assert asked == ["127.0.0.1:6379"]
+    assert ray_constants.ENABLE_RAY_CLUSTER is True
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
 
 
 def test_joining_a_remote_cluster_leaves_ray_cluster_mode(monkeypatch: pytest.MonkeyPatch) -> None:
