@@ -82,6 +82,31 @@ def test_growth_check_compares_largest_with_smallest_size_per_measure() -> None:
     text, ok = scale.ratio_check([_result(2000, 1000, 1000, 4000)])
     assert ok and "no growth check" in text
 
+    # The PSS sum is reported beside the verdict, which stays on RSS.
+    small, big = _result(2000, 1000, 1000, 4000), _result(50000, 1000, 1000, 5600)
+    small.peaks.worker_total_pss, big.peaks.worker_total_pss = 3000 * MIB, 3600 * MIB
+    text, ok = scale.ratio_check([small, big])
+    assert not ok and "workers (sum) 1.40x" in text and text.endswith("workers (sum of PSS, shared pages once) 1.20x")
+
+
+def test_pss_of_processes_sharing_library_pages_sums_below_their_rss() -> None:
+    """Two processes that map the same library: their PSS splits the shared pages, so the sum
+    of PSS is below the sum of RSS; each PSS is at most its RSS."""
+    code = "import sys, time, numpy; sys.stdout.write('up\\n'); sys.stdout.flush(); time.sleep(30)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline() == b"up\n"
+        rss = [scale.rss_bytes(p.pid) for p in procs]
+        pss = [scale.pss_bytes(p.pid) for p in procs]
+        assert all(0 < b <= a for a, b in zip(rss, pss, strict=True))
+        assert sum(pss) < sum(rss)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert scale.pss_bytes(procs[0].pid) is None
+
 
 def test_log_timings_reads_the_last_summary_line() -> None:
     log = ("timings: plan 9.0 s\n  shard 00000 embedded: 5 rows\n"
