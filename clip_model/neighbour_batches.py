@@ -92,6 +92,22 @@ def group_into_batches(
     return batches
 
 
+def cosine_summary(feats: np.ndarray, groups: Sequence[Sequence[int]]) -> tuple[float, float]:
+    """(mean over ``groups`` of the mean cosine between two different rows of a group, mean
+    cosine over every ordered pair of the pool, the diagonal included) of unit rows ``feats``
+    (float [n, D]); ``groups``: index lists (each of 2 or more rows). From sums of rows: the
+    sum of a Gram matrix is the squared norm of the rows' sum, so no n x n matrix is made."""
+    f = np.asarray(feats, dtype=np.float64)
+    pool = float(np.square(f.mean(axis=0)).sum())
+    within = []
+    for b in groups:
+        g = f[np.asarray(b)]
+        k = len(g)
+        total = float(np.square(g.sum(axis=0)).sum()) - float(np.square(g).sum())
+        within.append(total / (k * (k - 1)))
+    return float(np.mean(within)), pool
+
+
 class NeighbourBatches:
     """``(step, model) -> (images, tokens)`` for the steps from ``start`` on: pools of ``pool``
     steps, regrouped by :func:`group_into_batches` on the model's image embeddings taken at the
@@ -159,11 +175,10 @@ class NeighbourBatches:
         self._groups = group_into_batches(feats, rows, self.batch_size, self.group)
         self._first, self._pixels, self._tokens = first, pixels, tokens
         if self.log is not None:
-            sims = feats @ feats.T
-            within = np.mean([sims[np.ix_(b, b)][~np.eye(len(b), dtype=bool)].mean() for b in self._groups])
+            within, pool_mean = cosine_summary(feats, self._groups)
             self.log(
                 f"neighbour pool at step {first + 1}: {len(pixels)} rows in {len(self._groups)} "
-                f"batches, mean cosine within a batch {within:.3f} (pool {sims.mean():.3f})"
+                f"batches, mean cosine within a batch {within:.3f} (pool {pool_mean:.3f})"
             )
 
     def __call__(self, step: int, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

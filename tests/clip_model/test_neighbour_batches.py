@@ -105,3 +105,25 @@ def test_pools_are_regrouped_by_the_model_at_their_first_step_and_resume_from_sa
     resumed = NeighbourBatches(src, batch_size=4, group=2, pool=2, start=1, steps=5)
     resumed.load_state({"first": 1, "groups": torch.tensor([[0, 3, 1, 2], [4, 7, 5, 6]])})
     assert resumed(2, model)[1].tolist() == [0, 3, 1, 2]
+
+
+def test_cosine_summary_equals_the_full_similarity_matrix() -> None:
+    """The pool log's figures from row sums equal those of the n x n cosine matrix (float64
+    reference): the mean off-diagonal cosine within each batch, averaged, and the pool's mean."""
+    from clip_model.neighbour_batches import cosine_summary
+
+    rng = np.random.default_rng(3)
+    feats = rng.standard_normal((96, 16)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    groups = [list(range(s, s + 8)) for s in range(0, 96, 8)]
+    groups[0] = [5, 40, 77, 3, 90, 12, 60, 33]  # any index lists, not only runs
+    groups[1] = [0, 1, 2, 4, 6, 7, 8, 9]
+    f = feats.astype(np.float64)
+    sims = f @ f.T
+    want_within = np.mean([sims[np.ix_(b, b)][~np.eye(len(b), dtype=bool)].mean() for b in groups])
+    within, pool = cosine_summary(feats, groups)
+    assert within == pytest.approx(want_within, abs=1e-9)
+    assert pool == pytest.approx(sims.mean(), abs=1e-9)
+    # Hand-worked: two identical rows and their opposite: within the pair 1, the pool 1/9.
+    e = np.array([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
+    assert cosine_summary(e, [[0, 1]]) == pytest.approx((1.0, 1 / 9))
