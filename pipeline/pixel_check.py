@@ -263,12 +263,19 @@ def lower_bounds(
 BLOCK = 3
 
 
+def block_stats_shape(side: int) -> tuple[int, int, int, int]:
+    """The shape of one thumbnail's :func:`block_stats` at side S = ``side``: (3, n, n, 3),
+    n = (S - 2 * border) // BLOCK."""
+    n = (side - 2 * max(1, int(BORDER * side))) // BLOCK
+    return (3, n, n, 3)
+
+
 def _block_means(t: np.ndarray, side: int) -> np.ndarray:
     """float32 [P, n, n, 3]: means of the ``BLOCK`` x ``BLOCK`` blocks that tile the interior
     of ``t`` ([P, side, side, 3], any integer dtype) from its top-left corner (n = interior //
     BLOCK; a last partial row and column of pixels is left out)."""
     border = max(1, int(BORDER * side))
-    n = (side - 2 * border) // BLOCK
+    n = block_stats_shape(side)[1]
     v = t[:, border : border + n * BLOCK, border : border + n * BLOCK].astype(np.float32)
     return v.reshape(len(t), n, BLOCK, n, BLOCK, 3).mean(axis=(2, 4))
 
@@ -281,7 +288,7 @@ def block_stats(t: np.ndarray) -> np.ndarray:
     of a row, made once per row however many pairs it is in."""
     side = t.shape[1]
     lo, hi = _reach_range(t)
-    out = np.empty((len(t), 3) + _block_means(t[:0], side).shape[1:], dtype=np.uint8)
+    out = np.empty((len(t),) + block_stats_shape(side), dtype=np.uint8)
     out[:, 0] = np.rint(_block_means(t, side))
     out[:, 1] = np.floor(_block_means(lo, side))
     out[:, 2] = np.ceil(_block_means(hi, side))

@@ -20,7 +20,14 @@ from pipeline.config import DedupConfig
 from pipeline.dedup.clusters import semantic_clusters
 from pipeline.dedup.keepers import hash_representatives, keep_greedily, priority_order
 from pipeline.dedup.pairs import semantic_pairs
-from pipeline.pixel_check import block_stats, confirm_pairs, contrast, may_confirm, pair_gain
+from pipeline.pixel_check import (
+    block_stats,
+    block_stats_shape,
+    confirm_pairs,
+    contrast,
+    may_confirm,
+    pair_gain,
+)
 from pipeline.thumbnails import ThumbColumn, ThumbFile
 
 log = logging.getLogger("pipeline.dedup")
@@ -129,7 +136,7 @@ class _PixelConfirm:
         if len(need):
             arr, ok, _ = self._thumbs(side, need)
             if sd.stats is None:
-                sd.stats = np.zeros((len(sd.view),) + block_stats(arr[:0]).shape[1:], dtype=np.uint8)
+                sd.stats = np.zeros((len(sd.view),) + block_stats_shape(sd.view.side), dtype=np.uint8)
             sd.stats[need[ok]] = block_stats(arr[ok])
             sd.ok[need] = ok
             sd.has[need] = True
@@ -158,6 +165,7 @@ class _PixelConfirm:
         thumbnail), CHUNK pairs at a time."""
         out = np.zeros(len(pi), dtype=bool)
         cfg = self.cfg
+        side = self.sides[0].view.side
         for s in range(0, len(pi), self.CHUNK):
             ui, inv_i = np.unique(pi[s : s + self.CHUNK], return_inverse=True)
             uj, inv_j = np.unique(pj[s : s + self.CHUNK], return_inverse=True)
@@ -165,7 +173,6 @@ class _PixelConfirm:
             sj, okj, cj = self._stats(1, uj)
             both = oki[inv_i] & okj[inv_j]
             gain = pair_gain(ci[inv_i], cj[inv_j])
-            side = self.sides[0].view.side
             may = may_confirm(si[inv_i], sj[inv_j], gain, side, cfg.pixel_mean_max, cfg.pixel_blob_max)
             out[s : s + self.CHUNK] = both & may
         return out

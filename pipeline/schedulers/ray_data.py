@@ -42,8 +42,8 @@ MIN_TARGET_MAX_BLOCK_SIZE = 4 * 1024**3
 ATTEMPTS = 3
 # Ray Data's pool utilisation threshold for shrinking (calls in flight per actor slot; its
 # default 0.5). Below any reachable value: a pool shrinks only once its inputs are done. With
-# the default, a 50,000-row run on 4 CPUs started 30+ actors for pools of at most 2 + 2, each
-# embedding actor loading the model again (bench/RESULTS.md, 2026-12-06).
+# the default, a 50,000-row run on 4 CPUs started 16 actors for pools of at most 2 + 2, each
+# embedding actor loading the model again; 4 with this (bench/RESULTS.md, 2026-12-06).
 NO_DOWNSCALE = -1.0
 # Calls to an actor are resent without limit while it restarts (a restart on another node,
 # with its model to load, outlasts a few quick resends, each counted as a retry). Still
