@@ -217,22 +217,30 @@ def test_keep_greedily_equals_choose_keepers_over_all_pairs(limit: int, with_con
     assert (got >= 0).sum() > 50  # there was something to decide
 
 
-def test_answers_asked_ahead_change_nothing_and_save_calls():
+@pytest.mark.parametrize("world", ["topical, most pairs copies", "one look-alike group, few copies"])
+def test_answers_asked_ahead_change_nothing_and_save_calls(world: str):
     """keep_greedily with ``ahead`` decides exactly as without it; a confirm that remembers
-    the answers it gave ahead is then called about few pairs of its own, and every pair
-    ``ahead`` names is one of an eligible row and one of its listed earlier neighbours."""
-    emb = _topical(1500, 24, 5, seed=3)
-    members = semantic_clusters(emb, n_clusters=6, second_cluster_margin=0.1, seed=1)
+    the answers it gave ahead is then asked about few listed rows of its own (the fallback's
+    questions, about unlisted kept rows, are not guessed), and every pair ``ahead`` names is
+    one of an eligible row and one of its listed earlier neighbours. The look-alike group is
+    the bundled model on the synthetic world: rows list many look-alikes, few of them
+    copies, so most rows go through all their listed rows."""
     rng = np.random.default_rng(4)
-    order = priority_order(rng.random(len(emb)), [f"{i:05d}" for i in range(len(emb))])
+    if world.startswith("topical"):
+        emb = _topical(1500, 24, 5, seed=3)
+        members = semantic_clusters(emb, n_clusters=6, second_cluster_margin=0.1, seed=1)
+        order = priority_order(rng.random(len(emb)), [f"{i:05d}" for i in range(len(emb))])
+    else:
+        emb, members, order = _one_blob(600, 0.05, seed=2)
     rank = np.empty(len(emb), dtype=np.int64)
     rank[order] = np.arange(len(emb))
     skip = rng.random(len(emb)) < 0.02
 
     def truth(a, b):
-        return (a * 7 + b) % 3 != 0
+        return (a * 7 + b) % 3 != 0 if world.startswith("topical") else (a * 7 + b) % 11 == 0
 
     for limit in (2, 16):
+        start, nbr, overflow = earlier_neighbours(emb, members, 0.95, rank, limit)
         plain = keep_greedily(emb, members, 0.95, order, lambda a, bs: np.array([truth(a, b) for b in bs.tolist()]),
                               skip=skip, limit=limit)  # fmt: skip
         known: dict[tuple[int, int], bool] = {}
@@ -255,8 +263,16 @@ def test_answers_asked_ahead_change_nothing_and_save_calls():
         got = keep_greedily(emb, members, 0.95, order, confirm, skip=skip, limit=limit, ahead=ahead)
         assert np.array_equal(got, plain)
         assert (got >= 0).sum() > 50 and len(asked) > 200
-        # the guesses cover most questions: the rest are fallbacks past the first five
-        assert len(fresh) < 0.25 * len(asked), (len(fresh), len(asked))
+        # The guesses answer nearly every question about listed rows (the fallback's are not
+        # guessed): what is left are rows whose guessed keeper the loop dropped before. With
+        # two guessed batches only, 1,202 of the look-alike group's 2,744 were left (258 now).
+        def is_listed(pair: tuple[int, int], start=start, nbr=nbr) -> bool:
+            return pair[1] in nbr[start[pair[0]] : start[pair[0] + 1]]
+
+        listed_asked = [p for p in asked if is_listed(p)]
+        listed_fresh = [p for p in fresh if is_listed(p)]
+        assert len(listed_asked) > 200
+        assert len(listed_fresh) < 0.15 * len(listed_asked), (len(listed_fresh), len(listed_asked))
 
 
 def _one_blob(n: int, noise: float, seed: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
