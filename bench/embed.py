@@ -47,6 +47,8 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.stages.embed import resolve_precision  # noqa: E402
+
 ARCH = "ViT-B-32"
 
 
@@ -116,6 +118,7 @@ def run_clipcurate(
     from pipeline import schema as S
     from pipeline.config import EmbedConfig, ExecutionConfig, JobConfig, ModerateConfig, ShardConfig
     from pipeline.job import stream
+    from pipeline.shard_format import committed_shards
     from pipeline.stages.read import plan_shards
     from pipeline.storage import Storage
 
@@ -131,7 +134,7 @@ def run_clipcurate(
     ))
     plan = plan_shards(cfg.read, cfg.shard.number_sample_per_shard, cfg.storage)
     names = [S.shard_name(d.shard_id) for d in plan]
-    committed = Storage(cfg.shard.output_folder, cfg.storage).committed_shards()
+    committed = committed_shards(Storage(cfg.shard.output_folder, cfg.storage))
     written = Path(cfg.write.output_folder)
     if set(names) - committed or written.exists() or (folder / out).exists():
         raise RuntimeError(f"expected {len(names)} committed shards, no {written} and no {folder / out}")
@@ -280,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}, load average "
         f"{load:.1f} at the end. Command: `python bench/embed.py {shlex.join(argv or sys.argv[1:])}`. "
         f"{ok} stored images (synthetic world, 256 px, border) in shards of {a.per_shard}; "
-        f"{ARCH}, random weights (seeded, one safetensors file for both), CPU, fp32, image and "
+        f"{ARCH}, random weights (seeded, one safetensors file for both), CPU; open_clip fp32, "
+        f"clipcurate {resolve_precision('auto', 'cpu')} (embed.precision auto); image and "
         f"text embeddings, inference batch {a.batch}. clipcurate: the job's re-embed path "
         "(pipeline.job.stream over committed shards without embeddings: reread -> tokenize -> "
         "embed -> write), model load included on both sides.\n\n"

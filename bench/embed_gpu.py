@@ -20,7 +20,9 @@ model spec, as a job pays them), GPU utilisation (mean of NVML samples every 50 
 side runs, when pynvml is installed), and two checks: the largest embedding difference of
 clipcurate's fp16 output from the same path in fp32 (``embed.precision=fp32``, same device,
 not timed: fp16 parity), and from the open_clip loop's output, row by row. Without CUDA it
-runs on the CPU in fp32 (useful only to check the script: the parity figure is then 0).
+runs on the CPU (useful only to check the script), clipcurate at the precision ``auto`` picks
+there: bf16 on a CPU with native bf16, else fp32 (and the parity figure is then 0); the
+open_clip loop in fp32.
 """
 
 from __future__ import annotations
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rows, --per_shard and --processes must be >= 1")
 
     gpu = torch.cuda.is_available()
+    from pipeline.stages.embed import resolve_precision
+
+    ours_precision = resolve_precision("auto", "cuda" if gpu else "cpu")
     lines, checks = [], []
     with tempfile.TemporaryDirectory(prefix="clipcurate-bench-embed-gpu-") as tmp:
         work = Path(tmp)
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {arch} | open_clip loop | {base_s:.1f} | {base_n / base_s:.0f} | {fmt(base_u)} |")
             lines.append(f"| {arch} | clipcurate re-embed path | {ours_s:.1f} | {ours_n / ours_s:.0f} | {fmt(ours_u)} |")
             lines.append(f"| {arch} | ratio | | {(ours_n / ours_s) / (base_n / base_s):.2f}x | |")
-            checks.append(f"- {arch}: largest embedding difference, clipcurate {'fp16' if gpu else 'fp32'} vs "
+            checks.append(f"- {arch}: largest embedding difference, clipcurate {ours_precision} vs "
                           f"its fp32 reference: {parity:.1e}; vs the open_clip loop: {diff:.1e}. Segments:\n\n"
                           "  | segment | rows | seconds | rows/s |\n  |---|---:|---:|---:|\n"
                           + "".join(f"  {line}\n" for line in stage_lines(stages).splitlines()))
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         f"\n## GPU embed path vs open_clip loop ({when})\n\n"
         f"Device: {dev}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{'fp16 autocast' if gpu else 'fp32'}. Command: "
+        f"clipcurate {ours_precision} (embed.precision auto), open_clip loop {'fp16 autocast' if gpu else 'fp32'}. "
+        "Command: "
         f"`python bench/embed_gpu.py {shlex.join(argv if argv is not None else sys.argv[1:])}`. {ok} stored images "
         f"(synthetic world, 256 px, border), shards of {a.per_shard}, inference batch {a.batch}; "
         f"clipcurate: the job's re-embed path on the local scheduler ({a.processes or os.cpu_count()} CPU worker "
