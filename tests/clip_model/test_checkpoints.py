@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -306,6 +308,33 @@ def test_random_init_model_has_identity_and_unit_norm_features():
     assert img.shape == (3, 32) and txt.shape == (3, 32)
     assert torch.allclose(img.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_loading_weights_leaves_torch_dynamo_unimported():
+    # Building on the meta device once ran nn.Embedding's normal_ there, whose decomposition
+    # imports torch._dynamo: ~150 MiB and ~0.9 s in every process that loads a model.
+    code = (
+        "import sys, torch, clip_model\n"
+        "model, _ = clip_model.create_model('tiny-synthetic', pretrained='synthetic')\n"
+        "assert not model.token_embedding.weight.is_meta\n"
+        "with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    model.encode_image(torch.zeros(2, 3, 64, 64))\n"
+        "    model.encode_text(torch.zeros(2, 77, dtype=torch.long))\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_seeded_random_init_of_the_token_embedding_is_nn_embeddings():
+    from clip_model.model import _Embedding
+
+    torch.manual_seed(5)
+    ours = _Embedding(50, 8).weight.detach()
+    torch.manual_seed(5)
+    ref = torch.nn.Embedding(50, 8).weight.detach()
+    assert torch.equal(ours, ref) and ours.std() > 0.5
+    with torch.device("meta"):
+        assert _Embedding(50, 8).weight.is_meta
 
 
 def test_text_features_do_not_depend_on_batch_companions(tiny):
