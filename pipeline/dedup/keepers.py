@@ -194,10 +194,11 @@ def _likely_questions(
     batches: each busy row with its best-ranked listed row (the loop's first question, asked
     whenever that row is still kept); for the rows where that pair failed, their next 4 listed
     rows (the loop's second batch); for the rows where those failed too, the rest of their
-    listed rows (its third). What is left for the loop's own calls is the fallback past the
-    listed rows (:func:`earlier_neighbours`' overflow). Rows taken by an earlier run
-    (``skip``) are never kept, so never asked about. A guess may name a row the loop has
-    dropped by then: a wasted comparison, never a different answer."""
+    listed rows (its third). Left to the loop's own calls: the fallback past the listed rows
+    (:func:`earlier_neighbours`' overflow), and rows whose guessed keeper it dropped before
+    asking. Rows taken by an earlier run (``skip``) are never kept, so never asked about. A
+    guess may name a row the loop has dropped by then: a wasted comparison, never a different
+    answer."""
     counts = np.diff(start)
     row_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     entry = np.flatnonzero(busy[row_of] & ~skip[nbr])
