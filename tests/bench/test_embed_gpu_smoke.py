@@ -41,9 +41,10 @@ def test_embed_gpu_bench_runs_both_paths_and_appends_what_it_prints(tmp_path: Pa
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     assert text in done.stdout
-    rates = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r"^\| ViT-B-32 \| (open_clip loop|clipcurate re-embed path) \| [\d.]+ \| (\d+) \|", text, re.M)}
-    assert set(rates) == {"open_clip loop", "clipcurate re-embed path"} and all(r > 0 for r in rates.values())
+    # images/s is printed rounded (0 on a slow, loaded box): the timed seconds are what must be there.
+    seconds = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^\| ViT-B-32 \| (open_clip loop|clipcurate re-embed path) \| ([\d.]+) \| \d+ \|", text, re.M)}
+    assert set(seconds) == {"open_clip loop", "clipcurate re-embed path"} and all(v > 0 for v in seconds.values())
     # Same weights and pixels on both sides: embeddings agree to bf16 / float16 rounding.
     parity, vs_open_clip = (float(x) for x in re.search(
         r"its fp32 reference: (\d\.\de[+-]\d+); vs the open_clip loop: (\d\.\de[+-]\d+)", text).groups())
