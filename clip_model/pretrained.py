@@ -105,6 +105,8 @@ class ModelDefaults:
     dedup_pixel_check: bool | None = None
     dedup_pixel_mean_max: float | None = None
     dedup_pixel_blob_max: float | None = None
+    dedup_pixel_channel_mean_max: float | None = None
+    dedup_pixel_channel_blob_max: float | None = None
     sources: tuple[str, ...] = ()
 
 
@@ -166,10 +168,13 @@ _TINY_SYNTHETIC = ModelDefaults(
     dedup_pixel_check=True,
     dedup_pixel_mean_max=4.5,
     dedup_pixel_blob_max=23.0,
+    dedup_pixel_channel_mean_max=7.0,
+    dedup_pixel_channel_blob_max=34.0,
     sources=(
         "clip_score 0.3 and hazard margins 0.05 (image) / 0.1 (caption): testkit/calibrate_tiny.py",
         "dedup cos>=0.9 confirmed by 32x32 thumbnails: bench/pixel_check.py (recall 0.963-0.988, "
-        "no row dropped for another scene on five worlds)",
+        "no row dropped for another scene on five worlds); per-channel bounds 7/34 from the job's "
+        "default worlds: bench/pixel_check.py --world default (2026-12-06)",
     ),
 )
 
@@ -187,6 +192,8 @@ _MULTILINGUAL_SYNTHETIC = ModelDefaults(
     dedup_pixel_check=True,
     dedup_pixel_mean_max=4.5,
     dedup_pixel_blob_max=23.0,
+    dedup_pixel_channel_mean_max=7.0,
+    dedup_pixel_channel_blob_max=34.0,
     sources=(
         "clip_score 0.407: bench/calibrate_model_defaults.py, world 5151 (mismatch recall 0.952, "
         "2.8 % of matched dropped); world 6262: recall 0.922, 1.2 %",

@@ -210,6 +210,10 @@ class DownloadJobConfig:
             getattr(self, f.name).validate(f.name)
 
 
+# DedupConfig's pixel check bounds (0-255 levels), see pipeline/pixel_check.py.
+PIXEL_BOUNDS = ("pixel_mean_max", "pixel_blob_max", "pixel_channel_mean_max", "pixel_channel_blob_max")
+
+
 @dataclass(frozen=True)
 class DedupConfig:
     """Global dedup after the stream (pipeline/dedup/). Similarities are cosines in [-1, 1]."""
@@ -226,13 +230,16 @@ class DedupConfig:
     against: str | None = None  # an earlier run's output (folder or s3:// URI) to dedup against
     # Confirm each embedding pair by its aligned thumbnails (pipeline/pixel_check.py): then
     # `threshold` only picks candidates and a pair is a duplicate when the thumbnails' mean and
-    # blob differences (0-255 pixel units) are both within these bounds.
+    # blob differences (0-255 pixel units) are within these bounds, both averaged over the
+    # colour channels and in the channel that differs most.
     pixel_check: bool | str = False
     pixel_mean_max: float | str = 4.5
     pixel_blob_max: float | str = 23.0
+    pixel_channel_mean_max: float | str = 7.0
+    pixel_channel_blob_max: float | str = 34.0
 
     def validate(self, section: str = "dedup") -> None:
-        for name in ("threshold", "pixel_check", "pixel_mean_max", "pixel_blob_max"):
+        for name in ("threshold", "pixel_check", *PIXEL_BOUNDS):
             v = getattr(self, name)
             _check(not isinstance(v, str), section, name,
                    f"must be a value, or {AUTO!r} in a job config (the model's setting), got {v!r}")
@@ -251,7 +258,7 @@ class DedupConfig:
             f"must be in [0, 2], got {self.second_cluster_margin}",
         )
         _check(self.kmeans_iterations >= 1, section, "kmeans_iterations", "must be >= 1")
-        for name in ("pixel_mean_max", "pixel_blob_max"):
+        for name in PIXEL_BOUNDS:
             v = getattr(self, name)
             _check(0 <= v <= 255, section, name, f"must be in [0, 255] (pixel units), got {v}")
         _check(
@@ -508,7 +515,7 @@ def _model_moderate() -> ModerateConfig:
 
 
 def _model_dedup() -> DedupConfig:
-    return DedupConfig(threshold=AUTO, pixel_check=AUTO, pixel_mean_max=AUTO, pixel_blob_max=AUTO)
+    return DedupConfig(threshold=AUTO, pixel_check=AUTO, **dict.fromkeys(PIXEL_BOUNDS, AUTO))
 
 
 def _model_filter() -> FilterConfig:

@@ -18,7 +18,7 @@ order and the first that applies is recorded:
 4. ``dedup:exact(sha256)``, ``dedup:semantic(cos>=0.95; <model>)``,
    ``dedup:previous_run(cos>=0.95 or sha256; <model>)``: a duplicate found by
    :func:`pipeline.dedup.dedup_table`, when ``filter.duplicates`` is on. With
-   ``dedup.pixel_check`` the cosine test reads ``cos>=0.9 & pixels(mean<=4.5,blob<=23)``.
+   ``dedup.pixel_check`` the cosine test reads ``cos>=0.9 & pixels(mean<=4.5,blob<=23; per channel mean<=7,blob<=34)``.
 
 Duplicate links (``duplicate_of``, ``dup_kind``) are recorded for every ``ok`` row that was not
 taken down, whatever else drops it, so an exact copy dropped as unsafe still names its image's
@@ -116,7 +116,8 @@ def dedup_reason(kind: str, model: str | None, cfg: DedupConfig) -> str:
         return f"{S.REASON_DEDUP}{S.DUP_EXACT}(sha256)"
     test = f"cos>={cfg.threshold:g}"
     if cfg.pixel_check:
-        test += f" & pixels(mean<={cfg.pixel_mean_max:g},blob<={cfg.pixel_blob_max:g})"
+        test += (f" & pixels(mean<={cfg.pixel_mean_max:g},blob<={cfg.pixel_blob_max:g};"
+                 f" per channel mean<={cfg.pixel_channel_mean_max:g},blob<={cfg.pixel_channel_blob_max:g})")
     if kind == S.DUP_SEMANTIC:
         return f"{S.REASON_DEDUP}{S.DUP_SEMANTIC}({test}; {short_model(model)})"
     return f"{S.REASON_DEDUP}{S.DUP_PREVIOUS_RUN}({test} or sha256; {short_model(model)})"

@@ -13,7 +13,7 @@ registry entry of ``embed.model`` + ``embed.pretrained``
 * ``filter.unsafe``: on when moderation is calibrated for the model (the card's concepts, a
   ``thresholds_file``, explicit per-concept thresholds, or a head with a threshold or preset),
   else off: the scores are recorded and no row is dropped by moderation;
-* ``dedup.threshold`` / ``pixel_check`` / pixel bounds: the model's, else 0.95, off, 4.5, 23.
+* ``dedup.threshold`` / ``pixel_check`` / pixel bounds: the model's, else 0.95, off, 4.5, 23, 7, 34.
 
 :func:`notes` turns the resolved config into the lines the job logs once and the report shows
 (what filters nothing, and why).
@@ -110,6 +110,8 @@ def apply_model_defaults(cfg: JobConfig) -> JobConfig:
         "pixel_check": None if d is None else d.dedup_pixel_check,
         "pixel_mean_max": None if d is None else d.dedup_pixel_mean_max,
         "pixel_blob_max": None if d is None else d.dedup_pixel_blob_max,
+        "pixel_channel_mean_max": None if d is None else d.dedup_pixel_channel_mean_max,
+        "pixel_channel_blob_max": None if d is None else d.dedup_pixel_channel_blob_max,
     }
     changes = {}
     for name, value in model_dedup.items():

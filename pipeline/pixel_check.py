@@ -13,39 +13,61 @@ agree once aligned:
    search (245 coarse poses at half resolution: scale 0.94-1.06, shift up to 9 % of the side;
    then 27 finer poses around the best at full resolution), covering a crop of up to ~4 % per
    side and any resize.
-3. At the best pose (lowest mean residual), two numbers in 0-255 pixel units, both over the
-   interior (an 8 % border is ignored: a crop brings in or removes content there):
-   ``mean`` = mean absolute difference over pixels and channels; ``blob`` = the largest 3 x 3
-   average of the per-pixel difference. Re-encoding and resampling spread small differences
-   everywhere (low mean, low blob); a moved, added or reshaped object leaves one patch of large
-   difference (high blob) even when the mean stays low.
-4. Both are scaled up for faint pictures: with ``contrast`` the spread (99th minus 1st
+3. At the best pose (lowest mean residual over the three channels), four numbers in 0-255
+   pixel units, all over the interior (an 8 % border is ignored: a crop brings in or removes
+   content there): ``mean`` = the mean absolute difference over pixels and channels; ``blob``
+   = the largest 3 x 3 average of the per-pixel difference (channels averaged);
+   ``channel_mean`` and ``channel_blob`` = the same two for the colour channel that differs
+   most (:class:`Residuals`). Re-encoding and resampling spread small differences everywhere
+   (low mean, low blob); a moved, added or reshaped object leaves one patch of large
+   difference (high blob) even when the mean stays low. The per-channel pair catches what
+   averaging dilutes: a yellow object on orange differs from the background in green alone,
+   so a missing one counted a third of its difference, and so did a background whose shade
+   differs in one channel.
+4. All are scaled up for faint pictures: with ``contrast`` the spread (99th minus 1st
    percentile) of the pair's most varied channel, averaged over the two thumbnails, a pair
    below ``MIN_CONTRAST`` levels has its differences multiplied by ``MIN_CONTRAST / contrast``.
    Two faint grayscale scenes (objects 10-15 levels off the background) otherwise differ by less
    than two re-encodings of a vivid one.
 
-A pair is confirmed when ``mean <= mean_max`` and ``blob <= blob_max`` with either thumbnail
-warped onto the other. The bounds were picked on two 800-row synthetic worlds (seeds 2026 and
-555: centre crop 128, tiny model, candidates at cosine >= 0.9) and checked on three more (7, 99,
-4242): all 640 duplicate pairs among the candidates are confirmed and no pair of different
-scenes. Measured as the larger of mean / ``MEAN_MAX`` and blob / ``BLOB_MAX`` in the better
-direction (<= 1 passes), duplicates reach 0.97 at most and different scenes 1.32 at least.
-`bench/pixel_check.py` measures recall, precision and cost per world. On the seven real camera
-photos in ``../shared/testdata`` (centre crop 128), each against 8 near copies made the same
-way: 54 of 56 original/copy pairs confirmed, none of the 1,701 pairs of different photos
-(textured photos sit closer to the mean bound: copy/copy pairs, two crops compounded, 230 of
-252).
+A pair is confirmed when all four are within their bounds (:class:`PixelBounds`) with either
+thumbnail warped onto the other. The averaged bounds (``MEAN_MAX``, ``BLOB_MAX``) were picked
+on two 800-row synthetic worlds (seeds 2026 and 555: centre crop 128, tiny model, candidates at
+cosine >= 0.9) and checked on three more (7, 99, 4242): all 640 duplicate pairs among the
+candidates are confirmed and no pair of different scenes. The job's default run on fresh
+worlds (default sizes and formats) later showed different scenes confirmed, by shades and
+objects that differ in one or two channels; the per-channel bounds (``CHANNEL_MEAN_MAX``,
+``CHANNEL_BLOB_MAX``) were added on top, so the check never confirms a pair the averaged bounds
+reject. They trade: over 75 worlds (15 small, 60 default; ``bench/pixel_check.py``, RESULTS
+2026-12-06) copy pairs missed 7 -> 8 of 6,860 and pairs of different scenes confirmed 8 -> 4 of
+25,637 (the four left: two pairs of grayscale files whose colours map to the same greys, faint
+dark objects beside a bright one, which the pair's contrast does not lift, and small crosses
+against small squares, ~4 px at 32 x 32). On a 50,000-row world of 48-96 px images (around
+the model's 64 px input; a re-encoded copy differs more per channel there) they keep 3,220 of
+the 3,335 copy pairs the averaged bounds confirm, and 16 of the 28 pairs of different scenes.
+Tighter bounds (6.5, 32) lose more copies there (176) for few more wrong pairs caught (12
+left); looser ones (9, 45) keep all but 6 copies and catch 3. On the seven real camera photos
+in ``../shared/testdata`` (centre crop 128), each against 8 near copies made the same way: 55
+of 56 original/copy pairs confirmed, none of the 1,701 pairs of different photos (textured
+photos sit closer to the mean bound: copy/copy pairs, two crops compounded, 175 of 196); the
+per-channel bounds change none.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The bounds (0-255 levels): the difference averaged over the colour channels, and in the
+# channel that differs most (module docstring, step 3).
 MEAN_MAX = 4.5
 BLOB_MAX = 23.0
+CHANNEL_MEAN_MAX = 7.0
+CHANNEL_BLOB_MAX = 34.0
 # Share of the side ignored at each border when comparing.
 BORDER = 0.08
 # Differences of fainter pairs are scaled up to this contrast (pixel levels), see step 4.
@@ -53,6 +75,43 @@ MIN_CONTRAST = 64.0
 # Pairs compared per batch: each pair warps 245 half-size thumbnails (~0.6 MB of float32);
 # small batches stay in cache.
 _PAIRS_PER_BATCH = 8
+
+
+class Residuals(NamedTuple):
+    """A pair's aligned differences, float64 [P] each, in 0-255 levels (module docstring,
+    step 3): ``mean`` and ``blob`` of the difference averaged over the colour channels,
+    ``channel_mean`` and ``channel_blob`` of the channel that differs most. Also the type of
+    their lower bounds (:func:`lower_bounds`, :func:`block_lower_bounds`)."""
+
+    mean: np.ndarray
+    blob: np.ndarray
+    channel_mean: np.ndarray
+    channel_blob: np.ndarray
+
+
+@dataclass(frozen=True)
+class PixelBounds:
+    """The four bounds a pair must meet, in 0-255 levels (see :class:`Residuals`)."""
+
+    mean_max: float = MEAN_MAX
+    blob_max: float = BLOB_MAX
+    channel_mean_max: float = CHANNEL_MEAN_MAX
+    channel_blob_max: float = CHANNEL_BLOB_MAX
+
+    @classmethod
+    def of(cls, dedup: Any) -> PixelBounds:
+        """The bounds of a resolved ``DedupConfig`` (its ``pixel_*`` fields)."""
+        return cls(float(dedup.pixel_mean_max), float(dedup.pixel_blob_max),
+                   float(dedup.pixel_channel_mean_max), float(dedup.pixel_channel_blob_max))
+
+    def passes(self, r: Residuals, gain: np.ndarray | float = 1.0, slack: float = 0.0) -> np.ndarray:
+        """bool [P]: every figure of ``r`` (times ``gain``) within its bound (plus ``slack``)."""
+        return (
+            (r.mean * gain <= self.mean_max + slack)
+            & (r.blob * gain <= self.blob_max + slack)
+            & (r.channel_mean * gain <= self.channel_mean_max + slack)
+            & (r.channel_blob * gain <= self.channel_blob_max + slack)
+        )
 
 
 # The searched poses: x -> scale * x + shift on each axis, in grid_sample's [-1, 1]
@@ -104,9 +163,12 @@ def _coarse_weights(size: int, border: int) -> torch.Tensor:
     return _COARSE_WEIGHTS[key]
 
 
-def _warp_differences(a: torch.Tensor, b: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor, border: int) -> torch.Tensor:
-    """|a - warp(b, pose)| summed over channels, interior only, for every pose of a grid of
-    scales x shifts-x x shifts-y: [P, nS * nX * nY, h, w] (poses in that order).
+def _warp_differences(
+    a: torch.Tensor, b: torch.Tensor, rx: torch.Tensor, ry: torch.Tensor, border: int, per_channel: bool = False
+) -> torch.Tensor:
+    """|a - warp(b, pose)|, interior only, for every pose of a grid of scales x shifts-x x
+    shifts-y: summed over channels, [P, nS * nX * nY, h, w] (poses in that order), or with
+    ``per_channel`` each channel's, [P, nS * nX * nY, 3, h, w].
 
     a, b: [P, 3, S, S] float32; rx: [P, nS, nX, w, S] or, shared by every pair, [nS, nX, w, S]
     (:func:`_axis_weights` of each scale and x shift); ry likewise for the y shifts."""
@@ -119,6 +181,8 @@ def _warp_differences(a: torch.Tensor, b: torch.Tensor, rx: torch.Tensor, ry: to
         warped = torch.einsum("psbYy,psacyX->psabcYX", ry, t)
     inner = a[:, None, None, None, :, border : s - border, border : s - border]
     diff = warped.contiguous().sub_(inner).abs_()
+    if per_channel:
+        return diff.reshape(p, -1, 3, diff.shape[-2], diff.shape[-1])
     # Adding the three channel planes is ~3x faster than sum() over the middle dimension.
     total = diff[:, :, :, :, 0].add(diff[:, :, :, :, 1]).add_(diff[:, :, :, :, 2])
     return total.reshape(p, -1, total.shape[-2], total.shape[-1])
@@ -133,20 +197,19 @@ def contrast(t: np.ndarray) -> np.ndarray:
 
 def residuals(
     a: np.ndarray, b: np.ndarray, contrast_a: np.ndarray | None = None, contrast_b: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Residuals:
     """Aligned differences of thumbnail pairs ``a[i]``/``b[i]`` (uint8 [P, S, S, 3] each).
 
-    Returns float64 [P] ``mean`` and [P] ``blob`` in 0-255 units (see the module docstring):
-    ``b`` is warped onto ``a`` at the pose that minimises the mean; both are scaled up for
-    pairs fainter than ``MIN_CONTRAST``. ``contrast_a``/``contrast_b``: :func:`contrast` of
-    ``a`` and ``b`` when the caller has them already.
+    Returns the four figures of :class:`Residuals` (float64 [P] each, 0-255 levels; see the
+    module docstring): ``b`` is warped onto ``a`` at the pose that minimises the mean; all are
+    scaled up for pairs fainter than ``MIN_CONTRAST``. ``contrast_a``/``contrast_b``:
+    :func:`contrast` of ``a`` and ``b`` when the caller has them already.
     """
     if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
         raise ValueError(f"a and b must both be [P, S, S, 3], got {a.shape} and {b.shape}")
     p, s = a.shape[0], a.shape[1]
     border = max(1, int(BORDER * s))
-    mean = np.zeros(p, dtype=np.float64)
-    blob = np.zeros(p, dtype=np.float64)
+    out = np.zeros((4, p), dtype=np.float64)  # the four figures, in Residuals' order
     with torch.inference_mode(), _one_thread():
         for start in range(0, p, _PAIRS_PER_BATCH):
             # torch.tensor copies: the inputs may be read-only views of Arrow memory.
@@ -164,17 +227,24 @@ def residuals(
             scale = _SCALES[best // 49][:, None, None] + _FINE_STEPS[None, :, None]
             rx = _axis_weights(scale, _SHIFTS[(best // 7) % 7][:, None, None] + _FINE_STEPS, s, border)
             ry = _axis_weights(scale, _SHIFTS[best % 7][:, None, None] + _FINE_STEPS, s, border)
-            maps = _warp_differences(ta, tb, rx, ry, border) / 3  # channels averaged
-            means = maps.mean((2, 3))
-            pick = means.argmin(1)
+            maps = _warp_differences(ta, tb, rx, ry, border, per_channel=True)
+            channel_means = maps.mean((3, 4))  # [m, 27, 3]
+            pick = channel_means.sum(2).argmin(1)
             rows = torch.arange(m)
-            mean[start : start + m] = means[rows, pick].double().numpy()
-            at_best = maps[rows, pick][:, None]
-            blob[start : start + m] = F.avg_pool2d(at_best, 3, 1).amax((1, 2, 3)).double().numpy()
+            at_pick = channel_means[rows, pick]  # [m, 3]
+            at_best = maps[rows, pick]  # [m, 3, h, w]
+            figures = (
+                at_pick.mean(1),
+                F.avg_pool2d(at_best.mean(1, keepdim=True), 3, 1).amax((1, 2, 3)),
+                at_pick.amax(1),
+                F.avg_pool2d(at_best, 3, 1).amax((1, 2, 3)),
+            )
+            for k, f in enumerate(figures):
+                out[k, start : start + m] = f.double().numpy()
     ca = contrast(a) if contrast_a is None else contrast_a
     cb = contrast(b) if contrast_b is None else contrast_b
     gain = pair_gain(ca, cb)
-    return mean * gain, blob * gain
+    return Residuals(*(out * gain))
 
 
 class _one_thread:
@@ -236,14 +306,14 @@ def _reach_range(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def lower_bounds(
     a: np.ndarray, b: np.ndarray | None, reach_b: tuple[np.ndarray, np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """float64 [P] each: lower bounds, over every pose the search tries, of the interior
-    ``mean`` and of the ``blob`` of |a - warp(b)| (uint8 [P, S, S, 3] each; before the
-    contrast gain). A warped pixel of b is a convex mix of b's pixels within :func:`_reach` of
-    it, so it lies between their minimum and maximum; its distance to a's pixel can be no
-    smaller than a's distance to that range. That holds pixel by pixel at every pose, so the
-    mean of those distances bounds ``mean``, and their largest 3 x 3 average (channels
-    averaged first, as :func:`residuals` does) bounds ``blob``, whichever pose is best.
+) -> Residuals:
+    """Lower bounds, over every pose the search tries, of the four :class:`Residuals` figures
+    of |a - warp(b)| (uint8 [P, S, S, 3] each; before the contrast gain), float64 [P] each.
+    A warped pixel of b is a convex mix of b's pixels within :func:`_reach` of it, so it lies
+    between their minimum and maximum; its distance to a's pixel can be no smaller than a's
+    distance to that range. That holds pixel by pixel and channel by channel at every pose,
+    so those distances, averaged and 3 x 3 box-filtered as :func:`residuals` does, bound each
+    figure whichever pose is best.
     Lets :func:`confirm_pairs` skip the search for pairs that cannot pass (no answer changes).
     ``reach_b``: :func:`_reach_range` of ``b`` when the caller has it (b may then be None)."""
     s = a.shape[1]
@@ -251,11 +321,18 @@ def lower_bounds(
     lo, hi = _reach_range(b) if reach_b is None else reach_b
     ta = a[:, border : s - border, border : s - border].astype(np.int16)
     lo, hi = lo[:, border : s - border, border : s - border], hi[:, border : s - border, border : s - border]
-    dist = np.maximum(lo - ta, 0) + np.maximum(ta - hi, 0)
-    per_pixel = dist.mean(axis=3, dtype=np.float64)  # [P, h, w]
-    rows3 = per_pixel[:, :-2] + per_pixel[:, 1:-1] + per_pixel[:, 2:]
-    box3 = (rows3[:, :, :-2] + rows3[:, :, 1:-1] + rows3[:, :, 2:]) / 9.0
-    return per_pixel.mean(axis=(1, 2)), box3.max(axis=(1, 2))
+    dist = np.maximum(lo - ta, 0) + np.maximum(ta - hi, 0)  # int16 [P, h, w, 3], <= 255
+    # Integer sums are exact and fit int16: 9 pixels x 3 channels x 255 = 6,885.
+    sums = dist.sum(axis=(1, 2), dtype=np.int64) / (dist.shape[1] * dist.shape[2])  # channel means [P, 3]
+    return Residuals(sums.mean(axis=1), _box3_max(dist.sum(axis=3, dtype=np.int16)) / 27.0,
+                     sums.max(axis=1), _box3_max(dist).max(axis=1) / 9.0)
+
+
+def _box3_max(x: np.ndarray) -> np.ndarray:
+    """The largest sum of a 3 x 3 window over axes 1 and 2 of ``x`` (integer [P, h, w, ...]),
+    as float64 [P, ...]."""
+    rows3 = x[:, :-2] + x[:, 1:-1] + x[:, 2:]
+    return (rows3[:, :, :-2] + rows3[:, :, 1:-1] + rows3[:, :, 2:]).max(axis=(1, 2)).astype(np.float64)
 
 
 # Side of the square blocks of :func:`block_stats`: a block is one of the 3 x 3 windows the
@@ -295,29 +372,36 @@ def block_stats(t: np.ndarray) -> np.ndarray:
     return out
 
 
-def block_lower_bounds(stats_a: np.ndarray, stats_b: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """float64 [P] each: lower bounds of the interior ``mean`` and of the ``blob`` of
-    |a - warp(b)| over every pose the search tries (before the contrast gain), from
-    :func:`block_stats` of a and b ([P, 3, n, n, 3] each) alone; ``side``: the thumbnails' S.
+def block_lower_bounds(stats_a: np.ndarray, stats_b: np.ndarray, side: int) -> Residuals:
+    """Lower bounds of the four :class:`Residuals` figures of |a - warp(b)| over every pose
+    the search tries (before the contrast gain), float64 [P] each, from :func:`block_stats` of
+    a and b ([P, 3, n, n, 3] each) alone; ``side``: the thumbnails' S.
 
     Looser than :func:`lower_bounds` but ~20x cheaper a pair, with no pixels read. Why it holds:
     at any pose a warped pixel of b lies between b's reach minimum and maximum there (see
     :func:`lower_bounds`), so over a block B and channel c the mean of |a - warp(b)| is at
     least |mean_B a - mean_B warp(b)|, which is at least the distance from mean_B a to
     [mean_B lo, mean_B hi]; the stored rounding moves a's mean by <= 0.5 and widens the
-    interval, so the distance less 0.5 is still a bound. Averaged over channels that bounds the
-    block's mean of the per-pixel difference D. ``blob`` is the largest 3 x 3 average of D and
-    each block is such a window: the largest block value bounds it. The blocks are disjoint and
-    D >= 0: their sum times BLOCK^2 / interior^2 bounds ``mean``."""
+    interval, so the distance less 0.5 is still a bound of the block's mean of D_c, channel c's
+    per-pixel difference. ``blob`` is the largest 3 x 3 average of any D_c and each block is
+    such a window: the largest block value bounds it. The blocks are disjoint and D_c >= 0:
+    their sum times BLOCK^2 / interior^2 bounds channel c's mean, and the largest over
+    channels bounds ``mean``."""
     border = max(1, int(BORDER * side))
     inner = side - 2 * border
     a = stats_a[:, 0].astype(np.int16)
     lo = stats_b[:, 1].astype(np.int16)
     hi = stats_b[:, 2].astype(np.int16)
     dist = (np.maximum(lo - a, 0) + np.maximum(a - hi, 0)).astype(np.float32) - 0.5
-    per_block = np.maximum(dist, 0).mean(axis=3)  # [P, n, n]
-    mean = per_block.sum(axis=(1, 2), dtype=np.float64) * (BLOCK * BLOCK / (inner * inner))
-    return mean, per_block.max(axis=(1, 2)).astype(np.float64)
+    per_block = np.maximum(dist, 0)  # [P, n, n, 3]
+    averaged = per_block.mean(axis=3)  # [P, n, n]
+    share = BLOCK * BLOCK / (inner * inner)
+    return Residuals(
+        averaged.sum(axis=(1, 2), dtype=np.float64) * share,
+        averaged.max(axis=(1, 2)).astype(np.float64),
+        per_block.sum(axis=(1, 2), dtype=np.float64).max(axis=1) * share,
+        per_block.max(axis=(1, 2, 3)).astype(np.float64),
+    )
 
 
 def pair_gain(contrast_a: np.ndarray, contrast_b: np.ndarray) -> np.ndarray:
@@ -326,23 +410,21 @@ def pair_gain(contrast_a: np.ndarray, contrast_b: np.ndarray) -> np.ndarray:
 
 
 def may_confirm(
-    stats_a: np.ndarray, stats_b: np.ndarray, gain: np.ndarray, side: int,
-    mean_max: float = MEAN_MAX, blob_max: float = BLOB_MAX,
+    stats_a: np.ndarray, stats_b: np.ndarray, gain: np.ndarray, side: int, bounds: PixelBounds = PixelBounds()
 ) -> np.ndarray:
     """bool [P]: pairs that :func:`confirm_pairs` might confirm, from :func:`block_stats` of
     both sides and :func:`pair_gain`: False means it cannot (in neither direction does even
     the best pose come within the bounds), so the search is skipped without changing any
     answer."""
-    fwd = _may_pass(block_lower_bounds(stats_a, stats_b, side), gain, mean_max, blob_max)
-    back = _may_pass(block_lower_bounds(stats_b, stats_a, side), gain, mean_max, blob_max)
+    fwd = _may_pass(block_lower_bounds(stats_a, stats_b, side), gain, bounds)
+    back = _may_pass(block_lower_bounds(stats_b, stats_a, side), gain, bounds)
     return fwd | back
 
 
-def _may_pass(bounds: tuple[np.ndarray, np.ndarray], gain: np.ndarray, mean_max: float, blob_max: float) -> np.ndarray:
-    """bool [P]: pairs whose :func:`lower_bounds` leave room to pass. The search computes in
+def _may_pass(lower: Residuals, gain: np.ndarray, bounds: PixelBounds) -> np.ndarray:
+    """bool [P]: pairs whose lower bounds leave room to pass. The search computes in
     float32; the slack keeps a pair whose exact bound sits within rounding of a limit."""
-    slack = 1e-3
-    return (bounds[0] * gain <= mean_max + slack) & (bounds[1] * gain <= blob_max + slack)
+    return bounds.passes(lower, gain, slack=1e-3)
 
 
 def confirm_pairs(
@@ -352,15 +434,14 @@ def confirm_pairs(
     ok_j: np.ndarray,
     i: np.ndarray,
     j: np.ndarray,
-    mean_max: float = MEAN_MAX,
-    blob_max: float = BLOB_MAX,
+    bounds: PixelBounds = PixelBounds(),
     contrast_i: np.ndarray | None = None,
     contrast_j: np.ndarray | None = None,
 ) -> np.ndarray:
     """bool [E]: which candidate pairs (``thumbs_i[i[e]]``, ``thumbs_j[j[e]]``) look like the
-    same picture: either thumbnail, warped onto the other, passes both bounds. Symmetric, so
-    the answer does not depend on which row a caller names first (the warp is not: borders
-    and the pose grid differ by direction). A pair with a missing thumbnail on either side is
+    same picture: either thumbnail, warped onto the other, is within all four ``bounds``.
+    Symmetric, so the answer does not depend on which row a caller names first (the warp is
+    not: borders and the pose grid differ by direction). A pair with a missing thumbnail on either side is
     not confirmed (dedup then keeps both rows: a wrong drop loses data, a missed one only
     keeps a copy). ``contrast_i`` / ``contrast_j``: :func:`contrast` of every thumbnail of
     each side, for a caller that asks about the same rows many times."""
@@ -380,11 +461,10 @@ def confirm_pairs(
         # Most candidates are different pictures: skip each direction's search when even
         # the best pose cannot bring the mean, or the worst patch, within bounds.
         lo, hi = _reach_range(thumbs_j[uj])
-        forward = np.flatnonzero(_may_pass(lower_bounds(a, None, (lo[at_j], hi[at_j])), gain, mean_max, blob_max))
+        forward = np.flatnonzero(_may_pass(lower_bounds(a, None, (lo[at_j], hi[at_j])), gain, bounds))
         passed = np.zeros(len(have), dtype=bool)
         if len(forward):
-            mean, blob = residuals(a[forward], b[forward], ca[forward], cb[forward])
-            passed[forward] = (mean <= mean_max) & (blob <= blob_max)
+            passed[forward] = bounds.passes(residuals(a[forward], b[forward], ca[forward], cb[forward]))
         retry = np.flatnonzero(~passed)
         if len(retry):
             back = np.unique(at_i[retry])
@@ -392,9 +472,8 @@ def confirm_pairs(
             hi_i = np.zeros_like(lo_i)
             lo_i[back], hi_i[back] = _reach_range(thumbs_i[ui[back]])
             reach_a = (lo_i[at_i[retry]], hi_i[at_i[retry]])
-            retry = retry[_may_pass(lower_bounds(b[retry], None, reach_a), gain[retry], mean_max, blob_max)]
+            retry = retry[_may_pass(lower_bounds(b[retry], None, reach_a), gain[retry], bounds)]
         if len(retry):
-            mean, blob = residuals(b[retry], a[retry], cb[retry], ca[retry])
-            passed[retry] = (mean <= mean_max) & (blob <= blob_max)
+            passed[retry] = bounds.passes(residuals(b[retry], a[retry], cb[retry], ca[retry]))
         out[have] = passed
     return out

@@ -274,14 +274,14 @@ def find_similar(
     for q, (idx, sims) in zip(queries, hits, strict=True):
         confirmed: np.ndarray | None = None
         if pixels and q.kind != "text" and len(idx):
-            from pipeline.pixel_check import confirm_pairs
+            from pipeline.pixel_check import PixelBounds, confirm_pairs
             from pipeline.thumbnails import thumbs_array
 
             assert rows.thumbs is not None
             qt, qok = thumbs_array([q.thumb])
             rt, rok = thumbs_array([rows.thumbs[i] for i in idx.tolist()])
             confirmed = confirm_pairs(qt, qok, rt, rok, np.zeros(len(idx), np.int64), np.arange(len(idx)),
-                                      float(cfg.dedup.pixel_mean_max), float(cfg.dedup.pixel_blob_max))  # type: ignore[arg-type]
+                                      PixelBounds.of(cfg.dedup))
         for k, (i, s) in enumerate(zip(idx.tolist(), sims.tolist(), strict=True)):
             if confirmed is not None and not confirmed[k]:
                 continue

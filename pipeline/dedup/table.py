@@ -21,6 +21,7 @@ from pipeline.dedup.clusters import semantic_clusters
 from pipeline.dedup.keepers import hash_representatives, keep_greedily, priority_order
 from pipeline.dedup.pairs import semantic_pairs
 from pipeline.pixel_check import (
+    PixelBounds,
     block_stats,
     block_stats_shape,
     confirm_pairs,
@@ -156,7 +157,7 @@ class _PixelConfirm:
             ti, oki, ci = self._thumbs(0, ui)
             tj, okj, cj = self._thumbs(1, uj)
             out[live[s : s + self.CHUNK]] = confirm_pairs(
-                ti, oki, tj, okj, inv_i, inv_j, cfg.pixel_mean_max, cfg.pixel_blob_max, ci, cj
+                ti, oki, tj, okj, inv_i, inv_j, PixelBounds.of(cfg), ci, cj
             )
         return out
 
@@ -173,7 +174,7 @@ class _PixelConfirm:
             sj, okj, cj = self._stats(1, uj)
             both = oki[inv_i] & okj[inv_j]
             gain = pair_gain(ci[inv_i], cj[inv_j])
-            may = may_confirm(si[inv_i], sj[inv_j], gain, side, cfg.pixel_mean_max, cfg.pixel_blob_max)
+            may = may_confirm(si[inv_i], sj[inv_j], gain, side, PixelBounds.of(cfg))
             out[s : s + self.CHUNK] = both & may
         return out
 

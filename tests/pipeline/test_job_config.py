@@ -173,3 +173,20 @@ def test_retired_fields_of_an_older_config_are_ignored_with_a_warning(caplog) ->
     assert cfg.embed.model == "tiny-synthetic"
     assert "embed.rows_per_call is ignored" in caplog.text
     assert "execution.download_concurrency is ignored" in caplog.text
+
+
+def test_an_older_outputs_config_gets_the_models_per_channel_pixel_bounds() -> None:
+    """Outputs written before the pixel check bounded each colour channel record only the
+    averaged bounds; re-deciding one (jobs/dedup.py) keeps those and takes the model's
+    per-channel bounds, so it never confirms a pair the averaged bounds reject."""
+    old = (
+        "input: urls.parquet\noutput: out\nembed:\n  model: tiny-synthetic\n  pretrained: synthetic\n"
+        "dedup:\n  threshold: 0.9\n  pixel_check: true\n  pixel_mean_max: 4.0\n  pixel_blob_max: 20.0\n"
+    )
+    cfg = J.validate(J.from_yaml_text(old))
+    d = cfg.dedup
+    assert (d.pixel_mean_max, d.pixel_blob_max) == (4.0, 20.0)
+    assert (d.pixel_channel_mean_max, d.pixel_channel_blob_max) == (7.0, 34.0)
+    # A model without pixel defaults gets the generic ones.
+    generic = J.validate(J.from_yaml_text(old.replace("tiny-synthetic\n  pretrained: synthetic", "ViT-B-32\n  pretrained: null")))
+    assert (generic.dedup.pixel_channel_mean_max, generic.dedup.pixel_channel_blob_max) == (7.0, 34.0)
