@@ -232,12 +232,13 @@ def residuals(
             pick = channel_means.sum(2).argmin(1)
             rows = torch.arange(m)
             at_pick = channel_means[rows, pick]  # [m, 3]
-            at_best = maps[rows, pick]  # [m, 3, h, w]
+            # 3 x 3 averages of each channel; their channel mean is the averaged map's (linear).
+            boxed = F.avg_pool2d(maps[rows, pick], 3, 1)  # [m, 3, h - 2, w - 2]
             figures = (
                 at_pick.mean(1),
-                F.avg_pool2d(at_best.mean(1, keepdim=True), 3, 1).amax((1, 2, 3)),
+                boxed.mean(1).amax((1, 2)),
                 at_pick.amax(1),
-                F.avg_pool2d(at_best, 3, 1).amax((1, 2, 3)),
+                boxed.amax((1, 2, 3)),
             )
             for k, f in enumerate(figures):
                 out[k, start : start + m] = f.double().numpy()
@@ -322,17 +323,12 @@ def lower_bounds(
     ta = a[:, border : s - border, border : s - border].astype(np.int16)
     lo, hi = lo[:, border : s - border, border : s - border], hi[:, border : s - border, border : s - border]
     dist = np.maximum(lo - ta, 0) + np.maximum(ta - hi, 0)  # int16 [P, h, w, 3], <= 255
-    # Integer sums are exact and fit int16: 9 pixels x 3 channels x 255 = 6,885.
-    sums = dist.sum(axis=(1, 2), dtype=np.int64) / (dist.shape[1] * dist.shape[2])  # channel means [P, 3]
-    return Residuals(sums.mean(axis=1), _box3_max(dist.sum(axis=3, dtype=np.int16)) / 27.0,
-                     sums.max(axis=1), _box3_max(dist).max(axis=1) / 9.0)
-
-
-def _box3_max(x: np.ndarray) -> np.ndarray:
-    """The largest sum of a 3 x 3 window over axes 1 and 2 of ``x`` (integer [P, h, w, ...]),
-    as float64 [P, ...]."""
-    rows3 = x[:, :-2] + x[:, 1:-1] + x[:, 2:]
-    return (rows3[:, :, :-2] + rows3[:, :, 1:-1] + rows3[:, :, 2:]).max(axis=(1, 2)).astype(np.float64)
+    # 3 x 3 sums of each channel, in integers (exact; the channels' total fits int16: 6,885).
+    rows3 = dist[:, :-2] + dist[:, 1:-1] + dist[:, 2:]
+    box3 = rows3[:, :, :-2] + rows3[:, :, 1:-1] + rows3[:, :, 2:]  # [P, h - 2, w - 2, 3]
+    means = dist.sum(axis=(1, 2), dtype=np.int64) / (dist.shape[1] * dist.shape[2])  # [P, 3]
+    return Residuals(means.mean(axis=1), box3.sum(axis=3).max(axis=(1, 2)) / 27.0,
+                     means.max(axis=1), box3.max(axis=(1, 2, 3)) / 9.0)
 
 
 # Side of the square blocks of :func:`block_stats`: a block is one of the 3 x 3 windows the
