@@ -70,6 +70,11 @@ def embedded_world(seed: int, rows: int, world: str = "small") -> tuple[list[dic
     return gt.to_pylist(), table
 
 
+def _picture(gt: list[dict]) -> list[int]:
+    """Each row's original: the row itself, or the row it copies."""
+    return [i if r["_gt_duplicate_of"] < 0 else r["_gt_duplicate_of"] for i, r in enumerate(gt)]
+
+
 def score(gt: list[dict], out: list[dict]) -> tuple[float, float, int]:
     """(near-duplicate recall, semantic precision, crossed drops) against the ground truth."""
     index = {r[S.KEY]: i for i, r in enumerate(out)}
@@ -80,7 +85,7 @@ def score(gt: list[dict], out: list[dict]) -> tuple[float, float, int]:
             i = dup_of[i]
         return i
 
-    group = [i if r["_gt_duplicate_of"] < 0 else r["_gt_duplicate_of"] for i, r in enumerate(gt)]
+    group = _picture(gt)
     near = [i for i, r in enumerate(gt) if r["_gt_duplicate_kind"] == "near"]
     recall = sum(keeper(i) == keeper(gt[i]["_gt_duplicate_of"]) for i in near) / len(near)
     sem = [i for i, r in enumerate(out) if r["dup_kind"] == "semantic"]
@@ -97,7 +102,7 @@ def pair_truth(gt: list[dict], i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray
     """bool [E] each, for candidate pairs (i, j): the two rows are copies of one picture (the
     pixel check should confirm them); they show scenes with different descriptions (it must
     not). Two renderings of one description are neither."""
-    group = np.array([k if r["_gt_duplicate_of"] < 0 else r["_gt_duplicate_of"] for k, r in enumerate(gt)])
+    group = np.array(_picture(gt))
     desc = np.array([r["_gt_description"] for r in gt])
     return group[i] == group[j], desc[i] != desc[j]
 
