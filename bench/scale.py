@@ -316,6 +316,10 @@ class MemoryPeaks:
     # scheduler's ``cc-model`` workers): more than the pools' size means workers were
     # stopped and started again (each embedding worker loads the model).
     long_lived_seen: set[int] = field(default_factory=set)
+    # Each long-lived worker's RSS at every sample of the stream phase, (seconds since the
+    # sampler started, bytes): whether a worker grows with the rows it has processed.
+    stream_series: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
+    long_lived_role: dict[int, str] = field(default_factory=dict)
 
 
 class Sampler(threading.Thread):
@@ -328,6 +332,7 @@ class Sampler(threading.Thread):
         self.driver, self.workers, self.interval, self.log = driver, workers, interval, log
         self.peaks = MemoryPeaks()
         self.phase = "start"
+        self._t0 = time.monotonic()
         self._offset = 0
         self._halt = threading.Event()
 
@@ -366,6 +371,9 @@ class Sampler(threading.Thread):
             parts.append((role, r))
             if "MapWorker(" in role or role.startswith("cc-model"):
                 p.long_lived_seen.add(pid)
+                p.long_lived_role[pid] = role
+                if self.phase == "stream":
+                    p.stream_series.setdefault(pid, []).append((time.monotonic() - self._t0, r))
         if total > p.worker_total:
             p.worker_total, p.worker_total_parts = total, parts
         p.worker_total_pss = max(p.worker_total_pss, total_pss)
@@ -591,6 +599,41 @@ def ratio_check(results: list[SizeResult]) -> tuple[str, bool]:
     return text, ok
 
 
+def stream_growth(peaks: MemoryPeaks) -> tuple[float, int, str] | None:
+    """The largest growth of one long-lived worker over the stream: its peak RSS in the last
+    third of the stream over its peak in the middle third, as (ratio, bytes added, role); None
+    when no worker was sampled at least twice in each. The first third is left out: workers
+    load their model there (a worker the pool adds later shows its start-up as growth, which
+    on a long stream is rare). Pools that scale out add workers (a larger sum at more rows)
+    without any worker growing; a worker that keeps state per row grows here."""
+    times = [t for series in peaks.stream_series.values() for t, _ in series]
+    if not times:
+        return None
+    t0, t1 = min(times), max(times)
+    a_from, b_from = t0 + (t1 - t0) / 3, t0 + 2 * (t1 - t0) / 3
+    worst: tuple[float, int, str] | None = None
+    for pid, series in peaks.stream_series.items():
+        middle = [r for t, r in series if a_from <= t < b_from]
+        last = [r for t, r in series if t >= b_from]
+        if len(middle) < 2 or len(last) < 2:
+            continue
+        a, b = max(middle), max(last)
+        if worst is None or b / a > worst[0]:
+            worst = (b / a, b - a, peaks.long_lived_role.get(pid, "?"))
+    return worst
+
+
+def growth_line(results: list[SizeResult]) -> str:
+    """One line per size: the largest growth of a long-lived worker over the stream
+    (:func:`stream_growth`)."""
+    parts = []
+    for r in results:
+        g = stream_growth(r.peaks)
+        parts.append(f"{r.rows:,} rows: " + ("-" if g is None else f"{g[0]:.2f}x ({g[1] / MIB:+,.0f} MiB, `{g[2]}`)"))
+    return ("long-lived workers (actors / model workers), largest growth of one worker's peak RSS from the "
+            "stream's middle third to its last third: " + "; ".join(parts))
+
+
 def _how(scheduler: str, a: argparse.Namespace) -> str:
     if scheduler == "local":
         return (f"the job on its local scheduler (no Ray address: up to {len(os.sched_getaffinity(0))} CPU worker "
@@ -619,7 +662,7 @@ def report(results: list[SizeResult], a: argparse.Namespace, argv: list[str], lo
         f"per shard. RSS sampled every {a.interval} s from /proc.\n\n"
         f"Job command of the largest size: `{results[-1].command}`\n\n"
         f"{memory_table(results)}\n\n{composition_table(results)}\n\n{phase_table(results)}\n\n"
-        f"{stage_table(results)}\n\n{check}\n"
+        f"{stage_table(results)}\n\n{check}\n\n{growth_line(results)}\n"
     )
 
 

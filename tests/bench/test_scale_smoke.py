@@ -89,6 +89,29 @@ def test_growth_check_compares_largest_with_smallest_size_per_measure() -> None:
     assert not ok and "workers (sum) 1.40x" in text and text.endswith("workers (sum of PSS, shared pages once) 1.20x")
 
 
+def test_stream_growth_is_one_workers_last_third_peak_over_its_middle_third() -> None:
+    """A worker that loads its model in the first third and stays flat reads 1.00x; one that
+    grows by 5 MiB per sample is the worst, with its role; a worker the pool adds in the last
+    third has no middle third and is left out."""
+    peaks = scale.MemoryPeaks()
+    # Stream from t=0 to t=30 s (thirds from 10 and 20 s), samples every 2 s.
+    peaks.stream_series[1] = [(t, (200 if t < 6 else 800) * MIB) for t in range(0, 31, 2)]
+    peaks.stream_series[2] = [(t, (300 + 5 * t // 2) * MIB) for t in range(0, 31, 2)]
+    peaks.stream_series[3] = [(t, (100 if t < 26 else 900) * MIB) for t in (22, 24, 26, 28, 30)]
+    peaks.long_lived_role = {1: "ray::MapWorker(embed)", 2: "ray::MapWorker(write)", 3: "ray::MapWorker(late)"}
+    ratio, added, role = scale.stream_growth(peaks)
+    # Worker 2: middle third (t 10..18) peaks at 300 + 45 = 345 MiB, last (t 20..30) at 375 MiB.
+    assert role == "ray::MapWorker(write)" and added == 30 * MIB and ratio == pytest.approx(375 / 345)
+    del peaks.stream_series[2]
+    assert scale.stream_growth(peaks)[:2] == (1.0, 0)
+    assert scale.stream_growth(scale.MemoryPeaks()) is None
+
+    small, big = _result(2000, 1, 1, 1), _result(50000, 1, 1, 1)
+    big.peaks = peaks
+    line = scale.growth_line([small, big])
+    assert line.endswith("2,000 rows: -; 50,000 rows: 1.00x (+0 MiB, `ray::MapWorker(embed)`)")
+
+
 def test_pss_of_processes_sharing_library_pages_sums_below_their_rss() -> None:
     """Two processes that map the same library: their PSS splits the shared pages, so the sum
     of PSS is below the sum of RSS; each PSS is at most its RSS."""
