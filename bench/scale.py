@@ -24,7 +24,9 @@ local S3 server, synthetic image server; with ``local`` the Ray head idles):
 
 Prints, per scheduler, a table of memory and totals, the driver's peak per phase of the job
 (start, stream, global pass, report) and rows/s per stage, then compares the peak memory of the
-largest size with the smallest (target: within 1.3x, i.e. the stream does not accumulate).
+largest size with the smallest (target: within 1.3x, i.e. the stream does not accumulate), and
+per size the largest growth of one long-lived worker from the stream's middle third to its last
+(a pool that adds workers grows the sum; only a worker holding state per row grows this figure).
 ``--append FILE`` adds the sections to ``bench/RESULTS.md`` style Markdown.
 
     .venv/bin/python bench/scale.py --rows 2000 10000 50000 --scheduler ray local --append bench/RESULTS.md
