@@ -104,7 +104,7 @@ class _PixelConfirm:
         col_j: pa.ChunkedArray | ThumbFile | None = None,
         rows_j: np.ndarray | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.bounds = PixelBounds.of(cfg)
         side_i = self._side(col_i, rows_i)
         self.sides = (side_i, side_i if rows_j is None else self._side(col_j, rows_j))
         self.calls = self.passed = self.missing = self.computed = self.searched = 0
@@ -146,7 +146,6 @@ class _PixelConfirm:
     def _compare(self, pi: np.ndarray, pj: np.ndarray) -> np.ndarray:
         """bool [E], computed (no memory of earlier answers), CHUNK pairs at a time."""
         out = np.zeros(len(pi), dtype=bool)
-        cfg = self.cfg
         self.computed += len(pi)
         live = np.flatnonzero(self._may_confirm(pi, pj))
         pi, pj = pi[live], pj[live]
@@ -157,7 +156,7 @@ class _PixelConfirm:
             ti, oki, ci = self._thumbs(0, ui)
             tj, okj, cj = self._thumbs(1, uj)
             out[live[s : s + self.CHUNK]] = confirm_pairs(
-                ti, oki, tj, okj, inv_i, inv_j, PixelBounds.of(cfg), ci, cj
+                ti, oki, tj, okj, inv_i, inv_j, self.bounds, ci, cj
             )
         return out
 
@@ -165,7 +164,6 @@ class _PixelConfirm:
         """bool [E]: False for pairs the block bound rules out (and pairs missing a
         thumbnail), CHUNK pairs at a time."""
         out = np.zeros(len(pi), dtype=bool)
-        cfg = self.cfg
         side = self.sides[0].view.side
         for s in range(0, len(pi), self.CHUNK):
             ui, inv_i = np.unique(pi[s : s + self.CHUNK], return_inverse=True)
@@ -174,7 +172,7 @@ class _PixelConfirm:
             sj, okj, cj = self._stats(1, uj)
             both = oki[inv_i] & okj[inv_j]
             gain = pair_gain(ci[inv_i], cj[inv_j])
-            may = may_confirm(si[inv_i], sj[inv_j], gain, side, PixelBounds.of(cfg))
+            may = may_confirm(si[inv_i], sj[inv_j], gain, side, self.bounds)
             out[s : s + self.CHUNK] = both & may
         return out
 
