@@ -23,6 +23,13 @@ the cgroup cannot be created). Start-up cancels in the marginal figure:
 ``(cpu(rows) - cpu(small)) / (rows - small)``, in ms per image; the same difference of wall
 times gives the steady-state rows/s.
 
+That difference of two walls carries each run's start-up noise and, for the job, the global
+pass after the stream, so the steady state is also measured inside the ``--rows`` run: the
+least-squares slope of each shard's completion time against its rank (img2dataset and
+``download``: the ``end_time`` of each shard's ``_stats.json``; the job: when its "shard ...
+embedded" line, the end of the stream for that shard, reached this process), in rows/s. A
+slope, not first-to-last, because img2dataset's two processes finish shards in pairs.
+
     python bench/job_cpu.py --rows 3000 --small 500 --append bench/RESULTS.md
 """
 
@@ -33,16 +40,19 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -154,6 +164,40 @@ class Run:
     machine_cpu_s: float
     tree_cpu_s: float | None
     ok: int
+    shard_done: list[float] = field(default_factory=list)  # epoch s, each shard's completion
+
+
+# The job's per-shard progress line (pipeline/job.py, _Progress.update).
+_EMBEDDED = re.compile(r"^\s*shard (\S+) embedded:")
+
+
+def job_shard_times(lines: list[tuple[float, str]]) -> list[float]:
+    """When each shard's "shard ... embedded" line arrived: ``lines`` are (epoch s, line)."""
+    return sorted(t for t, line in lines if _EMBEDDED.match(line))
+
+
+def stats_shard_times(folder: Path) -> list[float]:
+    """Each shard's ``end_time`` (epoch s) from its ``NNNNN_stats.json`` (img2dataset's
+    layout, which ``clipcurate download`` keeps)."""
+    out = []
+    for p in folder.glob("*_stats.json"):
+        end = json.loads(p.read_text()).get("end_time")
+        if end is not None:
+            out.append(float(end))
+    return sorted(out)
+
+
+def completion_rate(times: list[float], per_shard: int) -> float | None:
+    """Rows/s from shard completion times: ``per_shard`` over the least-squares slope of
+    time against rank (None with fewer than three shards or no spread in time)."""
+    n = len(times)
+    if n < 3:
+        return None
+    ts = sorted(times)
+    mean_i, mean_t = (n - 1) / 2, sum(ts) / n
+    den = sum((i - mean_i) ** 2 for i in range(n))
+    slope = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(ts)) / den
+    return per_shard / slope if slope > 0 else None
 
 
 I2D_CODE = """
@@ -170,16 +214,37 @@ print(sum(json.loads(p.read_text())["successes"] for p in Path(out).glob("*_stat
 """
 
 
-def run_measured(tool: str, rows: int, cmd: list[str], env: dict[str, str], cg: Cgroup) -> Run:
+def _collect(stream: IO[str], into: list[tuple[float, str]]) -> None:
+    for line in stream:
+        into.append((time.time(), line))
+
+
+def run_measured(tool: str, rows: int, cmd: list[str], env: dict[str, str], cg: Cgroup,
+                 out_folder: Path | None = None) -> Run:
+    """Run ``cmd`` to its end, timed: wall, CPU, rows ok, and each shard's completion time
+    (from its output lines, or the ``_stats.json`` files in ``out_folder``)."""
     m0, c0, t0 = machine_busy_s(), cg.cpu_s(), time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cg.add(proc.pid)
-    out, err = proc.communicate()
+    # Lines are timestamped as they arrive (the job flushes each), for job_shard_times.
+    got: dict[str, list[tuple[float, str]]] = {"out": [], "err": []}
+    readers = [threading.Thread(target=_collect, args=(f, got[k]), daemon=True)
+               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in readers:
+        t.start()
+    proc.wait()
+    for t in readers:
+        t.join()
     wall = time.perf_counter() - t0
     m1, c1 = machine_busy_s(), cg.cpu_s()
+    out, err = ("".join(line for _, line in got[k]) for k in ("out", "err"))
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
-    return Run(tool, rows, wall, m1 - m0, None if c0 is None else c1 - c0, parse_ok(tool, out))
+    if tool.startswith("job"):
+        done = job_shard_times(got["out"])
+    else:
+        done = stats_shard_times(out_folder) if out_folder is not None else []
+    return Run(tool, rows, wall, m1 - m0, None if c0 is None else c1 - c0, parse_ok(tool, out), done)
 
 
 def parse_ok(tool: str, out: str) -> int:
@@ -288,8 +353,9 @@ def report(runs: list[Run], argv: list[str], load: tuple[float, float, float]) -
         lines.append(f"| {r.tool} | {r.rows} | {r.ok} | {r.wall_s:.1f} | {r.machine_cpu_s:.1f} | {tree} |")
     lines += [
         "",
-        "| tool | marginal ms/image (machine) | marginal ms/image (run's cgroup) | vs img2dataset (machine / cgroup) | steady rows/s |",
-        "|---|---:|---:|---:|---:|",
+        "| tool | marginal ms/image (machine) | marginal ms/image (run's cgroup) | vs img2dataset (machine / cgroup) "
+        "| steady rows/s (wall difference) | steady rows/s (in the big run) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     base = marginal(*by_tool["img2dataset"]) if "img2dataset" in by_tool else None
     for tool, (small, big) in by_tool.items():
@@ -300,7 +366,9 @@ def report(runs: list[Run], argv: list[str], load: tuple[float, float, float]) -
             rt = "n/a" if t is None or base[1] is None else f"{t / base[1]:.2f}x"
             ratio = f"{rm:.2f}x / {rt}"
         tstr = "n/a" if t is None else f"{t:.2f}"
-        lines.append(f"| {tool} | {m:.2f} | {tstr} | {ratio} | {rate:.1f} |")
+        inner = completion_rate(big.shard_done, PER_SHARD)
+        istr = "n/a" if inner is None else f"{inner:.1f}"
+        lines.append(f"| {tool} | {m:.2f} | {tstr} | {ratio} | {rate:.1f} | {istr} |")
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (
         f"\n## Whole job vs img2dataset: marginal CPU per image ({when})\n\n"
@@ -379,8 +447,8 @@ def main(argv: list[str] | None = None) -> None:
                     cmd = job_cmd(src, out, a.job_set)
                     run_env = (dict(env, RAY_ADDRESS=address, **head_env(work / "ray"))
                                if tool == "job-ray" else env)
-                r = run_measured(tool, rows, cmd, run_env, cg)
-                print(json.dumps(r.__dict__), flush=True)
+                r = run_measured(tool, rows, cmd, run_env, cg, out)
+                print(json.dumps({k: v for k, v in r.__dict__.items() if k != "shard_done"}), flush=True)
                 runs.append(r)
             if tool == "job-ray" and head is not None:
                 stop_ray_head(head)

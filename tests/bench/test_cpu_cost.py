@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_cpu_cost", REPO / "bench" / "cpu_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench.bench_module import load_bench
 
 
 def test_cpu_cost_measures_decode_and_preprocess_and_appends_its_table(tmp_path, capsys) -> None:
     out = tmp_path / "results.md"
-    res = _load().main(["--rows", "6", "--repeats", "2", "--min-side", "64", "--max-side", "128",
-                        "--append", str(out)])
+    res = load_bench("cpu_cost").main(["--rows", "6", "--repeats", "2", "--min-side", "64", "--max-side", "128",
+                                      "--append", str(out)])
     for name in ("decode", "preprocess"):
         assert len(res[name]) == 2
         assert all(math.isfinite(v) and v > 0 for v in res[name])

@@ -4,7 +4,6 @@ job on a local stack) whose printed tables must account for every row."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -14,18 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.bench_module import load_bench
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "bench" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-scale = _load_scale()
+scale = load_bench("scale")
 MIB = 1024 * 1024
 
 

@@ -1,0 +1,48 @@
+"""bench/job_cpu.py's steady state inside one run: shard completion times from the job's
+progress lines and from img2dataset-style ``_stats.json`` files, and the rows/s their
+least-squares slope gives (hand-worked series)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.bench.bench_module import load_bench
+
+J = load_bench("job_cpu")
+
+
+def test_one_worker_finishing_a_shard_every_two_seconds_is_125_rows_per_s() -> None:
+    times = [100.0 + 2 * i for i in range(12)]
+    assert J.completion_rate(times, 250) == pytest.approx(125.0)
+
+
+def test_two_processes_finishing_shards_in_pairs_are_not_overcounted() -> None:
+    """Pairs every 4 s: 500 rows per 4 s is 125 rows/s; first-to-last would say 137.5
+    (11 shards over 20 s), the slope says 125 within the pairing's wobble."""
+    times = [100.0 + 4 * (i // 2) for i in range(2, 14)]  # 4, 4, 8, 8, ... 24, 24 s after start
+    first_to_last = 11 * 250 / (max(times) - min(times))
+    assert first_to_last == pytest.approx(137.5)
+    assert J.completion_rate(times, 250) == pytest.approx(125.0, rel=0.03)
+
+
+def test_too_few_shards_or_no_spread_give_no_rate() -> None:
+    assert J.completion_rate([1.0, 2.0], 250) is None
+    assert J.completion_rate([5.0, 5.0, 5.0], 250) is None
+
+
+def test_shard_times_come_from_the_jobs_progress_lines_and_from_stats_files(tmp_path: Path) -> None:
+    lines = [
+        (10.0, "stream: read -> download -> decode -> shard -> tokenize -> embed -> write\n"),
+        (12.5, "  shard 00001 embedded: 250 rows (ok 250); 1/3 shards, 250 rows, 20.0 rows/s\n"),
+        (11.0, "  shard 00000 embedded: 250 rows (ok 249, decode_error 1); 2/3 shards, 500 rows, 45.4 rows/s\n"),
+        (14.0, "global pass: dedup and decisions\n"),
+        (13.0, "  shard 00002 embedded: 250 rows (ok 250); 3/3 shards, 750 rows, 57.7 rows/s\n"),
+    ]
+    assert J.job_shard_times(lines) == [11.0, 12.5, 13.0]
+    for i, end in enumerate([7.0, 3.0, 5.0]):
+        (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"count": 250, "start_time": 1.0, "end_time": end}))
+    (tmp_path / "_stats.json").write_text(json.dumps({"count": 750}))  # the folder's total: no end_time
+    assert J.stats_shard_times(tmp_path) == [3.0, 5.0, 7.0]
