@@ -14,6 +14,12 @@ committed WebDataset shards (synthetic world, 256 px, border):
 - baseline: the loop a user writes with open_clip: decode + torchvision preprocess per image,
   encode images and 77-token captions in batches under fp16 autocast, write Parquet.
 
+Also, once per run, decoding the stored images to the model's 224 px input
+(:func:`measure_decode`): the CPU path the re-embed path runs (one core, and that rate times
+the CPUs) against ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG) with the resize there,
+and how far the two inputs differ: whether GPU decoding would feed ViT-B-32's rate where the
+CPUs cannot.
+
 Reported: images/s (image + text embeddings of every row; each side's time includes loading
 its model and, for clipcurate, starting its worker processes and the driver's load of the
 model spec, as a job pays them), GPU utilisation (mean of NVML samples every 50 ms while the
@@ -143,6 +149,96 @@ def run_baseline(work: Path, arch: str, weights: Path, batch: int) -> tuple[floa
     return time.perf_counter() - started, gs.mean, n_img
 
 
+def stored_jpegs(work: Path) -> list[bytes]:
+    """The stored images of the committed shards under ``work/shards``, in shard order."""
+    out = []
+    for tar_path in sorted((work / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            out += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    return out
+
+
+def measure_decode(jpegs: list[bytes], image_size: int, batch: int, repeats: int = 3) -> dict[str, object]:
+    """Stored JPEG -> the model's uint8 input (resize shortest side, centre crop, bicubic),
+    two ways, for scope 4's question whether decoding on the GPU beats the CPU when
+    re-embedding committed shards:
+
+    - ``cpu_ms``: CPU ms per image (process_time, one thread, best of ``repeats``) of what the
+      re-embed path's RereadStage does per row (Pillow decode, ``resize_crop_uint8``);
+    - ``dev_rate``: images/s (wall, best of ``repeats``, device synchronised) of
+      ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG; the CPU without one) in batches of
+      ``batch``, then resize and crop there in float32, rounded to uint8; None without
+      torchvision;
+    - ``max_diff`` / ``mean_diff``: largest and mean absolute difference between the two
+      inputs, in uint8 levels.
+    """
+    from PIL import Image
+
+    from clip_model.config import PreprocessConfig
+    from clip_model.transform import _crop_offsets, resize_crop_uint8, resize_size
+
+    pp = PreprocessConfig(image_size=image_size)
+    cpu_best, ref = float("inf"), []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        ref = [resize_crop_uint8(Image.open(io.BytesIO(b)), pp) for b in jpegs]
+        cpu_best = min(cpu_best, (time.process_time() - t0) / len(jpegs) * 1000)
+    out: dict[str, object] = {"cpu_ms": cpu_best, "dev_rate": None, "max_diff": None, "mean_diff": None,
+                              "device": None}
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return out
+    import torch.nn.functional as F
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+
+    def run() -> list[torch.Tensor]:
+        res = []
+        for s in range(0, len(data), batch):
+            imgs = decode_jpeg(data[s : s + batch], mode=ImageReadMode.RGB, device=dev)
+            for im in imgs:  # [3, H, W] uint8; stored copies share one size, but need not
+                w, h = resize_size(int(im.shape[-1]), int(im.shape[-2]), pp)
+                x = F.interpolate(im[None].float(), size=(h, w), mode="bicubic", antialias=True)
+                left, top = _crop_offsets((w, h), pp)
+                x = x[..., top : top + image_size, left : left + image_size]
+                res.append(x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return res
+
+    run()  # warm-up: nvJPEG's handles, kernels
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        got = run()
+        best = min(best, time.perf_counter() - t0)
+    diffs = [np.abs(g.cpu().numpy().astype(np.int16) - r.astype(np.int16)) for g, r in zip(got, ref, strict=True)]
+    out.update(dev_rate=len(jpegs) / best, device=dev, max_diff=int(max(int(d.max()) for d in diffs)),
+               mean_diff=float(np.mean([d.mean() for d in diffs])))
+    return out
+
+
+def decode_lines(d: dict[str, object], cpus: int, batch: int) -> str:
+    """The decode figure's table (see :func:`measure_decode`)."""
+    cpu_rate = 1000 / float(d["cpu_ms"])  # type: ignore[arg-type]
+    rows = [
+        f"| CPU: Pillow + resize_crop_uint8 (the re-embed path's work), one core | {d['cpu_ms']:.2f} | {cpu_rate:.0f} |",
+        f"| CPU: all {cpus} cores, one core's rate x {cpus} (an upper bound) | | {cpu_rate * cpus:.0f} |",
+    ]
+    if d["dev_rate"] is None:
+        rows.append("| torchvision.io.decode_jpeg | n/a (no torchvision) | |")
+        tail = ""
+    else:
+        rows.append(f"| torchvision.io.decode_jpeg on {d['device']} (batch {batch}) + resize there | | "
+                    f"{d['dev_rate']:.0f} |")
+        tail = (f"\nModel input from the two paths: largest difference {d['max_diff']} levels, "
+                f"mean {d['mean_diff']:.3f}.\n")
+    return ("| decode to the model input | CPU ms / image | images/s |\n|---|---:|---:|\n"
+            + "\n".join(rows) + "\n" + tail)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=2048)
@@ -167,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ok = make_shards(work, a.rows, a.per_shard, a.seed)
         print(f"prepared {ok} stored images in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        decode = measure_decode(stored_jpegs(work), 224, a.batch)
+        decode_text = decode_lines(decode, os.cpu_count() or 1, a.batch)
+        print(decode_text, file=sys.stderr, flush=True)
         for arch in a.models:
             weights = work / f"{arch}.safetensors"
             save_random_weights(weights, arch)
@@ -205,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         "samples (50 ms).\n\n"
         "| model | path | seconds | images/s | GPU util |\n|---|---|---:|---:|---:|\n" + "\n".join(lines) + "\n\n"
         + "\n".join(checks)
+        + "\n\nDecoding the stored images to a 224 px model input (`measure_decode`): the CPU path the "
+        "re-embed path runs in its CPU workers, against nvJPEG through torchvision (scope 4 of issue 14: "
+        "offer GPU decoding where it beats the CPU).\n\n" + decode_text
     )
     print(text)
     if a.append:

@@ -51,3 +51,11 @@ def test_embed_gpu_bench_runs_both_paths_and_appends_what_it_prints(tmp_path: Pa
     assert parity < 1e-2 and vs_open_clip < 1e-2
     # Every row embedded, in each segment of the re-embed path.
     assert re.search(r"\| RereadStage\+TokenizeStage \| 12 \|", text) and re.search(r"\| WriteStage \| 12 \|", text)
+    # The decode figure: both paths timed, and the same pixels within the resize's rounding
+    # (torchvision decodes with libjpeg-turbo on the CPU, as Pillow does; the resize differs
+    # in arithmetic: float32 there, Pillow's fixed point here).
+    cpu_ms = float(re.search(r"^\| CPU: Pillow \+ resize_crop_uint8 .* one core \| ([\d.]+) \| \d+ \|$", text, re.M).group(1))
+    assert cpu_ms > 0
+    assert re.search(r"^\| torchvision\.io\.decode_jpeg on cpu \(batch 8\) \+ resize there \| \| [1-9]\d* \|$", text, re.M)
+    worst, mean = re.search(r"largest difference (\d+) levels, mean (\d+\.\d+)", text).groups()
+    assert int(worst) <= 10 and float(mean) < 0.5
