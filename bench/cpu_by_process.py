@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedulers", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
-    work, world, server, base = J.serve_list(p, a)
+    work, world, servers, bases = J.serve_list(p, a)
+    server, base = servers[0], bases[0]
 
     class _NoCgroup:
         def add(self, pid: int) -> None:
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 got = {}
                 for rows in (a.small, a.rows):
-                    src = J.url_list(world, base, rows, work / f"urls-{rows}.parquet")
+                    src = J.url_list(world, bases, rows, work / f"urls-{rows}.parquet")
                     out = work / f"out-by-process-{sched}-{rows}"
                     shutil.rmtree(out, ignore_errors=True)
                     got[rows] = measure(J.job_cmd(src, out), env, work / f"by-process-{sched}-{rows}.log")

@@ -30,6 +30,11 @@ least-squares slope of each shard's completion time against its rank (img2datase
 embedded" line, the end of the stream for that shard, reached this process), in rows/s. A
 slope, not first-to-last, because img2dataset's two processes finish shards in pairs.
 
+With ``--delay S`` each image server waits S seconds before answering (a network's latency),
+and ``--hosts N`` serves the list from N server processes on 127.0.0.1..127.0.0.N, row i from
+host i % N: to the downloaders N hosts, each under its own per-host limit (the job's
+``download.per_host_concurrency``, 8 per task). The acceptance figures use neither.
+
     python bench/job_cpu.py --rows 3000 --small 500 --append bench/RESULTS.md
 """
 
@@ -127,9 +132,9 @@ def make_world(workdir: Path, rows: int, seed: int) -> Path:
     return world
 
 
-def free_port() -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((addr, 0))
         return s.getsockname()[1]
 
 
@@ -146,9 +151,14 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def url_list(world: Path, base: str, rows: int, out: Path) -> Path:
+def url_list(world: Path, bases: list[str], rows: int, out: Path, delay: float = 0.0) -> Path:
+    """The first ``rows`` of the world's list, row i pointed at ``bases[i % len(bases)]``; with
+    ``delay`` (s) the server waits that long before answering each request
+    (testkit.http_server's ``delay``)."""
     t = pq.read_table(world / "urls.parquet", columns=["url", "caption"]).slice(0, rows)
-    urls = [u.replace("http://HOST/", base + "/") for u in t.column("url").to_pylist()]
+    query = f"?delay={delay:g}" if delay > 0 else ""
+    urls = [u.replace("http://HOST/", bases[i % len(bases)] + "/") + query
+            for i, u in enumerate(t.column("url").to_pylist())]
     pq.write_table(pa.table({"url": urls, "caption": t.column("caption")}), out)
     return out
 
@@ -265,7 +275,7 @@ def job_cmd(src: Path, out: Path, sets: list[str] | None = None) -> list[str]:
     extra = [x for kv in sets or [] for x in ("--set", kv)]
     return [
         sys.executable, "jobs/embed_laion.py", "--input", str(src), "--output", str(out),
-        "--allowed-networks", "127.0.0.1/32", "--number-sample-per-shard", str(PER_SHARD), *extra,
+        "--allowed-networks", "127.0.0.0/8", "--number-sample-per-shard", str(PER_SHARD), *extra,
     ]  # fmt: skip
 
 
@@ -340,7 +350,8 @@ def marginal(small: Run, big: Run) -> tuple[float, float | None, float]:
     return machine, tree, rate
 
 
-def report(runs: list[Run], argv: list[str], load: tuple[float, float, float]) -> str:
+def report(runs: list[Run], argv: list[str], load: tuple[float, float, float], delay: float = 0.0,
+           hosts: int = 1) -> str:
     by_tool: dict[str, list[Run]] = {}
     for r in runs:
         by_tool.setdefault(r.tool, []).append(r)
@@ -375,7 +386,10 @@ def report(runs: list[Run], argv: list[str], load: tuple[float, float, float]) -
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}; load average "
         f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min) before the runs. Command: "
         f"`python bench/job_cpu.py {shlex.join(argv)}`. Photo-like JPEGs (300-1200 px, "
-        f"testkit/photo_like.py) from one loopback server; {PER_SHARD} rows per shard for every "
+        + (f"testkit/photo_like.py) from {hosts} loopback servers (127.0.0.1..127.0.0.{hosts}), one host each"
+           if hosts > 1 else "testkit/photo_like.py) from one loopback server")
+        + (f", answering each request after {delay:g} s" if delay > 0 else "")
+        + f"; {PER_SHARD} rows per shard for every "
         "tool; bundled tiny model, default job settings.\n\n"
     )
     return head + "\n".join(lines) + "\n"
@@ -390,21 +404,30 @@ def list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="/tmp/clipcurate-bench-jobcpu")
 
 
-def serve_list(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Path, Path, subprocess.Popen, str]:
+def serve_list(p: argparse.ArgumentParser, a: argparse.Namespace,
+               hosts: int = 1) -> tuple[Path, Path, list[subprocess.Popen], list[str]]:
     """Check the list flags (:func:`list_arguments`), make (or reuse) the world in the
-    workdir and serve it from one loopback HTTP server process: (workdir, world folder, the
-    server process, its base URL). The caller waits for it (:func:`wait_http`) and stops it."""
+    workdir and serve it from one HTTP server process per loopback address 127.0.0.1 ..
+    127.0.0.<hosts> (to a downloader, ``hosts`` hosts, each under its own per-host limit):
+    (workdir, world folder, the server processes, their base URLs). The caller waits for them
+    (:func:`wait_http`) and stops them."""
     if not 0 < a.small < a.rows:
         p.error("need 0 < --small < --rows")
+    if not 1 <= hosts <= 254:
+        p.error("--hosts must be 1..254")
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     world = make_world(work, a.rows, a.seed)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "testkit.http_server", "--root", str(world), "--port", str(port)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    return work, world, server, f"http://127.0.0.1:{port}"
+    servers, bases = [], []
+    for i in range(1, hosts + 1):
+        addr = f"127.0.0.{i}"
+        port = free_port(addr)
+        servers.append(subprocess.Popen(
+            [sys.executable, "-m", "testkit.http_server", "--root", str(world), "--host", addr, "--port", str(port)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+        bases.append(f"http://{addr}:{port}")
+    return work, world, servers, bases
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -416,23 +439,33 @@ def main(argv: list[str] | None = None) -> None:
                    choices=["img2dataset", "download", "job", "job-ray"])
     p.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a --set for both job runs (e.g. execution.task_cpus=1.0); default: none")
+    p.add_argument("--delay", type=float, default=0.0,
+                   help="seconds the image server waits before each answer, as a real network's "
+                        "latency would (default 0: loopback speed)")
+    p.add_argument("--hosts", type=int, default=1,
+                   help="image servers, one per loopback address 127.0.0.1..127.0.0.N, the list "
+                        "spread over them: N hosts to the downloaders' per-host limits (default 1)")
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
-    work, world, server, base = serve_list(p, a)
+    if a.delay < 0:
+        p.error("--delay must be >= 0")
+    work, world, servers, bases = serve_list(p, a, a.hosts)
     cg = Cgroup(f"clipcurate-bench-{os.getpid()}")
-    cg.add(server.pid)
+    for server in servers:
+        cg.add(server.pid)
     load = os.getloadavg()
     runs: list[Run] = []
     head: subprocess.Popen | None = None
     try:
-        wait_http(base + "/")
+        for base in bases:
+            wait_http(base + "/")
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)
         for tool in a.tools:
             if tool == "job-ray":
                 head, address = start_ray_head(work / "ray", a.cpus, cg)
             for rows in (a.small, a.rows):
-                src = url_list(world, base, rows, work / f"urls-{rows}.parquet")
+                src = url_list(world, bases, rows, work / f"urls-{rows}.parquet", a.delay)
                 out = work / f"out-{tool}-{rows}"
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "img2dataset":
@@ -440,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_env = env
                 elif tool == "download":
                     cmd = [sys.executable, "-m", "pipeline.cli", "download", "--url_list", str(src),
-                           "--output_folder", str(out), "--allowed_networks", "127.0.0.1/32",
+                           "--output_folder", str(out), "--allowed_networks", "127.0.0.0/8",
                            "--number_sample_per_shard", str(PER_SHARD), "--retries", "0"]
                     run_env = env
                 else:
@@ -456,10 +489,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if head is not None:
             stop_ray_head(head)
-        server.terminate()
-        server.wait(10)
+        for server in servers:
+            server.terminate()
+            server.wait(10)
         cg.remove()
-    text = report(runs, argv, load)
+    text = report(runs, argv, load, a.delay, a.hosts)
     print(text)
     if a.append:
         with open(a.append, "a") as f:
