@@ -62,3 +62,35 @@ class Probe(Stage):
         out = batch.append_column("probe_pid", pa.array([os.getpid()] * n, pa.int64()))
         out = out.append_column("probe_gpus", pa.array([gpus] * n, pa.string()))
         return out.append_column("probe_rows", pa.array([n] * n, pa.int64()))
+
+
+@dataclass
+class Stamp(Stage):
+    """Sleeps ``busy_s``, then adds ``column``: the epoch seconds the call started
+    (``at="start"``) or ended (``"end"``)."""
+
+    column: str = "stamp"
+    busy_s: float = 0.0
+    at: str = "end"
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        started = time.time()
+        if self.busy_s:
+            time.sleep(self.busy_s)
+        when = started if self.at == "start" else time.time()
+        return batch.append_column(self.column, pa.array([when] * batch.num_rows, pa.float64()))
+
+
+@dataclass
+class NetworkRows(MakeRows):
+    """A :class:`MakeRows` that waits on the network, as the job's read stage does."""
+
+    io_bound: ClassVar[bool] = True
+
+
+@dataclass
+class NetworkStamp(Stamp):
+    """A :class:`Stamp` that waits on the network: a local CPU worker runs it ahead, on its
+    fetch thread, for the next shard."""
+
+    io_bound: ClassVar[bool] = True

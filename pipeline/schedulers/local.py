@@ -14,8 +14,9 @@ worker maps it without copying, and the parent deletes it once that worker is do
 
 Overlap: a CPU worker runs the network-bound head of a segment (read + download,
 ``Stage.io_bound``) for its next shard on a background thread while it decodes and writes the
-current one, so the parent keeps ``1 + prefetch`` shards with each CPU worker and two with each
-model worker (one running, one waiting). Shards that finished a segment wait for the next
+current one, so the parent keeps ``1 + prefetch`` shards of such segments with each CPU worker,
+as many of its other segments (a write waiting in a worker's queue must not stop the next
+shard's download from starting), and two with each model worker (one running, one waiting). Shards that finished a segment wait for the next
 pool; while more than a few do, no new shard starts, so memory stays flat however long the
 input is.
 
@@ -357,7 +358,12 @@ class _Run:
                 self.pool_of[i] = "cpu"
         if any(p == "cpu" for p in self.pool_of.values()):
             self.pool_sizes["cpu"] = min(sched.cpu_workers(self.segs), max(1, self.total))
-        self.capacity = {p: (1 + sched.prefetch if p == "cpu" else 2) for p in self.pool_sizes}
+        # A CPU worker holds 1 + prefetch shards of the segments whose network-bound head it
+        # runs ahead on its fetch thread, and as many of the others (write): counted together,
+        # a queued write took the place of the next shard's download, which the worker then
+        # waited for every second shard (bench/RESULTS.md, "Local scheduler: the next shard's
+        # download", 2026-12-06).
+        self.capacity = {p: (2 * (1 + sched.prefetch) if p == "cpu" else 2) for p in self.pool_sizes}
         # How far along a plan each segment sits: deeper segments are served first.
         self.depth = {seg: max(p.index(seg) for p in plans if seg in p) for seg in range(len(self.segs))}
         self.ready: dict[int, deque[_Task]] = {i: deque() for i in range(len(self.segs))}
@@ -440,13 +446,21 @@ class _Run:
             for w in self.workers:
                 if not q:
                     break
-                while q and w.pool == pool and len(w.held) < self.capacity[pool]:
+                while q and w.pool == pool and self._room(w, seg):
                     task = q.popleft()
                     w.held.append(task)
                     try:
                         w.tasks.send(task)
                     except OSError:  # it just died: its sentinel says so next, and it is requeued then
                         break
+
+    def _room(self, w: _Worker, seg: int) -> bool:
+        """Whether ``w`` may take one more task of segment ``seg`` (see ``capacity``)."""
+        if w.pool != "cpu":
+            return len(w.held) < self.capacity[w.pool]
+        ahead = self.segs[seg].io_bound_prefix > 0
+        same = sum(1 for t in w.held if (self.segs[t.segment].io_bound_prefix > 0) == ahead)
+        return same < 1 + self.sched.prefetch
 
     def _service(self, w: _Worker) -> None:
         """Read every message the worker sent; replace it if it died."""

@@ -4,6 +4,7 @@ fused into one task per shard, no single process on the row path."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 from typing import Any
 
 import pyarrow as pa
@@ -232,3 +233,26 @@ def test_local_model_workers_each_get_their_own_gpu(monkeypatch: pytest.MonkeyPa
     assert all(len(g) == 1 for g in by_pid.values())  # a worker keeps its device
     assert set().union(*by_pid.values()) <= {"0", "1"}
     assert len({next(iter(g)) for g in by_pid.values()}) == len(by_pid)  # no two share one
+
+
+def test_a_local_cpu_worker_fetches_the_next_shard_while_it_works_even_with_a_write_queued() -> None:
+    """One CPU worker, prefetch 1: each shard's network-bound head starts before the shard
+    ahead of it has finished its CPU work, for every shard. Before, a queued write task took
+    the prefetch's place for every second shard, whose download then started only after the
+    worker had finished the one before (on a real network, a whole download's wait)."""
+    from pipeline.graph import Graph
+    from testkit.toy_stages import NetworkRows, NetworkStamp, Probe, Stamp
+
+    graph = Graph(
+        {"src": [NetworkRows(batch_size=1), NetworkStamp(column="fetch_start", at="start", busy_s=0.1),
+                 Stamp(column="work_end", busy_s=0.4)]},
+        [Probe(), Stamp(column="written")],
+    )
+    got: list[Any] = []
+    LocalScheduler(processes=1, prefetch=1).run(graph, {"src": _shards([2] * 8)}, got.append)
+    rows = pa.concat_tables(got).to_pylist()
+    assert len(rows) == 16 and all(r["written"] >= r["work_end"] for r in rows)
+    by_shard = {r[S.SHARD]: r for r in rows}
+    shards = sorted(by_shard)
+    late = [k for prev, k in pairwise(shards) if by_shard[k]["fetch_start"] >= by_shard[prev]["work_end"]]
+    assert late == [], f"fetched only after the shard before had finished its work: {late}"
