@@ -638,9 +638,9 @@ def growth_line(results: list[SizeResult]) -> str:
 
 def _how(scheduler: str, a: argparse.Namespace) -> str:
     if scheduler == "local":
-        return (f"the job on its local scheduler (no Ray address: up to {len(os.sched_getaffinity(0))} CPU worker "
-                "processes, one per CPU, and the embedding worker(s); the stack's Ray head idles); workers = the driver's "
-                "LocalScheduler processes (cc-cpu, cc-model<i>)")
+        return (f"the job on its local scheduler (no Ray address: on {len(os.sched_getaffinity(0))} CPUs, CPU worker "
+                "processes for the CPUs the embedding worker(s) leave, and the embedding worker(s); the stack's Ray "
+                "head idles); workers = the driver's LocalScheduler processes (cc-cpu, cc-model<i>)")
     return (f"the job as a driver on the stack's Ray ({a.cpus} logical CPUs, object store "
             f"{a.object_store_mb} MB); workers = the raylet's ray:: worker processes")
 

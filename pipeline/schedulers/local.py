@@ -16,9 +16,9 @@ Overlap: a CPU worker runs the network-bound head of a segment (read + download,
 ``Stage.io_bound``) for its next shard on a background thread while it decodes and writes the
 current one, so the parent keeps ``1 + prefetch`` shards of such segments with each CPU worker,
 as many of its other segments (a write waiting in a worker's queue must not stop the next
-shard's download from starting), and two with each model worker (one running, one waiting). Shards that finished a segment wait for the next
-pool; while more than a few do, no new shard starts, so memory stays flat however long the
-input is.
+shard's download from starting), and two with each model worker (one running, one waiting).
+Shards that finished a segment wait for the next pool; while more than a few do, no new shard
+starts, so memory stays flat however long the input is.
 
 Start-up: workers are forked from a ``forkserver`` that imported this module and the stages
 (pyarrow, Pillow, numpy; no torch): a CPU worker starts in milliseconds and never imports
