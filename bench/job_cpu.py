@@ -61,6 +61,7 @@ from typing import IO
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -200,14 +201,10 @@ def stats_shard_times(folder: Path) -> list[float]:
 def completion_rate(times: list[float], per_shard: int) -> float | None:
     """Rows/s from shard completion times: ``per_shard`` over the least-squares slope of
     time against rank (None with fewer than three shards or no spread in time)."""
-    n = len(times)
-    if n < 3:
+    if len(times) < 3:
         return None
-    ts = sorted(times)
-    mean_i, mean_t = (n - 1) / 2, sum(ts) / n
-    den = sum((i - mean_i) ** 2 for i in range(n))
-    slope = sum((i - mean_i) * (t - mean_t) for i, t in enumerate(ts)) / den
-    return per_shard / slope if slope > 0 else None
+    slope = float(np.polyfit(np.arange(len(times)), sorted(times), 1)[0])
+    return per_shard / slope if slope > 1e-12 else None
 
 
 I2D_CODE = """
