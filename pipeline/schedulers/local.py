@@ -364,6 +364,7 @@ class _Run:
         # waited for every second shard (bench/RESULTS.md, "Local scheduler: the next shard's
         # download", 2026-12-06).
         self.capacity = {p: (2 * (1 + sched.prefetch) if p == "cpu" else 2) for p in self.pool_sizes}
+        self.ahead = {i for i, seg in enumerate(self.segs) if seg.io_bound_prefix > 0}
         # How far along a plan each segment sits: deeper segments are served first.
         self.depth = {seg: max(p.index(seg) for p in plans if seg in p) for seg in range(len(self.segs))}
         self.ready: dict[int, deque[_Task]] = {i: deque() for i in range(len(self.segs))}
@@ -458,8 +459,8 @@ class _Run:
         """Whether ``w`` may take one more task of segment ``seg`` (see ``capacity``)."""
         if w.pool != "cpu":
             return len(w.held) < self.capacity[w.pool]
-        ahead = self.segs[seg].io_bound_prefix > 0
-        same = sum(1 for t in w.held if (self.segs[t.segment].io_bound_prefix > 0) == ahead)
+        ahead = seg in self.ahead
+        same = sum(1 for t in w.held if (t.segment in self.ahead) == ahead)
         return same < 1 + self.sched.prefetch
 
     def _service(self, w: _Worker) -> None:
