@@ -106,6 +106,7 @@ def run_clipcurate(
     cpus: int | None = None,
     scheduler: str = "local",
     precision: str = "auto",
+    stored_decode: str = "cpu",
 ) -> tuple[float, dict[str, dict]]:
     """The job's stream over the committed shards under ``folder/shards``, none embedded yet;
     the embeddings it writes (``folder/embeddings``) are then moved to ``folder/<out>``. Returns (seconds, per-segment rows and seconds).
@@ -113,7 +114,8 @@ def run_clipcurate(
     ``cpus``: local CPU worker processes and the CPU embedding worker's torch threads (None:
     one per CPU; on a GPU the worker uses the GPU); ``scheduler``: ``local`` or ``ray``
     (connects to the Ray this process started); ``precision``: embed.precision (``auto``: fp16
-    autocast on GPU, fp32 on CPU)."""
+    autocast on GPU, fp32 on CPU); ``stored_decode``: embed.stored_decode (``device``: the
+    embedding worker decodes the stored JPEGs)."""
     from pipeline import job_config as J
     from pipeline import schema as S
     from pipeline.config import EmbedConfig, ExecutionConfig, JobConfig, ModerateConfig, ShardConfig
@@ -128,7 +130,7 @@ def run_clipcurate(
         output=str(folder),
         shard=ShardConfig(number_sample_per_shard=_per_shard(folder)),
         embed=EmbedConfig(model=arch, pretrained=str(weights), inference_batch=batch, precision=precision,
-                          num_cpus=float(cpus or os.cpu_count() or 1)),
+                          num_cpus=float(cpus or os.cpu_count() or 1), stored_decode=stored_decode),
         moderate=ModerateConfig(enabled=False),
         execution=ExecutionConfig(scheduler=scheduler, processes=cpus if scheduler == "local" else None),
     ))

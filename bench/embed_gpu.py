@@ -95,13 +95,14 @@ class GpuSampler:
 
 
 def run_ours(work: Path, arch: str, weights: Path, batch: int, processes: int | None,
-             precision: str = "auto", out: str | None = None) -> tuple[float, float | None, int, dict[str, dict]]:
+             precision: str = "auto", out: str | None = None,
+             stored_decode: str = "cpu") -> tuple[float, float | None, int, dict[str, dict]]:
     """The job's re-embed path on the local scheduler into ``work/<out>`` (default
     ``ours-<arch>``); (seconds, mean GPU utilisation, images embedded, per-segment stats)."""
     out = out or f"ours-{arch}"
     with GpuSampler() as gs:
         seconds, stages = run_clipcurate(work, weights, arch=arch, out=out, batch=batch, cpus=processes,
-                                         scheduler="local", precision=precision)
+                                         scheduler="local", precision=precision, stored_decode=stored_decode)
     col = pq.read_table(work / out, columns=["image_embedding"]).column("image_embedding")
     return seconds, gs.mean, len(col) - col.null_count, stages
 
@@ -166,16 +167,17 @@ def measure_decode(jpegs: list[bytes], image_size: int, batch: int, repeats: int
     - ``cpu_ms``: CPU ms per image (process_time, one thread, best of ``repeats``) of what the
       re-embed path's RereadStage does per row (Pillow decode, ``resize_crop_uint8``);
     - ``dev_rate``: images/s (wall, best of ``repeats``, device synchronised) of
-      ``torchvision.io.decode_jpeg`` on the GPU (nvJPEG; the CPU without one) in batches of
-      ``batch``, then resize and crop there in float32, rounded to uint8; None without
-      torchvision;
+      :mod:`clip_model.device_decode` (TorchCodec's ``decode_jpeg`` on the GPU, nvJPEG; the CPU
+      without one) in batches of ``batch``, then resize and crop there, what the embed stage
+      does with ``embed.stored_decode: device``; None without TorchCodec or torchvision;
     - ``max_diff`` / ``mean_diff``: largest and mean absolute difference between the two
       inputs, in uint8 levels.
     """
     from PIL import Image
 
+    from clip_model import device_decode
     from clip_model.config import PreprocessConfig
-    from clip_model.transform import _crop_offsets, resize_crop_uint8, resize_size
+    from clip_model.transform import resize_crop_uint8
 
     pp = PreprocessConfig(image_size=image_size)
     cpu_best, ref = float("inf"), []
@@ -184,26 +186,18 @@ def measure_decode(jpegs: list[bytes], image_size: int, batch: int, repeats: int
         ref = [resize_crop_uint8(Image.open(io.BytesIO(b)), pp) for b in jpegs]
         cpu_best = min(cpu_best, (time.process_time() - t0) / len(jpegs) * 1000)
     out: dict[str, object] = {"cpu_ms": cpu_best, "dev_rate": None, "max_diff": None, "mean_diff": None,
-                              "device": None}
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
+                              "device": None, "backend": device_decode.available()}
+    if out["backend"] is None:
         return out
-    import torch.nn.functional as F
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    data = [np.frombuffer(b, np.uint8) for b in jpegs]
 
     def run() -> list[torch.Tensor]:
         res = []
         for s in range(0, len(data), batch):
-            imgs = decode_jpeg(data[s : s + batch], mode=ImageReadMode.RGB, device=dev)
-            for im in imgs:  # [3, H, W] uint8; stored copies share one size, but need not
-                w, h = resize_size(int(im.shape[-1]), int(im.shape[-2]), pp)
-                x = F.interpolate(im[None].float(), size=(h, w), mode="bicubic", antialias=True)
-                left, top = _crop_offsets((w, h), pp)
-                x = x[..., top : top + image_size, left : left + image_size]
-                res.append(x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0))
+            imgs = device_decode.decode_jpegs(data[s : s + batch], dev)
+            res += list(device_decode.resize_crop_images(imgs, pp))  # type: ignore[arg-type]
         if dev == "cuda":
             torch.cuda.synchronize()
         return res
@@ -228,10 +222,10 @@ def decode_lines(d: dict[str, object], cpus: int, batch: int) -> str:
         f"| CPU: all {cpus} cores, one core's rate x {cpus} (an upper bound) | | {cpu_rate * cpus:.0f} |",
     ]
     if d["dev_rate"] is None:
-        rows.append("| torchvision.io.decode_jpeg | n/a (no torchvision) | |")
+        rows.append("| decode_jpeg on the device | n/a (neither TorchCodec nor torchvision) | |")
         tail = ""
     else:
-        rows.append(f"| torchvision.io.decode_jpeg on {d['device']} (batch {batch}) + resize there | | "
+        rows.append(f"| {d['backend']} decode_jpeg on {d['device']} (batch {batch}) + resize there | | "
                     f"{d['dev_rate']:.0f} |")
         tail = (f"\nModel input from the two paths: largest difference {d['max_diff']} levels, "
                 f"mean {d['mean_diff']:.3f}.\n")
@@ -281,11 +275,20 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {arch} | open_clip loop | {base_s:.1f} | {base_n / base_s:.0f} | {fmt(base_u)} |")
             lines.append(f"| {arch} | clipcurate re-embed path | {ours_s:.1f} | {ours_n / ours_s:.0f} | {fmt(ours_u)} |")
             lines.append(f"| {arch} | ratio | | {(ours_n / ours_s) / (base_n / base_s):.2f}x | |")
+            extra = ""
+            if decode["backend"] is not None:
+                # The same path with the stored JPEGs decoded by the embed worker on its device.
+                dev_s, dev_u, dev_n, _ = run_ours(work, arch, weights, a.batch, a.processes,
+                                                  out=f"devdec-{arch}", stored_decode="device")
+                lines.append(f"| {arch} | clipcurate re-embed path, stored_decode device | {dev_s:.1f} | "
+                             f"{dev_n / dev_s:.0f} | {fmt(dev_u)} |")
+                lines.append(f"| {arch} | ratio (stored_decode device) | | {(dev_n / dev_s) / (base_n / base_s):.2f}x | |")
+                extra = f"; stored_decode device vs cpu: {compare(work, f'devdec-{arch}', f'ours-{arch}'):.1e}"
             checks.append(f"- {arch}: largest embedding difference, clipcurate {ours_precision} vs "
-                          f"its fp32 reference: {parity:.1e}; vs the open_clip loop: {diff:.1e}. Segments:\n\n"
+                          f"its fp32 reference: {parity:.1e}; vs the open_clip loop: {diff:.1e}{extra}. Segments:\n\n"
                           "  | segment | rows | seconds | rows/s |\n  |---|---:|---:|---:|\n"
                           + "".join(f"  {line}\n" for line in stage_lines(stages).splitlines()))
-            print("\n".join(lines[-3:]) + "\n" + checks[-1], file=sys.stderr, flush=True)
+            print("\n".join(lines[-5:]) + "\n" + checks[-1], file=sys.stderr, flush=True)
     leaked = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
     if leaked:
         raise SystemExit(f"embed_gpu.py must run without Ray, but imported {', '.join(leaked[:5])}")
@@ -305,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         "| model | path | seconds | images/s | GPU util |\n|---|---|---:|---:|---:|\n" + "\n".join(lines) + "\n\n"
         + "\n".join(checks)
         + "\n\nDecoding the stored images to a 224 px model input (`measure_decode`): the CPU path the "
-        "re-embed path runs in its CPU workers, against nvJPEG through torchvision (scope 4 of issue 14: "
-        "offer GPU decoding where it beats the CPU).\n\n" + decode_text
+        "re-embed path runs in its CPU workers, against nvJPEG through clip_model.device_decode (scope 4 of "
+        "issue 14: offer GPU decoding where it beats the CPU; the job offers it as embed.stored_decode device).\n\n" + decode_text
     )
     print(text)
     if a.append:

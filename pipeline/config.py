@@ -286,6 +286,10 @@ class EmbedConfig:
     concurrency is the worker pool's (min, max), None: sized from the machine or cluster (one
     worker per GPU; on CPUs one locally, 1 to half the CPUs on Ray). num_gpus / num_cpus are
     per worker; num_gpus None: one GPU each where there are GPUs, else the CPU.
+    stored_decode: where a committed shard's stored JPEGs are decoded when a run re-embeds it
+    (the reread path): "cpu" in the CPU workers, "device" by the embedding worker on its own
+    device (TorchCodec's ``decode_jpeg``: nvJPEG on a GPU; needs TorchCodec, the ``gpu-decode``
+    extra, or torchvision). Fresh rows are decoded once, on the CPU, either way.
     """
 
     model: str = "tiny-synthetic"
@@ -301,6 +305,7 @@ class EmbedConfig:
     num_cpus: float = 1.0
     # Adds an ``embed_worker`` column ("<host>:<pid>" of the actor) for debugging placement.
     debug_worker_column: bool = False
+    stored_decode: str = "cpu"
 
     def validate(self, section: str = "embed") -> None:
         _check(bool(self.model), section, "model", "must name an architecture or weights file")
@@ -327,6 +332,14 @@ class EmbedConfig:
                    f"must be (min, max) with 1 <= min <= max, or unset; got {self.concurrency}")
         _check(self.num_gpus is None or self.num_gpus >= 0, section, "num_gpus", "must be >= 0 or unset")
         _check(self.num_cpus >= 0, section, "num_cpus", "must be >= 0")
+        _check(self.stored_decode in ("cpu", "device"), section, "stored_decode",
+               f"must be cpu or device, got {self.stored_decode!r}")
+        if self.stored_decode == "device":
+            from clip_model.device_decode import available
+
+            _check(available() is not None, section, "stored_decode",
+                   "'device' decodes with TorchCodec (or torchvision), and neither is installed "
+                   "here: pip install 'clipcurate[gpu-decode]', or use 'cpu'")
 
     def with_gpus(self, available: int) -> EmbedConfig:
         """``num_gpus`` resolved: unset becomes 1 when ``available`` GPUs > 0, else 0."""

@@ -179,7 +179,8 @@ def build_job_graph(
     reread = [
         RereadStage(read=cfg.read, number_sample_per_shard=cfg.shard.number_sample_per_shard,
                     shard_folder=cfg.shard.output_folder, storage=cfg.storage,
-                    model_input=model.preprocess, thumbnails=thumbnails, resources=Resources(num_cpus=decode_cpus)),
+                    model_input=model.preprocess, thumbnails=thumbnails, stored_decode=embed.stored_decode,
+                    resources=Resources(num_cpus=decode_cpus)),
         TokenizeStage(tokenizer=model.tokenizer),
     ]
     embed_stage = EmbedStage(
@@ -187,6 +188,7 @@ def build_job_graph(
         preprocess=model.preprocess,
         pad_id=int(model.tokenizer.pad_id),
         moderation=model.moderation,
+        thumbnails=thumbnails and embed.stored_decode == "device",
         resources=Resources(num_cpus=embed.num_cpus, num_gpus=embed.num_gpus or 0.0),
         concurrency=embed.concurrency,
     )

@@ -451,6 +451,7 @@ FLAGS: dict[str, Flag | tuple[str, str]] = {
     "--pretrained": ("embed.pretrained", "weights tag, path, URL or s3:// URI (default synthetic)"),
     "--text-model": ("embed.text_model", "folder of a text tower to pair with the image tower (M-CLIP)"),
     "--precision": ("embed.precision", "auto | fp32 | fp16 | bf16"),
+    "--stored-decode": ("embed.stored_decode", "cpu | device: where re-embedded shards' JPEGs are decoded"),
     "--s3-endpoint-url": ("storage.s3_endpoint_url", "S3-compatible endpoint (MinIO, local S3)"),
     "--allowed-networks": Flag(
         "download.allowed_networks",

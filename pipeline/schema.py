@@ -191,6 +191,9 @@ SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_TABLE_FIELDS))
 # Working columns between the decode task and the embed stage; never written.
 PIXELS = "_pixels"  # binary: uint8 [S, S, 3] (height, width, RGB), the model's input before normalising
 TOKENS = "_tokens"  # list<int32>: the caption's token ids (the model's tokenizer), no padding
+# binary: a stored JPEG the embed stage decodes on its device (embed.stored_decode "device"),
+# set by the reread stage instead of _pixels
+JPEG = "_jpeg"
 # string: which pixels the embedding was computed from: "original" (the downloaded image,
 # decoded once in the decode task) or "stored" (the shard's stored copy, read back when a run
 # resumes a shard committed by an earlier run but not embedded)

@@ -17,9 +17,14 @@ Per batch (one shard) the stage
 - scores moderation (pipeline/stages/moderate.py) on the unit embeddings it just made, and the
   image-caption cosine ``clip_score``.
 
+Rows that come with a stored JPEG in ``_jpeg`` instead (the reread path with
+``embed.stored_decode: device``) are decoded, resized and cropped on the stage's device
+(:mod:`clip_model.device_decode`), and get their ``image_thumb`` there when thumbnails are on; a
+file that does not decode gets status ``preprocess_error``, as on the CPU.
+
 Adds ``image_embedding``, ``text_embedding`` (fixed_size_list<float16>[D], unit norm),
 ``clip_score`` (float32), ``model``, ``unsafe_score``/``unsafe_concept``/``unsafe_source``;
-drops ``_pixels`` and ``_tokens``. A row without pixels (failed upstream) still gets its text
+drops ``_pixels``, ``_jpeg`` and ``_tokens``. A row without pixels (failed upstream) still gets its text
 embedding; a row without a caption gets no text embedding; missing values are null.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -80,41 +86,61 @@ def embed_dim(model: Any) -> int:
 # ------------------------------------------------------------------------ Arrow -> arrays
 
 
+def _valid_chunks(col: pa.Array | pa.ChunkedArray) -> Iterator[tuple[int, np.ndarray, np.ndarray, Any]]:
+    """Per chunk of a binary column with a non-null value: (its first row's index in the
+    column, its non-null rows int64 (chunk-relative), its value offsets int32 [n + 1], its data
+    buffer)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    base = 0
+    for ch in chunks:
+        n = len(ch)
+        if n and ch.null_count < n:
+            idx = np.flatnonzero(ch.is_valid().to_numpy(zero_copy_only=False))
+            _, offsets_buf, data_buf = ch.buffers()
+            offs = np.frombuffer(offsets_buf, np.int32, count=n + 1, offset=ch.offset * 4)
+            yield base, idx, offs, data_buf
+        base += n
+
+
 def stacked_pixels(col: pa.Array | pa.ChunkedArray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(row indices int64 [M], uint8 [M, size, size, 3]) of the non-null values of a binary
     column of model inputs. The values of a chunk lie back to back in its data buffer (a null
     takes no bytes), so each chunk is a zero-copy, read-only view of it."""
     nbytes = size * size * 3
-    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
     rows: list[np.ndarray] = []
     parts: list[np.ndarray] = []
-    base = 0
-    for ch in chunks:
-        n = len(ch)
-        if n and ch.null_count < n:
-            valid = ch.is_valid().to_numpy(zero_copy_only=False)
-            idx = np.flatnonzero(valid)
-            _, offsets_buf, data_buf = ch.buffers()
-            offs = np.frombuffer(offsets_buf, np.int32, count=n + 1, offset=ch.offset * 4)
-            lengths = offs[idx + 1] - offs[idx]
-            if (lengths != nbytes).any():
-                bad = int(idx[np.flatnonzero(lengths != nbytes)[0]])
-                raise ValueError(f"model input of row {base + bad} has {int(offs[bad + 1] - offs[bad])} "
-                                 f"bytes, expected {nbytes} ({size}x{size}x3)")
-            start, end = int(offs[idx[0]]), int(offs[idx[-1] + 1])
-            if end - start == len(idx) * nbytes:
-                arr = np.frombuffer(data_buf, np.uint8, count=end - start, offset=start)
-            else:  # null slots with bytes (legal in Arrow, never written by us): gather
-                arr = np.concatenate([np.frombuffer(data_buf, np.uint8, count=nbytes, offset=int(o))
-                                      for o in offs[idx]])
-            rows.append(idx + base)
-            parts.append(arr.reshape(len(idx), size, size, 3))
-        base += n
+    for base, idx, offs, data_buf in _valid_chunks(col):
+        lengths = offs[idx + 1] - offs[idx]
+        if (lengths != nbytes).any():
+            bad = int(idx[np.flatnonzero(lengths != nbytes)[0]])
+            raise ValueError(f"model input of row {base + bad} has {int(offs[bad + 1] - offs[bad])} "
+                             f"bytes, expected {nbytes} ({size}x{size}x3)")
+        start, end = int(offs[idx[0]]), int(offs[idx[-1] + 1])
+        if end - start == len(idx) * nbytes:
+            arr = np.frombuffer(data_buf, np.uint8, count=end - start, offset=start)
+        else:  # null slots with bytes (legal in Arrow, never written by us): gather
+            arr = np.concatenate([np.frombuffer(data_buf, np.uint8, count=nbytes, offset=int(o))
+                                  for o in offs[idx]])
+        rows.append(idx + base)
+        parts.append(arr.reshape(len(idx), size, size, 3))
     if not parts:
         return np.zeros(0, np.int64), np.zeros((0, size, size, 3), np.uint8)
     if len(parts) == 1:
         return rows[0].astype(np.int64), parts[0]
     return np.concatenate(rows).astype(np.int64), np.concatenate(parts)
+
+
+def binary_views(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(row indices int64 [M], each non-null value as a read-only uint8 view of its Arrow
+    buffer, no copy) of a binary column."""
+    rows: list[np.ndarray] = []
+    views: list[np.ndarray] = []
+    for base, idx, offs, data_buf in _valid_chunks(col):
+        data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+        data.setflags(write=False)  # Arrow's memory: nothing downstream may write into it
+        rows.append(idx + base)
+        views += [data[offs[i] : offs[i + 1]] for i in idx]
+    return (np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)), views
 
 
 def token_chunks(col: pa.Array | pa.ChunkedArray, pad_id: int, step: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -170,6 +196,25 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def _check_device_decode(device: Any) -> None:
+    """Fail at start-up, not row by row, where this worker cannot decode JPEGs on ``device``
+    (no TorchCodec, or no nvJPEG for the device)."""
+    import io
+
+    from PIL import Image
+
+    from clip_model.device_decode import decode_jpegs
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(buf, "JPEG")
+    try:
+        (got,) = decode_jpegs([np.frombuffer(buf.getvalue(), np.uint8)], device)
+    except ImportError as e:
+        raise RuntimeError(f"embed.stored_decode is 'device', but {e}") from e
+    if isinstance(got, str):
+        raise RuntimeError(f"embed.stored_decode is 'device', but this worker cannot decode a JPEG on {device}: {got}")
+
+
 @dataclass
 class EmbedStage(Stage):
     """Model stage: ``_pixels``/``_tokens`` -> embeddings, ``clip_score``, moderation scores.
@@ -186,6 +231,8 @@ class EmbedStage(Stage):
     preprocess: PreprocessConfig | None = None
     pad_id: int = 0
     moderation: Moderation | None = None
+    # Make ``image_thumb`` for the rows decoded here (dedup's pixel check is on).
+    thumbnails: bool = False
 
     def __post_init__(self) -> None:
         self._model: Any = None
@@ -222,6 +269,8 @@ class EmbedStage(Stage):
             self._device = torch.device("cpu")
             # A CPU worker gets num_cpus cores; more torch threads would only contend.
             torch.set_num_threads(max(1, int(round(self.resources.num_cpus or 1))))
+        if self.cfg.stored_decode == "device":
+            _check_device_decode(self._device)
         precision = resolve_precision(self.cfg.precision, self._device.type)
         self._autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         model, pp = load_model(self.cfg.model, self.cfg.pretrained, self._device, self.cfg.text_model)
@@ -292,6 +341,48 @@ class EmbedStage(Stage):
             y = F.normalize(torch.cat(outs), dim=-1)
             return y.cpu().numpy()
 
+    def encode_jpegs(self, datas: list[np.ndarray]) -> tuple[np.ndarray, list[str | None], np.ndarray | None]:
+        """Stored JPEG files (1-D uint8 arrays) -> (float32 [M, D] unit-norm image embeddings,
+        zero where a file did not decode; per file None or why it did not decode; uint8
+        [M, T, T, 3] thumbnails (T = pipeline.thumbnails.THUMB_SIDE) when ``thumbnails``,
+        else None). Decoded, resized and cropped on the stage's device, ``inference_batch``
+        files at a time."""
+        import torch
+        import torch.nn.functional as F
+
+        from clip_model.device_decode import decode_jpegs, resize_crop_images, thumbnails
+        from clip_model.transform import normalize_uint8
+        from pipeline.thumbnails import THUMB_SIDE
+
+        m = len(datas)
+        out = np.zeros((m, self.embed_dim), np.float32)
+        thumbs = np.zeros((m, THUMB_SIDE, THUMB_SIDE, 3), np.uint8) if self.thumbnails else None
+        reasons: list[str | None] = [None] * m
+        done: list[np.ndarray] = []
+        ys: list[Any] = []
+        small: list[Any] = []
+        step = self.cfg.inference_batch
+        with torch.inference_mode():
+            for s in range(0, m, step):
+                decoded = decode_jpegs(datas[s : s + step], self._device)
+                good = [j for j, d in enumerate(decoded) if not isinstance(d, str)]
+                for j, d in enumerate(decoded):
+                    if isinstance(d, str):
+                        reasons[s + j] = d
+                if not good:
+                    continue
+                px = resize_crop_images([decoded[j] for j in good], self.preprocess)  # type: ignore[misc,arg-type]
+                ys.append(self._forward(self._model.encode_image, normalize_uint8(px, self.preprocess)))
+                if thumbs is not None:
+                    small.append(thumbnails(px, THUMB_SIDE))
+                done.append(np.asarray(good, np.int64) + s)
+            if ys:  # back to the host once per batch
+                rows = np.concatenate(done)
+                out[rows] = F.normalize(torch.cat(ys), dim=-1).cpu().numpy()
+                if thumbs is not None:
+                    thumbs[rows] = torch.cat(small).cpu().numpy()
+        return out, reasons, thumbs
+
     def encode_token_chunks(self, chunks: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 [n, D] unit-norm text embeddings, bool [n] has a text embedding) from
         :func:`token_chunks`' output over n rows."""
@@ -331,6 +422,24 @@ class EmbedStage(Stage):
             if len(rows):
                 img[rows] = self.encode_pixels(pixels)
                 has_img[rows] = True
+        status_changed = thumbs_made = None
+        if S.JPEG in batch.column_names:
+            rows, datas = binary_views(batch.column(S.JPEG))
+            if len(rows):
+                emb, reasons, thumbs = self.encode_jpegs(datas)
+                ok = np.array([r is None for r in reasons])
+                img[rows[ok]] = emb[ok]
+                has_img[rows[ok]] = True
+                if not ok.all():
+                    statuses, errors = S.column_list(batch, S.STATUS), S.column_list(batch, S.ERROR)
+                    for r, why in zip(rows[~ok], (w for w in reasons if w is not None), strict=True):
+                        statuses[r] = S.PREPROCESS_ERROR
+                        errors[r] = f"stored JPEG did not decode on {self._device.type}: {why}"
+                    status_changed = (statuses, errors)
+                if thumbs is not None:
+                    thumbs_made = S.column_list(batch, S.IMAGE_THUMB)
+                    for r, t in zip(rows[ok], thumbs[ok], strict=True):
+                        thumbs_made[r] = t.tobytes()
         if S.TOKENS in batch.column_names:
             chunks = token_chunks(batch.column(S.TOKENS), self.pad_id, self.cfg.inference_batch)
             txt, has_txt = self.encode_token_chunks(chunks, n)
@@ -339,7 +448,12 @@ class EmbedStage(Stage):
 
         both = has_img & has_txt
         score = np.where(both, (img * txt).sum(axis=1), np.nan).astype(np.float32)
-        out = S.drop_if_present(batch, [S.PIXELS, S.TOKENS])
+        out = S.drop_if_present(batch, [S.PIXELS, S.JPEG, S.TOKENS])
+        if status_changed is not None:
+            out = S.set_column(out, S.STATUS, pa.array(status_changed[0], pa.string()))
+            out = S.set_column(out, S.ERROR, pa.array(status_changed[1], pa.string()))
+        if thumbs_made is not None:
+            out = S.set_column(out, S.IMAGE_THUMB, pa.array(thumbs_made, pa.binary()))
         out = S.set_column(out, S.IMAGE_EMBEDDING, S.embedding_array(img, has_img))
         out = S.set_column(out, S.TEXT_EMBEDDING, S.embedding_array(txt, has_txt))
         out = S.set_column(out, S.CLIP_SCORE, pa.array(score, pa.float32(), mask=~both))
@@ -355,6 +469,7 @@ __all__ = [
     "RANDOM_INIT_SEED",
     "EmbedStage",
     "embed_dim",
+    "binary_views",
     "load_model",
     "model_id",
     "stacked_pixels",

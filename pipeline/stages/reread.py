@@ -8,6 +8,11 @@ border`` padded too), decoded and turned into the model's input by the same
 ``resize_crop_uint8``. Such rows say so in ``embedded_from = "stored"`` (a fresh run's rows say
 ``"original"``), and the driver's log names the shards.
 
+With ``stored_decode = "device"`` (``embed.stored_decode``) a stored image that is a baseline
+RGB or grayscale JPEG (Pillow reads its header here, nothing more) travels as its bytes in
+``_jpeg`` and the embed stage decodes it on its own device
+(:mod:`clip_model.device_decode`); any other stored image is decoded here as before.
+
 Rows come from ``<shard>.parquet``; passthrough columns the shard parquet does not hold (the
 shard stage leaves out names starting with ``_``) are read again from the input file (no
 download) and joined by key. An ``ok`` row whose image is not in the tar becomes
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pyarrow as pa
+from PIL import Image
 
 from clip_model.config import PreprocessConfig
 from pipeline import schema as S
@@ -47,6 +53,7 @@ class RereadStage(Stage):
     storage: StorageConfig = field(default_factory=StorageConfig)
     model_input: PreprocessConfig = field(default_factory=PreprocessConfig)
     thumbnails: bool = False
+    stored_decode: str = "cpu"
 
     def _store(self) -> Storage:
         return per_process(("shard-storage", self.shard_folder, self.storage),
@@ -59,8 +66,6 @@ class RereadStage(Stage):
         return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
 
     def _one(self, d: ShardDescriptor) -> pa.Table:
-        from PIL import Image
-
         from clip_model.transform import resize_crop_uint8
 
         store = self._store()
@@ -79,6 +84,7 @@ class RereadStage(Stage):
         ok = [i for i in range(n) if statuses[i] == S.OK]
         pixels: list[bytes | None] = [None] * n
         thumbs: list[bytes | None] = [None] * n
+        jpegs: list[bytes | None] = [None] * n
         try:
             images = read_images(store, shard, {keys[i] for i in ok})
         except (OSError, tarfile.TarError) as e:
@@ -93,6 +99,9 @@ class RereadStage(Stage):
                 continue
             try:
                 with Image.open(io.BytesIO(data)) as img:
+                    if self.stored_decode == "device" and _device_decodable(img):
+                        jpegs[i] = data
+                        continue
                     arr = resize_crop_uint8(img, self.model_input)
             except Exception as e:  # Pillow raises many types for bad data; the row records it
                 statuses[i], errors[i] = S.PREPROCESS_ERROR, f"{type(e).__name__}: {e}"
@@ -103,7 +112,17 @@ class RereadStage(Stage):
         table = S.set_column(table, S.STATUS, pa.array(statuses, pa.string()))
         table = S.set_column(table, S.ERROR, pa.array(errors, pa.string()))
         table = S.set_column(table, S.PIXELS, S.binary_column(pixels))
+        if self.stored_decode == "device":
+            table = S.set_column(table, S.JPEG, S.binary_column(jpegs))
         if self.thumbnails:
             table = S.set_column(table, S.IMAGE_THUMB, pa.array(thumbs, pa.binary()))
         table = S.set_column(table, S.EMBEDDED_FROM, pa.array(["stored"] * n, pa.string()))
         return S.set_column(table, S.SHARD_ROWS, pa.array([n] * n, pa.int64()))
+
+
+def _device_decodable(img: Image.Image) -> bool:
+    """Whether a stored image (a Pillow image, header read) goes to the embed stage's device
+    decode: a baseline (not progressive) JPEG of 3-channel RGB or 1-channel gray, what the
+    decode stage writes. nvJPEG is given nothing else."""
+    return (img.format == "JPEG" and img.mode in ("RGB", "L")
+            and not img.info.get("progressive") and not img.info.get("progression"))

@@ -35,7 +35,7 @@ log = logging.getLogger("clipcurate.write")
 
 # Columns that only carry work between stages.
 INTERNAL_COLUMNS = frozenset(
-    {S.PIXELS, S.TOKENS, S.IMAGE, S.IMAGE_BYTES, S.SHARD_ROWS, S.SHARD_STARTED, S.SHARD_ID, S.UNWRITTEN}
+    {S.PIXELS, S.JPEG, S.TOKENS, S.IMAGE, S.IMAGE_BYTES, S.SHARD_ROWS, S.SHARD_STARTED, S.SHARD_ID, S.UNWRITTEN}
 )
 # What flows on to the driver after a shard is written.
 SUMMARY_COLUMNS = (S.KEY, S.SHARD, S.STATUS, S.KEEP)

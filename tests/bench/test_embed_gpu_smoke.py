@@ -45,6 +45,10 @@ def test_embed_gpu_bench_runs_both_paths_and_appends_what_it_prints(tmp_path: Pa
     seconds = {m.group(1): float(m.group(2)) for m in re.finditer(
         r"^\| ViT-B-32 \| (open_clip loop|clipcurate re-embed path) \| ([\d.]+) \| \d+ \|", text, re.M)}
     assert set(seconds) == {"open_clip loop", "clipcurate re-embed path"} and all(v > 0 for v in seconds.values())
+    # The same path with the stored JPEGs decoded by the embed worker (embed.stored_decode).
+    assert re.search(r"^\| ViT-B-32 \| clipcurate re-embed path, stored_decode device \| [\d.]+ \| \d+ \|", text, re.M)
+    device_vs_cpu = float(re.search(r"stored_decode device vs cpu: (\d\.\de[+-]\d+)", text).group(1))
+    assert device_vs_cpu < 1e-2
     # Same weights and pixels on both sides: embeddings agree to bf16 / float16 rounding.
     parity, vs_open_clip = (float(x) for x in re.search(
         r"its fp32 reference: (\d\.\de[+-]\d+); vs the open_clip loop: (\d\.\de[+-]\d+)", text).groups())
@@ -52,10 +56,10 @@ def test_embed_gpu_bench_runs_both_paths_and_appends_what_it_prints(tmp_path: Pa
     # Every row embedded, in each segment of the re-embed path.
     assert re.search(r"\| RereadStage\+TokenizeStage \| 12 \|", text) and re.search(r"\| WriteStage \| 12 \|", text)
     # The decode figure: both paths timed, and the same pixels within the resize's rounding
-    # (torchvision decodes with libjpeg-turbo on the CPU, as Pillow does; the resize differs
+    # (TorchCodec decodes with libjpeg-turbo on the CPU, as Pillow does; the resize differs
     # in arithmetic: float32 there, Pillow's fixed point here).
     cpu_ms = float(re.search(r"^\| CPU: Pillow \+ resize_crop_uint8 .* one core \| ([\d.]+) \| \d+ \|$", text, re.M).group(1))
     assert cpu_ms > 0
-    assert re.search(r"^\| torchvision\.io\.decode_jpeg on cpu \(batch 8\) \+ resize there \| \| [1-9]\d* \|$", text, re.M)
+    assert re.search(r"^\| torchcodec decode_jpeg on cpu \(batch 8\) \+ resize there \| \| [1-9]\d* \|$", text, re.M)
     worst, mean = re.search(r"largest difference (\d+) levels, mean (\d+\.\d+)", text).groups()
     assert int(worst) <= 10 and float(mean) < 0.5

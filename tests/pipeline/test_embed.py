@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import open_clip
@@ -24,7 +25,14 @@ from clip_model.tokenizer import default_tokenizer
 from pipeline import schema as S
 from pipeline.config import DecodeConfig, EmbedConfig
 from pipeline.stages.decode import DecodeStage
-from pipeline.stages.embed import EmbedStage, load_model, model_id, stacked_pixels, token_chunks
+from pipeline.stages.embed import (
+    EmbedStage,
+    binary_views,
+    load_model,
+    model_id,
+    stacked_pixels,
+    token_chunks,
+)
 from pipeline.stages.tokenize import TokenizeStage
 
 ARCH = "tiny-synthetic"
@@ -400,6 +408,18 @@ def test_stacked_pixels_is_a_zero_copy_view_per_chunk_and_skips_nulls() -> None:
     assert rows.size == 0 and arr.shape == (0, size, size, 3)
 
 
+def test_binary_views_are_the_values_of_any_length_without_copies() -> None:
+    col = pa.chunked_array([pa.array([b"abc", None, b""], pa.binary()),
+                            pa.array([None, None], pa.binary()),
+                            pa.array([None, b"x" * 70, b"defg"], pa.binary()).slice(1)])
+    rows, views = binary_views(col)
+    assert rows.dtype == np.int64 and rows.tolist() == [0, 2, 5, 6]
+    assert [v.tobytes() for v in views] == [b"abc", b"", b"x" * 70, b"defg"]
+    assert not any(v.flags.owndata or v.flags.writeable for v in views)
+    rows, views = binary_views(pa.array([None], pa.binary()))
+    assert rows.size == 0 and views == []
+
+
 def test_token_chunks_pad_sorted_chunks_like_a_loop() -> None:
     rng = np.random.default_rng(1)
     lists = [None if i % 7 == 3 else [] if i % 11 == 5 else rng.integers(1, 99, rng.integers(1, 20)).tolist()
@@ -503,3 +523,108 @@ def test_text_model_flag_pairs_an_mclip_text_tower_with_the_image_tower(tmp_path
     got_img = np.asarray(out.column(S.IMAGE_EMBEDDING).to_pylist(), np.float64)
     assert np.abs(got_txt - want_txt.double().numpy()).max() <= 2e-3
     assert np.abs(got_img - want_img.double().numpy()).max() <= 2e-3
+
+
+def _stored_copies() -> list[bytes]:
+    """The real photos as the decode stage stores them by default: 256 px squares, q95 JPEG."""
+    from testkit.testdata import photos
+
+    out = []
+    for path in photos():
+        img = Image.open(path).convert("RGB")
+        img.thumbnail((256, 256))
+        canvas = Image.new("RGB", (256, 256), (255, 255, 255))
+        canvas.paste(img, ((256 - img.width) // 2, (256 - img.height) // 2))
+        buf = io.BytesIO()
+        canvas.save(buf, "JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_stored_jpegs_decoded_on_the_device_embed_as_the_cpu_path_on_a_real_size_vit() -> None:
+    """embed.stored_decode "device": a ViT-B-32 (random weights, 224 px) embeds stored JPEGs
+    decoded, resized and cropped by the embed stage as it embeds the reread stage's CPU input
+    (Pillow + resize_crop_uint8) of the same files."""
+    torch.manual_seed(6)
+    model, pp = clip_model.create_model("ViT-B-32")
+    stage = EmbedStage(cfg=EmbedConfig(model="ViT-B-32", pretrained=None, inference_batch=3,
+                                       stored_decode="device"), preprocess=pp)
+    stage._model, stage._device, stage._autocast, stage.preprocess = model.eval(), torch.device("cpu"), None, pp
+    files = _stored_copies()
+    assert len(files) >= 5
+    ours, reasons, thumbs = stage.encode_jpegs([np.frombuffer(f, np.uint8) for f in files])
+    assert reasons == [None] * len(files) and thumbs is None
+    cpu = np.stack([clip_model.transform.resize_crop_uint8(Image.open(io.BytesIO(f)), pp) for f in files])
+    ref = stage.encode_pixels(cpu)
+    cos = (ours * ref).sum(axis=1)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_reread_with_device_decode_sends_jpegs_and_the_embed_stage_records_bad_ones(tmp_path) -> None:
+    from pipeline.shard_format import build_shard
+    from pipeline.stages.read import ShardDescriptor
+    from pipeline.stages.reread import RereadStage
+    from pipeline.thumbnails import THUMB_SIDE
+
+    pp = resolve_preprocess(ARCH)
+    good = _stored_copies()[:2]
+    png = _jpeg((90, 70), 8, "PNG")
+    truncated = good[1][: len(good[1]) // 2]  # its header reads, its scan data ends early
+    rows = pa.table({
+        S.KEY: [f"00000000{i}" for i in range(5)],
+        S.SHARD_ID: [0] * 5,
+        S.CAPTION: ["a red circle", "b", "c", None, "e"],
+        S.STATUS: [S.OK, S.OK, S.OK, S.OK, "timeout"],
+        S.ERROR: [None, None, None, None, "deadline"],
+        S.IMAGE: pa.array([good[0], png, truncated, good[1], None], pa.binary()),
+        S.IMAGE_FORMAT: ["jpg", "png", "jpg", "jpg", None],
+    })
+    files = build_shard(0, rows)
+    (tmp_path / "00000.parquet").write_bytes(files.parquet)
+    (tmp_path / "00000.tar").write_bytes(files.tar)
+    desc = pa.Table.from_pylist([ShardDescriptor(0, "unused.parquet", 0, 5).as_row()])
+    common = dict(shard_folder=str(tmp_path), number_sample_per_shard=10, model_input=pp, thumbnails=True)
+    on_cpu = RereadStage(**common).process_batch(desc)
+    on_dev = RereadStage(**common, stored_decode="device").process_batch(desc)
+    # The JPEGs travel as bytes; the PNG is decoded here as before; a failed row has neither.
+    assert on_dev.column(S.JPEG).to_pylist() == [good[0], None, truncated, good[1], None]
+    assert [v is not None for v in on_dev.column(S.PIXELS).to_pylist()] == [False, True, False, False, False]
+    assert on_dev.column(S.PIXELS)[1] == on_cpu.column(S.PIXELS)[1]
+
+    cfg = EmbedConfig(model=ARCH, pretrained=None, precision="fp32")
+    tok = TokenizeStage(tokenizer=default_tokenizer())
+    out_cpu = EmbedStage(cfg=cfg, preprocess=pp).process_batch(tok.process_batch(on_cpu))
+    out_dev = EmbedStage(cfg=replace(cfg, stored_decode="device"), preprocess=pp,
+                         thumbnails=True).process_batch(tok.process_batch(on_dev))
+    assert S.JPEG not in out_dev.column_names and S.PIXELS not in out_dev.column_names
+    st = out_dev.column(S.STATUS).to_pylist()
+    assert st == [S.OK, S.OK, S.PREPROCESS_ERROR, S.OK, "timeout"]
+    # Pillow decodes the truncated file (grey below the cut); the device decoder refuses it.
+    assert out_cpu.column(S.STATUS).to_pylist()[2] in (S.OK, S.PREPROCESS_ERROR)
+    err = out_dev.column(S.ERROR).to_pylist()[2]
+    assert err.startswith("stored JPEG did not decode on cpu: ") and ".cpp" not in err
+    a = np.asarray([out_dev.column(S.IMAGE_EMBEDDING)[i].as_py() for i in (0, 1, 3)], np.float64)
+    b = np.asarray([out_cpu.column(S.IMAGE_EMBEDDING)[i].as_py() for i in (0, 1, 3)], np.float64)
+    assert ((a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() >= 0.9999
+    assert out_dev.column(S.IMAGE_EMBEDDING)[2].as_py() is None
+    assert out_dev.column(S.TEXT_EMBEDDING)[2].as_py() is not None  # the caption is still embedded
+    th_dev, th_cpu = out_dev.column(S.IMAGE_THUMB).to_pylist(), out_cpu.column(S.IMAGE_THUMB).to_pylist()
+    assert th_dev[1] == th_cpu[1] and th_dev[2] is None and th_dev[4] is None
+    for i in (0, 3):
+        d = np.frombuffer(th_dev[i], np.uint8).astype(int) - np.frombuffer(th_cpu[i], np.uint8).astype(int)
+        assert len(th_dev[i]) == THUMB_SIDE * THUMB_SIDE * 3 and np.abs(d).max() <= 6
+
+
+def test_device_decode_that_cannot_run_fails_at_setup(monkeypatch) -> None:
+    import clip_model.device_decode as dd
+
+    monkeypatch.setattr(dd, "available", lambda: None)
+    stage = EmbedStage(cfg=EmbedConfig(model=ARCH, pretrained=None, stored_decode="device"))
+    with pytest.raises(RuntimeError, match="stored_decode is 'device', but .*gpu-decode"):
+        stage.setup()
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"embed\.stored_decode: 'device' decodes with TorchCodec"):
+        EmbedConfig(stored_decode="device").validate()
+    with pytest.raises(ConfigError, match=r"embed\.stored_decode: must be cpu or device, got 'gpu'"):
+        EmbedConfig(stored_decode="gpu").validate()

@@ -12,6 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,17 @@ def runs(ray_local, s3_server, tmp_path_factory) -> Iterator[dict[str, Any]]:
             fs.delete_file(f"{bucket}/run/embeddings/{i:05d}.parquet")
         requests = srv.count()
         again = run(job, lambda line: None)
+        redo = _read(fs, f"{bucket}/run/embeddings")
+        # Once more, the stored JPEGs decoded by the embedding actors (embed.stored_decode).
+        for i in range(4):
+            fs.delete_file(f"{bucket}/run/embeddings/{i:05d}.parquet")
+        on_device = run(replace(job, embed=replace(embed_cfg, stored_decode="device")), lambda line: None)
         new_requests = srv.count() - requests
     print(f"full graph: {ROWS} rows in {elapsed:.1f} s")
     yield {
         "doc": doc, "world": world, "first": first, "again": again, "listed": listed, "out": out,
-        "redo": _read(fs, f"{bucket}/run/embeddings"), "new_requests": new_requests, "fs": fs,
+        "redo": redo, "new_requests": new_requests, "fs": fs, "on_device": on_device,
+        "redo_device": _read(fs, f"{bucket}/run/embeddings"),
         "bucket": bucket, "world_root": str(root),
     }
     fs.delete_dir_contents(bucket)
@@ -297,6 +304,27 @@ def test_resume_reembeds_the_stored_copies(runs) -> None:
     # Every row names the embedding worker that embedded it (host:pid).
     workers = set(redo.column(S.EMBED_WORKER).to_pylist())
     assert None not in workers and all(":" in w for w in workers), workers
+
+
+@pytest.mark.slow
+def test_resume_with_stored_jpegs_decoded_by_the_embedding_actors(runs) -> None:
+    """embed.stored_decode "device" on Ray Data: the same rows, statuses and decisions as the
+    CPU workers' decode, embeddings within cosine 1e-4 of theirs (both runs at the job's
+    precision, so the bound holds the two decodes' few-level pixel differences)."""
+    redo, dev, again = runs["redo"], runs["redo_device"], runs["on_device"]
+    assert (again.shards_downloaded, again.shards_reembedded, again.rows_this_run) == (0, 4, ROWS)
+    assert dev.column(S.KEY).to_pylist() == redo.column(S.KEY).to_pylist()
+    assert dev.column(S.STATUS).to_pylist() == redo.column(S.STATUS).to_pylist()
+    ok = [s == S.OK for s in redo.column(S.STATUS).to_pylist()]
+    assert {v for v, o in zip(dev.column(S.EMBEDDED_FROM).to_pylist(), ok, strict=True) if o} == {"stored"}
+    a = np.asarray([v for v in redo.column(S.IMAGE_EMBEDDING).to_pylist() if v is not None], np.float64)
+    b = np.asarray([v for v in dev.column(S.IMAGE_EMBEDDING).to_pylist() if v is not None], np.float64)
+    assert len(a) == len(b) == sum(ok)
+    cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.9999, cos.min()
+    # Keep/drop follows: a row may flip only where its clip_score sits within ~1e-4 of the cut.
+    flips = sum(x != y for x, y in zip(dev.column(S.KEEP).to_pylist(), redo.column(S.KEEP).to_pylist(), strict=True))
+    assert flips <= 1, flips
 
 
 def test_gpu_request_without_gpus_fails_fast(ray_local, tmp_path) -> None:
