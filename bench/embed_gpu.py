@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-from embed import compare, make_shards, run_clipcurate, save_random_weights, stage_lines  # noqa: E402
+from embed import _per_shard, compare, make_shards, run_clipcurate, save_random_weights, stage_lines  # noqa: E402
 
 
 class GpuSampler:
@@ -214,6 +214,47 @@ def measure_decode(jpegs: list[bytes], image_size: int, batch: int, repeats: int
     return out
 
 
+def measure_reread(work: Path, image_size: int, thumbnails: bool = True, repeats: int = 3) -> dict[str, float]:
+    """CPU ms per stored image (process_time, one thread, best of ``repeats``) of a CPU
+    worker's reread + tokenize of every committed shard under ``work/shards``, per
+    ``embed.stored_decode`` ("cpu": it decodes and makes the model input; "device": it reads
+    the headers and sends the bytes), thumbnails on (the pixel check's default with the
+    bundled model). Writing the Parquet, the same in both, is not counted."""
+    from clip_model.config import PreprocessConfig
+    from clip_model.tokenizer import default_tokenizer
+    from pipeline.config import ReadConfig
+    from pipeline.stages.read import plan_shards
+    from pipeline.stages.reread import RereadStage
+    from pipeline.stages.tokenize import TokenizeStage
+
+    per_shard = _per_shard(work)
+    read = ReadConfig(url_list=str(work / "world" / "urls.parquet"))
+    desc = pa.Table.from_pylist([d.as_row() for d in plan_shards(read, per_shard)])
+    tok = TokenizeStage(tokenizer=default_tokenizer())
+    out = {}
+    for mode in ("cpu", "device"):
+        stage = RereadStage(read=read, number_sample_per_shard=per_shard, shard_folder=str(work / "shards"),
+                            model_input=PreprocessConfig(image_size=image_size), thumbnails=thumbnails,
+                            stored_decode=mode)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            rows = sum(tok.process_batch(stage.process_batch(desc.slice(i, 1))).num_rows
+                       for i in range(desc.num_rows))
+            best = min(best, (time.process_time() - t0) / rows * 1000)
+        out[mode] = best
+    return out
+
+
+def reread_lines(r: dict[str, float], cpus: int) -> str:
+    """The CPU workers' table (see :func:`measure_reread`): per mode, ms per image and what
+    ``cpus - 1`` such workers (one core left to the embedding worker) feed at most."""
+    workers = max(1, cpus - 1)
+    rows = [f"| {mode} | {ms:.3f} | {1000 / ms * workers:.0f} |" for mode, ms in r.items()]
+    return (f"| embed.stored_decode | CPU worker ms / image (reread + tokenize) | images/s from {workers} "
+            f"CPU worker{'s' if workers > 1 else ''} (upper bound) |\n|---|---:|---:|\n" + "\n".join(rows) + "\n")
+
+
 def decode_lines(d: dict[str, object], cpus: int, batch: int) -> str:
     """The decode figure's table (see :func:`measure_decode`)."""
     cpu_rate = 1000 / float(d["cpu_ms"])  # type: ignore[arg-type]
@@ -259,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepared {ok} stored images in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         decode = measure_decode(stored_jpegs(work), 224, a.batch)
         decode_text = decode_lines(decode, os.cpu_count() or 1, a.batch)
+        if decode["backend"] is not None:
+            decode_text += "\n" + reread_lines(measure_reread(work, 224), os.cpu_count() or 1)
         print(decode_text, file=sys.stderr, flush=True)
         for arch in a.models:
             weights = work / f"{arch}.safetensors"

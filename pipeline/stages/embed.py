@@ -271,6 +271,10 @@ class EmbedStage(Stage):
             torch.set_num_threads(max(1, int(round(self.resources.num_cpus or 1))))
         if self.cfg.stored_decode == "device":
             _check_device_decode(self._device)
+            if self._device.type == "cpu":
+                log.warning("embed.stored_decode is 'device' but this embedding worker runs on the CPU: "
+                            "it decodes and resizes there in float32, several times slower than the CPU "
+                            "workers' path (stored_decode 'cpu'); the option is meant for GPUs")
         precision = resolve_precision(self.cfg.precision, self._device.type)
         self._autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         model, pp = load_model(self.cfg.model, self.cfg.pretrained, self._device, self.cfg.text_model)

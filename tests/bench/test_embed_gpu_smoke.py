@@ -63,3 +63,8 @@ def test_embed_gpu_bench_runs_both_paths_and_appends_what_it_prints(tmp_path: Pa
     assert re.search(r"^\| torchcodec decode_jpeg on cpu \(batch 8\) \+ resize there \| \| [1-9]\d* \|$", text, re.M)
     worst, mean = re.search(r"largest difference (\d+) levels, mean (\d+\.\d+)", text).groups()
     assert int(worst) <= 10 and float(mean) < 0.5
+    # The CPU workers' share per stored image in each mode: sending the bytes costs less than
+    # decoding them (a loaded box may blur small differences; this one is a whole decode).
+    worker_ms = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^\| (cpu|device) \| ([\d.]+) \| \d+ \|$", text, re.M)}
+    assert set(worker_ms) == {"cpu", "device"} and 0 < worker_ms["device"] < worker_ms["cpu"], worker_ms

@@ -560,7 +560,7 @@ def test_stored_jpegs_decoded_on_the_device_embed_as_the_cpu_path_on_a_real_size
     assert cos.min() >= 0.9999, cos
 
 
-def test_reread_with_device_decode_sends_jpegs_and_the_embed_stage_records_bad_ones(tmp_path) -> None:
+def test_reread_with_device_decode_sends_jpegs_and_the_embed_stage_records_bad_ones(tmp_path, caplog) -> None:
     from pipeline.shard_format import build_shard
     from pipeline.stages.read import ShardDescriptor
     from pipeline.stages.reread import RereadStage
@@ -594,8 +594,11 @@ def test_reread_with_device_decode_sends_jpegs_and_the_embed_stage_records_bad_o
     cfg = EmbedConfig(model=ARCH, pretrained=None, precision="fp32")
     tok = TokenizeStage(tokenizer=default_tokenizer())
     out_cpu = EmbedStage(cfg=cfg, preprocess=pp).process_batch(tok.process_batch(on_cpu))
-    out_dev = EmbedStage(cfg=replace(cfg, stored_decode="device"), preprocess=pp,
-                         thumbnails=True).process_batch(tok.process_batch(on_dev))
+    with caplog.at_level("WARNING", logger="clipcurate.embed"):
+        out_dev = EmbedStage(cfg=replace(cfg, stored_decode="device"), preprocess=pp,
+                             thumbnails=True).process_batch(tok.process_batch(on_dev))
+    # Allowed on a CPU worker (how this test runs it), but the user is told it is for GPUs.
+    assert any("meant for GPUs" in r.getMessage() for r in caplog.records)
     assert S.JPEG not in out_dev.column_names and S.PIXELS not in out_dev.column_names
     st = out_dev.column(S.STATUS).to_pylist()
     assert st == [S.OK, S.OK, S.PREPROCESS_ERROR, S.OK, "timeout"]
