@@ -35,7 +35,12 @@ and ``--hosts N`` serves the list from N server processes on 127.0.0.1..127.0.0.
 host i % N: to the downloaders N hosts, each under its own per-host limit (the job's
 ``download.per_host_concurrency``, 8 per task). The acceptance figures use neither.
 
-    python bench/job_cpu.py --rows 3000 --small 500 --append bench/RESULTS.md
+This machine's speed drifts by tens of per cent within minutes, and the tools run one after
+another, so one round's ratio carries that drift. ``--rounds R`` runs every tool in turn R
+times and adds, per tool, the median and range over the rounds of its marginal ms per image,
+of its ratio to img2dataset's figure of the same round and of both steady rates.
+
+    python bench/job_cpu.py --rows 3000 --small 500 --rounds 3 --append bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import re
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -176,6 +182,7 @@ class Run:
     tree_cpu_s: float | None
     ok: int
     shard_done: list[float] = field(default_factory=list)  # epoch s, each shard's completion
+    round: int = 1  # which pass over the tools (--rounds)
 
 
 # The job's per-shard progress line (pipeline/job.py, _Progress.update).
@@ -347,20 +354,12 @@ def marginal(small: Run, big: Run) -> tuple[float, float | None, float]:
     return machine, tree, rate
 
 
-def report(runs: list[Run], argv: list[str], load: tuple[float, float, float], delay: float = 0.0,
-           hosts: int = 1) -> str:
+def _tool_lines(runs: list[Run]) -> list[str]:
+    """The per-tool table of one round: marginal CPU, ratio to img2dataset, steady rates."""
     by_tool: dict[str, list[Run]] = {}
     for r in runs:
         by_tool.setdefault(r.tool, []).append(r)
     lines = [
-        "| run | rows | ok | wall s | machine CPU s | run's CPU s (cgroup) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        tree = "n/a" if r.tree_cpu_s is None else f"{r.tree_cpu_s:.1f}"
-        lines.append(f"| {r.tool} | {r.rows} | {r.ok} | {r.wall_s:.1f} | {r.machine_cpu_s:.1f} | {tree} |")
-    lines += [
-        "",
         "| tool | marginal ms/image (machine) | marginal ms/image (run's cgroup) | vs img2dataset (machine / cgroup) "
         "| steady rows/s (wall difference) | steady rows/s (in the big run) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -377,6 +376,65 @@ def report(runs: list[Run], argv: list[str], load: tuple[float, float, float], d
         inner = completion_rate(big.shard_done, PER_SHARD)
         istr = "n/a" if inner is None else f"{inner:.1f}"
         lines.append(f"| {tool} | {m:.2f} | {tstr} | {ratio} | {rate:.1f} | {istr} |")
+    return lines
+
+
+def summary_lines(runs: list[Run]) -> list[str]:
+    """Across rounds, per tool: the median and range of its marginal ms per image, of its ratio
+    to img2dataset's figure of the same round (machine CPU) and of both steady rates."""
+    rounds = sorted({r.round for r in runs})
+    per: dict[str, dict[str, list[float]]] = {}
+    for rnd in rounds:
+        by_tool = {}
+        for r in runs:
+            if r.round == rnd:
+                by_tool.setdefault(r.tool, []).append(r)
+        base = marginal(*by_tool["img2dataset"])[0] if "img2dataset" in by_tool else None
+        for tool, (small, big) in by_tool.items():
+            m, _, rate = marginal(small, big)
+            d = per.setdefault(tool, {"ms": [], "ratio": [], "wall": [], "inner": []})
+            d["ms"].append(m)
+            d["wall"].append(rate)
+            if base is not None:
+                d["ratio"].append(m / base)
+            inner = completion_rate(big.shard_done, PER_SHARD)
+            if inner is not None:
+                d["inner"].append(inner)
+
+    def cell(xs: list[float], fmt: str, unit: str = "") -> str:  # "median (min-max)"
+        if not xs:
+            return "n/a"
+        return f"{statistics.median(xs):{fmt}}{unit} ({min(xs):{fmt}}-{max(xs):{fmt}})"
+
+    lines = [
+        f"Over {len(rounds)} rounds, median (min-max):",
+        "",
+        "| tool | marginal ms/image (machine) | vs img2dataset, same round | steady rows/s (wall difference) "
+        "| steady rows/s (in the big run) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for tool, d in per.items():
+        lines.append(f"| {tool} | {cell(d['ms'], '.2f')} | {cell(d['ratio'], '.2f', 'x')} | "
+                     f"{cell(d['wall'], '.1f')} | {cell(d['inner'], '.1f')} |")
+    return lines
+
+
+def report(runs: list[Run], argv: list[str], load: tuple[float, float, float], delay: float = 0.0,
+           hosts: int = 1) -> str:
+    rounds = sorted({r.round for r in runs})
+    lines = [
+        "| run | rows | ok | wall s | machine CPU s | run's CPU s (cgroup) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        tree = "n/a" if r.tree_cpu_s is None else f"{r.tree_cpu_s:.1f}"
+        name = r.tool if len(rounds) == 1 else f"{r.tool} (round {r.round})"
+        lines.append(f"| {name} | {r.rows} | {r.ok} | {r.wall_s:.1f} | {r.machine_cpu_s:.1f} | {tree} |")
+    for rnd in rounds:
+        lines += ["", *([f"Round {rnd}:", ""] if len(rounds) > 1 else []),
+                  *_tool_lines([r for r in runs if r.round == rnd])]
+    if len(rounds) > 1:
+        lines += ["", *summary_lines(runs)]
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = (
         f"\n## Whole job vs img2dataset: marginal CPU per image ({when})\n\n"
@@ -387,7 +445,9 @@ def report(runs: list[Run], argv: list[str], load: tuple[float, float, float], d
            if hosts > 1 else "testkit/photo_like.py) from one loopback server")
         + (f", answering each request after {delay:g} s" if delay > 0 else "")
         + f"; {PER_SHARD} rows per shard for every "
-        "tool; bundled tiny model, default job settings.\n\n"
+        "tool; bundled tiny model, default job settings"
+        + (f"; the tools run in turn, {len(rounds)} rounds" if len(rounds) > 1 else "")
+        + ".\n\n"
     )
     return head + "\n".join(lines) + "\n"
 
@@ -442,10 +502,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hosts", type=int, default=1,
                    help="image servers, one per loopback address 127.0.0.1..127.0.0.N, the list "
                         "spread over them: N hosts to the downloaders' per-host limits (default 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every tool, in turn, this many times; the report adds each tool's median and "
+                        "range (this machine's speed drifts by tens of per cent within minutes)")
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
     if a.delay < 0:
         p.error("--delay must be >= 0")
+    if a.rounds < 1:
+        p.error("--rounds must be >= 1")
     work, world, servers, bases = serve_list(p, a, a.hosts)
     cg = Cgroup(f"clipcurate-bench-{os.getpid()}")
     for server in servers:
@@ -458,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
             wait_http(base + "/")
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)
-        for tool in a.tools:
+        for rnd, tool in ((rnd, tool) for rnd in range(1, a.rounds + 1) for tool in a.tools):
             if tool == "job-ray":
                 head, address = start_ray_head(work / "ray", a.cpus, cg)
             for rows in (a.small, a.rows):
@@ -478,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_env = (dict(env, RAY_ADDRESS=address, **head_env(work / "ray"))
                                if tool == "job-ray" else env)
                 r = run_measured(tool, rows, cmd, run_env, cg, out)
+                r.round = rnd
                 print(json.dumps({k: v for k, v in r.__dict__.items() if k != "shard_done"}), flush=True)
                 runs.append(r)
             if tool == "job-ray" and head is not None:

@@ -46,3 +46,28 @@ def test_shard_times_come_from_the_jobs_progress_lines_and_from_stats_files(tmp_
         (tmp_path / f"{i:05d}_stats.json").write_text(json.dumps({"count": 250, "start_time": 1.0, "end_time": end}))
     (tmp_path / "_stats.json").write_text(json.dumps({"count": 750}))  # the folder's total: no end_time
     assert J.stats_shard_times(tmp_path) == [3.0, 5.0, 7.0]
+
+
+def _run(tool: str, rows: int, cpu: float, wall: float, rnd: int) -> object:
+    return J.Run(tool=tool, rows=rows, wall_s=wall, machine_cpu_s=cpu, tree_cpu_s=cpu, ok=rows, round=rnd)
+
+
+def test_rounds_are_summarised_by_median_and_range_of_same_round_ratios() -> None:
+    """Two rounds of 500 and 3,000 rows (2,500 marginal rows). Round 1: img2dataset 25 CPU-s
+    more (10 ms/image), the job 20 (8 ms, 0.80x); round 2 slower for both: 30 (12 ms) and 21
+    (8.4 ms, 0.70x). Median of two = their mean."""
+    runs = [
+        _run("img2dataset", 500, 10.0, 10.0, 1), _run("img2dataset", 3000, 35.0, 25.0, 1),
+        _run("job", 500, 8.0, 8.0, 1), _run("job", 3000, 28.0, 20.5, 1),
+        _run("img2dataset", 500, 12.0, 11.0, 2), _run("img2dataset", 3000, 42.0, 31.0, 2),
+        _run("job", 500, 9.0, 9.0, 2), _run("job", 3000, 30.0, 19.0, 2),
+    ]
+    text = "\n".join(J.summary_lines(runs))
+    assert "Over 2 rounds" in text
+    # job: ms 8.00 and 8.40; ratio 0.80 and 0.70; wall rates 2500/12.5 = 200 and 2500/10 = 250
+    assert "| job | 8.20 (8.00-8.40) | 0.75x (0.70-0.80) | 225.0 (200.0-250.0) | n/a |" in text
+    # img2dataset: walls 15 and 20 s more, 166.7 and 125.0 rows/s
+    assert "| img2dataset | 11.00 (10.00-12.00) | 1.00x (1.00-1.00) | 145.8 (125.0-166.7) | n/a |" in text
+    report = J.report(runs, ["--rounds", "2"], (0.0, 0.0, 0.0))
+    assert "Round 1:" in report and "Round 2:" in report and "| job (round 2) | 3000 |" in report
+    assert "| job | 8.40 | 8.40 | 0.70x / 0.70x | 250.0 | n/a |" in report
