@@ -2,6 +2,9 @@
 
     python bench/embed_gpu.py --rows 2048 --models ViT-B-32 ViT-L-14 --append bench/RESULTS.md
 
+On a lent GPU machine, which lacks a few of its packages: ``bash bench/gpu_carry.sh`` here
+first, then ``bash bench/gpu_carry.sh --run --rows 2048 ...`` there (the script says how).
+
 For each model (random weights, seeded, one safetensors file shared by both sides) and the same
 committed WebDataset shards (synthetic world, 256 px, border):
 
