@@ -284,22 +284,32 @@ def test_embeddings_equal_clip_model_on_the_downloaded_image(runs) -> None:
             assert abs(r[S.CLIP_SCORE] - cos) <= 4e-3
 
 
+def _assert_same_rows_from_stored(first: pa.Table, again: pa.Table) -> list[bool]:
+    """``again`` (a resumed run's output) has ``first``'s keys and statuses, and every ok row
+    says it was embedded from the stored copy; returns which rows are ok."""
+    assert again.column(S.KEY).to_pylist() == first.column(S.KEY).to_pylist()
+    assert again.column(S.STATUS).to_pylist() == first.column(S.STATUS).to_pylist()
+    ok = [s == S.OK for s in first.column(S.STATUS).to_pylist()]
+    assert {v for v, o in zip(again.column(S.EMBEDDED_FROM).to_pylist(), ok, strict=True) if o} == {"stored"}
+    return ok
+
+
+def _vectors(table: pa.Table, column: str) -> np.ndarray:
+    """The non-null embeddings of ``column`` as float64 [M, D]."""
+    return np.asarray([v for v in table.column(column).to_pylist() if v is not None], np.float64)
+
+
 @pytest.mark.slow
 def test_resume_reembeds_the_stored_copies(runs) -> None:
     again, out, redo = runs["again"], runs["out"], runs["redo"]
     assert (again.shards_downloaded, again.shards_reembedded, again.rows_this_run) == (0, 4, ROWS)
     assert runs["new_requests"] == 0  # nothing downloaded again
-    assert redo.column(S.KEY).to_pylist() == out.column(S.KEY).to_pylist()
-    assert redo.column(S.STATUS).to_pylist() == out.column(S.STATUS).to_pylist()
-    ok = [s == S.OK for s in out.column(S.STATUS).to_pylist()]
-    assert {v for v, o in zip(redo.column(S.EMBEDDED_FROM).to_pylist(), ok, strict=True) if o} == {"stored"}
+    _assert_same_rows_from_stored(out, redo)
     # The stored copy (a 128 px centre crop, re-encoded as JPEG) embeds close to the original.
-    a = np.asarray([v for v in out.column(S.IMAGE_EMBEDDING).to_pylist() if v is not None], np.float32)
-    b = np.asarray([v for v in redo.column(S.IMAGE_EMBEDDING).to_pylist() if v is not None], np.float32)
+    a, b = _vectors(out, S.IMAGE_EMBEDDING), _vectors(redo, S.IMAGE_EMBEDDING)
     cos = (a * b).sum(axis=1)
     assert len(a) == len(b) and np.median(cos) >= 0.99 and cos.min() >= 0.95, (np.median(cos), cos.min())
-    t_a = np.asarray([v for v in out.column(S.TEXT_EMBEDDING).to_pylist() if v is not None], np.float32)
-    t_b = np.asarray([v for v in redo.column(S.TEXT_EMBEDDING).to_pylist() if v is not None], np.float32)
+    t_a, t_b = _vectors(out, S.TEXT_EMBEDDING), _vectors(redo, S.TEXT_EMBEDDING)
     assert np.abs(t_a - t_b).max() <= 1e-3  # captions are the same either way
     # Every row names the embedding worker that embedded it (host:pid).
     workers = set(redo.column(S.EMBED_WORKER).to_pylist())
@@ -313,12 +323,8 @@ def test_resume_with_stored_jpegs_decoded_by_the_embedding_actors(runs) -> None:
     precision, so the bound holds the two decodes' few-level pixel differences)."""
     redo, dev, again = runs["redo"], runs["redo_device"], runs["on_device"]
     assert (again.shards_downloaded, again.shards_reembedded, again.rows_this_run) == (0, 4, ROWS)
-    assert dev.column(S.KEY).to_pylist() == redo.column(S.KEY).to_pylist()
-    assert dev.column(S.STATUS).to_pylist() == redo.column(S.STATUS).to_pylist()
-    ok = [s == S.OK for s in redo.column(S.STATUS).to_pylist()]
-    assert {v for v, o in zip(dev.column(S.EMBEDDED_FROM).to_pylist(), ok, strict=True) if o} == {"stored"}
-    a = np.asarray([v for v in redo.column(S.IMAGE_EMBEDDING).to_pylist() if v is not None], np.float64)
-    b = np.asarray([v for v in dev.column(S.IMAGE_EMBEDDING).to_pylist() if v is not None], np.float64)
+    ok = _assert_same_rows_from_stored(redo, dev)
+    a, b = _vectors(redo, S.IMAGE_EMBEDDING), _vectors(dev, S.IMAGE_EMBEDDING)
     assert len(a) == len(b) == sum(ok)
     cos = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.9999, cos.min()
