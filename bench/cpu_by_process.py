@@ -6,11 +6,12 @@ loopback head started before timing). Every 0.2 s each process's CPU time (utime
 ``/proc/<pid>/stat``) is read and the increase since the last sample is charged to the role its
 title names at that moment (Ray renames a worker for the task or actor it runs): the driver,
 the decode crash-guard children, the local scheduler's CPU and model workers, Ray's read tasks,
-its actors (embedding and writer: both titled ``MapWorker(MapBatches(_SegmentActor))``), idle
-Ray workers, Ray's own daemons, the image server. Per role the table gives both sizes' CPU
-seconds and the marginal ms per image (start-up cancels in the difference); a process that
-starts and ends between two samples is missed (the "unattributed" line: the machine's busy
-time from ``/proc/stat`` minus the roles' sum).
+its actors (embedding and writer: ``MapWorker(MapBatches(EmbedStage))``,
+``MapWorker(MapBatches(WriteStage))``), idle Ray workers, Ray's own daemons, the image
+server. Per role the table gives both sizes' CPU seconds and the marginal ms per image
+(start-up cancels in the difference); a process that starts and ends between two samples is
+missed (the "unattributed" line: the machine's busy time from ``/proc/stat`` minus the
+roles' sum).
 
     python bench/cpu_by_process.py --rows 3000 --small 500 --append bench/RESULTS.md
 """

@@ -495,6 +495,12 @@ class ExecutionConfig:
     # worker_crash instead of killing the worker (and, after bounded retries, the job). Costs
     # ~7-11 % of decode throughput and ~63 MB per decode worker (bench/decode_isolation.py).
     decode_isolation: bool = True
+    # Ray Data's own progress: where stdout is not a terminal (the log `ray job submit`
+    # streams) a report every this many seconds of each operator's rows, tasks, actors and what
+    # holds it back (the view that says which stage starves the GPU); in a terminal, its
+    # progress bars. 0: off. The job's per-shard lines come either way; the local scheduler
+    # has only those.
+    progress_interval_s: int = 30
 
     def validate(self, section: str = "execution") -> None:
         _check(self.scheduler in SCHEDULERS, section, "scheduler",
@@ -508,6 +514,8 @@ class ExecutionConfig:
         _check(self.prefetch >= 0, section, "prefetch", f"must be >= 0, got {self.prefetch}")
         _check(self.attempts >= 1, section, "attempts", f"must be >= 1, got {self.attempts}")
         _check(0 < self.task_cpus <= 64, section, "task_cpus", f"must be in (0, 64], got {self.task_cpus}")
+        _check(self.progress_interval_s >= 0, section, "progress_interval_s",
+               f"must be >= 0 (0: off), got {self.progress_interval_s}")
 
     def resolved_scheduler(self) -> str:
         """``local`` or ``ray``, with ``auto`` decided from the address (see the class)."""

@@ -19,7 +19,8 @@ def scheduler_for(execution: ExecutionConfig) -> Any:
     if execution.resolved_scheduler() == "ray":
         from pipeline.schedulers.ray_data import RayDataScheduler
 
-        return RayDataScheduler(execution.ray_address, attempts=execution.attempts)
+        return RayDataScheduler(execution.ray_address, attempts=execution.attempts,
+                                progress_interval_s=execution.progress_interval_s)
     from pipeline.schedulers.local import LocalScheduler
 
     return LocalScheduler(processes=execution.processes, prefetch=execution.prefetch, item_attempts=execution.attempts)

@@ -19,12 +19,17 @@ block. Retries are bounded: a lost task is tried at most
 ``attempts`` times and a lost actor restarted at most ``attempts - 1`` times, so a poison shard
 fails the job instead of looping; every side effect (a shard, a
 Parquet file) is committed whole under a fixed name, so a rerun leaves each row once.
+
+Operators are named for their stages (``MapBatches(EmbedStage)``), and Ray Data's progress is
+on: bars in a terminal, a report every ``execution.progress_interval_s`` seconds in a log.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +50,10 @@ ATTEMPTS = 3
 # the default, a 50,000-row run on 4 CPUs started 16 actors for pools of at most 2 + 2, each
 # embedding actor loading the model again; 4 with this (bench/RESULTS.md, 2026-12-06).
 NO_DOWNSCALE = -1.0
+# Ray Data's seconds between progress reports where stdout is not a terminal: read from the
+# environment when its logging progress module is first imported (at a dataset's first run).
+PROGRESS_ENV = "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"
+_PROGRESS_MODULE = "ray.data._internal.progress.logging_progress"
 # Calls to an actor are resent without limit while it restarts (a restart on another node,
 # with its model to load, outlasts a few quick resends, each counted as a retry). Still
 # bounded: a batch that kills its actor uses up one of the actor's restarts each time.
@@ -61,6 +70,14 @@ class _SegmentActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return run_stages(self.stages, batch)
+
+
+def _actor_class(seg: Segment) -> type[_SegmentActor]:
+    """:class:`_SegmentActor` under the segment's name: Ray Data names the operator, its
+    progress lines, the dashboard's rows and the worker's process title after the class
+    (``MapBatches(EmbedStage)``, ``ray::MapWorker(MapBatches(WriteStage))``), where every
+    actor pool was ``_SegmentActor`` before. Ray's cloudpickle ships the class by value."""
+    return type(seg.name, (_SegmentActor,), {"__module__": __name__, "__doc__": _SegmentActor.__doc__})
 
 
 def _segment_task(seg: Segment) -> Callable[[pa.Table], pa.Table]:
@@ -92,9 +109,10 @@ class RayDataScheduler:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, attempts: int = ATTEMPTS) -> None:
+    def __init__(self, address: str | None = None, attempts: int = ATTEMPTS, progress_interval_s: int = 30) -> None:
         self.address = address
         self.attempts = attempts
+        self.progress_interval_s = progress_interval_s
 
     def connect(self) -> None:
         """Join ``address`` (or ``$RAY_ADDRESS``), or start a loopback-only local Ray
@@ -145,7 +163,7 @@ class RayDataScheduler:
                     # at one, so it does not take the cores the downloads decode on.
                     extra["initial_size"] = hi
                 return ds.map_batches(
-                    _SegmentActor,
+                    _actor_class(seg),
                     fn_constructor_args=(seg.stages,),
                     compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, **extra),
                     max_restarts=self.attempts - 1,
@@ -156,6 +174,20 @@ class RayDataScheduler:
             if limit is not None:
                 common["compute"] = ray.data.TaskPoolStrategy(size=int(limit))
             return ds.map_batches(_segment_task(seg), max_retries=self.attempts - 1, **common)
+
+    def _progress(self, ctx: Any) -> None:
+        """Ray Data's progress on (reports every ``progress_interval_s`` in a log, bars in a
+        terminal) or, at 0, off."""
+        interval = self.progress_interval_s
+        ctx.enable_progress_bars = interval > 0
+        if interval <= 0:
+            return
+        os.environ[PROGRESS_ENV] = str(interval)
+        # A dataset that already ran in this process imported the module and fixed the
+        # interval from the environment then; the class attribute is what it reads.
+        manager = getattr(sys.modules.get(_PROGRESS_MODULE), "LoggingExecutionProgressManager", None)
+        if manager is not None and hasattr(manager, "LOG_REPORT_INTERVAL_SEC"):
+            manager.LOG_REPORT_INTERVAL_SEC = interval
 
     def build(self, graph: Graph, items: dict[str, list[dict[str, Any]]]) -> tuple[Any, list[str]]:
         """The dataset for ``items`` (descriptor rows per source) and the segment names in the
@@ -168,7 +200,7 @@ class RayDataScheduler:
             warnings.simplefilter("ignore", DeprecationWarning)
             ctx = ray.data.DataContext.get_current()
         ctx.target_max_block_size = max(ctx.target_max_block_size or 0, MIN_TARGET_MAX_BLOCK_SIZE)
-        ctx.enable_progress_bars = False
+        self._progress(ctx)
         auto = getattr(ctx, "autoscaling_config", None)
         if auto is not None and hasattr(auto, "actor_pool_util_downscaling_threshold"):
             ctx.autoscaling_config = dataclasses.replace(auto, actor_pool_util_downscaling_threshold=NO_DOWNSCALE)

@@ -82,6 +82,12 @@ def test_ray_job_submit_writes_a_complete_output_on_s3(local_stack: Stack, tmp_p
     assert "shard 00002 embedded: 40 rows" in submit.stdout
     assert f"rows: {ROWS} total, {ROWS} this run" in submit.stdout
     assert f"report: s3://{bucket}/run/report.html" in submit.stdout
+    # So does Ray Data's own report of each operator, under its stage's name (the log is not a
+    # terminal, so it is logged: the first report as the stream starts).
+    for name in ("Total Progress", "MapBatches(ReadStage+DownloadStage+DecodeStage+ShardStage+TokenizeStage)",
+                 "MapBatches(EmbedStage)", "MapBatches(WriteStage)"):
+        assert f"{name}: " in submit.stdout, name
+    assert "Progress bars disabled" not in submit.stdout
     token = open(stack.state["RAY_AUTH_TOKEN_PATH"]).read().strip()
     request = urllib.request.Request(
         f"{stack.state['RAY_ADDRESS']}/api/jobs/g-{bucket}", headers={"Authorization": f"Bearer {token}"}

@@ -3,6 +3,7 @@ fused into one task per shard, no single process on the row path."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any
@@ -136,7 +137,14 @@ def test_no_row_path_operator_is_a_single_process(ray_plan: Any, monkeypatch: py
     rows = [{"shard_id": i, "path": "x", "start": 0, "length": 1} for i in range(3)]
     ds, names = sched.build(_job_graph(embed), {"download": rows, "reread": rows[:1]})
     ops = _map_operators(ds)
-    assert len(ops) == 3 and names[-2:] == ["EmbedStage", "WriteStage"]
+    assert names[-2:] == ["EmbedStage", "WriteStage"]
+    # Each operator is named for its stages: Ray Data's progress lines, the dashboard and the
+    # workers' process titles say which stage is which.
+    assert [op.name for op in ops] == [
+        "MapBatches(ReadStage+DownloadStage+DecodeStage+ShardStage+TokenizeStage)",
+        "MapBatches(EmbedStage)",
+        "MapBatches(WriteStage)",
+    ]
     for op in ops:
         compute = op.compute
         if isinstance(compute, ray.data.ActorPoolStrategy):
@@ -256,3 +264,51 @@ def test_a_local_cpu_worker_fetches_the_next_shard_while_it_works_even_with_a_wr
     shards = sorted(by_shard)
     late = [k for prev, k in pairwise(shards) if by_shard[k]["fetch_start"] >= by_shard[prev]["work_end"]]
     assert late == [], f"fetched only after the shard before had finished its work: {late}"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("interval", [0, 1])
+def test_ray_data_reports_each_operator_every_interval_in_a_log(interval: int) -> None:
+    """Where stdout is not a terminal (a `ray job submit` log; here pytest's capture), Ray Data
+    logs a progress report every ``execution.progress_interval_s`` seconds, each operator under
+    its stage's name; 0 turns it off (the job's per-shard lines remain)."""
+    import ray
+
+    from pipeline.graph import Graph
+    from pipeline.ray_start import init_ray
+    from pipeline.stages.base import Resources
+    from testkit.toy_stages import MakeRows, Probe
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    records = _Records()
+    logger = logging.getLogger("ray.data")
+    logger.addHandler(records)
+    try:
+        graph = Graph({"src": [MakeRows(batch_size=1, resources=Resources(num_cpus=0.25))]},
+                      [Probe(resources=Resources(num_cpus=0.5), concurrency=(1, 1), busy_s=0.5)])
+        got: list[Any] = []
+        items = [{"shard_id": i, "length": 2} for i in range(8)]  # >= 4 s through the one actor
+        RayDataScheduler(progress_interval_s=interval).run(graph, {"src": items}, got.append)
+    finally:
+        logger.removeHandler(records)
+        ray.shutdown()
+    assert sum(t.num_rows for t in got) == 16
+    reports = [m for m in records.messages if m.startswith("Total Progress:")]
+    # An operator's line in a report ("MapBatches(Probe): 6/16"); the plan logged as the stream
+    # starts names the operators too, whatever the interval.
+    operator_lines = [m for m in records.messages if m.startswith("MapBatches(Probe): ")]
+    if interval == 0:
+        assert reports == [] and operator_lines == [], records.messages
+    else:
+        assert len(reports) >= 3, records.messages  # one as it starts, then one a second
+        assert len(operator_lines) == len(reports), records.messages

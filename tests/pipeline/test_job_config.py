@@ -85,6 +85,7 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
         (["--set", "execution.scheduler=yarn"], "execution.scheduler: must be one of auto, local, ray"),
         (["--scheduler", "local", "--ray-address", "127.0.0.1:6379"], "execution.ray_address: is only used with scheduler ray"),
         (["--processes", "0"], "execution.processes: must be >= 1"),
+        (["--set", "execution.progress_interval_s=-5"], "execution.progress_interval_s: must be >= 0 (0: off)"),
         (["--set", "embed.concurrency=1,2,3"], "embed.concurrency: expected 2 values"),
         (["--set", "filter.unsafe=perhaps"], "filter.unsafe: must be true, false, or 'auto'"),
         (["--set", "decode.image_size=1.5"], "decode.image_size: expected an integer"),
