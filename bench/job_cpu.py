@@ -354,28 +354,53 @@ def marginal(small: Run, big: Run) -> tuple[float, float | None, float]:
     return machine, tree, rate
 
 
-def _tool_lines(runs: list[Run]) -> list[str]:
-    """The per-tool table of one round: marginal CPU, ratio to img2dataset, steady rates."""
+@dataclass
+class Figures:
+    """One tool's figures in one round: marginal CPU ms per image (machine; the run's cgroup),
+    their ratios to img2dataset's of the same round (None: no img2dataset run, or no cgroup
+    figure), and the steady rows/s by the wall difference and inside the big run."""
+
+    ms: float
+    tree_ms: float | None
+    ratio: float | None
+    tree_ratio: float | None
+    rate: float
+    inner: float | None
+
+
+def round_figures(runs: list[Run]) -> dict[str, Figures]:
+    """Per tool, in run order, the :class:`Figures` of ``runs`` (one round: each tool's small
+    and big run)."""
     by_tool: dict[str, list[Run]] = {}
     for r in runs:
         by_tool.setdefault(r.tool, []).append(r)
+    base = marginal(*by_tool["img2dataset"]) if "img2dataset" in by_tool else None
+    out = {}
+    for tool, (small, big) in by_tool.items():
+        m, t, rate = marginal(small, big)
+        ratio = tree_ratio = None
+        if base is not None:
+            ratio = m / base[0]
+            tree_ratio = None if t is None or base[1] is None else t / base[1]
+        out[tool] = Figures(m, t, ratio, tree_ratio, rate, completion_rate(big.shard_done, PER_SHARD))
+    return out
+
+
+def _tool_lines(runs: list[Run]) -> list[str]:
+    """The per-tool table of one round: marginal CPU, ratio to img2dataset, steady rates."""
     lines = [
         "| tool | marginal ms/image (machine) | marginal ms/image (run's cgroup) | vs img2dataset (machine / cgroup) "
         "| steady rows/s (wall difference) | steady rows/s (in the big run) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    base = marginal(*by_tool["img2dataset"]) if "img2dataset" in by_tool else None
-    for tool, (small, big) in by_tool.items():
-        m, t, rate = marginal(small, big)
+    for tool, f in round_figures(runs).items():
         ratio = ""
-        if base is not None:
-            rm = m / base[0]
-            rt = "n/a" if t is None or base[1] is None else f"{t / base[1]:.2f}x"
-            ratio = f"{rm:.2f}x / {rt}"
-        tstr = "n/a" if t is None else f"{t:.2f}"
-        inner = completion_rate(big.shard_done, PER_SHARD)
-        istr = "n/a" if inner is None else f"{inner:.1f}"
-        lines.append(f"| {tool} | {m:.2f} | {tstr} | {ratio} | {rate:.1f} | {istr} |")
+        if f.ratio is not None:
+            rt = "n/a" if f.tree_ratio is None else f"{f.tree_ratio:.2f}x"
+            ratio = f"{f.ratio:.2f}x / {rt}"
+        tstr = "n/a" if f.tree_ms is None else f"{f.tree_ms:.2f}"
+        istr = "n/a" if f.inner is None else f"{f.inner:.1f}"
+        lines.append(f"| {tool} | {f.ms:.2f} | {tstr} | {ratio} | {f.rate:.1f} | {istr} |")
     return lines
 
 
@@ -385,21 +410,14 @@ def summary_lines(runs: list[Run]) -> list[str]:
     rounds = sorted({r.round for r in runs})
     per: dict[str, dict[str, list[float]]] = {}
     for rnd in rounds:
-        by_tool = {}
-        for r in runs:
-            if r.round == rnd:
-                by_tool.setdefault(r.tool, []).append(r)
-        base = marginal(*by_tool["img2dataset"])[0] if "img2dataset" in by_tool else None
-        for tool, (small, big) in by_tool.items():
-            m, _, rate = marginal(small, big)
+        for tool, f in round_figures([r for r in runs if r.round == rnd]).items():
             d = per.setdefault(tool, {"ms": [], "ratio": [], "wall": [], "inner": []})
-            d["ms"].append(m)
-            d["wall"].append(rate)
-            if base is not None:
-                d["ratio"].append(m / base)
-            inner = completion_rate(big.shard_done, PER_SHARD)
-            if inner is not None:
-                d["inner"].append(inner)
+            d["ms"].append(f.ms)
+            d["wall"].append(f.rate)
+            if f.ratio is not None:
+                d["ratio"].append(f.ratio)
+            if f.inner is not None:
+                d["inner"].append(f.inner)
 
     def cell(xs: list[float], fmt: str, unit: str = "") -> str:  # "median (min-max)"
         if not xs:
