@@ -29,8 +29,10 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -125,6 +127,22 @@ def _widen_pipe(fd: int) -> None:
             pass
 
 
+_SPAWNERS: dict[int, ThreadPoolExecutor] = {}
+_SPAWNERS_LOCK = threading.Lock()
+
+
+def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen:
+    """``subprocess.Popen(args, **kwargs)``, started from one thread that lives as long as
+    this process. The child's PR_SET_PDEATHSIG (see :func:`_die_with_parent`) fires when the
+    *thread* that started it ends, not the process: a child started from a short-lived
+    thread (a worker's pool thread, a test's thread) would be killed with that thread."""
+    with _SPAWNERS_LOCK:
+        spawner = _SPAWNERS.get(os.getpid())
+        if spawner is None:  # first use in this process (a fork does not inherit the thread)
+            spawner = _SPAWNERS[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="crashguard-spawn")
+    return spawner.submit(subprocess.Popen, args, **kwargs).result()
+
+
 class _Child:
     """One child process running ``python -m pipeline.crashguard <module:function>``."""
 
@@ -136,7 +154,7 @@ class _Child:
         # The child works one item at a time: one thread for native libraries (torch's
         # resampling in the decode child), whose idle pool threads would spin for nothing.
         env["OMP_NUM_THREADS"] = "1"
-        self.proc = subprocess.Popen(
+        self.proc = _spawn(
             [sys.executable, "-m", "pipeline.crashguard", target, str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -221,27 +239,43 @@ class Sandbox:
         self.timeout_s = timeout_s
         self.starts = 0
         self._child: _Child | None = None
+        # One caller at a time: the child answers in order, one conversation.
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the child now if none runs (``map`` otherwise starts it when first needed).
+        Raises SandboxError when it cannot start."""
+        with self._lock:
+            self._ensure_child()
+
+    def _ensure_child(self) -> _Child:
+        if self._child is None:
+            self._child = _Child(self.target)
+            self.starts += 1
+        return self._child
 
     def map(self, items: Sequence[Any]) -> list[Any]:
         """``target(item)`` for each item, in order; :class:`Crashed` in place of the result of
         an item whose child died or timed out ``max_attempts`` times. Raises SandboxError when
-        the child cannot start or the function raises."""
+        the child cannot start or the function raises. Thread-safe: callers take turns."""
+        with self._lock:
+            return self._map(items)
+
+    def _map(self, items: Sequence[Any]) -> list[Any]:
         results: list[Any] = []
         attempts = 0  # deaths so far on items[len(results)], the next item without a result
         while len(results) < len(items):
-            if self._child is None:
-                self._child = _Child(self.target)
-                self.starts += 1
+            child = self._ensure_child()
             chunk = self._chunk(items, len(results))
             try:
                 # One frame per chunk and one per result: the child never waits for us between
                 # items, which on a busy machine costs more than the pipe itself.
-                self._child.send(chunk)
+                child.send(chunk)
                 for _ in chunk:
-                    results.append(self._child.result(self.timeout_s))
+                    results.append(child.result(self.timeout_s))
                     attempts = 0
             except _Dead as e:
-                code = self._child.kill()
+                code = child.kill()
                 self._child = None
                 attempts += 1
                 if attempts >= self.max_attempts:
@@ -250,7 +284,7 @@ class Sandbox:
                     attempts = 0
             except BaseException:
                 # The child may still be writing results of this chunk: never reuse it.
-                self._child.kill()
+                child.kill()
                 self._child = None
                 raise
         return results
@@ -268,10 +302,20 @@ class Sandbox:
         return chunk
 
     def close(self) -> None:
-        """Stop the child process, if one runs."""
-        if self._child is not None:
-            self._child.close()
-            self._child = None
+        """Stop the child process, if one runs. A ``map`` still running on another thread (a
+        worker closing after a failure elsewhere) is not waited for past a few seconds: its
+        child is killed, and that ``map`` ends as if the child had died."""
+        if not self._lock.acquire(timeout=5.0):
+            child = self._child
+            if child is not None:
+                child.proc.kill()
+            return
+        try:
+            if self._child is not None:
+                self._child.close()
+                self._child = None
+        finally:
+            self._lock.release()
 
 
 # One sandbox per (target, settings) per process: Ray runs many decode tasks in one worker
@@ -280,14 +324,18 @@ class Sandbox:
 _SHARED: dict[tuple[int, str, int, float | None], Sandbox] = {}
 
 
+_SHARED_LOCK = threading.Lock()
+
+
 def shared_sandbox(target: str, max_attempts: int = 2, timeout_s: float | None = 60.0) -> Sandbox:
     """The process-wide :class:`Sandbox` for these arguments (created on first use, closed
-    at interpreter exit)."""
+    at interpreter exit); threads of one process get the same one."""
     key = (os.getpid(), target, max_attempts, timeout_s)
-    box = _SHARED.get(key)
-    if box is None:
-        box = _SHARED[key] = Sandbox(target, max_attempts, timeout_s)
-    return box
+    with _SHARED_LOCK:
+        box = _SHARED.get(key)
+        if box is None:
+            box = _SHARED[key] = Sandbox(target, max_attempts, timeout_s)
+        return box
 
 
 @atexit.register

@@ -77,6 +77,37 @@ def test_items_run_in_one_reused_child_in_order(box: Sandbox, log: Path) -> None
     assert box.starts == 1
 
 
+def test_start_runs_the_child_before_the_first_item_and_map_reuses_it(box: Sandbox, log: Path) -> None:
+    box.start()
+    assert box.starts == 1 and log.read_text() == ""  # started, nothing run yet
+    box.start()  # already running: not another child
+    (value, pid), = box.map([("ok", str(log), 4)])
+    assert value == 8 and box.starts == 1 and pid != os.getpid()
+
+
+def test_threads_sharing_a_sandbox_each_get_their_own_results_in_order(box: Sandbox, log: Path) -> None:
+    """Two threads of one worker (its offload thread and, on a resumed job, its main thread)
+    may call the same shared sandbox: the child's answers must never cross between them."""
+    import threading
+
+    got: dict[int, list[int]] = {}
+
+    def run(base: int) -> None:
+        out: list[int] = []
+        for k in range(6):
+            out += [r[0] for r in box.map([("ok", str(log), base + 10 * k + j) for j in range(7)])]
+        got[base] = out
+
+    threads = [threading.Thread(target=run, args=(base,)) for base in (1000, 5000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for base in (1000, 5000):
+        assert got[base] == [2 * (base + 10 * k + j) for k in range(6) for j in range(7)]
+    assert box.starts == 1
+
+
 @pytest.mark.parametrize("max_attempts", [1, 3])
 def test_a_crashing_item_is_tried_max_attempts_times_then_quarantined(log: Path, max_attempts: int) -> None:
     box = Sandbox(WORK, max_attempts=max_attempts, timeout_s=20)
