@@ -7,8 +7,8 @@
 The job (pipeline/job.py), ``clipcurate download`` and both schedulers (pipeline/schedulers/)
 use this list; a scheduler runs consecutive stages that are not ``stateful`` together, one
 task (or local worker) per shard, and each stateful stage (embed) in long-lived workers of
-its own. How a stage runs (resources, batch size, concurrency, stateful, io_bound) is
-declared on the stage itself (pipeline/stages/base.py).
+its own. How a stage runs (resources, batch size, concurrency, stateful, io_bound,
+offloaded) is declared on the stage itself (pipeline/stages/base.py).
 
 "Committed shards" are shards an earlier run wrote but did not embed (it died in between);
 they take the reread path, the only one that reads a run's own tars back.
@@ -111,6 +111,16 @@ class Segment:
         the next item while it computes the rest of the current one)."""
         k = 0
         while k < len(self.stages) and self.stages[k].io_bound:
+            k += 1
+        return k
+
+    @property
+    def offloaded_end(self) -> int:
+        """End of the run of ``offloaded`` stages right after the network-bound prefix (equal
+        to :attr:`io_bound_prefix` when there is none): a local worker runs them for the next
+        item on a thread of their own, between the fetch thread and its main thread."""
+        k = self.io_bound_prefix
+        while k < len(self.stages) and self.stages[k].offloaded:
             k += 1
         return k
 

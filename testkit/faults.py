@@ -64,6 +64,11 @@ class KillAfter(Stage):
         assert self.inner is not None
         return self.inner.name
 
+    @property
+    def offloaded(self) -> bool:
+        assert self.inner is not None
+        return self.inner.offloaded
+
     def setup(self) -> None:
         assert self.inner is not None
         self.inner.setup()

@@ -40,12 +40,23 @@ class MakeRows(Stage):
 @dataclass
 class Probe(Stage):
     """Stateful: adds ``probe_pid``, ``probe_gpus`` (``ray.get_gpu_ids()`` under Ray, else
-    ``CUDA_VISIBLE_DEVICES``) and ``probe_rows`` (rows in the call). ``busy_s``: seconds
-    each call takes."""
+    ``CUDA_VISIBLE_DEVICES``), ``probe_rows`` (rows in the call) and ``probe_set_up_at``
+    (epoch seconds its ``setup`` finished). ``busy_s``: seconds each call takes."""
 
     stateful: ClassVar[bool] = True
     resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
     busy_s: float = 0.0
+    # ``setup`` takes ``setup_s`` seconds (a model loading), or raises with ``setup_error``.
+    setup_s: float = 0.0
+    setup_error: str = ""
+
+    def setup(self) -> None:
+        if getattr(self, "_set_up_at", None) is not None:
+            return
+        if self.setup_error:
+            raise ValueError(self.setup_error)
+        time.sleep(self.setup_s)
+        self._set_up_at = time.time()
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
         if self.busy_s:
@@ -61,6 +72,7 @@ class Probe(Stage):
         n = batch.num_rows
         out = batch.append_column("probe_pid", pa.array([os.getpid()] * n, pa.int64()))
         out = out.append_column("probe_gpus", pa.array([gpus] * n, pa.string()))
+        out = out.append_column("probe_set_up_at", pa.array([getattr(self, "_set_up_at", None)] * n, pa.float64()))
         return out.append_column("probe_rows", pa.array([n] * n, pa.int64()))
 
 
@@ -94,3 +106,13 @@ class NetworkStamp(Stamp):
     fetch thread, for the next shard."""
 
     io_bound: ClassVar[bool] = True
+
+
+@dataclass
+class OffloadedStamp(Stamp):
+    """A :class:`Stamp` whose work, as the isolated decode stage's, runs in another process:
+    a local CPU worker runs it on its offload thread, for the next shard."""
+
+    @property
+    def offloaded(self) -> bool:
+        return True

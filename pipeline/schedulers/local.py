@@ -12,18 +12,25 @@ same stage objects Ray Data runs; the parent only routes shards. Between segment
 rows travel as an Arrow IPC file in a spool folder (``/dev/shm`` when it has room): the next
 worker maps it without copying, and the parent deletes it once that worker is done with it.
 
-Overlap: a CPU worker runs the network-bound head of a segment (read + download,
-``Stage.io_bound``) for its next shard on a background thread while it decodes and writes the
-current one, so the parent keeps ``1 + prefetch`` shards of such segments with each CPU worker,
-as many of its other segments (a write waiting in a worker's queue must not stop the next
-shard's download from starting), and two with each model worker (one running, one waiting).
-Shards that finished a segment wait for the next pool; while more than a few do, no new shard
-starts, so memory stays flat however long the input is.
+Overlap: a CPU worker is a pipeline of three threads. Its fetch thread runs the
+network-bound head of a segment (read + download, ``Stage.io_bound``) for shards ahead; its
+offload thread runs the stages whose work is another process's (the isolated decode,
+``Stage.offloaded``), one shard at a time, so the decode child goes from one shard to the
+next without waiting; its main thread runs the rest (tar, tokenize) and every other segment
+(write), taking whichever task is ready first, so a write never waits behind the next
+shard's decode. The parent keeps, per CPU worker, one shard per overlapped phase plus
+``prefetch`` of such segments, ``1 + prefetch`` of its other segments (a write waiting in a
+worker's queue must not stop the next shard's download from starting), and two with each
+model worker (one running, one waiting). Shards that finished a segment wait for the next
+pool; while more than a few do, no new shard starts, so memory stays flat however long the
+input is.
 
 Start-up: workers are forked from a ``forkserver`` that imported this module and the stages
 (pyarrow, Pillow, numpy; no torch): a CPU worker starts in milliseconds and never imports
 torch (its decode crash-guard child does, for torch's resampling kernels); a model worker
-imports it when its stage sets up. A forkserver keeps the environment
+imports it when its stage sets up. Each worker sets its stages up as it starts (the model
+loads, the decode child starts) while the first shard is still on its way; a setup that
+fails is reported as the first task's error. A forkserver keeps the environment
 of the moment it started, so each worker is handed the parent's environment when it starts.
 
 Worker loss: when a worker process dies (SIGKILL, the OOM killer, a crashing decoder with
@@ -146,20 +153,30 @@ def _set_process_name(name: str) -> None:
 
 
 def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[Stage, ...]],
-                 prefixes: dict[int, int], env: dict[str, str], name: str = "clipcurate") -> None:
+                 phases: dict[int, tuple[int, int]], env: dict[str, str], name: str = "clipcurate") -> None:
     """Worker process: ``_Task`` in on ``tasks`` (None: stop); per task ``("start", uid)``, then
     ``("done", uid, rows, started, ended)`` or ``("error", uid, text)`` out on ``results``.
-    ``segs``: the segments this worker may run; ``prefixes``: how many leading stages of each
-    run ahead on the fetch thread."""
+    ``segs``: the segments this worker may run; ``phases``: per segment, where its stages run
+    ahead of the main thread, as ``(a, b)``: stages ``[:a]`` (network-bound) on the fetch
+    thread, ``[a:b]`` (offloaded to another process) on the offload thread, each for the next
+    task while the main thread runs ``[b:]`` of the current one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     _set_process_name(name)
     os.environ.clear()
     os.environ.update(env)
-    inbox: queue.Queue[tuple[_Task, Future[pa.Table] | None] | None] = queue.Queue()
+    # Tasks as they arrive, and a wake-up each time one's work ahead is done.
+    inbox: queue.Queue[tuple[_Task, Future[pa.Table] | None] | str | None] = queue.Queue()
+    # One thread each, so tasks pass through every phase in the order they came.
     fetcher = ThreadPoolExecutor(1, thread_name_prefix="clipcurate-fetch")
+    offloader = ThreadPoolExecutor(1, thread_name_prefix="clipcurate-offload")
 
     def head(task: _Task) -> pa.Table:
-        return run_stages(list(segs[task.segment][: prefixes[task.segment]]), _load(task))
+        return run_stages(list(segs[task.segment][: phases[task.segment][0]]), _load(task))
+
+    def middle(task: _Task, fetched: Future[pa.Table] | None) -> pa.Table:
+        a, b = phases[task.segment]
+        table = fetched.result() if fetched is not None else _load(task)
+        return run_stages(list(segs[task.segment][a:b]), table)
 
     def receive() -> None:
         while True:
@@ -170,21 +187,51 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
             if task is None:
                 inbox.put(None)
                 return
-            ahead = fetcher.submit(head, task) if prefixes.get(task.segment) else None
+            a, b = phases.get(task.segment, (0, 0))
+            ahead = fetcher.submit(head, task) if a else None
+            if b > a:
+                ahead = offloader.submit(middle, task, ahead)
+            if ahead is not None:
+                ahead.add_done_callback(lambda _f: inbox.put("ready"))
             inbox.put((task, ahead))
 
     threading.Thread(target=receive, name="clipcurate-receive", daemon=True).start()
-    frozen = False
+    # Set up every stage now (a model worker loads its model, a CPU worker starts its decode
+    # child) rather than when the first shard arrives, which on a new job is after that
+    # shard's download and decode. A failure is reported as the first task's error.
+    setup_error = None
     try:
-        while (item := inbox.get()) is not None:
-            task, ahead = item
+        for stages in segs.values():
+            for s in stages:
+                s.setup()
+    except Exception:
+        setup_error = traceback.format_exc(limit=10)
+    frozen = False
+    pending: list[tuple[_Task, Future[pa.Table] | None]] = []
+    try:
+        while True:
+            # The first task whose work ahead is done, in arrival order: a write that arrives
+            # while the next shard still decodes on the offload thread runs now, not after it.
+            pick = next((p for p in pending if p[1] is None or p[1].done()), None)
+            if pick is None:
+                event = inbox.get()
+                if event is None:
+                    return
+                if not isinstance(event, str):
+                    pending.append(event)
+                continue
+            pending.remove(pick)
+            task, ahead = pick
             results.send(("start", task.uid))
+            if setup_error is not None:
+                results.send(("error", task.uid, setup_error))
+                return
             started = time.time()
             try:
                 stages = segs[task.segment]
                 if ahead is not None:
                     table = ahead.result()
-                    rest = stages[prefixes[task.segment]:]
+                    rest = stages[phases[task.segment][1]:]
                 else:
                     table = _load(task)
                     rest = stages
@@ -202,6 +249,7 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
                 frozen = True
     finally:
         fetcher.shutdown(wait=False, cancel_futures=True)
+        offloader.shutdown(wait=False, cancel_futures=True)
         for stages in segs.values():
             for s in stages:
                 close = getattr(s, "close", None)
@@ -358,13 +406,17 @@ class _Run:
                 self.pool_of[i] = "cpu"
         if any(p == "cpu" for p in self.pool_of.values()):
             self.pool_sizes["cpu"] = min(sched.cpu_workers(self.segs), max(1, self.total))
-        # A CPU worker holds 1 + prefetch shards of the segments whose network-bound head it
-        # runs ahead on its fetch thread, and as many of the others (write): counted together,
-        # a queued write took the place of the next shard's download, which the worker then
-        # waited for every second shard (bench/RESULTS.md, "Local scheduler: the next shard's
-        # download", 2026-12-06).
-        self.capacity = {p: (2 * (1 + sched.prefetch) if p == "cpu" else 2) for p in self.pool_sizes}
-        self.ahead = {i for i, seg in enumerate(self.segs) if seg.io_bound_prefix > 0}
+        # A CPU worker holds, of a segment it runs in phases (fetch thread, offload thread,
+        # main thread), one shard per phase after the first plus ``prefetch`` (shards whose
+        # download runs ahead), and up to ``1 + prefetch`` of the others (write): counted
+        # together, a queued write took the place of the next shard's download, which the
+        # worker then waited for every second shard (bench/RESULTS.md, "Local scheduler: the
+        # next shard's download", 2026-12-06).
+        self.phases = {i: (seg.io_bound_prefix, seg.offloaded_end) for i, seg in enumerate(self.segs)}
+        self.ahead = {i for i, (a, b) in self.phases.items() if b > 0}
+        overlapped = max([(a > 0) + (b > a) for a, b in self.phases.values()] + [1])
+        self.ahead_cap = overlapped + sched.prefetch
+        self.capacity = {p: (self.ahead_cap + 1 + sched.prefetch if p == "cpu" else 2) for p in self.pool_sizes}
         # How far along a plan each segment sits: deeper segments are served first.
         self.depth = {seg: max(p.index(seg) for p in plans if seg in p) for seg in range(len(self.segs))}
         self.ready: dict[int, deque[_Task]] = {i: deque() for i in range(len(self.segs))}
@@ -380,7 +432,7 @@ class _Run:
 
     def _start(self, pool: str, slot: int) -> _Worker:
         segs = {i: self.segs[i].stages for i, p in self.pool_of.items() if p == pool}
-        prefixes = {i: self.segs[i].io_bound_prefix if pool == "cpu" else 0 for i in segs}
+        phases = {i: self.phases[i] if pool == "cpu" else (0, 0) for i in segs}
         env = dict(os.environ)
         gpus_each = max((self.segs[i].resources.num_gpus for i in segs), default=0.0)
         if gpus_each > 0:
@@ -393,7 +445,7 @@ class _Run:
         result_r, result_w = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(task_r, result_w, segs, prefixes, env, f"cc-{pool}"),
+            args=(task_r, result_w, segs, phases, env, f"cc-{pool}"),
             name=f"clipcurate-{pool}-worker",
             daemon=True,
         )
@@ -461,7 +513,7 @@ class _Run:
             return len(w.held) < self.capacity[w.pool]
         ahead = seg in self.ahead
         same = sum(1 for t in w.held if (t.segment in self.ahead) == ahead)
-        return same < 1 + self.sched.prefetch
+        return same < (self.ahead_cap if ahead else 1 + self.sched.prefetch)
 
     def _service(self, w: _Worker) -> None:
         """Read every message the worker sent; replace it if it died."""

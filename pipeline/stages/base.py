@@ -18,6 +18,10 @@ which stages they run. What a scheduler needs to know, a stage declares on itsel
   on most calls. The local scheduler's workers live for the whole job anyway;
 - ``io_bound``: it mostly waits on the network: a local worker overlaps it with the CPU-bound
   stages of the previous item instead of idling the core;
+- ``offloaded`` (a property: it may depend on the stage's settings): its work runs in
+  another process (the decode stage's crash-guard child), so the thread that calls it only
+  waits: a local worker runs it for the next item on a thread of its own while it computes
+  the rest of the current one, so that process never waits for the worker's own bookkeeping;
 - ``expands``: it turns shard descriptors into the shards' rows (a source's first stage), the
   only stages whose output row count differs from their input's.
 
@@ -81,6 +85,12 @@ class Stage(ABC):
     @abstractmethod
     def process_batch(self, batch: pa.Table) -> pa.Table:
         """Transform one batch of rows; must return exactly one output row per input row."""
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether its work runs in another process, the calling thread only waiting (see the
+        module docstring)."""
+        return False
 
     @property
     def name(self) -> str:

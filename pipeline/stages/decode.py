@@ -500,6 +500,17 @@ class DecodeStage(Stage):
     # ``blocked`` here, before anything of it leaves this stage (pipeline/blocklist/).
     blocklist: BlocklistSpec | None = None
 
+    @property
+    def offloaded(self) -> bool:
+        # Isolated, the decoding is the crash-guard child's: this process only waits.
+        return self.isolate
+
+    def setup(self) -> None:
+        if self.isolate:
+            # The child imports Pillow, numpy and torch's resampling (~1 s): started here, a
+            # local worker starts it while its first shard downloads, not after.
+            shared_sandbox(self.decoder, self.max_attempts, self.timeout_s).start()
+
     def process_batch(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         statuses = batch.column(S.STATUS).to_pylist()

@@ -43,6 +43,8 @@ def test_the_job_is_one_fused_task_per_shard_then_the_model_then_the_writer() ->
     # The fused task asks for what its hungriest stage declares, and runs the network-bound
     # head (read + download) ahead of the rest on a local worker.
     assert fresh[0].resources.num_cpus == 1.0 and fresh[0].io_bound_prefix == 2
+    # ... and the decode (its crash-guard child's work) on a thread of its own between them.
+    assert fresh[0].offloaded_end == 3
     # Decode makes the model's input (decode once) with the model's own preprocessing.
     decode = next(s for s in g.sources["download"] if s.name == "DecodeStage")
     assert decode.model_input == clip_model.create_model("tiny-synthetic", "synthetic")[1]
@@ -264,6 +266,83 @@ def test_a_local_cpu_worker_fetches_the_next_shard_while_it_works_even_with_a_wr
     shards = sorted(by_shard)
     late = [k for prev, k in pairwise(shards) if by_shard[k]["fetch_start"] >= by_shard[prev]["work_end"]]
     assert late == [], f"fetched only after the shard before had finished its work: {late}"
+
+
+def _offload_graph(work_s: float, offload_s: float) -> Any:
+    """network-bound head -> an offloaded stage (stamps ``off_start``/``off_end``) -> main
+    work (``work_start``/``work_end``) | a model stage -> a write (``written``)."""
+    from pipeline.graph import Graph
+    from testkit.toy_stages import NetworkRows, NetworkStamp, OffloadedStamp, Probe, Stamp
+
+    return Graph(
+        {"src": [NetworkRows(batch_size=1), NetworkStamp(column="fetch_start", at="start", busy_s=0.05),
+                 OffloadedStamp(column="off_start", at="start", busy_s=offload_s), OffloadedStamp(column="off_end"),
+                 Stamp(column="work_start", at="start", busy_s=work_s), Stamp(column="work_end")]},
+        [Probe(), Stamp(column="written")],
+    )
+
+
+def test_a_local_cpu_worker_runs_the_offloaded_stage_of_the_next_shard_beside_its_own_work() -> None:
+    """One CPU worker: the isolated decode's process never waits for the worker's bookkeeping
+    of the shard before (tar, tokenize, spool). Each shard's offloaded stage starts before the
+    shard ahead has finished its own work, and the offloaded stage runs one shard at a time,
+    in order. Before, the offloaded stage ran on the main thread after the previous shard's
+    work."""
+    got: list[Any] = []
+    LocalScheduler(processes=1, prefetch=1).run(_offload_graph(0.3, 0.3), {"src": _shards([2] * 8)}, got.append)
+    rows = pa.concat_tables(got).to_pylist()
+    assert len(rows) == 16 and len({r[S.KEY] for r in rows}) == 16
+    by_shard = {r[S.SHARD]: r for r in rows}
+    shards = sorted(by_shard)
+    late = [k for prev, k in pairwise(shards) if by_shard[k]["off_start"] >= by_shard[prev]["work_end"]]
+    assert late == [], f"offloaded only after the shard before had finished its work: {late}"
+    crossed = [k for prev, k in pairwise(shards) if by_shard[k]["off_start"] < by_shard[prev]["off_end"]]
+    assert crossed == [], f"two shards in the offloaded stage at once: {crossed}"
+    for r in rows:
+        assert r["fetch_start"] <= r["off_start"] <= r["off_end"] <= r["work_start"] <= r["work_end"] <= r["written"]
+
+
+def test_a_local_cpu_worker_writes_a_shard_while_the_next_one_is_offloaded() -> None:
+    """A write that reaches the CPU worker while its next shard is in the offloaded stage runs
+    at once: the shard is finished (and reported) without waiting for that stage. Before, the
+    worker took its tasks in arrival order, so each write waited behind the next shard's
+    decode."""
+    got: list[Any] = []
+    LocalScheduler(processes=1, prefetch=1).run(_offload_graph(0.05, 0.6), {"src": _shards([2] * 6)}, got.append)
+    rows = pa.concat_tables(got).to_pylist()
+    assert len(rows) == 12
+    by_shard = {r[S.SHARD]: r for r in rows}
+    shards = sorted(by_shard)
+    # From the second shard on: the first may wait for the model worker's process to start.
+    waited = [prev for prev, k in pairwise(shards[1:]) if by_shard[prev]["written"] >= by_shard[k]["off_end"]]
+    assert waited == [], f"written only after the next shard's offloaded stage ended: {waited}"
+
+
+def test_a_local_model_worker_sets_up_before_its_first_shard_arrives() -> None:
+    """A model worker loads its model as it starts, while the first shard is still on its way
+    (here: held back 2 s at the source), not after that shard reaches it."""
+    import time
+
+    from pipeline.graph import Graph
+    from testkit.toy_stages import MakeRows, Probe
+
+    release = time.time() + 2.0
+    graph = Graph({"src": [MakeRows(batch_size=1)]}, [Probe(setup_s=0.5)])
+    got: list[Any] = []
+    items = [{"shard_id": i, "length": 2, "release_at": release} for i in range(3)]
+    LocalScheduler(processes=1).run(graph, {"src": items}, got.append)
+    rows = pa.concat_tables(got).to_pylist()
+    assert len(rows) == 6
+    assert all(r["probe_set_up_at"] < release for r in rows)
+
+
+def test_a_stage_setup_that_fails_in_a_local_worker_fails_the_run_naming_shard_and_error() -> None:
+    from pipeline.graph import Graph
+    from testkit.toy_stages import MakeRows, Probe
+
+    graph = Graph({"src": [MakeRows(batch_size=1)]}, [Probe(setup_error="no weights at s3://models/x")])
+    with pytest.raises(RuntimeError, match=r"(?s)shard 0000\d failed in Probe .*ValueError: no weights at s3://models/x"):
+        LocalScheduler(processes=1, item_attempts=1).run(graph, {"src": _shards([2, 2])}, lambda t: None)
 
 
 class _Records(logging.Handler):
