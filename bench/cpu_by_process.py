@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     J.list_arguments(p)
     p.add_argument("--schedulers", nargs="+", default=["local", "ray"], choices=["local", "ray"])
+    p.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the job as --set KEY=VALUE (repeatable)")
     p.add_argument("--append", default=None)
     a = p.parse_args(argv)
     work, world, servers, bases = J.serve_list(p, a)
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                     src = J.url_list(world, bases, rows, work / f"urls-{rows}.parquet")
                     out = work / f"out-by-process-{sched}-{rows}"
                     shutil.rmtree(out, ignore_errors=True)
-                    got[rows] = measure(J.job_cmd(src, out), env, work / f"by-process-{sched}-{rows}.log")
+                    got[rows] = measure(J.job_cmd(src, out, a.job_set), env, work / f"by-process-{sched}-{rows}.log")
                     print(sched, rows, f"{got[rows][1]:.1f} CPU-s", flush=True)
             finally:
                 if head is not None:

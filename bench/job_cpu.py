@@ -183,6 +183,15 @@ class Run:
     ok: int
     shard_done: list[float] = field(default_factory=list)  # epoch s, each shard's completion
     round: int = 1  # which pass over the tools (--rounds)
+    started: float | None = None  # epoch s the command started
+
+    @property
+    def first_shard_s(self) -> float | None:
+        """Seconds from the command's start to its first finished shard: the start-up a user
+        waits through before output appears."""
+        if self.started is None or not self.shard_done:
+            return None
+        return min(self.shard_done) - self.started
 
 
 # The job's per-shard progress line (pipeline/job.py, _Progress.update).
@@ -237,7 +246,7 @@ def run_measured(tool: str, rows: int, cmd: list[str], env: dict[str, str], cg: 
                  out_folder: Path | None = None) -> Run:
     """Run ``cmd`` to its end, timed: wall, CPU, rows ok, and each shard's completion time
     (from its output lines, or the ``_stats.json`` files in ``out_folder``)."""
-    m0, c0, t0 = machine_busy_s(), cg.cpu_s(), time.perf_counter()
+    m0, c0, t0, started = machine_busy_s(), cg.cpu_s(), time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cg.add(proc.pid)
     # Lines are timestamped as they arrive (the job flushes each), for job_shard_times.
@@ -258,7 +267,8 @@ def run_measured(tool: str, rows: int, cmd: list[str], env: dict[str, str], cg: 
         done = job_shard_times(got["out"])
     else:
         done = stats_shard_times(out_folder) if out_folder is not None else []
-    return Run(tool, rows, wall, m1 - m0, None if c0 is None else c1 - c0, parse_ok(tool, out), done)
+    return Run(tool, rows, wall, m1 - m0, None if c0 is None else c1 - c0, parse_ok(tool, out), done,
+               started=started)
 
 
 def parse_ok(tool: str, out: str) -> int:
@@ -441,13 +451,14 @@ def report(runs: list[Run], argv: list[str], load: tuple[float, float, float], d
            hosts: int = 1) -> str:
     rounds = sorted({r.round for r in runs})
     lines = [
-        "| run | rows | ok | wall s | machine CPU s | run's CPU s (cgroup) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | rows | ok | wall s | first shard done, s | machine CPU s | run's CPU s (cgroup) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         tree = "n/a" if r.tree_cpu_s is None else f"{r.tree_cpu_s:.1f}"
+        first = "n/a" if r.first_shard_s is None else f"{r.first_shard_s:.1f}"
         name = r.tool if len(rounds) == 1 else f"{r.tool} (round {r.round})"
-        lines.append(f"| {name} | {r.rows} | {r.ok} | {r.wall_s:.1f} | {r.machine_cpu_s:.1f} | {tree} |")
+        lines.append(f"| {name} | {r.rows} | {r.ok} | {r.wall_s:.1f} | {first} | {r.machine_cpu_s:.1f} | {tree} |")
     for rnd in rounds:
         lines += ["", *([f"Round {rnd}:", ""] if len(rounds) > 1 else []),
                   *_tool_lines([r for r in runs if r.round == rnd])]

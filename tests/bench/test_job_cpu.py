@@ -71,3 +71,15 @@ def test_rounds_are_summarised_by_median_and_range_of_same_round_ratios() -> Non
     report = J.report(runs, ["--rounds", "2"], (0.0, 0.0, 0.0))
     assert "Round 1:" in report and "Round 2:" in report and "| job (round 2) | 3000 |" in report
     assert "| job | 8.40 | 8.40 | 0.70x / 0.70x | 250.0 | n/a |" in report
+    # No shard times in these runs: the first-shard column says so rather than guessing.
+    assert "| job (round 2) | 3000 | 3000 | 19.0 | n/a | 30.0 | 30.0 |" in report
+
+
+def test_first_shard_is_counted_from_the_command_start() -> None:
+    small = J.Run(tool="job", rows=500, wall_s=12.0, machine_cpu_s=15.0, tree_cpu_s=15.0, ok=500,
+                  shard_done=[1000.0 + 10.5, 1000.0 + 8.25], started=1000.0)
+    big = J.Run(tool="job", rows=3000, wall_s=30.0, machine_cpu_s=35.0, tree_cpu_s=35.0, ok=3000, started=2000.0)
+    assert small.first_shard_s == 8.25 and big.first_shard_s is None
+    report = J.report([small, big], [], (0.0, 0.0, 0.0))
+    assert "| job | 500 | 500 | 12.0 | 8.2 | 15.0 | 15.0 |" in report
+    assert "| job | 3000 | 3000 | 30.0 | n/a | 35.0 | 35.0 |" in report
