@@ -485,6 +485,10 @@ class ExecutionConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS (set under `ray job submit`) or local Ray
     processes: int | None = None  # local: CPU worker processes (None: the CPUs model workers on CPUs leave)
     prefetch: int = 1  # local: shards a CPU worker downloads ahead of the one it decodes
+    # local: CPU workers run at the lowest priority (nice 19) on the CPUs that model workers on
+    # CPUs reserve, so they decode only when the model leaves those CPUs idle (None: one per
+    # such CPU when `processes` is unset, else none; 0: none).
+    idle_workers: int | None = None
     # Tries per shard when the process running it dies (local: a worker process; Ray: a task
     # or actor); a shard that kills its worker this many times fails the run, naming it.
     attempts: int = 3
@@ -512,6 +516,8 @@ class ExecutionConfig:
         _check(self.processes is None or self.processes >= 1, section, "processes",
                f"must be >= 1 or unset, got {self.processes}")
         _check(self.prefetch >= 0, section, "prefetch", f"must be >= 0, got {self.prefetch}")
+        _check(self.idle_workers is None or self.idle_workers >= 0, section, "idle_workers",
+               f"must be >= 0 or unset, got {self.idle_workers}")
         _check(self.attempts >= 1, section, "attempts", f"must be >= 1, got {self.attempts}")
         _check(0 < self.task_cpus <= 64, section, "task_cpus", f"must be in (0, 64], got {self.task_cpus}")
         _check(self.progress_interval_s >= 0, section, "progress_interval_s",

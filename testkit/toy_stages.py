@@ -116,3 +116,16 @@ class OffloadedStamp(Stamp):
     @property
     def offloaded(self) -> bool:
         return True
+
+
+@dataclass
+class Niceness(Stage):
+    """Adds ``nice`` (the niceness of the thread that runs the call, from
+    ``/proc/thread-self/stat``) and ``nice_pid`` (its process)."""
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        with open("/proc/thread-self/stat") as f:
+            nice = int(f.read().rsplit(")", 1)[1].split()[16])
+        n = batch.num_rows
+        out = batch.append_column("nice", pa.array([nice] * n, pa.int64()))
+        return out.append_column("nice_pid", pa.array([os.getpid()] * n, pa.int64()))

@@ -23,7 +23,8 @@ def scheduler_for(execution: ExecutionConfig) -> Any:
                                 progress_interval_s=execution.progress_interval_s)
     from pipeline.schedulers.local import LocalScheduler
 
-    return LocalScheduler(processes=execution.processes, prefetch=execution.prefetch, item_attempts=execution.attempts)
+    return LocalScheduler(processes=execution.processes, prefetch=execution.prefetch, item_attempts=execution.attempts,
+                          idle_workers=execution.idle_workers)
 
 
 __all__ = ["scheduler_for"]

@@ -1,7 +1,8 @@
 """Run a :class:`~pipeline.graph.Graph` in local worker processes, without Ray: the default on
 one machine (img2dataset's ``multiprocessing`` distributor, for the whole job).
 
-    parent: items -> CPU workers (one per CPU a model worker on CPUs does not take):
+    parent: items -> CPU workers (one per CPU a model worker on CPUs does not take, and one
+                     at nice 19 per CPU it takes):
                      read+download+decode+shard+tokenize per shard
                   -> model workers (embed: one per GPU, or one on CPUs)
                   -> CPU workers again: write
@@ -153,13 +154,17 @@ def _set_process_name(name: str) -> None:
 
 
 def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[Stage, ...]],
-                 phases: dict[int, tuple[int, int]], env: dict[str, str], name: str = "clipcurate") -> None:
+                 phases: dict[int, tuple[int, int]], env: dict[str, str], name: str = "clipcurate",
+                 nice: int = 0) -> None:
     """Worker process: ``_Task`` in on ``tasks`` (None: stop); per task ``("start", uid)``, then
     ``("done", uid, rows, started, ended)`` or ``("error", uid, text)`` out on ``results``.
     ``segs``: the segments this worker may run; ``phases``: per segment, where its stages run
     ahead of the main thread, as ``(a, b)``: stages ``[:a]`` (network-bound) on the fetch
     thread, ``[a:b]`` (offloaded to another process) on the offload thread, each for the next
-    task while the main thread runs ``[b:]`` of the current one."""
+    task while the main thread runs ``[b:]`` of the current one. ``nice``: added to the
+    process's niceness before anything starts, so its threads and its decode child share it."""
+    if nice:
+        os.nice(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     _set_process_name(name)
     os.environ.clear()
@@ -299,21 +304,27 @@ def _death(exitcode: int | None) -> str:
 
 class LocalScheduler:
     """Local worker processes: ``processes`` CPU workers (default: one per CPU that no model
-    worker running on CPUs takes, see :meth:`cpu_workers`), model workers sized from the stage
+    worker running on CPUs takes, see :meth:`cpu_workers`), ``idle_workers`` more at the
+    lowest priority (see :meth:`idle_cpu_workers`), model workers sized from the stage
     (``concurrency``) or the machine (one per GPU, else one)."""
 
     name = "local"
+    IDLE_NICE = 19
 
-    def __init__(self, processes: int | None = None, prefetch: int = 1, item_attempts: int = ITEM_ATTEMPTS) -> None:
+    def __init__(self, processes: int | None = None, prefetch: int = 1, item_attempts: int = ITEM_ATTEMPTS,
+                 idle_workers: int | None = None) -> None:
         if processes is not None and processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if item_attempts < 1:
             raise ValueError(f"item_attempts must be >= 1, got {item_attempts}")
+        if idle_workers is not None and idle_workers < 0:
+            raise ValueError(f"idle_workers must be >= 0, got {idle_workers}")
         self.processes = processes
         self.prefetch = prefetch
         self.item_attempts = item_attempts
+        self.idle_workers = idle_workers
 
     def gpus(self) -> int:
         """CUDA devices this machine has (0 without torch or CUDA)."""
@@ -334,18 +345,9 @@ class LocalScheduler:
             return max(1, int(self.gpus() // seg.resources.num_gpus))
         return 1
 
-    def cpu_workers(self, segs: list[Segment]) -> int:
-        """CPU worker processes for a graph's segments: ``processes`` when given, else the CPUs
-        left after the model workers that run on CPUs take what their stage declares
-        (``num_cpus`` each, as Ray Data would reserve for them), at least one.
-
-        A model worker on CPUs computes all the time; a CPU worker for each core beside it
-        oversubscribes the machine: on 2 cores, 2 CPU workers and the model worker cost 7.3-7.8
-        ms of CPU per image against 6.9 with one CPU worker, for 330 rather than 230 rows/s
-        (bench/RESULTS.md, "Local scheduler: CPU workers beside a model worker on CPUs").
-        Model workers on GPUs mostly wait for the device and take no CPU from the pool."""
-        if self.processes is not None:
-            return self.processes
+    def _model_cpus(self, segs: list[Segment]) -> int:
+        """CPUs the model workers that run on CPUs take: ``num_cpus`` each (rounded up), as
+        Ray Data would reserve for them. Model workers on GPUs take none."""
         gpus = None
         taken = 0
         for seg in segs:
@@ -356,7 +358,38 @@ class LocalScheduler:
                 if gpus > 0:
                     continue
             taken += self.pool_size(seg) * max(1, math.ceil(seg.resources.num_cpus))
-        return max(1, cpu_count() - taken)
+        return taken
+
+    def cpu_workers(self, segs: list[Segment]) -> int:
+        """CPU worker processes at normal priority for a graph's segments: ``processes`` when
+        given, else the CPUs left after the model workers that run on CPUs take theirs, at
+        least one.
+
+        A normal-priority CPU worker for each core beside a model worker on CPUs
+        oversubscribes the machine: on 2 cores, two CPU workers beside the model worker cost
+        11.0-13.6 ms of CPU per image against 9.0-10.2 with one (bench/RESULTS.md, 2026-12-07,
+        "where the steady state goes"): three busy processes on two cores. Model workers on
+        GPUs mostly wait for the device and take no CPU from the pool."""
+        if self.processes is not None:
+            return self.processes
+        return max(1, cpu_count() - self._model_cpus(segs))
+
+    def idle_cpu_workers(self, segs: list[Segment]) -> int:
+        """CPU workers at the lowest priority (nice 19): ``idle_workers`` when given, else one
+        per CPU the model workers on CPUs take, unless ``processes`` was given (then none).
+
+        A model worker on CPUs does not use its CPUs all the time (the bundled model: about
+        a fifth of one core at the job's pace on 2 cores), and the one serial process of a CPU
+        worker (its decode child) bounds the job. At nice 19 the extra worker runs on CPU time
+        nobody at normal priority wants (a core busy at normal priority gives it about 1.5 %),
+        so it barely slows the model worker or the other CPU workers: on 2 cores, +50 % rows/s
+        for +9 % CPU per image, where a second normal-priority worker cost +20-35 %
+        (bench/RESULTS.md, 2026-12-07, "a CPU worker at the lowest priority")."""
+        if self.idle_workers is not None:
+            return self.idle_workers
+        if self.processes is not None:
+            return 0
+        return self._model_cpus(segs)
 
     def run(self, graph: Graph, items: dict[str, list[dict[str, Any]]],
             on_batch: Callable[[pa.Table], None]) -> dict[str, dict[str, Any]]:
@@ -397,6 +430,7 @@ class _Run:
         # Pools: "cpu" runs every non-stateful segment; each stateful segment has its own.
         self.pool_of: dict[int, str] = {}
         self.pool_sizes: dict[str, int] = {}
+        self.normal_cpu = 0
         for i, seg in enumerate(self.segs):
             if seg.stateful:
                 name = f"model{i}"
@@ -405,7 +439,10 @@ class _Run:
             else:
                 self.pool_of[i] = "cpu"
         if any(p == "cpu" for p in self.pool_of.values()):
-            self.pool_sizes["cpu"] = min(sched.cpu_workers(self.segs), max(1, self.total))
+            # Normal-priority workers take slots 0..normal-1 (and, as the parent offers tasks
+            # to workers in slot order, tasks first); the rest run at the lowest priority.
+            self.normal_cpu = sched.cpu_workers(self.segs)
+            self.pool_sizes["cpu"] = min(self.normal_cpu + sched.idle_cpu_workers(self.segs), max(1, self.total))
         # A CPU worker holds, of a segment it runs in phases (fetch thread, offload thread,
         # main thread), one shard per phase after the first plus ``prefetch`` (shards whose
         # download runs ahead), and up to ``1 + prefetch`` of the others (write): counted
@@ -433,6 +470,7 @@ class _Run:
     def _start(self, pool: str, slot: int) -> _Worker:
         segs = {i: self.segs[i].stages for i, p in self.pool_of.items() if p == pool}
         phases = {i: self.phases[i] if pool == "cpu" else (0, 0) for i in segs}
+        nice = LocalScheduler.IDLE_NICE if pool == "cpu" and slot >= self.normal_cpu else 0
         env = dict(os.environ)
         gpus_each = max((self.segs[i].resources.num_gpus for i in segs), default=0.0)
         if gpus_each > 0:
@@ -445,7 +483,7 @@ class _Run:
         result_r, result_w = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(task_r, result_w, segs, phases, env, f"cc-{pool}"),
+            args=(task_r, result_w, segs, phases, env, f"cc-{pool}-idle" if nice else f"cc-{pool}", nice),
             name=f"clipcurate-{pool}-worker",
             daemon=True,
         )

@@ -101,6 +101,56 @@ def test_local_cpu_workers_leave_the_cores_model_workers_on_cpus_take(monkeypatc
     assert auto.cpu_workers(segments(_job_graph(EmbedConfig(num_gpus=1.0)).tail)) == 8  # on GPUs
 
 
+def test_local_idle_workers_fill_the_cpus_model_workers_on_cpus_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lowest-priority CPU worker per CPU a model worker on CPUs takes; none on GPUs, none
+    for a download, none when --processes is given (unless asked for), and as many as asked."""
+    import pipeline.schedulers.local as L
+
+    monkeypatch.setattr(L, "cpu_count", lambda: 2)
+    monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 0)
+    job = segments(_job_graph().tail)
+    assert (LocalScheduler().cpu_workers(job), LocalScheduler().idle_cpu_workers(job)) == (1, 1)
+    two_threads = segments(_job_graph(EmbedConfig(num_gpus=0.0, num_cpus=2.0, concurrency=(1, 3))).tail)
+    assert LocalScheduler().idle_cpu_workers(two_threads) == 6
+    download = segments(build_download_graph(DownloadJobConfig(
+        read=ReadConfig(url_list="unused"), shard=ShardConfig(output_folder="/tmp/none"))).sources["download"])
+    assert LocalScheduler().idle_cpu_workers(download) == 0
+    assert LocalScheduler(processes=2).idle_cpu_workers(job) == 0
+    assert LocalScheduler(processes=2, idle_workers=1).idle_cpu_workers(job) == 1
+    assert LocalScheduler(idle_workers=0).idle_cpu_workers(job) == 0
+    monkeypatch.setattr(LocalScheduler, "gpus", lambda self: 2)
+    assert LocalScheduler().idle_cpu_workers(segments(_job_graph(EmbedConfig(num_gpus=1.0)).tail)) == 0
+    with pytest.raises(ValueError, match="idle_workers must be >= 0"):
+        LocalScheduler(idle_workers=-1)
+    from pipeline.config import ExecutionConfig
+    from pipeline.schedulers import scheduler_for
+
+    assert scheduler_for(ExecutionConfig(scheduler="local", idle_workers=0)).idle_workers == 0
+
+
+def test_a_local_idle_worker_runs_at_the_lowest_priority_and_shards_go_to_the_others_first() -> None:
+    """With one normal and one idle worker, every row arrives once; the idle worker (nice 19,
+    its threads too) does shards only while the normal one has no room; the normal worker
+    keeps the niceness it started with."""
+    from pipeline.graph import Graph
+    from testkit.toy_stages import NetworkRows, Niceness, Probe, Stamp
+
+    graph = Graph({"src": [NetworkRows(batch_size=1), Niceness(), Stamp(busy_s=0.2)]}, [Probe()])
+    got: list[Any] = []
+    LocalScheduler(processes=1, idle_workers=1).run(graph, {"src": _shards([2] * 8)}, got.append)
+    rows = pa.concat_tables(got).to_pylist()
+    assert len(rows) == 16 and len({r[S.KEY] for r in rows}) == 16
+    import os
+
+    base = os.nice(0)
+    by_nice: dict[int, set[int]] = {}
+    for r in rows:
+        by_nice.setdefault(r["nice"], set()).add(r["nice_pid"])
+    assert set(by_nice) == {base, min(base + 19, 19)} and all(len(p) == 1 for p in by_nice.values())
+    # The normal worker is offered every shard first: it does at least half of them.
+    assert sum(1 for r in rows if r["nice"] == base) >= 8
+
+
 @pytest.fixture(scope="module")
 def ray_plan() -> Iterator[Any]:
     """A loopback-only local Ray to build (not run) datasets on."""

@@ -86,6 +86,7 @@ def test_set_is_typed_by_the_field(assignment, path, expected) -> None:
         (["--scheduler", "local", "--ray-address", "127.0.0.1:6379"], "execution.ray_address: is only used with scheduler ray"),
         (["--processes", "0"], "execution.processes: must be >= 1"),
         (["--set", "execution.progress_interval_s=-5"], "execution.progress_interval_s: must be >= 0 (0: off)"),
+        (["--set", "execution.idle_workers=-1"], "execution.idle_workers: must be >= 0 or unset"),
         (["--set", "embed.concurrency=1,2,3"], "embed.concurrency: expected 2 values"),
         (["--set", "filter.unsafe=perhaps"], "filter.unsafe: must be true, false, or 'auto'"),
         (["--set", "decode.image_size=1.5"], "decode.image_size: expected an integer"),
