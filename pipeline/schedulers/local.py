@@ -175,11 +175,18 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
     fetcher = ThreadPoolExecutor(1, thread_name_prefix="clipcurate-fetch")
     offloader = ThreadPoolExecutor(1, thread_name_prefix="clipcurate-offload")
 
+    # When each task's first phase began: its segment's time runs from there, not from when
+    # the main thread took it after the fetch and offload threads had done their part.
+    began: dict[int, float] = {}
+
     def head(task: _Task) -> pa.Table:
+        began.setdefault(task.uid, time.time())
         return run_stages(list(segs[task.segment][: phases[task.segment][0]]), _load(task))
 
     def middle(task: _Task, fetched: Future[pa.Table] | None) -> pa.Table:
         a, b = phases[task.segment]
+        if fetched is None:
+            began.setdefault(task.uid, time.time())
         table = fetched.result() if fetched is not None else _load(task)
         return run_stages(list(segs[task.segment][a:b]), table)
 
@@ -231,7 +238,7 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
             if setup_error is not None:
                 results.send(("error", task.uid, setup_error))
                 return
-            started = time.time()
+            started = began.pop(task.uid, time.time())
             try:
                 stages = segs[task.segment]
                 if ahead is not None:
@@ -394,7 +401,9 @@ class LocalScheduler:
     def run(self, graph: Graph, items: dict[str, list[dict[str, Any]]],
             on_batch: Callable[[pa.Table], None]) -> dict[str, dict[str, Any]]:
         """Stream every item (a descriptor row per shard, by source) through the graph;
-        ``on_batch`` gets each shard's final output. Returns per-segment rows and seconds."""
+        ``on_batch`` gets each shard's final output. Returns per segment ``{"rows": rows out,
+        "seconds": wall time from its first task's first stage starting (on a worker's fetch
+        or offload thread) to its last task's end}``, as the Ray Data scheduler reports."""
         return _Run(self, graph, items, on_batch).run()
 
 
