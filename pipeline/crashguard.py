@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pipeline.no_pandas import refuse_pandas
+
 _HEADER = struct.Struct(">Q")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 # How long a fresh child may take to import its work function (pyarrow, numpy, Pillow) on a
@@ -365,6 +367,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _child_main(target: str, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
+    # The work function turns bytes into bytes; pyarrow would import pandas for nothing.
+    refuse_pandas()
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # prints from the work function go to stderr, not into the protocol
     sys.stdout = sys.stderr

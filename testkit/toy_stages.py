@@ -129,3 +129,43 @@ class Niceness(Stage):
         n = batch.num_rows
         out = batch.append_column("nice", pa.array([nice] * n, pa.int64()))
         return out.append_column("nice_pid", pa.array([os.getpid()] * n, pa.int64()))
+
+
+def pandas_state() -> str:
+    """After converting Python values to Arrow and Arrow to numpy (which makes pyarrow import
+    pandas where it may): "loaded", "refused" (``import pandas`` fails) or "absent"."""
+    import importlib
+    import sys
+
+    pa.Table.from_pylist([{"a": 1}]).column("a").to_numpy()
+    if "pandas" in sys.modules:
+        return "loaded"
+    try:
+        importlib.import_module("pandas")
+    except ImportError:
+        return "refused"
+    return "absent"  # importable, but nothing loaded it: not what this probe expects
+
+
+def pandas_state_item(_item: object) -> str:
+    """:func:`pandas_state` as a crash-guard work function."""
+    return pandas_state()
+
+
+@dataclass
+class PandasProbe(Stage):
+    """Adds ``pandas``: :func:`pandas_state` in the process that runs the call."""
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        return batch.append_column("pandas", pa.array([pandas_state()] * batch.num_rows, pa.string()))
+
+
+@dataclass
+class ModelPandasProbe(Stage):
+    """A stateful (model worker's) stage adding ``model_pandas``: :func:`pandas_state`."""
+
+    stateful: ClassVar[bool] = True
+    resources: Resources = field(default_factory=lambda: Resources(num_cpus=0.5))
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        return batch.append_column("model_pandas", pa.array([pandas_state()] * batch.num_rows, pa.string()))

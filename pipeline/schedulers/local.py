@@ -68,6 +68,7 @@ import pyarrow as pa
 
 from pipeline import schema as S
 from pipeline.graph import Graph, Segment, segments
+from pipeline.no_pandas import refuse_pandas
 from pipeline.stages.base import Stage, run_stages
 
 log = logging.getLogger("clipcurate.local")
@@ -169,6 +170,8 @@ def _worker_main(tasks: Connection, results: Connection, segs: dict[int, tuple[S
     _set_process_name(name)
     os.environ.clear()
     os.environ.update(env)
+    if not any(s.stateful for stages in segs.values() for s in stages):
+        refuse_pandas()  # a CPU worker: pyarrow would import it for nothing (pipeline/no_pandas.py)
     # Tasks as they arrive, and a wake-up each time one's work ahead is done.
     inbox: queue.Queue[tuple[_Task, Future[pa.Table] | None] | str | None] = queue.Queue()
     # One thread each, so tasks pass through every phase in the order they came.
