@@ -3,9 +3,9 @@ and the decode children (:mod:`pipeline.crashguard`).
 
 pyarrow imports pandas, when it is installed (Ray Data needs it), the first time a process
 converts Python objects to Arrow (``pa.array``, ``Table.from_pylist``) or Arrow to numpy, only
-to check whether a value is a pandas object. That import costs ~0.3 s of CPU and ~50 MiB of
-memory in every such process (bench/RESULTS.md, 2026-12-07, "pandas"), and those processes'
-stages never touch a DataFrame. Refused, pyarrow carries on without its pandas integration,
+to check whether a value is a pandas object. That import costs 0.1-0.3 s of CPU and 35-50 MiB
+of memory in every such process (bench/RESULTS.md, 2026-12-07, "pandas"), and those
+processes' stages never touch a DataFrame. Refused, pyarrow carries on without its pandas integration,
 and anything that does need pandas there fails with an ImportError naming this module.
 
 Not for the driver (Ray Data), model workers (model libraries may want it) or Ray's workers.
