@@ -117,9 +117,12 @@ def test_pyarrow_reads_retry_exactly_s3_retries_times(
         assert pq.read_table(pa.BufferReader(f.read())).equals(_table())
     assert rule.hits == retries and len(proxy.requests("GET", key)) == retries + 1
     # One more and the read fails with pyarrow's OSError (it names the operation, GetObject).
+    # The AWS SDK names the 503 from the error body (SLOW_DOWN) or, when it has dropped that
+    # body, from the status alone (SERVICE_UNAVAILABLE): measured, it drops it on most reads
+    # that follow a successful one on the same client, and not always, so either counts.
     proxy.fail(method="GET", key_pattern=r"00000\.parquet$", times=retries + 1)
     before = len(proxy.requests("GET", key))
-    with pytest.raises(OSError, match="SLOW_DOWN during GetObject"):
+    with pytest.raises(OSError, match="(SLOW_DOWN|SERVICE_UNAVAILABLE) during GetObject"):
         with fs.open_input_stream(path) as f:
             f.read()
     assert len(proxy.requests("GET", key)) - before == retries + 1
