@@ -284,7 +284,9 @@ def test_slow_servers_hit_the_total_deadline(server: FaultServer, fault: str, pa
     row = _one(server.url("/b.png", fault, **params))
     elapsed = time.monotonic() - start
     _assert_failed(row, "timeout")
-    assert TIMEOUT <= elapsed < TIMEOUT + 0.6  # one deadline, no retry of a timeout
+    # One deadline for the whole attempt (the servers take 5-13 s), and no retry of a timeout:
+    # a retry would add a second deadline. The slack below that is for a loaded CI machine.
+    assert TIMEOUT <= elapsed < 2 * TIMEOUT
     assert server.count("/b.png") == 1
 
 
