@@ -6,6 +6,9 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/embed_laion.py --config job.yaml --set filter.clip_score_threshold=0.28
 
+``--input-format img2dataset`` takes an img2dataset output (or a clipcurate output's
+``shards/``) instead of URL lists and reads the images from its tars (docs/operations.md).
+
 Flags, ``--config job.yaml`` and ``--set section.field=value`` build one validated JobConfig
 (pipeline/job_config.py; ``--help`` lists the flags); a bad value exits with status 2 and a
 message naming the field, before Ray starts. Under ``ray job submit`` the driver joins the

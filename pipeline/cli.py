@@ -39,7 +39,7 @@ DISTRIBUTORS = {"multiprocessing": "local", "ray": "ray"}
 # (pipeline/job_config.py): values are typed by the field, errors name the field.
 DOWNLOAD_FLAGS: dict[str, Flag] = {
     "--url_list": Flag("read.url_list", "file, directory, glob or s3:// URI"),
-    "--input_format": Flag("read.input_format", "parquet | csv | tsv | jsonl | txt"),
+    "--input_format": Flag("read.input_format", "parquet | csv | tsv | jsonl | txt | img2dataset (an img2dataset output: images from its tars)"),
     "--url_col": Flag("read.url_col", "column with the image URL"),
     "--caption_col": Flag("read.caption_col", "column with the caption (none: no caption)"),
     "--save_additional_columns": Flag("read.save_additional_columns", "input columns to keep: a,b or [\"a\",\"b\"]"),

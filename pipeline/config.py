@@ -30,12 +30,17 @@ def _check(cond: bool, section: str, name: str, message: str) -> None:
         raise ConfigError(f"{section}.{name}: {message}")
 
 
+INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt", "img2dataset")
+
+
 @dataclass(frozen=True)
 class ReadConfig:
     """Where the URL lists are and which columns hold what."""
 
     url_list: str = ""
-    input_format: str = "parquet"  # parquet | csv | tsv | jsonl (txt: one url per line)
+    # parquet | csv | tsv | jsonl (txt: one url per line) | img2dataset: the shards of an
+    # img2dataset (or clipcurate) output, its images read from the tars instead of downloaded
+    input_format: str = "parquet"
     url_col: str = "url"
     caption_col: str | None = "caption"
     save_additional_columns: tuple[str, ...] = ()
@@ -43,12 +48,22 @@ class ReadConfig:
     def validate(self, section: str = "read") -> None:
         _check(bool(self.url_list), section, "url_list", "is required (a path, glob or s3:// URI)")
         _check(
-            self.input_format in ("parquet", "csv", "tsv", "jsonl", "txt"),
+            self.input_format in INPUT_FORMATS,
             section,
             "input_format",
-            f"must be parquet, csv, tsv, jsonl or txt, got {self.input_format!r}",
+            f"must be {', '.join(INPUT_FORMATS[:-1])} or {INPUT_FORMATS[-1]}, got {self.input_format!r}",
         )
         _check(bool(self.url_col), section, "url_col", "must name a column")
+
+    @property
+    def passthrough(self) -> tuple[str, ...]:
+        """Input columns every shard and output row keeps: ``save_additional_columns``, and
+        ``source_key`` (the row's key in the img2dataset output it came from) for that format."""
+        from pipeline import schema as S
+
+        if self.input_format == "img2dataset" and S.SOURCE_KEY not in self.save_additional_columns:
+            return (*self.save_additional_columns, S.SOURCE_KEY)
+        return self.save_additional_columns
 
 
 @dataclass(frozen=True)

@@ -146,16 +146,25 @@ def segments(stages: list[Stage]) -> list[Segment]:
 def download_stages(cfg: DownloadJobConfig, model: ModelSpec | None = None, thumbnails: bool = False,
                     decode_isolation: bool = True, decode_cpus: float = 1.0) -> list[Stage]:
     """read -> download -> decode -> shard (-> tokenize, with a model): the fresh-shard
-    source. With ``model`` the decode stage also makes the model's input (decode once)."""
+    source. With ``model`` the decode stage also makes the model's input (decode once). For an
+    img2dataset output (``read.input_format``) the unpack stage reads the images from its tars
+    in the download stage's place."""
     lists = BlocklistSpec(cfg.blocklist, cfg.storage)
+    fetch: Stage
+    if cfg.read.input_format == "img2dataset":
+        from pipeline.stages.unpack import UnpackStage
+
+        fetch = UnpackStage(max_bytes=cfg.download.max_bytes, storage=cfg.storage, blocklist=lists)
+    else:
+        fetch = DownloadStage(config=cfg.download, blocklist=lists, resources=Resources(num_cpus=0))
     stages: list[Stage] = [
         ReadStage(cfg=cfg.read, number_sample_per_shard=cfg.shard.number_sample_per_shard,
                   storage=cfg.storage, resources=Resources(num_cpus=0.1)),
-        DownloadStage(config=cfg.download, blocklist=lists, resources=Resources(num_cpus=0)),
+        fetch,
         DecodeStage(cfg=cfg.decode, model_input=model.preprocess if model else None,
                     thumbnails=thumbnails and model is not None, isolate=decode_isolation,
                     blocklist=lists, resources=Resources(num_cpus=decode_cpus)),
-        ShardStage(cfg=cfg.shard, storage=cfg.storage, passthrough=tuple(cfg.read.save_additional_columns)),
+        ShardStage(cfg=cfg.shard, storage=cfg.storage, passthrough=tuple(cfg.read.passthrough)),
     ]
     if model is not None:
         from pipeline.stages.tokenize import TokenizeStage

@@ -443,7 +443,7 @@ def load_sections(ns: argparse.Namespace, flags: Mapping[str, Flag | tuple[str, 
 FLAGS: dict[str, Flag | tuple[str, str]] = {
     "--input": ("input", "URL list(s): file, folder, glob or s3:// URI (parquet/csv/tsv/jsonl)"),
     "--output": ("output", "output folder or s3:// URI (shards/, embeddings/, report)"),
-    "--input-format": ("read.input_format", "parquet | csv | tsv | jsonl | txt"),
+    "--input-format": ("read.input_format", "parquet | csv | tsv | jsonl | txt | img2dataset (an img2dataset output: images from its tars)"),
     "--url-col": ("read.url_col", "column with the image URL (LAION's URL also works)"),
     "--caption-col": ("read.caption_col", "column with the caption (LAION's TEXT also works)"),
     "--save-additional-columns": ("read.save_additional_columns", "input columns to keep (a,b,c)"),

@@ -25,6 +25,17 @@ ERROR = "error"
 # Bookkeeping columns that travel with the rows but are not part of any output table.
 SHARD_ROWS = "_shard_rows"  # int64: how many rows the shard has in total
 SHARD_STARTED = "_shard_started"  # float64: unix time the read stage emitted the shard
+# input_format img2dataset: the row's key in the img2dataset output it was read from (a
+# passthrough column: in the shards' tables, their .json and the output) ...
+SOURCE_KEY = "source_key"
+# ... and, for the unpack stage only, what that output recorded: its status and error message,
+# and the tar that holds its images
+SOURCE_STATUS = "_source_status"
+SOURCE_ERROR = "_source_error"
+SOURCE_TAR = "_source_tar"
+# hex sha256 of the original download as that output recorded it (img2dataset's ``sha256``, a
+# clipcurate shard's ``source_sha256``): its tars hold resized copies, hash lists name originals
+SOURCE_ORIGINAL_SHA256 = "_source_original_sha256"
 
 # --- columns set by the download stage ----------------------------------------------------
 IMAGE_BYTES = "image_bytes"
@@ -69,8 +80,15 @@ DOWNLOAD_ERROR = "download_error"  # an unexpected exception, recorded rather th
 # A blocklist (URL, domain, md5/sha1/sha256 of the bytes, PDQ of the picture) names the row:
 # nothing of it is stored; its error names the list.
 BLOCKED = "blocked"
+# Reading an img2dataset output instead of downloading (pipeline/stages/unpack.py): the tool
+# that wrote it recorded a failure for the row (its status and message are in ``error``), or
+# says it stored an image that its tar does not hold (or that cannot be read from it).
+SOURCE_FAILED = "source_failed"
+SOURCE_MISSING = "source_missing"
 DOWNLOAD_STATUSES = frozenset(
     {
+        SOURCE_FAILED,
+        SOURCE_MISSING,
         TIMEOUT,
         CONNECTION_ERROR,
         TOO_LARGE,
@@ -196,7 +214,8 @@ TOKENS = "_tokens"  # list<int32>: the caption's token ids (the model's tokenize
 JPEG = "_jpeg"
 # string: which pixels the embedding was computed from: "original" (the downloaded image,
 # decoded once in the decode task) or "stored" (the shard's stored copy, read back when a run
-# resumes a shard committed by an earlier run but not embedded)
+# resumes a shard committed by an earlier run but not embedded; or, with input_format
+# img2dataset, the copy that output stored, resized by the tool that wrote it)
 EMBEDDED_FROM = "embedded_from"
 # bool: set by the write stage on rows of a shard it received only part of (never in practice:
 # the schedulers hand it whole shards); the driver writes such shards once it has every row

@@ -94,6 +94,11 @@ class Blocklist:
                 return hit
         return None
 
+    def check_sha256(self, digest: bytes) -> BlockMatch | None:
+        """The sha256 list that names a file of this digest (32 bytes) that is not at hand: the
+        original download an img2dataset output recorded the hash of, then resized."""
+        return self._find("sha256", digest)
+
     def check_pdq(self, pdq: bytes | str | None, dihedral: list[bytes] | None = None) -> BlockMatch | None:
         """The PDQ list with an entry within ``pdq_threshold`` bits of ``pdq`` (32 bytes or
         hex), or of any of ``dihedral`` (the image's other orientations) when given."""

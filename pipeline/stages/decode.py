@@ -569,7 +569,9 @@ class DecodeStage(Stage):
                 table = S.set_column(table, name, pa.array(out[name], types.get(name, pa.int32())))
         if self.model_input is not None:
             table = S.set_column(table, S.PIXELS, S.binary_column(out[S.PIXELS]))
-            source = [None if v is None else "original" for v in out[S.PIXELS]]
+            # An image read from another output's shard (the unpack stage) says "stored" already.
+            prior = S.column_list(table, S.EMBEDDED_FROM)
+            source = [None if v is None else (p or "original") for v, p in zip(out[S.PIXELS], prior, strict=True)]
             table = S.set_column(table, S.EMBEDDED_FROM, pa.array(source, pa.string()))
             if self.thumbnails:
                 table = S.set_column(table, S.IMAGE_THUMB, pa.array(out[S.IMAGE_THUMB], pa.binary()))

@@ -15,6 +15,10 @@ txt line). Invalid bytes, and lone surrogates from ``\ud800``-style JSON escapes
 such a row keeps status ``ok`` and its ``error`` names the repaired column. A file with no rows
 (empty, or a header only) adds no shards. csv/tsv fields may be of any length.
 
+``input_format: img2dataset`` reads the per-shard tables of an img2dataset output (or of a
+clipcurate output's ``shards/``) as the list, with what the unpack stage needs to take each
+row's image from the tar beside its table (pipeline/stages/unpack.py).
+
 LAION's column names work without flags: when ``url_col`` (``caption_col``) is not in a file,
 a column with the same name in another case (``URL``, ``TEXT`` for ``caption``) is used.
 """
@@ -25,6 +29,7 @@ import csv
 import fnmatch
 import io
 import json
+import logging
 import posixpath
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +45,8 @@ from pipeline.config import ConfigError, ReadConfig, StorageConfig
 from pipeline.stages.base import Stage
 from pipeline.storage import filesystem_for, is_s3
 
+log = logging.getLogger(__name__)
+
 MALFORMED = S.MALFORMED_ROW
 MISSING_URL = S.MISSING_URL
 # Python's csv module refuses fields over 128 KiB by default; LAION captions can be longer and
@@ -52,7 +59,15 @@ _EXTENSIONS = {
     "tsv": (".tsv",),
     "jsonl": (".jsonl", ".json"),
     "txt": (".txt",),
+    # An img2dataset output: its per-shard tables (each beside the tar of the same stem).
+    "img2dataset": (".parquet",),
 }
+_PARQUET_TABLES = ("parquet", "img2dataset")
+# What an img2dataset output's tables must hold besides url (and caption): the row's key in the
+# tar and the tool's status; its message is optional (img2dataset's error_message, a clipcurate
+# table's error).
+_SOURCE_COLUMNS = {"key": S.SOURCE_KEY, "status": S.SOURCE_STATUS, "error_message": S.SOURCE_ERROR,
+                   S.ERROR: S.SOURCE_ERROR}
 # Column-name fallbacks for LAION-style lists.
 _ALIASES = {"caption": ("text",)}
 
@@ -241,7 +256,7 @@ def _parse_file(uri: str, input_format: str, storage: StorageConfig | None) -> _
 def _column_names(uri: str, cfg: ReadConfig, storage: StorageConfig | None) -> tuple[list[str], int, bool]:
     """Column names, row count, and whether the names can be checked: not when every line of
     a text file failed to parse (the rows are recorded as malformed instead)."""
-    if cfg.input_format == "parquet":
+    if cfg.input_format in _PARQUET_TABLES:
         fs, path = filesystem_for(uri, storage)
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
@@ -273,6 +288,13 @@ def _resolve_columns(names: list[str], cfg: ReadConfig, uri: str, strict: bool =
     url = res(cfg.url_col, "url_col")
     caption = res(cfg.caption_col, "caption_col") if cfg.caption_col else None
     extra = tuple(res(c, "save_additional_columns") for c in cfg.save_additional_columns)
+    if cfg.input_format == "img2dataset":
+        lacking = [c for c in ("key", "status") if c not in names]
+        if lacking:
+            raise ConfigError(
+                f"read.input_format: img2dataset reads an img2dataset output's shard tables, but "
+                f"{uri} has no {' or '.join(repr(c) for c in lacking)} column (columns: {names})"
+            )
     return _Columns(url, caption, extra)
 
 
@@ -285,15 +307,23 @@ def plan_shards(
     """
     shards: list[ShardDescriptor] = []
     next_id = 0
+    split = 0
     for uri in list_input_files(cfg.url_list, cfg.input_format, storage):
         names, num_rows, checkable = _column_names(uri, cfg, storage)
         if num_rows == 0:
             continue  # an empty or header-only file has no rows to account for
         _resolve_columns(names, cfg, uri, checkable)
+        split += cfg.input_format == "img2dataset" and num_rows > number_sample_per_shard
         for start in range(0, num_rows, number_sample_per_shard):
             length = min(number_sample_per_shard, num_rows - start)
             shards.append(ShardDescriptor(next_id, uri, start, length))
             next_id += 1
+    if split:
+        # Each shard streams its source tar up to its last image: k shards of one tar read it
+        # about (k + 1) / 2 times over.
+        log.warning("%d img2dataset shard(s) hold more rows than shard.number_sample_per_shard=%d, so "
+                    "their tars are read more than once; set it to the source's shard size "
+                    "(img2dataset's default: 10000) to read each once", split, number_sample_per_shard)
     return shards
 
 
@@ -331,11 +361,15 @@ def read_shard(
     wanted = [cols.url] + ([cols.caption] if cols.caption else []) + list(cols.extra)
     wanted = list(dict.fromkeys(wanted))
     bad: list[str | None]
-    if cfg.input_format == "parquet":
+    source: dict[str, pa.Array] = {}
+    if cfg.input_format in _PARQUET_TABLES:
         fs, path = filesystem_for(desc.path, storage)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            table = _read_parquet_rows(pf, wanted, desc.start, desc.length)
+            if cfg.input_format == "img2dataset":
+                table, source = _read_source_table(pf, wanted, desc)
+            else:
+                table = _read_parquet_rows(pf, wanted, desc.start, desc.length)
         data = {n: table.column(n) for n in wanted}
         bad = [None] * desc.length
     else:
@@ -394,7 +428,33 @@ def read_shard(
             continue
         col = data[extra]
         out[name] = col if isinstance(col, pa.ChunkedArray | pa.Array) else _array(col)
+    for name, col in source.items():
+        out.setdefault(name, col)
     return pa.table(out)
+
+
+def _read_source_table(pf: pq.ParquetFile, wanted: list[str], desc: ShardDescriptor) -> tuple[pa.Table, dict[str, pa.Array]]:
+    """The ``wanted`` columns of an img2dataset shard table's rows of ``desc``, and what the
+    unpack stage needs of them (``source_key``, ``_source_*``)."""
+    names = pf.schema_arrow.names
+    have = [c for c in _SOURCE_COLUMNS if c in names]
+    # img2dataset's sha256 is of the download; a clipcurate table's is of the stored copy, and
+    # its source_sha256 of the download.
+    original = next((c for c in (S.SOURCE_SHA256, S.SHA256) if c in names), None)
+    extra = [*have, *([original] if original else [])]
+    table = _read_parquet_rows(pf, list(dict.fromkeys([*wanted, *extra])), desc.start, desc.length)
+    source: dict[str, pa.Array] = {}
+    for c in have:  # the first of error_message / error names the message
+        source.setdefault(_SOURCE_COLUMNS[c], table.column(c).cast(pa.string()))
+    if original:
+        source[S.SOURCE_ORIGINAL_SHA256] = table.column(original).cast(pa.string())
+    source[S.SOURCE_TAR] = pa.array([_tar_of(desc.path)] * desc.length, pa.string())
+    return table, source
+
+
+def _tar_of(table_uri: str) -> str:
+    """The tar beside an img2dataset shard table: ``.../00012.parquet -> .../00012.tar``."""
+    return table_uri[: -len(".parquet")] + ".tar"
 
 
 def _read_parquet_rows(pf: pq.ParquetFile, columns: list[str], start: int, length: int) -> pa.Table:
