@@ -13,7 +13,10 @@ process, each tool runs as a separate process on the first ``--small`` rows and 
 - ``job (Ray Data)``: the same command with ``RAY_ADDRESS`` pointing at a local Ray head
   started before timing (loopback only), i.e. the path ``ray job submit`` takes;
 - ``download`` (with ``--tools``): ``clipcurate download`` with its default flags (the
-  download half alone: download, decode + resize, shards).
+  download half alone: download, decode + resize, shards);
+- ``job-i2d`` (with ``--tools``, after ``img2dataset``): the default job with ``--input-format
+  img2dataset`` on img2dataset's output of the same round and size (its 256 px stored images,
+  no download): what curating an existing img2dataset output costs.
 
 CPU is counted two ways for each run: the whole machine's busy time from ``/proc/stat``
 (every process, this benchmark's included: what a user's machine pays), and the CPU
@@ -522,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
     list_arguments(p)
     p.add_argument("--cpus", type=int, default=2, help="Ray head num_cpus")
     p.add_argument("--tools", nargs="+", default=["img2dataset", "job", "job-ray"],
-                   choices=["img2dataset", "download", "job", "job-ray"])
+                   choices=["img2dataset", "download", "job", "job-ray", "job-i2d"])
     p.add_argument("--job-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a --set for both job runs (e.g. execution.task_cpus=1.0); default: none")
     p.add_argument("--delay", type=float, default=0.0,
@@ -540,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--delay must be >= 0")
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
+    if "job-i2d" in a.tools and ("img2dataset" not in a.tools
+                                 or a.tools.index("img2dataset") > a.tools.index("job-i2d")):
+        p.error("--tools: job-i2d reads img2dataset's output, so img2dataset must come before it")
     work, world, servers, bases = serve_list(p, a, a.hosts)
     cg = Cgroup(f"clipcurate-bench-{os.getpid()}")
     for server in servers:
@@ -566,6 +572,9 @@ def main(argv: list[str] | None = None) -> None:
                     cmd = [sys.executable, "-m", "pipeline.cli", "download", "--url_list", str(src),
                            "--output_folder", str(out), "--allowed_networks", "127.0.0.0/8",
                            "--number_sample_per_shard", str(PER_SHARD), "--retries", "0"]
+                    run_env = env
+                elif tool == "job-i2d":
+                    cmd = [*job_cmd(work / f"out-img2dataset-{rows}", out, a.job_set), "--input-format", "img2dataset"]
                     run_env = env
                 else:
                     cmd = job_cmd(src, out, a.job_set)

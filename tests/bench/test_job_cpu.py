@@ -83,3 +83,11 @@ def test_first_shard_is_counted_from_the_command_start() -> None:
     report = J.report([small, big], [], (0.0, 0.0, 0.0))
     assert "| job | 500 | 500 | 12.0 | 8.2 | 15.0 | 15.0 |" in report
     assert "| job | 3000 | 3000 | 30.0 | n/a | 35.0 | 35.0 |" in report
+
+
+@pytest.mark.parametrize("tools", [["job-i2d"], ["job-i2d", "img2dataset"]])
+def test_job_i2d_needs_img2dataset_before_it(tools: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        J.main(["--tools", *tools])
+    assert info.value.code == 2
+    assert "job-i2d reads img2dataset's output, so img2dataset must come before it" in capsys.readouterr().err
