@@ -72,7 +72,10 @@ class JobSummary:
     output: str
     input_rows: int = 0
     shards_planned: int = 0
-    shards_downloaded: int = 0  # went through download -> shard in this run
+    shards_downloaded: int = 0  # went through download (or unpack) -> shard in this run
+    # how this run's fresh shards got their images: "downloaded", or read from an img2dataset
+    # output's tars (read.input_format img2dataset)
+    fetched: str = "downloaded"
     shards_reembedded: int = 0  # committed earlier, embedded in this run
     shards_skipped: int = 0  # already complete
     rows: int = 0
@@ -329,7 +332,10 @@ def run(
     summary.input_rows = sum(expected.values())
     summary.shards_downloaded, summary.shards_reembedded = len(to_download), len(to_embed)
     summary.shards_skipped = len(plan) - len(to_download) - len(to_embed)
-    emit(f"{len(plan)} shards planned ({sum(expected.values())} rows): {len(to_download)} to download, "
+    if cfg.read.input_format == "img2dataset":
+        summary.fetched = "read from img2dataset tars"
+    to_fetch = "to download" if summary.fetched == "downloaded" else "to read from img2dataset tars"
+    emit(f"{len(plan)} shards planned ({sum(expected.values())} rows): {len(to_download)} {to_fetch}, "
          f"{len(to_embed)} committed but not embedded, {summary.shards_skipped} done")
     summary.timings["plan"] = time.time() - started
 
@@ -456,7 +462,7 @@ def format_summary(s: JobSummary) -> str:
     """The one-screen summary printed at the end of a run."""
     lines = [
         f"output: {s.output}",
-        f"shards: {s.shards_planned} planned, {s.shards_downloaded} downloaded, "
+        f"shards: {s.shards_planned} planned, {s.shards_downloaded} {s.fetched}, "
         f"{s.shards_reembedded} re-embedded, {s.shards_skipped} already done",
         f"rows: {s.rows} total, {s.rows_this_run} this run, {s.kept} kept, {s.rows - s.kept} dropped",
         "status:",

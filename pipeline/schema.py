@@ -36,6 +36,9 @@ SOURCE_TAR = "_source_tar"
 # hex sha256 of the original download as that output recorded it (img2dataset's ``sha256``, a
 # clipcurate shard's ``source_sha256``): its tars hold resized copies, hash lists name originals
 SOURCE_ORIGINAL_SHA256 = "_source_original_sha256"
+# int: the original's size as that output recorded it (its tars hold a resized copy)
+SOURCE_ORIGINAL_WIDTH = "_source_original_width"
+SOURCE_ORIGINAL_HEIGHT = "_source_original_height"
 
 # --- columns set by the download stage ----------------------------------------------------
 IMAGE_BYTES = "image_bytes"

@@ -46,7 +46,7 @@ import io
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -252,6 +252,48 @@ class DecodeOptions:
     model_input: PreprocessConfig | None = None
     thumbnails: bool = False
     pdq_dihedral: bool = False
+    # (width, height) of the original of a stored copy read from another output (the unpack
+    # stage): a square copy of a non-square original whose margins are white padding (border
+    # mode, as img2dataset and this job store) is cut back to the picture; see _unpad_box.
+    unpad: tuple[int, int] | None = None
+
+
+# A stored copy's margin counts as border padding when, 2 px or more from the picture (JPEG
+# blends the two across the edge's 8 x 8 blocks), its median value is at least _PAD_MEDIAN and
+# 95 % of its values at least _PAD_LOW: white, give or take the compression's ringing.
+_PAD_MEDIAN = 245
+_PAD_LOW = 200
+
+
+def _unpad_box(w: int, h: int, original: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Where the picture sits in a ``w`` x ``h`` border-padded copy of an ``original``
+    (width, height) image: (left, top, right, bottom), 1 px inside on the padded sides; None
+    when such a copy has no padding (not square, or a square original).
+
+    Border mode scales the longest side to the copy's size and pads the other one evenly
+    (albumentations' LongestMaxSize + PadIfNeeded, as img2dataset does and _place mirrors)."""
+    ow, oh = original
+    if w != h or ow <= 0 or oh <= 0 or ow == oh:
+        return None
+    scale = w / max(ow, oh)
+    cw, ch = min(w, max(1, round(ow * scale))), min(h, max(1, round(oh * scale)))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    box = [left, top, left + cw, top + ch]
+    if cw < w:  # padded left and right: rounding may differ by a pixel, so keep clear of it
+        box[0], box[2] = box[0] + 1, box[2] - 1
+    if ch < h:
+        box[1], box[3] = box[1] + 1, box[3] - 1
+    return (box[0], box[1], box[2], box[3]) if box[2] > box[0] and box[3] > box[1] else None
+
+
+def _is_padding(rgb: Image.Image, box: tuple[int, int, int, int]) -> bool:
+    """True when what lies outside ``box`` in ``rgb`` (2 px or more from it) is white padding."""
+    a = np.asarray(rgb)
+    left, top, right, bottom = box
+    margins = [a[: max(0, top - 2)], a[bottom + 2 :], a[:, : max(0, left - 2)], a[:, right + 2 :]]
+    margins = [m for m in margins if m.size]
+    return bool(margins) and all(
+        np.median(m) >= _PAD_MEDIAN and np.percentile(m, 5) >= _PAD_LOW for m in margins)
 
 
 def _draft_request(raw_w: int, raw_h: int, swapped: bool, target: tuple[int, int] | None,
@@ -342,6 +384,9 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
     orientation = _orientation(im)
     swapped = orientation in (5, 6, 7, 8)
     ow, oh = (raw_h, raw_w) if swapped else (raw_w, raw_h)
+    unpad = _unpad_box(ow, oh, opts.unpad) if opts.unpad is not None else None
+    if unpad is not None:  # checked and sized as the picture inside the padding
+        ow, oh = unpad[2] - unpad[0], unpad[3] - unpad[1]
     if min(ow, oh) < cfg.min_image_size:
         raise RowFailure(S.TOO_SMALL, f"{ow}x{oh} is below min_image_size={cfg.min_image_size}")
     if max(ow, oh) / min(ow, oh) > cfg.max_aspect_ratio:
@@ -357,7 +402,9 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
             f"{ow}x{oh} resized to {target[0]}x{target[1]} exceeds max_image_pixels={cfg.max_image_pixels}",
         )
     try:
-        request = _draft_request(raw_w, raw_h, swapped, target, opts.model_input) if fmt == "jpeg" else None
+        request = None
+        if fmt == "jpeg" and unpad is None:  # a stored copy is small: nothing to draft
+            request = _draft_request(raw_w, raw_h, swapped, target, opts.model_input)
         if request is not None:
             # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 of the size while the
             # headroom of _draft_request remains (its docstring has the measurements).
@@ -366,6 +413,12 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
         if orientation != 1:
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
+        if unpad is not None:
+            if _is_padding(rgb, unpad):
+                rgb = rgb.crop(unpad)
+            else:  # a square copy made otherwise (center_crop): all of it is picture
+                ow, oh = rgb.size
+                target = _target_size(ow, oh, cfg)
         shrink = target is not None and rgb.size != target and (target[0] < ow or target[1] < oh)
         view = None
         if shrink or opts.model_input is not None:
@@ -524,7 +577,13 @@ class DecodeStage(Stage):
         dihedral = blocklist is not None and blocklist.has_pdq and blocklist.pdq_dihedral
         opts = DecodeOptions(self.cfg, self.model_input, self.thumbnails, dihedral)
         todo = [i for i in range(n) if statuses[i] == S.OK]
-        items = [(blobs[i].as_py() if blobs is not None else None, urls[i], opts) for i in todo]
+        # Rows read from another output's shards (the unpack stage) carry their original's
+        # size: its stored copy may be border-padded, and the output keeps the original's size.
+        sizes = list(zip(S.column_list(batch, S.SOURCE_ORIGINAL_WIDTH),
+                         S.column_list(batch, S.SOURCE_ORIGINAL_HEIGHT), strict=True))
+        row_opts = {i: replace(opts, unpad=(int(sizes[i][0]), int(sizes[i][1])))
+                    for i in todo if sizes[i][0] and sizes[i][1]}
+        items = [(blobs[i].as_py() if blobs is not None else None, urls[i], row_opts.get(i, opts)) for i in todo]
         if self.isolate:
             box = shared_sandbox(self.decoder, self.max_attempts, self.timeout_s)
             results = box.map(items)
@@ -549,8 +608,8 @@ class DecodeStage(Stage):
             out[S.IMAGE_FORMAT][i] = res.image_format
             out[S.WIDTH][i] = res.width
             out[S.HEIGHT][i] = res.height
-            out[S.ORIGINAL_WIDTH][i] = res.original_width
-            out[S.ORIGINAL_HEIGHT][i] = res.original_height
+            out[S.ORIGINAL_WIDTH][i], out[S.ORIGINAL_HEIGHT][i] = (
+                row_opts[i].unpad if i in row_opts else (res.original_width, res.original_height))
             out[S.SHA256][i] = res.sha256
             out[S.PIXELS][i] = res.pixels
             out[S.IMAGE_THUMB][i] = res.thumb

@@ -441,13 +441,17 @@ def _read_source_table(pf: pq.ParquetFile, wanted: list[str], desc: ShardDescrip
     # img2dataset's sha256 is of the download; a clipcurate table's is of the stored copy, and
     # its source_sha256 of the download.
     original = next((c for c in (S.SOURCE_SHA256, S.SHA256) if c in names), None)
-    extra = [*have, *([original] if original else [])]
+    sizes = [c for c in (S.ORIGINAL_WIDTH, S.ORIGINAL_HEIGHT) if c in names]
+    extra = [*have, *([original] if original else []), *sizes]
     table = _read_parquet_rows(pf, list(dict.fromkeys([*wanted, *extra])), desc.start, desc.length)
     source: dict[str, pa.Array] = {}
     for c in have:  # the first of error_message / error names the message
         source.setdefault(_SOURCE_COLUMNS[c], table.column(c).cast(pa.string()))
     if original:
         source[S.SOURCE_ORIGINAL_SHA256] = table.column(original).cast(pa.string())
+    if len(sizes) == 2:
+        source[S.SOURCE_ORIGINAL_WIDTH] = table.column(S.ORIGINAL_WIDTH).cast(pa.int64())
+        source[S.SOURCE_ORIGINAL_HEIGHT] = table.column(S.ORIGINAL_HEIGHT).cast(pa.int64())
     source[S.SOURCE_TAR] = pa.array([_tar_of(desc.path)] * desc.length, pa.string())
     return table, source
 

@@ -4,8 +4,10 @@ graph and sets the same columns, so decode, shard and everything after run uncha
 images are decoded (in the crash-guarded child, with the same bomb and format checks), stored
 in this job's own shards and embedded, and a row keeps the one output row it had.
 
-Columns in: the read stage's, with ``source_key``, ``_source_status``, ``_source_error`` and
-``_source_tar`` (pipeline/stages/read.py). Columns added, as the download stage's:
+Columns in: the read stage's, with ``source_key``, ``_source_status``, ``_source_error``,
+``_source_tar`` and, where the table has them, the original's recorded sha256 and size
+(pipeline/stages/read.py; the decode stage uses the size to cut border padding off a stored
+copy and to report the original's size). Columns added, as the download stage's:
 ``image_bytes`` (the tar member's bytes, for rows that end ``ok``), ``http_status`` and
 ``download_s`` (null: nothing was requested), ``embedded_from`` (``"stored"``: the model will
 see that output's stored copy, not the original), ``source_sha256``: the sha256 of the original
@@ -169,8 +171,8 @@ class UnpackStage(Stage):
         out = S.set_column(out, S.HTTP_STATUS, pa.array([None] * n, pa.int32()))
         out = S.set_column(out, S.DOWNLOAD_S, pa.array([None] * n, pa.float32()))
         out = S.set_column(out, S.SOURCE_SHA256, pa.array(digests, pa.string()))
-        # What the model will see is the copy that output stored (img2dataset's default pads it
-        # to a square: resize_mode border), not the original.
+        # What the model will see is the copy that output stored, not the original (the decode
+        # stage cuts img2dataset's border padding off it: DecodeOptions.unpad).
         return S.set_column(out, S.EMBEDDED_FROM, pa.array(["stored" if b is not None else None for b in bodies],
                                                            pa.string()))
 

@@ -21,7 +21,7 @@ from pipeline.config import (
     ReadConfig,
     ShardConfig,
 )
-from pipeline.job import run
+from pipeline.job import format_summary, run
 from testkit.img2dataset_output import make_img2dataset_output
 
 ROWS = 30
@@ -66,7 +66,8 @@ def test_the_job_curates_an_img2dataset_output_without_downloading(i2d: Path, tm
             # The image img2dataset stored (96 px), decoded and embedded here; the hash is of
             # the file it downloaded.
             assert r[S.SOURCE_SHA256] == src["sha256"]
-            assert (r[S.ORIGINAL_WIDTH], r[S.ORIGINAL_HEIGHT]) == (src["width"], src["height"]) == (96, 96)
+            assert (r[S.ORIGINAL_WIDTH], r[S.ORIGINAL_HEIGHT]) == (src["original_width"], src["original_height"])
+            assert (src["width"], src["height"]) == (96, 96)  # what img2dataset stored: padded squares
             assert r[S.EMBEDDED_FROM] == "stored" and r[S.CLIP_SCORE] is not None
             norm = np.linalg.norm(np.asarray(r[S.IMAGE_EMBEDDING], np.float64))
             assert abs(norm - 1.0) < 2e-3
@@ -75,6 +76,9 @@ def test_the_job_curates_an_img2dataset_output_without_downloading(i2d: Path, tm
     shard_rows = [r for p in sorted(shards.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(r[S.SOURCE_KEY] for r in shard_rows) == sorted(source)
     assert summary.shards_planned == 3  # img2dataset wrote 20 + 10 rows; 10 per shard here
+
+    assert "3 shards planned (30 rows): 3 to read from img2dataset tars, 0 committed but not embedded, 0 done" in lines
+    assert "shards: 3 planned, 3 read from img2dataset tars, 0 re-embedded, 0 already done" in format_summary(summary)
 
     again = run(_cfg(i2d, tmp_path / "out"), lines.append)
     assert (again.shards_downloaded, again.shards_reembedded, again.shards_skipped) == (0, 0, 3)

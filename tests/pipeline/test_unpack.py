@@ -11,6 +11,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -195,3 +196,52 @@ def test_an_output_on_s3_reads_as_one_on_disk(i2d: Path, s3_server, s3_bucket: s
     assert lost == {f"s3://{s3_bucket}/i2d/00001.tar does not exist"}
     assert sum(r[S.STATUS] == S.OK for r in out) == sum(
         r[S.STATUS] == S.OK and r[S.SOURCE_TAR].endswith("00000.tar") for r in local.values())
+
+
+def test_the_model_sees_the_picture_not_the_border_img2dataset_padded_it_with(i2d: Path) -> None:
+    from dataclasses import replace
+
+    from clip_model.config import PreprocessConfig
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import DecodeOptions, _unpad_box, decode_image
+
+    opts = DecodeOptions(DecodeConfig(image_size=64, resize_mode="center_crop"), PreprocessConfig(image_size=64))
+    paths = pq.read_table(i2d.parent / "list.parquet").column("_gt_path").to_pylist()
+
+    def pixels(data: bytes, o: DecodeOptions) -> np.ndarray:
+        return np.frombuffer(decode_image(data, o).pixels, np.uint8).astype(np.float64)
+
+    checked = 0
+    for r in _source(i2d).values():
+        if r["jpg"] is None:
+            continue
+        size = (r["original_width"], r["original_height"])
+        box = _unpad_box(64, 64, size)
+        if box is None or max(box[0], box[1]) < 3:
+            continue  # (nearly) square: no margin worth the name
+        # Reference: the model input a download of the original gets.
+        ref = pixels((i2d.parent / paths[r["_gt_row"]]).read_bytes(), opts)
+        unpadded = np.abs(pixels(r["jpg"], replace(opts, unpad=size)) - ref).mean()
+        padded = np.abs(pixels(r["jpg"], opts) - ref).mean()
+        assert unpadded < 6 and unpadded < padded / 2, (r["key"], unpadded, padded)
+        checked += 1
+    assert checked >= 5
+
+
+def test_a_square_copy_without_white_margins_is_left_whole() -> None:
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from clip_model.config import PreprocessConfig
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import DecodeOptions, decode_image
+
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 200, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    opts = DecodeOptions(DecodeConfig(image_size=64, resize_mode="center_crop"), PreprocessConfig(image_size=64))
+    # A center-cropped copy of a 100 x 77 original: square, but all picture.
+    whole = decode_image(buf.getvalue(), opts)
+    got = decode_image(buf.getvalue(), replace(opts, unpad=(100, 77)))
+    assert got.pixels == whole.pixels and (got.width, got.height) == (64, 64)
