@@ -332,10 +332,10 @@ def run(
     summary.input_rows = sum(expected.values())
     summary.shards_downloaded, summary.shards_reembedded = len(to_download), len(to_embed)
     summary.shards_skipped = len(plan) - len(to_download) - len(to_embed)
-    if cfg.read.input_format == "img2dataset":
-        summary.fetched = "read from img2dataset tars"
-    to_fetch = "to download" if summary.fetched == "downloaded" else "to read from img2dataset tars"
-    emit(f"{len(plan)} shards planned ({sum(expected.values())} rows): {len(to_download)} {to_fetch}, "
+    unpack = cfg.read.input_format == "img2dataset"
+    summary.fetched = "read from img2dataset tars" if unpack else "downloaded"
+    emit(f"{len(plan)} shards planned ({sum(expected.values())} rows): {len(to_download)} "
+         f"{'to read from img2dataset tars' if unpack else 'to download'}, "
          f"{len(to_embed)} committed but not embedded, {summary.shards_skipped} done")
     summary.timings["plan"] = time.time() - started
 

@@ -146,6 +146,18 @@ def is_decode_failure(status: str) -> bool:
     return status in DECODE_STATUSES
 
 
+def is_failure_status(status: object) -> bool:
+    """True for a failure status of this vocabulary (read, download incl. ``http_<code>``,
+    decode, preprocess); False for ``ok`` and for words of other tools (img2dataset's
+    ``failed_to_download``)."""
+    if not isinstance(status, str):
+        return False
+    if status.startswith(_HTTP_PREFIX):
+        return status[len(_HTTP_PREFIX):].isdigit()
+    return (status in READ_STATUSES or status in DOWNLOAD_STATUSES or status in DECODE_STATUSES
+            or status in EMBED_STATUSES)
+
+
 def stage_of(status: str) -> str:
     """The stage that set a row's status: "ok", "read", "download", "decode" or "preprocess"."""
     if status == OK:

@@ -129,12 +129,12 @@ class UnpackStage(Stage):
                 continue
             status = source_status[i]
             if status not in _STORED:
-                if isinstance(status, str) and (status in S.DOWNLOAD_STATUSES or S.is_decode_failure(status)
-                                                or status.startswith("http_")):
+                if S.is_failure_status(status):  # a clipcurate table's own word for it
                     statuses[i], errors[i] = status, source_error[i]
                 else:
                     statuses[i] = S.SOURCE_FAILED
-                    errors[i] = f"{status}: {source_error[i]}" if source_error[i] else str(status)
+                    label = status if isinstance(status, str) and status else "no status"
+                    errors[i] = f"{label}: {source_error[i]}" if source_error[i] else label
                 continue
             hit = lists.check_url(urls[i]) if lists is not None else None
             if hit is not None:  # the list says never store it, wherever it came from

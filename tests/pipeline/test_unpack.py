@@ -245,3 +245,22 @@ def test_a_square_copy_without_white_margins_is_left_whole() -> None:
     whole = decode_image(buf.getvalue(), opts)
     got = decode_image(buf.getvalue(), replace(opts, unpad=(100, 77)))
     assert got.pixels == whole.pixels and (got.width, got.height) == (64, 64)
+
+
+def test_a_sources_failures_keep_this_projects_words_and_map_anyone_elses() -> None:
+    words = [S.http_failure(404), S.DECODE_ERROR, S.MISSING_URL, S.IMAGE_MISSING, S.TIMEOUT,
+             "failed_to_download", "failed_to_resize", "http_oops", None]
+    batch = pa.table({
+        S.URL: [f"http://h/{i}" for i in range(len(words))],
+        S.STATUS: [S.OK] * len(words),
+        S.ERROR: pa.array([None] * len(words), pa.string()),
+        S.SOURCE_KEY: [f"{i:04d}" for i in range(len(words))],
+        S.SOURCE_STATUS: pa.array(words, pa.string()),
+        S.SOURCE_ERROR: [f"why {i}" for i in range(len(words))],
+        S.SOURCE_TAR: ["/nonexistent.tar"] * len(words),
+    })
+    out = UnpackStage().process_batch(batch).to_pylist()
+    got = [(r[S.STATUS], r[S.ERROR]) for r in out]
+    assert got[:5] == [(w, f"why {i}") for i, w in enumerate(words[:5])]  # clipcurate's: kept
+    assert got[5:] == [(S.SOURCE_FAILED, "failed_to_download: why 5"), (S.SOURCE_FAILED, "failed_to_resize: why 6"),
+                       (S.SOURCE_FAILED, "http_oops: why 7"), (S.SOURCE_FAILED, "no status: why 8")]
