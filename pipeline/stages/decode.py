@@ -19,6 +19,10 @@ Per row with ``status == "ok"``, in this order, stopping at the first failure:
    by torch's SIMD uint8 kernel (as close to OpenCV's area filter as Pillow's Hamming, which
    costs ~4x the CPU: see ``_shrink``), Pillow's Lanczos when enlarging.
 5. Re-encode (jpg with ``encode_quality``, png, or webp) and hash the stored bytes (sha256).
+   A copy another output stored (the unpack stage) that already is what this step would store
+   (a plain JPEG at ``encode_quality``, the same size, nothing resampled) is kept byte for
+   byte instead (:func:`_keeps_stored_bytes`): re-curating an output loses no quality to a
+   second JPEG pass.
 6. Decode once: when the stage is given the embedding model's preprocessing
    (``model_input``), the model's uint8 input is made here, by the model's own
    ``resize_crop_uint8`` arithmetic (shortest side to S, centre crop; computed by torch's
@@ -40,6 +44,7 @@ the stored image's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import io
@@ -256,6 +261,8 @@ class DecodeOptions:
     # stage): a square copy of a non-square original whose margins are white padding (border
     # mode, as img2dataset and this job store) is cut back to the picture; see _unpad_box.
     unpad: tuple[int, int] | None = None
+    # The bytes are a copy another output stored (the unpack stage): see _keeps_stored_bytes.
+    stored: bool = False
 
 
 # A stored copy's margin counts as border padding when, 2 px or more from the picture (JPEG
@@ -419,7 +426,8 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
             else:  # a square copy made otherwise (center_crop): all of it is picture
                 ow, oh = rgb.size
                 target = _target_size(ow, oh, cfg)
-        shrink = target is not None and rgb.size != target and (target[0] < ow or target[1] < oh)
+        resampled = target is not None and rgb.size != target
+        shrink = resampled and (target[0] < ow or target[1] < oh)
         view = None
         if shrink or opts.model_input is not None:
             from clip_model.transform import pixels_tensor
@@ -443,7 +451,10 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
         raise
     except Exception as e:
         raise _failure(e) from e
-    encoded = _encode(rgb, cfg)
+    if opts.stored and not resampled and rgb.size == (raw_w, raw_h) and _keeps_stored_bytes(data, im, cfg):
+        encoded = data
+    else:
+        encoded = _encode(rgb, cfg)
     return DecodedImage(
         data=encoded,
         image_format=cfg.encode_format,
@@ -457,6 +468,34 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
         pdq=pdq[0],
         pdq_dihedral=pdq[1:] if opts.pdq_dihedral else None,
     )
+
+
+def _keeps_stored_bytes(data: bytes, im: Image.Image, cfg: DecodeConfig) -> bool:
+    """True when ``data``, a stored copy already of the stored size and not resampled, is the
+    file :func:`_encode` would write from its pixels, give or take the second JPEG pass: a
+    baseline-compatible RGB JPEG whose quantization tables and chroma subsampling are those
+    Pillow writes at ``encode_quality`` (libjpeg's scaled standard tables; img2dataset's
+    OpenCV writes the same), with no metadata (only the JFIF header: no EXIF, ICC profile,
+    XMP or comment) and nothing after its end marker. A file that fails any of these is
+    re-encoded as any download is, which also drops what a hostile or private file carries
+    beside its pixels."""
+    if cfg.encode_format != "jpg" or im.format != "JPEG" or im.mode != "RGB":
+        return False
+    if not data.endswith(b"\xff\xd9"):
+        return False
+    if any(marker != "APP0" or not payload.startswith(b"JFIF\x00") for marker, payload in im.applist):
+        return False
+    quant, layers = _jpeg_tables(cfg.encode_quality)
+    return getattr(im, "quantization", None) == quant and getattr(im, "layer", None) == layers
+
+
+@functools.lru_cache(maxsize=8)
+def _jpeg_tables(quality: int) -> tuple[dict[int, Any], list[tuple[int, int, int, int]]]:
+    """Quantization tables and component sampling of a JPEG Pillow writes at ``quality``."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "JPEG", quality=quality)
+    ref = Image.open(io.BytesIO(buf.getvalue()))
+    return ref.quantization, ref.layer
 
 
 def _pdq(rgb: Image.Image, dihedral: bool) -> tuple[bytes, ...]:
@@ -482,6 +521,12 @@ def _place(im: Image.Image, cfg: DecodeConfig) -> Image.Image:
 
 
 def _encode(im: Image.Image, cfg: DecodeConfig) -> bytes:
+    if im.info:
+        # Pillow writes a JPEG's comment and a PNG's ICC profile from the source's info when
+        # the picture reaches here unchanged (already at the stored size): the stored file
+        # carries the pixels only, never what a file hid beside them.
+        im = im.copy()
+        im.info = {}
     buf = io.BytesIO()
     if cfg.encode_format == "jpg":
         im.save(buf, "JPEG", quality=cfg.encode_quality)
@@ -581,8 +626,10 @@ class DecodeStage(Stage):
         # size: its stored copy may be border-padded, and the output keeps the original's size.
         sizes = list(zip(S.column_list(batch, S.SOURCE_ORIGINAL_WIDTH),
                          S.column_list(batch, S.SOURCE_ORIGINAL_HEIGHT), strict=True))
-        row_opts = {i: replace(opts, unpad=(int(sizes[i][0]), int(sizes[i][1])))
-                    for i in todo if sizes[i][0] and sizes[i][1]}
+        stored = S.column_list(batch, S.EMBEDDED_FROM)  # "stored": read from another output
+        row_opts = {i: replace(opts, stored=stored[i] == "stored",
+                               unpad=(int(sizes[i][0]), int(sizes[i][1])) if sizes[i][0] and sizes[i][1] else None)
+                    for i in todo if stored[i] == "stored" or (sizes[i][0] and sizes[i][1])}
         items = [(blobs[i].as_py() if blobs is not None else None, urls[i], row_opts.get(i, opts)) for i in todo]
         if self.isolate:
             box = shared_sandbox(self.decoder, self.max_attempts, self.timeout_s)
@@ -608,8 +655,9 @@ class DecodeStage(Stage):
             out[S.IMAGE_FORMAT][i] = res.image_format
             out[S.WIDTH][i] = res.width
             out[S.HEIGHT][i] = res.height
+            unpad = row_opts[i].unpad if i in row_opts else None
             out[S.ORIGINAL_WIDTH][i], out[S.ORIGINAL_HEIGHT][i] = (
-                row_opts[i].unpad if i in row_opts else (res.original_width, res.original_height))
+                unpad if unpad is not None else (res.original_width, res.original_height))
             out[S.SHA256][i] = res.sha256
             out[S.PIXELS][i] = res.pixels
             out[S.IMAGE_THUMB][i] = res.thumb

@@ -183,6 +183,24 @@ def test_exif_orientation_is_applied() -> None:
     assert px[5, 10, 0] > 200 and px[35, 10, 2] > 200
 
 
+def test_a_stored_file_carries_no_metadata_of_the_download() -> None:
+    # Already at the stored size, the picture reaches the encoder untouched: Pillow would
+    # copy a JPEG's comment and a PNG's ICC profile from the source into the stored file.
+    rng = np.random.default_rng(11)
+    im = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x8825] = {0x0002: (48.0, 51.0, 0.0)}  # a GPS latitude
+    for fmt, enc, kw in [("JPEG", "jpg", {"comment": b"secret", "exif": exif.tobytes(), "icc_profile": b"\0" * 64}),
+                         ("PNG", "png", {"icc_profile": b"\0" * 64, "exif": exif.tobytes()}),
+                         ("PNG", "webp", {"icc_profile": b"\0" * 64})]:
+        data = _encode(im, fmt, **kw)
+        out = decode_image(data, DecodeConfig(image_size=32, encode_format=enc))
+        assert (out.width, out.height) == (32, 32)
+        stored = Image.open(io.BytesIO(out.data))
+        assert not {"comment", "exif", "icc_profile", "xmp"} & set(stored.info), (fmt, enc, stored.info)
+        assert b"secret" not in out.data
+
+
 def test_first_frame_of_animation_and_frame_cap() -> None:
     frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     buf = io.BytesIO()

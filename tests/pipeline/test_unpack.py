@@ -264,3 +264,83 @@ def test_a_sources_failures_keep_this_projects_words_and_map_anyone_elses() -> N
     assert got[:5] == [(w, f"why {i}") for i, w in enumerate(words[:5])]  # clipcurate's: kept
     assert got[5:] == [(S.SOURCE_FAILED, "failed_to_download: why 5"), (S.SOURCE_FAILED, "failed_to_resize: why 6"),
                        (S.SOURCE_FAILED, "http_oops: why 7"), (S.SOURCE_FAILED, "no status: why 8")]
+
+
+def _decode(table: pa.Table, cfg, **kw) -> dict[str, dict]:  # noqa: ANN001
+    from clip_model.config import PreprocessConfig
+    from pipeline.stages.decode import DecodeStage
+
+    stage = DecodeStage(cfg=cfg, model_input=PreprocessConfig(image_size=64), isolate=False, **kw)
+    return {r[S.SOURCE_KEY]: r for r in stage.process_batch(table).to_pylist()}
+
+
+def test_a_stored_copy_that_already_is_the_jobs_copy_is_kept_byte_for_byte(i2d: Path) -> None:
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import _unpad_box
+
+    source = _source(i2d)
+    unpacked = UnpackStage().process_batch(_read(i2d))
+    # The job stores what img2dataset stored (64 px border, JPEG q95): its files, unchanged.
+    same = _decode(unpacked, DecodeConfig(image_size=64))
+    # A download is always re-encoded: the same rows without the "stored" mark.
+    as_download = _decode(S.set_column(unpacked, S.EMBEDDED_FROM, pa.array([None] * len(unpacked), pa.string())),
+                          DecodeConfig(image_size=64))
+    kept = 0
+    for key, r in same.items():
+        if r[S.STATUS] != S.OK:
+            continue
+        jpg = source[key]["jpg"]
+        assert r[S.IMAGE] == jpg and r[S.SHA256] == hashlib.sha256(jpg).hexdigest()
+        assert (r[S.WIDTH], r[S.HEIGHT]) == (64, 64)
+        other = as_download[key]
+        assert other[S.IMAGE] != jpg and (other[S.WIDTH], other[S.HEIGHT]) == (64, 64)
+        # The model's input and the dedup thumbnail come from the same pixels either way.
+        assert (r[S.PIXELS], r[S.PDQ]) == (other[S.PIXELS], other[S.PDQ])
+        kept += 1
+    assert kept == ROWS - len(MISSING)
+    # Settings that change the file re-encode it: another quality, size or format; center_crop
+    # does where border mode padded the picture (a copy without a margin is the same in both).
+    for cfg in (DecodeConfig(image_size=64, encode_quality=90), DecodeConfig(image_size=48),
+                DecodeConfig(image_size=64, encode_format="png"), DecodeConfig(image_size=64, resize_mode="center_crop")):
+        for key, r in _decode(unpacked, cfg).items():
+            src = source[key]
+            if r[S.STATUS] != S.OK:
+                continue
+            box = _unpad_box(64, 64, (src["original_width"], src["original_height"]))
+            if cfg.resize_mode != "center_crop" or (box and max(box[0], box[1]) >= 3):
+                assert r[S.IMAGE] != src["jpg"], (cfg, key)
+
+
+def test_a_stored_jpeg_carrying_anything_beside_its_pixels_is_re_encoded() -> None:
+    from PIL import Image
+
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import DecodeOptions, decode_image
+
+    rng = np.random.default_rng(5)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    def jpeg(**kw) -> bytes:  # noqa: ANN003
+        buf = io.BytesIO()
+        picture.save(buf, "JPEG", quality=95, **kw)
+        return buf.getvalue()
+
+    exif = Image.Exif()
+    exif[0x010F] = "camera maker"  # no orientation: the pixels are the same either way
+    opts = DecodeOptions(DecodeConfig(image_size=64), stored=True)
+    plain = jpeg()
+    assert decode_image(plain, opts).data == plain
+    for name, data in [("EXIF", jpeg(exif=exif.tobytes())), ("comment", jpeg(comment=b"hello")),
+                       ("ICC profile", jpeg(icc_profile=b"\0" * 128)), ("trailing bytes", plain + b"PK\x03\x04zip"),
+                       ("4:4:4 chroma", jpeg(subsampling=0)), ("grey", _grey_jpeg(picture))]:
+        got = decode_image(data, opts)
+        assert got.data != data, name
+        reread = Image.open(io.BytesIO(got.data))
+        assert reread.mode == "RGB" and [m for m, _ in reread.applist] == ["APP0"], name
+        assert got.sha256 == hashlib.sha256(got.data).hexdigest()
+
+
+def _grey_jpeg(picture) -> bytes:  # noqa: ANN001
+    buf = io.BytesIO()
+    picture.convert("L").save(buf, "JPEG", quality=95)
+    return buf.getvalue()
