@@ -420,9 +420,10 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
         if orientation != 1:
             im = ImageOps.exif_transpose(im)
         rgb = _to_rgb(im)
+        padded = None
         if unpad is not None:
             if _is_padding(rgb, unpad):
-                rgb = rgb.crop(unpad)
+                padded, rgb = rgb, rgb.crop(unpad)
             else:  # a square copy made otherwise (center_crop): all of it is picture
                 ow, oh = rgb.size
                 target = _target_size(ow, oh, cfg)
@@ -445,6 +446,10 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
             view = None
             pdq = _pdq(rgb, opts.pdq_dihedral)  # blocklists: the whole picture, before pad/crop
             rgb = _place(rgb, cfg)
+            if padded is not None and not resampled and rgb.size == padded.size:
+                # Re-padded at the same scale, the copy is the source's own square, whose
+                # picture reaches the edge of the box _unpad_box keeps 1 px inside of.
+                rgb = padded
         if pdq is None:
             pdq = _pdq(rgb, opts.pdq_dihedral)
     except RowFailure:
