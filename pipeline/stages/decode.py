@@ -477,8 +477,8 @@ def decode_image(data: bytes | None, cfg: DecodeConfig | DecodeOptions) -> Decod
 
 def _keeps_stored_bytes(data: bytes, im: Image.Image, cfg: DecodeConfig) -> bool:
     """True when ``data``, a stored copy already of the stored size and not resampled, is the
-    file :func:`_encode` would write from its pixels, give or take the second JPEG pass: a
-    baseline-compatible RGB JPEG whose quantization tables and chroma subsampling are those
+    file :func:`_encode` would write from its pixels, give or take the second JPEG pass: an
+    RGB JPEG whose quantization tables and chroma subsampling are those
     Pillow writes at ``encode_quality`` (libjpeg's scaled standard tables; img2dataset's
     OpenCV writes the same), with no metadata (only the JFIF header: no EXIF, ICC profile,
     XMP or comment) and nothing after its end marker. A file that fails any of these is
