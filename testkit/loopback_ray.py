@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 LOOPBACK = "127.0.0.1"
 
@@ -51,3 +51,46 @@ def loopback_ray_env() -> Iterator[str]:
             else:
                 os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# One local Ray that consecutive test modules share (tests/conftest.py runs the modules marked
+# ``shared_ray`` one after another, and stops it before any other module): each start of a
+# local Ray, with its first Ray Data run and its shutdown, costs ~13 s on a 2-core machine.
+_shared: ExitStack | None = None
+
+
+def shared_local_ray() -> None:
+    """Start this process's shared local Ray unless it runs: 2 logical CPUs, no GPU, no
+    dashboard, loopback only, in a private temp dir (:func:`loopback_ray_env`). Its workers
+    keep the environment of the moment it starts: start it after the S3 server. A test that
+    needs another Ray shuts it down (``ray.shutdown()``); the next call starts it again."""
+    global _shared
+    import ray
+
+    from pipeline.ray_start import init_ray
+
+    if _shared is not None and ray.is_initialized():
+        return
+    stop_shared_local_ray()
+    if ray.is_initialized():  # another Ray of this process, started by a test of its own
+        ray.shutdown()
+    stack = ExitStack()
+    stack.enter_context(loopback_ray_env())
+    try:
+        init_ray(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    except BaseException:
+        stack.close()
+        raise
+    _shared = stack
+
+
+def stop_shared_local_ray() -> None:
+    """Shut the shared local Ray down (if it runs) and restore the environment."""
+    global _shared
+    if _shared is None:
+        return
+    import ray
+
+    ray.shutdown()
+    stack, _shared = _shared, None
+    stack.close()

@@ -39,7 +39,6 @@ from pipeline.config import (
     ShardConfig,
 )
 from testkit.http_server import FaultServer
-from testkit.loopback_ray import loopback_ray_env
 from testkit.synthetic import generate_world
 
 PER_SHARD = 8
@@ -96,25 +95,11 @@ def _hostile_list(srv: FaultServer, images: list[str]) -> tuple[bytes, list[dict
     return b"\n".join(lines) + b"\n", want
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server: Any) -> Iterator[None]:
-    """Local Ray on 127.0.0.1, started after the S3 server so workers inherit its endpoint."""
-    import ray
-
-    from pipeline.ray_start import init_ray
-
-    if ray.is_initialized():  # an earlier module's Ray lacks this module's S3 settings
-        ray.shutdown()
-    with loopback_ray_env():
-        init_ray(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+pytestmark = pytest.mark.shared_ray
 
 
 @pytest.fixture(scope="module")
-def hostile_run(ray_local: None, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def hostile_run(shared_ray: None, s3_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("hostile-job")
     bucket = f"hostile-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(bucket)

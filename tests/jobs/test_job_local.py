@@ -31,6 +31,9 @@ from testkit.faults import CRASH_MARKER, CRASHING_DECODER, inject, kill_after
 from testkit.http_server import FaultServer
 from testkit.synthetic import generate_world
 
+# The Ray Data comparison runs on the local Ray that tests/conftest.py shares between modules.
+pytestmark = pytest.mark.shared_ray
+
 ROWS = 48
 PER_SHARD = 12
 CRASH_ROWS = (5, 30)
@@ -101,20 +104,10 @@ def test_a_shard_that_keeps_killing_the_model_worker_fails_the_run_by_name(world
     assert again.rows == ROWS and again.shards_downloaded + again.shards_reembedded >= 1
 
 
-def test_local_and_ray_data_write_the_same_rows(world, tmp_path: Path) -> None:
-    import ray
-
+def test_local_and_ray_data_write_the_same_rows(world, tmp_path: Path, shared_ray: None) -> None:
     local = run(_cfg(world, tmp_path / "local"), lambda line: None)
     cfg = _cfg(world, tmp_path / "ray")
-    from pipeline.ray_start import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        on_ray = run(replace(cfg, execution=ExecutionConfig(scheduler="ray")), lambda line: None)
-    finally:
-        ray.shutdown()
+    on_ray = run(replace(cfg, execution=ExecutionConfig(scheduler="ray")), lambda line: None)
     assert local.status_counts == on_ray.status_counts and local.kept == on_ray.kept
     a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
     for col in (S.KEY, S.STATUS, S.SHA256, S.KEEP, S.DROP_REASON, S.DUPLICATE_OF):

@@ -34,36 +34,17 @@ from pipeline.config import (
 )
 from pipeline.stages.decode import decode_image
 from testkit.http_server import FaultServer
-from testkit.loopback_ray import loopback_ray_env
 from testkit.synthetic import decode_display, generate_world
+from tests.ray_data_warnings import IGNORE_LEGACY_FIELDS
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.filterwarnings(
-        "ignore:`use_push_based_shuffle` is deprecated:DeprecationWarning",
-        "ignore:`use_polars` is deprecated:DeprecationWarning",
-        "ignore:`use_arrow_tensor_v2` is deprecated:DeprecationWarning",
-    ),
+    pytest.mark.shared_ray,
+    IGNORE_LEGACY_FIELDS,
 ]
 KINDS = ("url", "domain", "md5", "sha1", "sha256", "pdq")
 PER_SHARD = 8
 DECODE = DecodeConfig()  # the job's default decode: what a stored copy would have been
-
-
-@pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    import ray
-
-    from pipeline.ray_start import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    with loopback_ray_env():
-        init_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
 
 
 def _config(input_: Path, output: Path, **kw: Any) -> JobConfig:
@@ -89,7 +70,7 @@ def _found_anywhere(files: dict[str, bytes], data: bytes) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def first_run(shared_ray: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("safety-world")
     with FaultServer(root) as srv:
         world = generate_world(root, 24, 1515, srv.base_url + "/", exact_dup_rate=0, near_dup_rate=0,

@@ -17,33 +17,23 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import ConfigError
 from testkit.http_server import FaultServer
+from tests.ray_data_warnings import IGNORE_LEGACY_FIELDS
 
 N_GOOD = 40
 PER_SHARD = 16
 
 
-# Ray Data copies its DataContext attribute by attribute, which trips its own deprecation
-# notices for legacy fields; nothing here sets them.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`use_push_based_shuffle` is deprecated:DeprecationWarning",
-    "ignore:`use_polars` is deprecated:DeprecationWarning",
-    "ignore:`use_arrow_tensor_v2` is deprecated:DeprecationWarning",
-)
+pytestmark = [
+    pytest.mark.shared_ray,
+    IGNORE_LEGACY_FIELDS,
+]
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_server: object) -> Iterator[None]:
-    # Started after the local S3 server so Ray's workers inherit its endpoint and credentials
-    # from the environment, as they would inherit real ones on a cluster.
-    import ray
-
-    from pipeline.ray_start import init_ray
-
-    if ray.is_initialized():  # an earlier module's local Ray lacks this module's S3 settings
-        ray.shutdown()
-    init_ray(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+def ray_local(shared_ray: None) -> None:
+    """The shared local Ray (tests/conftest.py), started after the local S3 server so Ray's
+    workers inherit its endpoint and credentials from the environment, as they would inherit
+    real ones on a cluster."""
 
 
 def _images() -> dict[str, bytes]:

@@ -37,6 +37,7 @@ from pipeline.download_job import run_download
 from pipeline.stages.decode import DecodeStage
 from testkit.faults import CRASH_MARKER, CRASHING_DECODER, inject, kill_after
 from testkit.http_server import FaultServer
+from tests.ray_data_warnings import IGNORE_LEGACY_FIELDS
 
 N_GOOD = 30
 PER_SHARD = 8
@@ -48,13 +49,10 @@ def run_download_local(cfg: DownloadJobConfig, processes: int = 2, prefetch: int
     ex = ExecutionConfig(scheduler="local", processes=processes, prefetch=prefetch, attempts=attempts)
     return run_download(cfg, ex, wrap_graph)
 
-# Ray Data copies its DataContext attribute by attribute, which trips its own deprecation
-# notices for legacy fields; nothing here sets them.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`use_push_based_shuffle` is deprecated:DeprecationWarning",
-    "ignore:`use_polars` is deprecated:DeprecationWarning",
-    "ignore:`use_arrow_tensor_v2` is deprecated:DeprecationWarning",
-)
+pytestmark = [
+    pytest.mark.shared_ray,
+    IGNORE_LEGACY_FIELDS,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -175,9 +173,7 @@ def _check_output(out: Path, expected: dict[int, str], sha: dict[int, str]) -> p
     return table
 
 
-def test_same_output_as_the_ray_data_scheduler(world: tuple, tmp_path: Path) -> None:
-    import ray
-
+def test_same_output_as_the_ray_data_scheduler(world: tuple, tmp_path: Path, shared_ray: None) -> None:
     srv, url_list, expected, sha = world
     summary = run_download_local(_cfg(url_list, tmp_path / "mp"), processes=2)
     assert summary.scheduler == "local"
@@ -185,16 +181,8 @@ def test_same_output_as_the_ray_data_scheduler(world: tuple, tmp_path: Path) -> 
     assert summary.shards_written == summary.shards_planned and summary.shards_skipped == 0
     mp_rows = _check_output(tmp_path / "mp", expected, sha)
 
-    from pipeline.ray_start import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        summary = run_download(_cfg(url_list, tmp_path / "ray"), ExecutionConfig(scheduler="ray"))
-        assert summary.scheduler == "ray"
-    finally:
-        ray.shutdown()
+    summary = run_download(_cfg(url_list, tmp_path / "ray"), ExecutionConfig(scheduler="ray"))
+    assert summary.scheduler == "ray"
     ray_rows = _rows(tmp_path / "ray")
     # Same shard tables (minus timings), same tars, same manifests' keys and file digests.
     volatile = {"download_s"}

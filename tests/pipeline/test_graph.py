@@ -4,7 +4,6 @@ fused into one task per shard, no single process on the row path."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any
 
@@ -24,6 +23,9 @@ from pipeline.config import (
 from pipeline.graph import Segment, build_download_graph, build_job_graph, model_spec, segments
 from pipeline.schedulers.local import LocalScheduler
 from pipeline.schedulers.ray_data import RayDataScheduler
+
+# The plan tests build datasets on the local Ray that tests/conftest.py shares between modules.
+pytestmark = pytest.mark.shared_ray
 
 
 def _job_graph(embed: EmbedConfig | None = None) -> Any:
@@ -151,18 +153,16 @@ def test_a_local_idle_worker_runs_at_the_lowest_priority_and_shards_go_to_the_ot
     assert sum(1 for r in rows if r["nice"] == base) >= 8
 
 
-@pytest.fixture(scope="module")
-def ray_plan() -> Iterator[Any]:
-    """A loopback-only local Ray to build (not run) datasets on."""
+@pytest.fixture
+def ray_plan(s3_server: Any) -> Any:
+    """The shared loopback-only local Ray (tests/conftest.py) to build (not run) datasets on,
+    started again if a test that needs a Ray of its own shut it down."""
     import ray
 
-    from pipeline.ray_start import init_ray
+    from testkit.loopback_ray import shared_local_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    shared_local_ray()
+    return ray
 
 
 def _map_operators(ds: Any) -> list[Any]:
