@@ -119,6 +119,43 @@ class OffloadedStamp(Stamp):
 
 
 @dataclass
+class MarkDone(Stamp):
+    """A :class:`Stamp` that then creates ``<marker_dir>/<shard>`` for each shard in the
+    batch: a sign, visible to any process, that the shard got this far."""
+
+    marker_dir: str = ""
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        out = super().process_batch(batch)
+        for shard in set(batch.column(S.SHARD).to_pylist()):
+            open(os.path.join(self.marker_dir, shard), "w").close()
+        return out
+
+
+@dataclass
+class OffloadedAwaitPrevious(OffloadedStamp):
+    """An offloaded stage that holds each shard until the shard before it has reached a
+    :class:`MarkDone` with the same ``marker_dir`` (at most ``timeout_s`` seconds), then stamps
+    ``column`` and adds ``<column>_saw_previous``: whether the previous shard's marker came
+    in time (the first shard has none and does not wait). A scheduler that makes the previous
+    shard's remaining work wait behind this stage shows as ``False``, whatever the load."""
+
+    marker_dir: str = ""
+    timeout_s: float = 30.0
+
+    def process_batch(self, batch: pa.Table) -> pa.Table:
+        shard_id = int(batch.column(S.SHARD)[0].as_py())
+        seen = True
+        if shard_id > 0:
+            marker = os.path.join(self.marker_dir, S.shard_name(shard_id - 1))
+            deadline = time.monotonic() + self.timeout_s
+            while not (seen := os.path.exists(marker)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        out = super().process_batch(batch)
+        return out.append_column(f"{self.column}_saw_previous", pa.array([seen] * batch.num_rows, pa.bool_()))
+
+
+@dataclass
 class Niceness(Stage):
     """Adds ``nice`` (the niceness of the thread that runs the call, from
     ``/proc/thread-self/stat``) and ``nice_pid`` (its process)."""
