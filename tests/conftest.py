@@ -64,10 +64,36 @@ def _shares_ray(item: pytest.Item) -> bool:
     return item.get_closest_marker("shared_ray") is not None
 
 
+def _machine_wide(item: pytest.Item) -> bool:
+    return (
+        _shares_ray(item)
+        or item.get_closest_marker("machine_wide") is not None
+        or "local_stack" in getattr(item, "fixturenames", ())
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # img2dataset pulls in albumentations, which otherwise checks PyPI for updates on import.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     config.addinivalue_line("markers", "shared_ray: the module runs on the shared local Ray (fixture shared_ray)")
+    config.addinivalue_line(
+        "markers", "machine_wide: the module starts a Ray of its own or kills processes; under "
+        "pytest-xdist it runs in the one worker that runs every such module (see below)")
+
+
+@pytest.hookimpl(tryfirst=True, specname="pytest_collection_modifyitems")
+def pytest_collection_modifyitems_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): every module that starts a
+    Ray (in process, through a subprocess, or the local stack's head) is in group "machine", so
+    they run one after another in one worker, in the order below, as without xdist: never two
+    Ray clusters, a stack and a kill test side by side. Every other module is a group of its
+    own, so its module-scoped fixtures (trained models, worlds) are built once. Runs before
+    xdist's own hook, which reads the groups. About half of the suite's wall time the machine
+    was idle (one test process on two cores, or a job test waiting on its workers): the
+    second worker fills it."""
+    machine = {item.path for item in items if _machine_wide(item)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("machine" if item.path in machine else item.nodeid.split("::")[0]))
 
 
 @pytest.hookimpl(trylast=True)

@@ -15,6 +15,8 @@ import pytest
 
 from tests.bench.bench_module import load_bench
 
+pytestmark = pytest.mark.machine_wide  # starts a Ray of its own (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 
 

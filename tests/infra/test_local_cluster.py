@@ -35,9 +35,10 @@ LOCAL = REPO / "infra" / "local"
 VENV = Path(sys.prefix)
 PHOTO = PHOTOS_DIR / "123_456.jpg"
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="the local stack scripts read /proc (Linux)"
-)
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the local stack scripts read /proc (Linux)"),
+    pytest.mark.machine_wide,  # starts the local stack's Ray head (tests/conftest.py)
+]
 
 
 def _script_env() -> dict[str, str]:

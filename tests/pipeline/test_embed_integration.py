@@ -48,6 +48,8 @@ from testkit.evaluate_model import roc_auc
 from testkit.http_server import FaultServer
 from testkit.synthetic import HAZARD_PROMPT, generate_world
 
+pytestmark = pytest.mark.machine_wide  # starts a Ray of its own (tests/conftest.py)
+
 MODEL, WEIGHTS = "tiny-synthetic", "synthetic"
 ROWS = 500
 WORLD = dict(mismatch_rate=0.1, exact_dup_rate=0.03, near_dup_rate=0.05, unsafe_rate=0.2, min_side=96, max_side=320)

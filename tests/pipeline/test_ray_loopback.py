@@ -24,6 +24,8 @@ from PIL import Image
 from pipeline.proc_sockets import ListenerWatch, descendants, listeners
 from testkit.http_server import FaultServer
 
+pytestmark = pytest.mark.machine_wide  # starts a Ray of its own (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 RAY_PROCESSES = {"gcs_server", "raylet"}
 

@@ -51,6 +51,8 @@ from testkit.http_server import FaultServer
 from testkit.loopback_ray import LOOPBACK, loopback_ray_env
 from testkit.synthetic import generate_world
 
+pytestmark = pytest.mark.machine_wide  # starts a Ray of its own (tests/conftest.py)
+
 ROWS = 60
 PER_SHARD = 20
 MARKER = CRASH_MARKER
