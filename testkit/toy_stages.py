@@ -79,18 +79,58 @@ class Probe(Stage):
 @dataclass
 class Stamp(Stage):
     """Sleeps ``busy_s``, then adds ``column``: the epoch seconds the call started
-    (``at="start"``) or ended (``"end"``)."""
+    (``at="start"``) or ended (``"end"``).
+
+    Markers force an order between shards instead of timing it, so a test of the scheduler's
+    order holds however loaded the machine is. With ``marker_dir``, the stamp also creates
+    ``<marker_dir>/<column>.<shard>`` as it is taken, visible to every process. With
+    ``await_column``, each call first waits (``timeout_s`` at most) for the marker of that
+    column of the shard ``await_offset`` away (-1: the one before, 1: the one after; none is
+    awaited past shard 0 or ``last_shard``) and adds ``<column>_awaited``: whether it came.
+    A scheduler that makes that marker wait behind this call shows as ``False``."""
 
     column: str = "stamp"
     busy_s: float = 0.0
     at: str = "end"
+    marker_dir: str = ""
+    await_column: str = ""
+    await_offset: int = -1
+    last_shard: int = -1
+    timeout_s: float = 30.0
 
     def process_batch(self, batch: pa.Table) -> pa.Table:
+        shards = sorted(set(batch.column(S.SHARD).to_pylist())) if S.SHARD in batch.column_names else []
+        came = self._await(shards) if self.await_column else None
         started = time.time()
+        if self.at == "start":
+            self._mark(shards)
         if self.busy_s:
             time.sleep(self.busy_s)
         when = started if self.at == "start" else time.time()
-        return batch.append_column(self.column, pa.array([when] * batch.num_rows, pa.float64()))
+        out = batch.append_column(self.column, pa.array([when] * batch.num_rows, pa.float64()))
+        if self.at != "start":
+            self._mark(shards)
+        if came is not None:
+            out = out.append_column(f"{self.column}_awaited", pa.array([came] * batch.num_rows, pa.bool_()))
+        return out
+
+    def _mark(self, shards: list[str]) -> None:
+        if self.marker_dir:
+            for shard in shards:
+                open(os.path.join(self.marker_dir, f"{self.column}.{shard}"), "w").close()
+
+    def _await(self, shards: list[str]) -> bool:
+        deadline = time.monotonic() + self.timeout_s
+        for shard in shards:
+            other = int(shard) + self.await_offset
+            if other < 0 or (self.last_shard >= 0 and other > self.last_shard):
+                continue
+            marker = os.path.join(self.marker_dir, f"{self.await_column}.{S.shard_name(other)}")
+            while not os.path.exists(marker):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.01)
+        return True
 
 
 @dataclass
@@ -116,43 +156,6 @@ class OffloadedStamp(Stamp):
     @property
     def offloaded(self) -> bool:
         return True
-
-
-@dataclass
-class MarkDone(Stamp):
-    """A :class:`Stamp` that then creates ``<marker_dir>/<shard>`` for each shard in the
-    batch: a sign, visible to any process, that the shard got this far."""
-
-    marker_dir: str = ""
-
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        out = super().process_batch(batch)
-        for shard in set(batch.column(S.SHARD).to_pylist()):
-            open(os.path.join(self.marker_dir, shard), "w").close()
-        return out
-
-
-@dataclass
-class OffloadedAwaitPrevious(OffloadedStamp):
-    """An offloaded stage that holds each shard until the shard before it has reached a
-    :class:`MarkDone` with the same ``marker_dir`` (at most ``timeout_s`` seconds), then stamps
-    ``column`` and adds ``<column>_saw_previous``: whether the previous shard's marker came
-    in time (the first shard has none and does not wait). A scheduler that makes the previous
-    shard's remaining work wait behind this stage shows as ``False``, whatever the load."""
-
-    marker_dir: str = ""
-    timeout_s: float = 30.0
-
-    def process_batch(self, batch: pa.Table) -> pa.Table:
-        shard_id = int(batch.column(S.SHARD)[0].as_py())
-        seen = True
-        if shard_id > 0:
-            marker = os.path.join(self.marker_dir, S.shard_name(shard_id - 1))
-            deadline = time.monotonic() + self.timeout_s
-            while not (seen := os.path.exists(marker)) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        out = super().process_batch(batch)
-        return out.append_column(f"{self.column}_saw_previous", pa.array([seen] * batch.num_rows, pa.bool_()))
 
 
 @dataclass

@@ -296,17 +296,21 @@ def test_local_model_workers_each_get_their_own_gpu(monkeypatch: pytest.MonkeyPa
     assert len({next(iter(g)) for g in by_pid.values()}) == len(by_pid)  # no two share one
 
 
-def test_a_local_cpu_worker_fetches_the_next_shard_while_it_works_even_with_a_write_queued() -> None:
+def test_a_local_cpu_worker_fetches_the_next_shard_while_it_works_even_with_a_write_queued(tmp_path: Path) -> None:
     """One CPU worker, prefetch 1: each shard's network-bound head starts before the shard
     ahead of it has finished its CPU work, for every shard. Before, a queued write task took
     the prefetch's place for every second shard, whose download then started only after the
-    worker had finished the one before (on a real network, a whole download's wait)."""
+    worker had finished the one before (on a real network, a whole download's wait). Each
+    shard's work holds until the next shard's fetch has started (30 s at most): the order is
+    forced, not timed, so it holds on a loaded machine and a worker that fetches late makes
+    that wait time out."""
     from pipeline.graph import Graph
     from testkit.toy_stages import NetworkRows, NetworkStamp, Probe, Stamp
 
+    m = str(tmp_path)
     graph = Graph(
-        {"src": [NetworkRows(batch_size=1), NetworkStamp(column="fetch_start", at="start", busy_s=0.1),
-                 Stamp(column="work_end", busy_s=0.4)]},
+        {"src": [NetworkRows(batch_size=1), NetworkStamp(column="fetch_start", at="start", busy_s=0.05, marker_dir=m),
+                 Stamp(column="work_end", busy_s=0.05, marker_dir=m, await_column="fetch_start", await_offset=1, last_shard=7)]},
         [Probe(), Stamp(column="written")],
     )
     got: list[Any] = []
@@ -315,38 +319,38 @@ def test_a_local_cpu_worker_fetches_the_next_shard_while_it_works_even_with_a_wr
     assert len(rows) == 16 and all(r["written"] >= r["work_end"] for r in rows)
     by_shard = {r[S.SHARD]: r for r in rows}
     shards = sorted(by_shard)
-    late = [k for prev, k in pairwise(shards) if by_shard[k]["fetch_start"] >= by_shard[prev]["work_end"]]
+    late = [k for prev, k in pairwise(shards) if not by_shard[prev]["work_end_awaited"]]
     assert late == [], f"fetched only after the shard before had finished its work: {late}"
+    assert all(by_shard[k]["fetch_start"] < by_shard[prev]["work_end"] for prev, k in pairwise(shards))
 
 
-def _offload_graph(work_s: float, offload_s: float) -> Any:
-    """network-bound head -> an offloaded stage (stamps ``off_start``/``off_end``) -> main
-    work (``work_start``/``work_end``) | a model stage -> a write (``written``)."""
-    from pipeline.graph import Graph
-    from testkit.toy_stages import NetworkRows, NetworkStamp, OffloadedStamp, Probe, Stamp
-
-    return Graph(
-        {"src": [NetworkRows(batch_size=1), NetworkStamp(column="fetch_start", at="start", busy_s=0.05),
-                 OffloadedStamp(column="off_start", at="start", busy_s=offload_s), OffloadedStamp(column="off_end"),
-                 Stamp(column="work_start", at="start", busy_s=work_s), Stamp(column="work_end")]},
-        [Probe(), Stamp(column="written")],
-    )
-
-
-def test_a_local_cpu_worker_runs_the_offloaded_stage_of_the_next_shard_beside_its_own_work() -> None:
+def test_a_local_cpu_worker_runs_the_offloaded_stage_of_the_next_shard_beside_its_own_work(tmp_path: Path) -> None:
     """One CPU worker: the isolated decode's process never waits for the worker's bookkeeping
     of the shard before (tar, tokenize, spool). Each shard's offloaded stage starts before the
     shard ahead has finished its own work, and the offloaded stage runs one shard at a time,
     in order. Before, the offloaded stage ran on the main thread after the previous shard's
-    work."""
+    work. Each shard's work holds until the next shard's offloaded stage has started (30 s at
+    most), so the order is forced, not timed."""
+    from pipeline.graph import Graph
+    from testkit.toy_stages import NetworkRows, NetworkStamp, OffloadedStamp, Probe, Stamp
+
+    m = str(tmp_path)
+    graph = Graph(
+        {"src": [NetworkRows(batch_size=1), NetworkStamp(column="fetch_start", at="start", busy_s=0.05),
+                 OffloadedStamp(column="off_start", at="start", busy_s=0.2, marker_dir=m), OffloadedStamp(column="off_end"),
+                 Stamp(column="work_start", at="start", busy_s=0.1),
+                 Stamp(column="work_end", marker_dir=m, await_column="off_start", await_offset=1, last_shard=7)]},
+        [Probe(), Stamp(column="written")],
+    )
     got: list[Any] = []
-    LocalScheduler(processes=1, prefetch=1).run(_offload_graph(0.3, 0.3), {"src": _shards([2] * 8)}, got.append)
+    LocalScheduler(processes=1, prefetch=1).run(graph, {"src": _shards([2] * 8)}, got.append)
     rows = pa.concat_tables(got).to_pylist()
     assert len(rows) == 16 and len({r[S.KEY] for r in rows}) == 16
     by_shard = {r[S.SHARD]: r for r in rows}
     shards = sorted(by_shard)
-    late = [k for prev, k in pairwise(shards) if by_shard[k]["off_start"] >= by_shard[prev]["work_end"]]
+    late = [k for prev, k in pairwise(shards) if not by_shard[prev]["work_end_awaited"]]
     assert late == [], f"offloaded only after the shard before had finished its work: {late}"
+    assert all(by_shard[k]["off_start"] < by_shard[prev]["work_end"] for prev, k in pairwise(shards))
     crossed = [k for prev, k in pairwise(shards) if by_shard[k]["off_start"] < by_shard[prev]["off_end"]]
     assert crossed == [], f"two shards in the offloaded stage at once: {crossed}"
     for r in rows:
@@ -361,13 +365,14 @@ def test_a_local_cpu_worker_writes_a_shard_while_the_next_one_is_offloaded(tmp_p
     (30 s at most), so the order is forced, not timed: a worker that queues the write behind
     that stage makes it time out, however loaded the machine is."""
     from pipeline.graph import Graph
-    from testkit.toy_stages import MarkDone, NetworkRows, OffloadedAwaitPrevious, Probe, Stamp
+    from testkit.toy_stages import NetworkRows, OffloadedStamp, Probe, Stamp
 
-    markers = str(tmp_path)
+    m = str(tmp_path)
     graph = Graph(
-        {"src": [NetworkRows(batch_size=1), OffloadedAwaitPrevious(column="off_end", marker_dir=markers),
+        {"src": [NetworkRows(batch_size=1),
+                 OffloadedStamp(column="off_end", marker_dir=m, await_column="written", await_offset=-1),
                  Stamp(column="work_end", busy_s=0.05)]},
-        [Probe(), MarkDone(column="written", marker_dir=markers)],
+        [Probe(), Stamp(column="written", marker_dir=m)],
     )
     got: list[Any] = []
     LocalScheduler(processes=1, prefetch=1).run(graph, {"src": _shards([2] * 6)}, got.append)
@@ -375,7 +380,7 @@ def test_a_local_cpu_worker_writes_a_shard_while_the_next_one_is_offloaded(tmp_p
     assert len(rows) == 12 and len({r[S.KEY] for r in rows}) == 12
     by_shard = {r[S.SHARD]: r for r in rows}
     shards = sorted(by_shard)
-    waited = [prev for prev, k in pairwise(shards) if not by_shard[k]["off_end_saw_previous"]]
+    waited = [prev for prev, k in pairwise(shards) if not by_shard[k]["off_end_awaited"]]
     assert waited == [], f"written only after the next shard's offloaded stage gave up waiting: {waited}"
     assert all(by_shard[prev]["written"] <= by_shard[k]["off_end"] for prev, k in pairwise(shards))
 
