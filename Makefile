@@ -29,7 +29,7 @@ chromium:
 # rest of the suite beside them in the other (tests/conftest.py says why and how).
 test: $(STAMP) chromium
 	$(PY) -m compileall -q clip_model pipeline testkit jobs bench tests
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check clip_model pipeline testkit jobs bench tests

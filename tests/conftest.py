@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -78,22 +79,74 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "shared_ray: the module runs on the shared local Ray (fixture shared_ray)")
     config.addinivalue_line(
         "markers", "machine_wide: the module starts a Ray of its own or kills processes; under "
-        "pytest-xdist it runs in the one worker that runs every such module (see below)")
+        "pytest-xdist it runs in the one worker that runs every such module (MACHINE_WIDE)")
+
+
+# The modules that start a Ray (in process, through a subprocess, or the local stack's head) or
+# kill processes: under ``make test`` (two pytest-xdist workers) they run one after another in
+# one worker, in collection order, as without xdist: never two Ray clusters, or the stack and a
+# kill test, side by side. Every other module runs whole in either worker, so its module-scoped
+# fixtures (trained models, worlds, job runs) are built once. The xdist controller sees only
+# test ids, hence a list; collection checks it against the modules' marks and fixtures.
+MACHINE_WIDE = frozenset({
+    "tests/bench/test_scale_smoke.py",
+    "tests/infra/test_local_cluster.py",
+    "tests/jobs/test_driver_kill.py",
+    "tests/jobs/test_hostile_job.py",
+    "tests/jobs/test_job_local.py",
+    "tests/jobs/test_job_resume.py",
+    "tests/jobs/test_job_s3_faults.py",
+    "tests/jobs/test_job_submit.py",
+    "tests/jobs/test_safety_job.py",
+    "tests/pipeline/test_download_cli.py",
+    "tests/pipeline/test_download_schedulers.py",
+    "tests/pipeline/test_embed_integration.py",
+    "tests/pipeline/test_graph.py",
+    "tests/pipeline/test_ray_loopback.py",
+    "tests/pipeline/test_worker_loss.py",
+})
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
 
 
 @pytest.hookimpl(tryfirst=True, specname="pytest_collection_modifyitems")
-def pytest_collection_modifyitems_xdist_groups(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): every module that starts a
-    Ray (in process, through a subprocess, or the local stack's head) is in group "machine", so
-    they run one after another in one worker, in the order below, as without xdist: never two
-    Ray clusters, a stack and a kill test side by side. Every other module is a group of its
-    own, so its module-scoped fixtures (trained models, worlds) are built once. Runs before
-    xdist's own hook, which reads the groups. About half of the suite's wall time the machine
-    was idle (one test process on two cores, or a job test waiting on its workers): the
-    second worker fills it."""
-    machine = {item.path for item in items if _machine_wide(item)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("machine" if item.path in machine else item.nodeid.split("::")[0]))
+def pytest_collection_modifyitems_machine_wide(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A module is in MACHINE_WIDE exactly when its tests are marked ``machine_wide`` or
+    ``shared_ray`` or use the local stack: a new Ray module left off the list would run beside
+    another Ray under xdist."""
+    marked = {_module(item.nodeid) for item in items if _machine_wide(item)}
+    collected = {_module(item.nodeid) for item in items}
+    if marked - MACHINE_WIDE or (MACHINE_WIDE & collected) - marked:
+        raise pytest.UsageError(
+            "tests/conftest.py MACHINE_WIDE does not match the modules' marks: missing "
+            f"{sorted(marked - MACHINE_WIDE)}, unmarked {sorted((MACHINE_WIDE & collected) - marked)}"
+        )
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pytest-xdist is in the test extra; without it the suite runs in one process
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class _MachineWideScheduling(LoadScopeScheduling):
+        """xdist's per-module scheduling, with the MACHINE_WIDE modules as one unit, handed
+        out first: it is the suite's longest."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            return "machine-wide" if module in MACHINE_WIDE else module
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if "machine-wide" in self.workqueue:
+                self.workqueue.move_to_end("machine-wide", last=False)
+            super()._assign_work_unit(node)
+
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        return _MachineWideScheduling(config, log)
 
 
 @pytest.hookimpl(trylast=True)
