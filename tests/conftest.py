@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,10 +69,10 @@ def _shares_ray(item: pytest.Item) -> bool:
 
 
 def _machine_wide(item: pytest.Item) -> bool:
-    return (
-        _shares_ray(item)
-        or item.get_closest_marker("machine_wide") is not None
-        or "local_stack" in getattr(item, "fixturenames", ())
+    """The test starts a Ray, the local stack, or kills processes: by its own or its module's
+    ``machine_wide`` mark, or a fixture (direct or not) that starts one."""
+    return item.get_closest_marker("machine_wide") is not None or any(
+        f in getattr(item, "fixturenames", ()) for f in _RAY_FIXTURES
     )
 
 
@@ -78,33 +81,20 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     config.addinivalue_line("markers", "shared_ray: the module runs on the shared local Ray (fixture shared_ray)")
     config.addinivalue_line(
-        "markers", "machine_wide: the module starts a Ray of its own or kills processes; under "
-        "pytest-xdist it runs in the one worker that runs every such module (MACHINE_WIDE)")
+        "markers", "machine_wide: the test (or module) starts a Ray of its own or kills processes; "
+        "under pytest-xdist it runs in the one worker that runs every such test")
 
 
-# The modules that start a Ray (in process, through a subprocess, or the local stack's head) or
-# kill processes: under ``make test`` (two pytest-xdist workers) they run one after another in
-# one worker, in collection order, as without xdist: never two Ray clusters, or the stack and a
-# kill test, side by side. Every other module runs whole in either worker, so its module-scoped
-# fixtures (trained models, worlds, job runs) are built once. The xdist controller sees only
-# test ids, hence a list; collection checks it against the modules' marks and fixtures.
-MACHINE_WIDE = frozenset({
-    "tests/bench/test_scale_smoke.py",
-    "tests/infra/test_local_cluster.py",
-    "tests/jobs/test_driver_kill.py",
-    "tests/jobs/test_hostile_job.py",
-    "tests/jobs/test_job_local.py",
-    "tests/jobs/test_job_resume.py",
-    "tests/jobs/test_job_s3_faults.py",
-    "tests/jobs/test_job_submit.py",
-    "tests/jobs/test_safety_job.py",
-    "tests/pipeline/test_download_cli.py",
-    "tests/pipeline/test_download_schedulers.py",
-    "tests/pipeline/test_embed_integration.py",
-    "tests/pipeline/test_graph.py",
-    "tests/pipeline/test_ray_loopback.py",
-    "tests/pipeline/test_worker_loss.py",
-})
+# Under ``make test`` (two pytest-xdist workers) the tests that start a Ray (in process, through
+# a subprocess, or the local stack's head) or kill processes run one after another in one
+# worker, in collection order, as without xdist: never two Ray clusters, or the stack and a kill
+# test, side by side. Every other test runs with the rest of its module in either worker, so
+# module-scoped fixtures (trained models, worlds, job runs) are built once per worker that needs
+# them. The xdist controller sees only test ids: each worker writes the ids of its machine-wide
+# tests (by their marks and fixtures, below) to a file the controller named, and the controller's
+# scheduler reads it.
+_RAY_FIXTURES = ("shared_ray", "local_stack", "ray_local", "ray_plan")
+_MACHINE_WIDE_IDS = "clipcurate_machine_wide_ids"
 
 
 def _module(nodeid: str) -> str:
@@ -113,16 +103,13 @@ def _module(nodeid: str) -> str:
 
 @pytest.hookimpl(tryfirst=True, specname="pytest_collection_modifyitems")
 def pytest_collection_modifyitems_machine_wide(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A module is in MACHINE_WIDE exactly when its tests are marked ``machine_wide`` or
-    ``shared_ray`` or use the local stack: a new Ray module left off the list would run beside
-    another Ray under xdist."""
-    marked = {_module(item.nodeid) for item in items if _machine_wide(item)}
-    collected = {_module(item.nodeid) for item in items}
-    if marked - MACHINE_WIDE or (MACHINE_WIDE & collected) - marked:
-        raise pytest.UsageError(
-            "tests/conftest.py MACHINE_WIDE does not match the modules' marks: missing "
-            f"{sorted(marked - MACHINE_WIDE)}, unmarked {sorted((MACHINE_WIDE & collected) - marked)}"
-        )
+    """In an xdist worker: write the machine-wide tests' ids for the controller's scheduler."""
+    path = getattr(config, "workerinput", {}).get(_MACHINE_WIDE_IDS)
+    if path:
+        ids = "\n".join(item.nodeid for item in items if _machine_wide(item))
+        mine = f"{path}.{config.workerinput['workerid']}"
+        Path(mine + ".tmp").write_text(ids)
+        os.replace(mine + ".tmp", mine)
 
 
 try:
@@ -133,20 +120,34 @@ except ImportError:  # pytest-xdist is in the test extra; without it the suite r
 if LoadScopeScheduling is not None:
 
     class _MachineWideScheduling(LoadScopeScheduling):
-        """xdist's per-module scheduling, with the MACHINE_WIDE modules as one unit, handed
-        out first: it is the suite's longest."""
+        """xdist's per-module scheduling, with the machine-wide tests as one unit, handed out
+        first: it is the suite's longest."""
+
+        _ids: frozenset[str] | None = None
 
         def _split_scope(self, nodeid: str) -> str:
-            module = _module(nodeid)
-            return "machine-wide" if module in MACHINE_WIDE else module
+            if self._ids is None:  # every worker has collected (and written) by now
+                path = self.config.stash[_IDS_PATH]
+                self._ids = frozenset().union(*(
+                    p.read_text().splitlines() for p in path.parent.glob(path.name + ".gw*") if not p.name.endswith(".tmp")
+                ))
+            return "machine-wide" if nodeid in self._ids else _module(nodeid)
 
         def _assign_work_unit(self, node: Any) -> None:
             if "machine-wide" in self.workqueue:
                 self.workqueue.move_to_end("machine-wide", last=False)
             super()._assign_work_unit(node)
 
+    _IDS_PATH = pytest.StashKey[Path]()
+
     def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return _MachineWideScheduling(config, log)
+
+    def pytest_configure_node(node: Any) -> None:
+        config = node.config
+        if _IDS_PATH not in config.stash:
+            config.stash[_IDS_PATH] = Path(tempfile.mkdtemp(prefix="clipcurate-xdist-")) / "machine-wide"
+        node.workerinput[_MACHINE_WIDE_IDS] = str(config.stash[_IDS_PATH])
 
 
 @pytest.hookimpl(trylast=True)
@@ -161,3 +162,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     # No test outside those modules runs beside an idle Ray (or finds one initialized).
     if nextitem is None or not _shares_ray(nextitem):
         stop_shared_local_ray()
+    ray = sys.modules.get("ray")
+    if hasattr(item.config, "workerinput") and not _machine_wide(item) and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        raise RuntimeError(f"{item.nodeid} left a Ray running beside the other xdist worker's: mark it machine_wide")

@@ -15,8 +15,6 @@ import pytest
 
 from tests.bench.bench_module import load_bench
 
-pytestmark = pytest.mark.machine_wide  # starts a Ray of its own (tests/conftest.py)
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -134,7 +132,7 @@ def test_log_timings_reads_the_last_summary_line() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheduler", ["ray", "local"])
+@pytest.mark.parametrize("scheduler", [pytest.param("ray", marks=pytest.mark.machine_wide), "local"])
 def test_main_runs_the_job_and_reports_every_row_and_stage(tmp_path, capsys, scheduler) -> None:
     rows = 60
     started = time.monotonic()

@@ -224,6 +224,7 @@ def _shards(lengths: list[int]) -> list[dict[str, Any]]:
     return [{"shard_id": i, "length": n} for i, n in enumerate(lengths)]
 
 
+@pytest.mark.machine_wide  # starts a Ray of its own
 def test_a_gpu_stage_gets_a_gpu_and_whole_shards_on_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray Data wants a batch size for GPU operators; the scheduler still hands the stage one
     whole shard per call (shards of different lengths included), on a GPU Ray assigned."""
@@ -247,6 +248,7 @@ def test_a_gpu_stage_gets_a_gpu_and_whole_shards_on_ray(monkeypatch: pytest.Monk
         assert r["probe_gpus"] in ("0", "1"), r
 
 
+@pytest.mark.machine_wide  # starts a Ray of its own
 def test_ray_actor_pool_does_not_shrink_and_restart_while_the_stream_runs() -> None:
     """A pool of (1, 2) actors behind a source that trickles, then bursts. Ray Data's default
     shrinks the pool when half its call slots sit empty and starts a new actor (for the job:
@@ -443,6 +445,7 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@pytest.mark.machine_wide  # starts a Ray of its own
 @pytest.mark.parametrize("interval", [0, 1])
 def test_ray_data_reports_each_operator_every_interval_in_a_log(interval: int) -> None:
     """Where stdout is not a terminal (a `ray job submit` log; here pytest's capture), Ray Data
