@@ -7,10 +7,9 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: install test lint demo bench-encoders clean chromium
 
-$(STAMP): pyproject.toml constraints-dev.txt
+$(STAMP): pyproject.toml constraints-dev.txt tools/install_dev.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints-dev.txt -e '.[test]'
+	$(PY) tools/install_dev.py
 	touch $(STAMP)
 
 install: $(STAMP)
