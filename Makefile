@@ -24,7 +24,7 @@ chromium:
 # The project's own modules are compiled first: where PYTHONDONTWRITEBYTECODE is set (this
 # machine and its CI set it) no process caches them, and every Ray worker, driver and subprocess
 # of the tests would compile them again (~0.25 s of CPU each for the job's modules).
-# Two pytest workers: the modules that start a Ray run one after another in one of them, the
+# Two pytest workers: the tests that start a Ray run one after another in one of them, the
 # rest of the suite beside them in the other (tests/conftest.py says why and how).
 test: $(STAMP) chromium
 	$(PY) -m compileall -q clip_model pipeline testkit jobs bench tests

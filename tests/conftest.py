@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -148,6 +149,10 @@ if LoadScopeScheduling is not None:
         if _IDS_PATH not in config.stash:
             config.stash[_IDS_PATH] = Path(tempfile.mkdtemp(prefix="clipcurate-xdist-")) / "machine-wide"
         node.workerinput[_MACHINE_WIDE_IDS] = str(config.stash[_IDS_PATH])
+
+    def pytest_unconfigure(config: pytest.Config) -> None:
+        if _IDS_PATH in config.stash:
+            shutil.rmtree(config.stash[_IDS_PATH].parent, ignore_errors=True)
 
 
 @pytest.hookimpl(trylast=True)

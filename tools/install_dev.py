@@ -44,7 +44,8 @@ def uv_command(settings: dict[str, list[str]]) -> tuple[list[str], dict[str, str
     cmd = [sys.executable, "-m", "uv", "pip", "install", "--python", sys.executable, "-q",
            "--compile-bytecode", "--index-strategy", "unsafe-best-match"]
     env = dict(os.environ)
-    if settings.get("no-index"):
+    # pip reads a flag's value as a boolean ("no-index = false" leaves the index on).
+    if settings.get("no-index", ["false"])[0].lower() in ("1", "true", "yes", "on"):
         cmd.append("--no-index")
     for url in settings.get("index-url", []):
         cmd += ["--index-url", url]
