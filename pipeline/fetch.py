@@ -1,7 +1,7 @@
 """The guarded HTTP client behind the download stage.
 
-One :class:`Fetcher` per worker process: a urllib3 pool manager keyed by (checked address, host
-name), a per-host concurrency limit, a total deadline per attempt enforced by a watchdog thread
+One :class:`Fetcher` per worker process: keep-alive connections keyed by (checked address, host
+name) (:mod:`pipeline.http_pool`), a per-host concurrency limit, a total deadline per attempt enforced by a watchdog thread
 (connect + headers + body, however slowly a server trickles bytes), a byte cap checked while
 streaming, the address guard (:mod:`pipeline.netguard`) at every redirect hop, X-Robots-Tag
 opt-outs, and retries of transient failures only.
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import email.utils
 import heapq
+import http.client
 import itertools
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -25,22 +27,10 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from urllib.parse import urljoin
 
-import urllib3
-from urllib3 import BaseHTTPResponse
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ProtocolError,
-    ReadTimeoutError,
-    SSLError,
-)
-
 from pipeline import schema as S
 from pipeline.blocklist import Blocklist
 from pipeline.config import DownloadConfig
+from pipeline.http_pool import ConnectFailed, ConnectionPool, ConnectTimedOut, HTTPConnection
 from pipeline.netguard import (
     AddressPolicy,
     GuardError,
@@ -190,7 +180,7 @@ class _Deadline:
 
 
 def _abort(conn: HTTPConnection) -> None:
-    sock = getattr(conn, "sock", None)
+    sock = conn.live_sock
     if sock is not None:
         try:
             # The plain-socket shutdown also unblocks a TLS read without touching SSL state
@@ -245,33 +235,6 @@ class _Watchdog:
             self._cond.notify()
 
 
-_current = threading.local()
-
-
-class _TimedHTTPConnection(HTTPConnection):
-    def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        deadline = getattr(_current, "deadline", None)
-        if deadline is not None:
-            deadline.attach(self)
-        return super().request(*args, **kwargs)
-
-
-class _TimedHTTPSConnection(HTTPSConnection):
-    def request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        deadline = getattr(_current, "deadline", None)
-        if deadline is not None:
-            deadline.attach(self)
-        return super().request(*args, **kwargs)
-
-
-class _TimedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _TimedHTTPConnection
-
-
-class _TimedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _TimedHTTPSConnection
-
-
 class HostLimiter:
     """At most ``limit`` simultaneous requests per host name; idle hosts are forgotten."""
 
@@ -300,14 +263,11 @@ class HostLimiter:
                     del self._slots[host]
 
 
-def _discard(resp: BaseHTTPResponse) -> None:
-    """Drop an unwanted body: read a small declared one so the connection can be reused, else
-    close the connection (an endless or huge error body is never read)."""
-    declared = resp.headers.get("Content-Length", "").strip()
-    if declared.isdigit() and int(declared) <= _DRAIN_LIMIT:
-        resp.drain_conn()
-    else:
-        resp.close()
+def _drainable(resp: http.client.HTTPResponse) -> bool:
+    """Whether an unwanted body is small enough to read so that the connection can be reused
+    (an endless or huge error body is never read)."""
+    declared = (resp.getheader("Content-Length") or "").strip()
+    return declared.isdigit() and int(declared) <= _DRAIN_LIMIT
 
 
 class Fetcher:
@@ -338,11 +298,7 @@ class Fetcher:
             "Accept-Encoding": "identity",
         }
         self._watchdog = _Watchdog()
-        tls = {"ca_certs": config.ca_certs} if config.ca_certs else {}
-        self._pools = urllib3.PoolManager(
-            num_pools=256, maxsize=config.per_host_concurrency, block=False, retries=False, **tls
-        )
-        self._pools.pool_classes_by_scheme = {"http": _TimedHTTPPool, "https": _TimedHTTPSPool}
+        self._pools = ConnectionPool(config.per_host_concurrency, max_keys=256, ca_certs=config.ca_certs)
         self._rng = random.Random()
 
     def close(self) -> None:
@@ -380,7 +336,6 @@ class Fetcher:
     # -- one attempt: the redirect chain under one deadline ------------------------------
     def _attempt(self, url: str) -> FetchResult:
         deadline = self._watchdog.arm(self.config.timeout)
-        _current.deadline = deadline
         try:
             current = url
             for _hop in range(self.config.max_redirects + 1):
@@ -396,7 +351,6 @@ class Fetcher:
         finally:
             with deadline.lock:
                 deadline.done = True
-            _current.deadline = None
 
     def _timeout(self, what: str, http_status: int | None = None) -> FetchResult:
         return FetchResult(
@@ -433,52 +387,53 @@ class Fetcher:
     def _request(
         self, target: Target, ip: IPAddress, url: str, deadline: _Deadline
     ) -> str | FetchResult:
-        pool_kwargs: dict[str, str] = {}
-        if target.scheme == "https":
-            pool_kwargs = {"server_hostname": target.host, "assert_hostname": target.host}
-        pool = self._pools.connection_from_host(
-            str(ip), target.port, target.scheme, pool_kwargs=pool_kwargs
-        )
         remaining = deadline.remaining()
         if remaining <= 0:
             return self._timeout("the request")
+        key = (str(ip), target.port, target.scheme, target.host)
         headers = dict(self.headers, Host=target.host_header)
         try:
-            resp = pool.urlopen(
-                "GET",
-                target.request_target,
-                headers=headers,
-                redirect=False,
-                retries=False,
-                assert_same_host=False,
-                preload_content=False,
-                release_conn=False,
-                timeout=urllib3.Timeout(connect=remaining, read=remaining),
-            )
-        except NewConnectionError as e:  # before ConnectTimeoutError: it subclasses it
-            return FetchResult(
-                S.CONNECTION_ERROR, f"cannot connect: {e}", transient=True, not_connected=True
-            )
-        except (ConnectTimeoutError, ReadTimeoutError):
-            return self._timeout("connect + response headers")
-        except SSLError as e:
-            return FetchResult(S.TLS_ERROR, f"TLS failure: {e}")
-        except (ProtocolError, HTTPError, OSError) as e:
+            conn = self._pools.get(ip, target.port, target.scheme, target.host, remaining, deadline.attach)
+        except ConnectTimedOut:
+            return self._timeout("connect")
+        except ssl.SSLError as e:
             if deadline.expired:
-                return self._timeout("connect + response headers")
-            return FetchResult(S.CONNECTION_ERROR, f"{type(e).__name__}: {e}", transient=True)
+                return self._timeout("connect")
+            return FetchResult(S.TLS_ERROR, f"TLS failure: {e}")
+        except ConnectFailed as e:
+            if deadline.expired:
+                return self._timeout("connect")
+            return FetchResult(S.CONNECTION_ERROR, str(e), transient=True, not_connected=True)
+        deadline.attach(conn)  # a kept connection: the watchdog may now shut it down
+        keep = False
         try:
-            return self._handle(resp, url, deadline)
+            try:
+                conn.request("GET", target.request_target, headers=headers)
+                resp = conn.getresponse()
+            except TimeoutError:
+                return self._timeout("connect + response headers")
+            except (http.client.HTTPException, OSError) as e:
+                if deadline.expired:
+                    return self._timeout("connect + response headers")
+                return FetchResult(S.CONNECTION_ERROR, f"{type(e).__name__}: {e}", transient=True)
+            result = self._handle(resp, url, deadline)
+            keep = resp.isclosed() and not deadline.expired
+            return result
         finally:
             deadline.detach()
-            resp.release_conn()
+            if keep:
+                self._pools.put(conn, key)
+            else:
+                conn.close()
 
-    def _handle(self, resp: BaseHTTPResponse, url: str, deadline: _Deadline) -> str | FetchResult:
+    def _handle(self, resp: http.client.HTTPResponse, url: str, deadline: _Deadline) -> str | FetchResult:
+        """Read what is wanted of ``resp``; a response left unread (``resp.isclosed()`` False)
+        is closed with its connection by the caller."""
         code = resp.status
         if code not in ACCEPTED_CODES and code not in REDIRECT_CODES:
-            _discard(resp)
+            self._discard(resp)
             transient = code == 429 or code >= 500
-            retry_after = parse_retry_after(resp.headers.get("Retry-After")) if transient else None
+            retry_after = parse_retry_after(resp.getheader("Retry-After")) if transient else None
             return FetchResult(
                 S.http_failure(code),
                 f"HTTP {code} {resp.reason or ''}".strip(),
@@ -488,43 +443,42 @@ class Fetcher:
             )
         # Opt-outs are honoured on the image and on every redirect leading to it.
         if self.config.respect_optout:
-            refused = robots_directives(resp.headers.getlist("X-Robots-Tag"), self.tokens)
+            refused = robots_directives(resp.headers.get_all("X-Robots-Tag") or [], self.tokens)
             refused &= self.disallowed
-            if refused:
-                resp.close()  # never read the body of an opted-out image
+            if refused:  # the body of an opted-out image is never read
                 return FetchResult(
                     S.OPT_OUT, f"X-Robots-Tag: {', '.join(sorted(refused))} ({url})", code
                 )
         if code in REDIRECT_CODES:
-            location = resp.headers.get("Location")
-            _discard(resp)
+            location = resp.getheader("Location")
+            self._discard(resp)
             if not location:
                 return FetchResult(S.http_failure(code), "redirect without a Location header", code)
             return urljoin(url, location.strip())
         cap = self.config.max_bytes
-        declared = resp.headers.get("Content-Length")
+        declared = resp.getheader("Content-Length")
         if declared is not None and declared.strip().isdigit() and int(declared) > cap:
-            resp.close()
             return FetchResult(
                 S.TOO_LARGE, f"Content-Length {int(declared)} exceeds max_bytes {cap}", code
             )
         chunks: list[bytes] = []
         size = 0
         try:
-            while True:
+            while not resp.isclosed():
                 if deadline.remaining() <= 0 or deadline.expired:
-                    resp.close()
                     return self._timeout("body download", code)
-                chunk = resp.read1(_CHUNK)
+                # read(n), unlike read1(n), marks the response done when its declared length
+                # was read, which lets the connection carry the next request.
+                chunk = resp.read(_CHUNK)
                 if not chunk:
                     break
                 size += len(chunk)
                 if size > cap:
-                    resp.close()
                     return FetchResult(S.TOO_LARGE, f"body exceeds max_bytes {cap}", code)
                 chunks.append(chunk)
-        except (ReadTimeoutError, ProtocolError, HTTPError, OSError) as e:
-            resp.close()
+        except TimeoutError:
+            return self._timeout("body download", code)
+        except (http.client.HTTPException, OSError) as e:
             if deadline.expired:
                 return self._timeout("body download", code)
             return FetchResult(
@@ -535,4 +489,21 @@ class Fetcher:
             )
         if deadline.expired:  # the watchdog's shutdown can look like a clean end of body
             return self._timeout("body download", code)
+        if resp.length:  # http.client ends a short Content-Length body quietly
+            return FetchResult(
+                S.INCOMPLETE_BODY,
+                f"body ended early after {size} bytes of {size + resp.length} declared",
+                code,
+                transient=True,
+            )
         return FetchResult(S.OK, None, code, body=b"".join(chunks))
+
+    @staticmethod
+    def _discard(resp: http.client.HTTPResponse) -> None:
+        """Read a small unwanted body so that the connection can be reused; leave a large or
+        endless one unread (its connection is then closed)."""
+        if _drainable(resp):
+            try:
+                resp.read()
+            except (http.client.HTTPException, OSError):
+                pass

@@ -32,9 +32,10 @@ Faults are chosen per request by the query string, or per path with :meth:`Fault
 ``bomb_gif``      a ~230 KB GIF with ``frames`` (10000) 1x1 frames on a ``size`` (1000) canvas
 ================  ===============================================================================
 
-Independent of ``fault``: ``delay=<seconds>`` waits before answering, and each ``optout=<value>``
+Independent of ``fault``: ``delay=<seconds>`` waits before answering, each ``optout=<value>``
 parameter adds an ``X-Robots-Tag: <value>``
-header to the response (``optout=noai``, ``optout=clipcurate:noimageai``).
+header to the response (``optout=noai``, ``optout=clipcurate:noimageai``), and ``close=1`` sends
+``Connection: close`` and closes the connection after the response.
 
 Every request is recorded (:class:`RequestRecord`: path, query, headers, monotonic time) for
 assertions such as "requested once" or "retried after the Retry-After gap".
@@ -145,6 +146,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _start(self, code: int, headers: Mapping[str, str]) -> None:
         self.send_response(code)
+        if self._param("close") == "1" and "Connection" not in headers:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         for value in self.params.get("optout", []):
             self.send_header("X-Robots-Tag", value)
         for k, v in headers.items():

@@ -621,6 +621,37 @@ def test_connections_are_reused_across_batches(server: FaultServer) -> None:
     assert server.count("/a.jpg") == 15 and len(ports) == 1
 
 
+def test_connection_close_responses_are_fetched_and_not_reused(server: FaultServer) -> None:
+    server.reset_log()
+    rows = _run([server.url("/a.jpg", close="1", i=i) for i in range(3)] + [server.url("/b.png")], thread_count=1)
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert rows[0]["image_bytes"] == JPEG and rows[3]["image_bytes"] == PNG
+    # One connection per closing response, then a fresh one: none was reused after its close.
+    assert len({r.client_port for r in server.requests()}) == 4
+    assert server.count() == 4  # and none needed a retry
+
+
+def test_deadline_cuts_a_slow_body_on_a_closing_connection(server: FaultServer) -> None:
+    # With Connection: close the HTTP client hands the socket to the response; the deadline
+    # must still reach it (the 20 KB body takes ~8 s).
+    server.reset_log()
+    start = time.monotonic()
+    row = _one(server.url("/b.png", "slow", chunk=256, interval=0.1, close="1"))
+    elapsed = time.monotonic() - start
+    _assert_failed(row, "timeout")
+    assert TIMEOUT <= elapsed < 2 * TIMEOUT
+    assert server.count("/b.png") == 1
+
+
+def test_bytes_beyond_a_short_content_length_never_reach_the_next_response(server: FaultServer) -> None:
+    server.reset_log()
+    rows = _run([server.url("/b.png", "lie_length", len="short"), server.url("/a.jpg")], thread_count=1, retries=0)
+    assert rows[0]["status"] == "ok" and rows[0]["image_bytes"] == PNG[: len(PNG) // 2]
+    # The first connection holds the rest of the PNG: the next request goes on a new one.
+    assert rows[1]["status"] == "ok" and rows[1]["image_bytes"] == JPEG
+    assert len({r.client_port for r in server.requests()}) == 2
+
+
 def test_stage_pickles_without_its_threads(server: FaultServer) -> None:
     stage = DownloadStage(config=_config())
     stage.setup()

@@ -1,0 +1,114 @@
+"""The download's connection store: what it keeps, how much, and what it refuses to reuse."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.http_pool import ConnectFailed, ConnectionPool, tls_context
+from testkit.http_server import FaultServer
+
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FaultServer]:
+    with FaultServer(files={"/a.txt": b"hello"}) as srv:
+        yield srv
+
+
+def _get(pool: ConnectionPool, server: FaultServer, host: str = "a.test"):  # noqa: ANN202
+    conn = pool.get(LOOPBACK, server.port, "http", host, 5.0)
+    conn.request("GET", "/a.txt", headers={"Host": host})
+    resp = conn.getresponse()
+    assert resp.read() == b"hello" and resp.isclosed()
+    return conn
+
+
+def test_idle_connections_are_kept_up_to_the_per_host_bound(server: FaultServer) -> None:
+    pool = ConnectionPool(per_key=2)
+    try:
+        held = [_get(pool, server) for _ in range(3)]  # three at once: three connections
+        assert pool.connects == 3
+        for conn in held:
+            pool.put(conn, (str(LOOPBACK), server.port, "http", "a.test"))
+        assert held[2].sock is None  # the third was closed, not kept
+        server.reset_log()
+        again = [_get(pool, server) for _ in range(3)]
+        assert pool.connects == 4  # two kept ones reused, one new
+        assert {c.sock.getsockname()[1] for c in again[:2]} == {c.live_sock.getsockname()[1] for c in held[:2]}
+    finally:
+        pool.clear()
+
+
+def test_least_recently_used_host_is_forgotten_beyond_max_keys(server: FaultServer) -> None:
+    pool = ConnectionPool(per_key=4, max_keys=2)
+    try:
+        for host in ("a.test", "b.test", "c.test"):
+            conn = _get(pool, server, host)
+            pool.put(conn, (str(LOOPBACK), server.port, "http", host))
+        before = pool.connects
+        for host in ("b.test", "c.test"):  # kept
+            pool.put(_get(pool, server, host), (str(LOOPBACK), server.port, "http", host))
+        assert pool.connects == before
+        _get(pool, server, "a.test")  # evicted: a new connection
+        assert pool.connects == before + 1
+    finally:
+        pool.clear()
+
+
+def test_a_connection_the_server_closed_is_not_reused() -> None:
+    # A server that answers one request per connection as keep-alive, then hangs up (an idle
+    # timeout, a restart): the kept connection is found dead before a request is sent on it.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    hung_up = threading.Event()
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                while b"\r\n\r\n" not in conn.recv(65536):
+                    pass
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            hung_up.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    pool = ConnectionPool(per_key=2)
+    key = (str(LOOPBACK), port, "http", "a.test")
+    try:
+        for round_ in range(2):
+            conn = pool.get(LOOPBACK, port, "http", "a.test", 5.0)
+            conn.request("GET", "/", headers={"Host": "a.test"})
+            resp = conn.getresponse()
+            assert resp.read() == b"hello" and resp.isclosed(), round_
+            assert hung_up.wait(5)
+            time.sleep(0.05)  # the server's FIN reaches this side
+            hung_up.clear()
+            pool.put(conn, key)
+        assert pool.connects == 2
+    finally:
+        pool.clear()
+        listener.close()
+        thread.join(5)
+
+
+def test_refused_connection_is_a_connect_failure() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectFailed, match=f"port {port}"):
+        ConnectionPool(per_key=1).get(LOOPBACK, port, "http", "a.test", 5.0)
+
+
+def test_tls_context_verifies_names_and_refuses_old_protocols() -> None:
+    ctx = tls_context(None)
+    assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
