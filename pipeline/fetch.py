@@ -1,10 +1,11 @@
 """The guarded HTTP client behind the download stage.
 
-One :class:`Fetcher` per worker process: keep-alive connections keyed by (checked address, host
-name) (:mod:`pipeline.http_pool`), a per-host concurrency limit, a total deadline per attempt enforced by a watchdog thread
-(connect + headers + body, however slowly a server trickles bytes), a byte cap checked while
-streaming, the address guard (:mod:`pipeline.netguard`) at every redirect hop, X-Robots-Tag
-opt-outs, and retries of transient failures only.
+One :class:`Fetcher` per worker process: keep-alive connections keyed by (checked address,
+host name) (:mod:`pipeline.http_pool`), a per-host concurrency limit, a total deadline per
+attempt enforced by a watchdog thread (connect + headers + body, however slowly a server
+trickles bytes), a byte cap checked while streaming, the address guard
+(:mod:`pipeline.netguard`) at every redirect hop, X-Robots-Tag opt-outs, and retries of
+transient failures only.
 """
 
 from __future__ import annotations
