@@ -92,11 +92,13 @@ def _usable(conn: HTTPConnection) -> bool:
         return False
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return False
+    # poll, not select: a worker holding many connections has descriptors above select's 1024.
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 class ConnectionPool:
@@ -104,8 +106,8 @@ class ConnectionPool:
 
     ``get`` returns a connected connection (a kept one, or a new one connected within
     ``timeout_s`` seconds, raising :class:`ConnectFailed` / :class:`ConnectTimedOut` or
-    ``ssl.SSLError``); ``put`` hands it back after a response was read to its end, ``discard``
-    when it was not.
+    ``ssl.SSLError``); ``put`` hands it back after a response was read to its end; one whose
+    response was not read to its end is closed by the caller instead.
     """
 
     def __init__(self, per_key: int, max_keys: int = 256, ca_certs: str | None = None) -> None:
@@ -186,10 +188,6 @@ class ConnectionPool:
                 evicted.append(conn)
         for c in evicted:
             c.close()
-
-    @staticmethod
-    def discard(conn: HTTPConnection) -> None:
-        conn.close()
 
     def clear(self) -> None:
         with self._lock:
