@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from pipeline import schema as S
 
@@ -202,7 +202,8 @@ class Target:
 
     ``host``: the lower-cased ASCII (IDNA) host name or canonical IP text, without brackets.
     ``ip``: the address when the URL held an IP literal, else None (resolve it).
-    ``request_target``: path and query sent on the request line (fragment dropped).
+    ``request_target``: path and query sent on the request line (fragment dropped), ASCII:
+    other characters percent-encoded as UTF-8 (:func:`_request_target`).
     ``host_header``: the ``Host`` header value (name, plus ``:port`` when not the default).
     """
 
@@ -216,6 +217,24 @@ class Target:
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a path or query may hold unescaped (RFC 3986 pchar, plus "/" and, in the query, "?"),
+# and "%": escapes the URL already has are kept as they are.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+def _request_target(path: str, query: str) -> str:
+    """The request line's target: LAION-style lists hold many paths and queries in other
+    scripts (and ``"``, ``<``, ``{``, ...) that a browser or curl would send percent-encoded
+    as UTF-8; so do we. Raises :class:`GuardError` (bad_url) for text that is not Unicode
+    (a lone surrogate)."""
+    try:
+        out = quote(path or "/", safe=_PATH_SAFE)
+        if query:
+            out += "?" + quote(query, safe=_QUERY_SAFE)
+    except UnicodeEncodeError as e:
+        raise GuardError(S.BAD_URL, f"URL path or query is not valid Unicode ({e.reason})") from e
+    return out
 _BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 
 
@@ -263,8 +282,7 @@ def parse_url(url: str) -> Target:
         ip = parse_ipv4_literal(ascii_host)
         host = str(ip) if ip is not None else ascii_host
         host_text = host
-    path = parts.path or "/"
-    request_target = path + (f"?{parts.query}" if parts.query else "")
+    request_target = _request_target(parts.path, parts.query)
     host_header = host_text if port == _DEFAULT_PORTS[scheme] else f"{host_text}:{port}"
     return Target(url, scheme, host, port, ip, request_target, host_header)
 

@@ -216,6 +216,18 @@ def test_parse_url_refusals(url: str, status: str) -> None:
     assert err.value.status == status
 
 
+def test_request_targets_are_ascii_with_utf8_escapes() -> None:
+    # What curl and browsers send for such URLs (hand-encoded: é = C3 A9, 猫 = E7 8C AB).
+    t = parse_url("http://x.test/caf\u00e9/\u732b.jpg?q=\u00fc&a=b")
+    assert t.request_target == "/caf%C3%A9/%E7%8C%AB.jpg?q=%C3%BC&a=b"
+    # Characters RFC 3986 does not allow unescaped; escapes already there stay as they are.
+    t = parse_url('http://x.test/a"<>{}|^`[]%41.jpg?x=[1]&y=%2F')
+    assert t.request_target == "/a%22%3C%3E%7B%7D%7C%5E%60%5B%5D%41.jpg?x=%5B1%5D&y=%2F"
+    with pytest.raises(GuardError) as err:
+        parse_url("http://x.test/\ud800.jpg")  # a lone surrogate: no UTF-8 for it
+    assert err.value.status == "bad_url"
+
+
 def test_parse_url_targets() -> None:
     t = parse_url("HTTP://Images.Example.COM/a%20b.jpg?x=1&y=2#frag")
     assert (t.scheme, t.host, t.port, t.ip) == ("http", "images.example.com", 80, None)
