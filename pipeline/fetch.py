@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -264,6 +265,41 @@ class HostLimiter:
                     del self._slots[host]
 
 
+class _Inflate:
+    """Undo a ``gzip`` / ``deflate`` Content-Encoding that a server applied although we asked
+    for ``identity`` (misconfigured CDNs do), never producing more than ``limit`` bytes:
+    ``feed`` returns the decoded bytes of one chunk, or None once the output passes ``limit``.
+    ``deflate`` is the zlib format by the RFC, raw deflate from some servers: the first chunk
+    decides."""
+
+    def __init__(self, encoding: str, limit: int) -> None:
+        self.raw_fallback = encoding == "deflate"
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS)
+        self._left = limit + 1
+        self._started = False
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        if not self._started and self.raw_fallback:
+            self._started = True
+            try:
+                return self._take(self._z.decompress(chunk, self._left))
+            except zlib.error:
+                self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._started = True
+        return self._take(self._z.decompress(chunk, self._left))
+
+    def _take(self, out: bytes) -> bytes | None:
+        self._left -= len(out)
+        # Output stopped at the bound with input left over, or reached past the limit.
+        if self._left <= 0 or self._z.unconsumed_tail:
+            return None
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return self._z.eof
+
+
 def _drainable(resp: http.client.HTTPResponse) -> bool:
     """Whether an unwanted body is small enough to read so that the connection can be reused
     (an endless or huge error body is never read)."""
@@ -462,6 +498,9 @@ class Fetcher:
             return FetchResult(
                 S.TOO_LARGE, f"Content-Length {int(declared)} exceeds max_bytes {cap}", code
             )
+        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+        # Other encodings (br, zstd, ...) are kept as sent: the decoder then names the failure.
+        inflate = _Inflate(encoding.removeprefix("x-"), cap) if encoding in ("gzip", "x-gzip", "deflate") else None
         chunks: list[bytes] = []
         size = 0
         try:
@@ -473,12 +512,18 @@ class Fetcher:
                 chunk = resp.read(_CHUNK)
                 if not chunk:
                     break
+                if inflate is not None:
+                    chunk = inflate.feed(chunk)
+                    if chunk is None:
+                        return FetchResult(S.TOO_LARGE, f"body decoded from {encoding} exceeds max_bytes {cap}", code)
                 size += len(chunk)
                 if size > cap:
                     return FetchResult(S.TOO_LARGE, f"body exceeds max_bytes {cap}", code)
                 chunks.append(chunk)
         except TimeoutError:
             return self._timeout("body download", code)
+        except zlib.error as e:
+            return FetchResult(S.INCOMPLETE_BODY, f"Content-Encoding {encoding}: {e}", code, transient=True)
         except (http.client.HTTPException, OSError) as e:
             if deadline.expired:
                 return self._timeout("body download", code)
@@ -495,6 +540,11 @@ class Fetcher:
                 S.INCOMPLETE_BODY,
                 f"body ended early after {size} bytes of {size + resp.length} declared",
                 code,
+                transient=True,
+            )
+        if inflate is not None and not inflate.complete:
+            return FetchResult(
+                S.INCOMPLETE_BODY, f"Content-Encoding {encoding}: the compressed body ended early", code,
                 transient=True,
             )
         return FetchResult(S.OK, None, code, body=b"".join(chunks))

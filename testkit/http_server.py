@@ -34,8 +34,9 @@ Faults are chosen per request by the query string, or per path with :meth:`Fault
 
 Independent of ``fault``: ``delay=<seconds>`` waits before answering, each ``optout=<value>``
 parameter adds an ``X-Robots-Tag: <value>``
-header to the response (``optout=noai``, ``optout=clipcurate:noimageai``), and ``close=1`` sends
-``Connection: close`` and closes the connection after the response.
+header to the response (``optout=noai``, ``optout=clipcurate:noimageai``), ``close=1`` sends
+``Connection: close`` and closes the connection after the response, and ``encoding=gzip``
+(``deflate``, ``rawdeflate``, ``cut-gzip``) compresses a 200 body whatever the client accepts.
 
 Every request is recorded (:class:`RequestRecord`: path, query, headers, monotonic time) for
 assertions such as "requested once" or "retried after the Retry-After gap".
@@ -126,6 +127,26 @@ def bomb_gif(frames: int = 10000, size: int = 1000) -> bytes:
     return bytes(out)
 
 
+def _content_encode(body: bytes, encoding: str) -> tuple[bytes, str]:
+    """``body`` compressed for ``encoding=`` (gzip, deflate: zlib format, rawdeflate: deflate
+    without the zlib wrapper, as some servers send it; cut-gzip: gzip missing its last half),
+    and the Content-Encoding name to send."""
+    import gzip
+    import zlib
+
+    if encoding == "gzip":
+        return gzip.compress(body), "gzip"
+    if encoding == "cut-gzip":
+        packed = gzip.compress(body)
+        return packed[: len(packed) // 2], "gzip"
+    if encoding == "deflate":
+        return zlib.compress(body), "deflate"
+    if encoding == "rawdeflate":
+        z = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        return z.compress(body) + z.flush(), "deflate"
+    return body, encoding  # an encoding named but not applied (br, ...)
+
+
 _HTML = b"<!doctype html><html><body>not an image</body></html>"
 
 
@@ -158,6 +179,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(
         self, code: int, body: bytes, ctype: str = "application/octet-stream", **extra: str
     ) -> None:
+        encoding = self._param("encoding") if code == 200 else None
+        if encoding:  # a server that compresses whatever the client asked for
+            body, name = _content_encode(body, encoding)
+            extra = {**extra, "Content_Encoding": name}
         headers = {"Content-Type": ctype, "Content-Length": str(len(body))}
         headers.update({k.replace("_", "-"): v for k, v in extra.items()})
         self._start(code, headers)

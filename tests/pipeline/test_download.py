@@ -621,6 +621,39 @@ def test_connections_are_reused_across_batches(server: FaultServer) -> None:
     assert server.count("/a.jpg") == 15 and len(ports) == 1
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "rawdeflate"])
+def test_a_body_compressed_against_our_accept_encoding_is_decoded(server: FaultServer, encoding: str) -> None:
+    # We ask for identity; a server that compresses anyway gets its image stored as an image.
+    row = _one(server.url("/b.png", encoding=encoding))
+    assert row["status"] == "ok" and row["image_bytes"] == PNG
+
+
+def test_compressed_bodies_keep_the_cap_and_must_be_whole(server: FaultServer) -> None:
+    with FaultServer(files={"/zeros.bin": bytes(1_000_000)}) as srv:
+        # ~1 KB on the wire, 1 MB decoded: the cap is on what would be stored.
+        row = _one(srv.url("/zeros.bin", encoding="gzip"), max_bytes=200_000)
+        _assert_failed(row, "too_large")
+        assert "gzip" in row["error"] and "200000" in row["error"]
+        row = _one(srv.url("/zeros.bin", encoding="gzip"), max_bytes=1_000_000)
+        assert row["status"] == "ok" and row["image_bytes"] == bytes(1_000_000)
+    server.reset_log()
+    row = _one(server.url("/b.png", encoding="cut-gzip"))
+    _assert_failed(row, "incomplete_body")
+    assert server.count("/b.png") == 3  # retried, as any body that ended early
+    # An encoding we do not undo is kept as sent; the decode stage names what it finds.
+    row = _one(server.url("/b.png", encoding="br"))
+    assert row["status"] == "ok" and row["image_bytes"] == PNG
+
+
+def test_urls_in_other_scripts_are_fetched() -> None:
+    # The server unescapes the path as UTF-8, so it finds the file only if the request line
+    # carried the name percent-encoded as UTF-8.
+    with FaultServer(files={"/caf\u00e9/\u732b.jpg": JPEG}) as srv:
+        rows = _run([f"http://127.0.0.1:{srv.port}/caf\u00e9/\u732b.jpg?q=\u00fc"])
+        assert rows[0]["status"] == "ok" and rows[0]["image_bytes"] == JPEG
+        assert srv.requests()[0].target == "/caf%C3%A9/%E7%8C%AB.jpg?q=%C3%BC"
+
+
 def test_connection_close_responses_are_fetched_and_not_reused(server: FaultServer) -> None:
     server.reset_log()
     rows = _run([server.url("/a.jpg", close="1", i=i) for i in range(3)] + [server.url("/b.png")], thread_count=1)
