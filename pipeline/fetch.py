@@ -300,13 +300,6 @@ class _Inflate:
         return self._z.eof
 
 
-def _drainable(resp: http.client.HTTPResponse) -> bool:
-    """Whether an unwanted body is small enough to read so that the connection can be reused
-    (an endless or huge error body is never read)."""
-    declared = (resp.getheader("Content-Length") or "").strip()
-    return declared.isdigit() and int(declared) <= _DRAIN_LIMIT
-
-
 class Fetcher:
     """Guarded, pooled, deadline-bounded HTTP GET of image URLs; thread-safe.
 
@@ -427,7 +420,6 @@ class Fetcher:
         remaining = deadline.remaining()
         if remaining <= 0:
             return self._timeout("the request")
-        key = (str(ip), target.port, target.scheme, target.host)
         headers = dict(self.headers, Host=target.host_header)
         try:
             conn = self._pools.get(ip, target.port, target.scheme, target.host, remaining, deadline.attach)
@@ -459,7 +451,7 @@ class Fetcher:
         finally:
             deadline.detach()
             if keep:
-                self._pools.put(conn, key)
+                self._pools.put(conn)
             else:
                 conn.close()
 
@@ -553,7 +545,8 @@ class Fetcher:
     def _discard(resp: http.client.HTTPResponse) -> None:
         """Read a small unwanted body so that the connection can be reused; leave a large or
         endless one unread (its connection is then closed)."""
-        if _drainable(resp):
+        declared = (resp.getheader("Content-Length") or "").strip()
+        if declared.isdigit() and int(declared) <= _DRAIN_LIMIT:
             try:
                 resp.read()
             except (http.client.HTTPException, OSError):

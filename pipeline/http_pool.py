@@ -47,6 +47,7 @@ class HTTPConnection(http.client.HTTPConnection):
     def __init__(self, ip: IPAddress, port: int, timeout: float) -> None:
         super().__init__(str(ip), port, timeout=timeout)
         self.live_sock: socket.socket | None = None
+        self.pool_key: PoolKey | None = None  # set by the pool that made it
 
     def connect(self) -> None:
         super().connect()
@@ -151,6 +152,7 @@ class ConnectionPool:
             conn = HTTPSConnection(ip, port, timeout_s, host, self._context())
         else:
             conn = HTTPConnection(ip, port, timeout_s)
+        conn.pool_key = key
         if on_new is not None:
             on_new(conn)
         try:
@@ -168,9 +170,11 @@ class ConnectionPool:
             self.connects += 1
         return conn
 
-    def put(self, conn: HTTPConnection, key: PoolKey) -> None:
-        """Keep ``conn`` for the next request to ``key`` (closing it when it cannot be kept)."""
-        if conn.sock is None:  # the server said Connection: close
+    def put(self, conn: HTTPConnection) -> None:
+        """Keep ``conn`` (from :meth:`get`) for the next request to the same address and host
+        name, closing it when it cannot be kept."""
+        key = conn.pool_key
+        if conn.sock is None or key is None:  # the server said Connection: close
             conn.close()
             return
         evicted: list[HTTPConnection] = []

@@ -37,7 +37,7 @@ def test_idle_connections_are_kept_up_to_the_per_host_bound(server: FaultServer)
         held = [_get(pool, server) for _ in range(3)]  # three at once: three connections
         assert pool.connects == 3
         for conn in held:
-            pool.put(conn, (str(LOOPBACK), server.port, "http", "a.test"))
+            pool.put(conn)
         assert held[2].sock is None  # the third was closed, not kept
         server.reset_log()
         again = [_get(pool, server) for _ in range(3)]
@@ -62,11 +62,10 @@ def test_connections_above_descriptor_1024_are_reused(server: FaultServer) -> No
     try:
         while not fillers or fillers[-1] < 1030:
             fillers.append(os.open(os.devnull, os.O_RDONLY))
-        key = (str(LOOPBACK), server.port, "http", "a.test")
         for _ in range(3):
             conn = _get(pool, server)
             assert conn.sock.fileno() > 1024
-            pool.put(conn, key)
+            pool.put(conn)
         assert pool.connects == 1
     finally:
         pool.clear()
@@ -80,10 +79,10 @@ def test_least_recently_used_host_is_forgotten_beyond_max_keys(server: FaultServ
     try:
         for host in ("a.test", "b.test", "c.test"):
             conn = _get(pool, server, host)
-            pool.put(conn, (str(LOOPBACK), server.port, "http", host))
+            pool.put(conn)
         before = pool.connects
         for host in ("b.test", "c.test"):  # kept
-            pool.put(_get(pool, server, host), (str(LOOPBACK), server.port, "http", host))
+            pool.put(_get(pool, server, host))
         assert pool.connects == before
         _get(pool, server, "a.test")  # evicted: a new connection
         assert pool.connects == before + 1
@@ -110,7 +109,6 @@ def test_a_connection_the_server_closed_is_not_reused() -> None:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     pool = ConnectionPool(per_key=2)
-    key = (str(LOOPBACK), port, "http", "a.test")
     try:
         for round_ in range(2):
             conn = pool.get(LOOPBACK, port, "http", "a.test", 5.0)
@@ -120,7 +118,7 @@ def test_a_connection_the_server_closed_is_not_reused() -> None:
             assert hung_up.wait(5)
             time.sleep(0.05)  # the server's FIN reaches this side
             hung_up.clear()
-            pool.put(conn, key)
+            pool.put(conn)
         assert pool.connects == 2
     finally:
         pool.clear()
