@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import importlib
+import math
 import os
 import pickle
 import select
@@ -102,10 +103,16 @@ def _read_exact(fd: int, n: int, deadline: float | None) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
     pos = 0
+    poller = None
     while pos < n:
         if deadline is not None:
+            if poller is None:
+                # poll, not select: select refuses a descriptor past 1024, which a worker
+                # holding many connections has when it starts a child after a crash.
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(math.ceil(left * 1000)):
                 raise _Dead(timed_out=True)
         got = os.readv(fd, [view[pos:]])
         if not got:
