@@ -3,9 +3,9 @@
 A connection goes to the address the guard checked (never re-resolving the URL's name), while
 the request's ``Host`` header, the TLS SNI and the certificate's name check use the URL's host
 name. Idle connections are kept per (address, port, scheme, host name), at most ``per_key``
-each, for at most ``max_keys`` keys (least recently used evicted); a kept connection that the
-server closed, or that has unread bytes (a body longer than its Content-Length), is dropped
-instead of reused.
+each, for at most ``max_keys`` keys, and at most ``max_idle`` in all (least recently used
+evicted first); a kept connection that the server closed, or that has unread bytes (a body
+longer than its Content-Length), is dropped instead of reused.
 
 Built on ``http.client`` rather than urllib3, whose pool, retry and response layers cost about
 twice a download's client CPU (bench/fetch_cpu.py) and whose features the fetcher turns off
@@ -15,6 +15,7 @@ twice a download's client CPU (bench/fetch_cpu.py) and whose features the fetche
 from __future__ import annotations
 
 import http.client
+import resource
 import select
 import socket
 import ssl
@@ -102,8 +103,24 @@ def _usable(conn: HTTPConnection) -> bool:
         return False
 
 
+def default_max_idle(per_key: int, max_keys: int) -> int:
+    """Idle connections to keep in all: ``per_key * max_keys``, but no more than a quarter of
+    this process's descriptor limit (``RLIMIT_NOFILE``, soft), and at least ``per_key``.
+
+    A list of many hosts fills every key: 256 keys of 8 idle sockets each would be 2,048
+    descriptors, twice the usual default limit of 1,024, and the worker's next connection,
+    spool file or decode child would fail with EMFILE. The rest of the limit stays for the
+    requests in flight and everything else the worker opens."""
+    full = per_key * max_keys
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return full
+    return max(per_key, min(full, soft // 4))
+
+
 class ConnectionPool:
-    """Thread-safe idle-connection store; see the module docstring.
+    """Thread-safe idle-connection store; see the module docstring. ``max_idle`` None:
+    :func:`default_max_idle`.
 
     ``get`` returns a connected connection (a kept one, or a new one connected within
     ``timeout_s`` seconds, raising :class:`ConnectFailed` / :class:`ConnectTimedOut` or
@@ -111,9 +128,12 @@ class ConnectionPool:
     response was not read to its end is closed by the caller instead.
     """
 
-    def __init__(self, per_key: int, max_keys: int = 256, ca_certs: str | None = None) -> None:
+    def __init__(self, per_key: int, max_keys: int = 256, ca_certs: str | None = None,
+                 max_idle: int | None = None) -> None:
         self.per_key = per_key
         self.max_keys = max_keys
+        self.max_idle = default_max_idle(per_key, max_keys) if max_idle is None else max_idle
+        self._count = 0  # idle connections kept, over all keys
         self._ca_certs = ca_certs
         self._tls: ssl.SSLContext | None = None  # made on first use: loading CAs costs ~20 ms
         self._idle: OrderedDict[PoolKey, list[HTTPConnection]] = OrderedDict()
@@ -142,6 +162,8 @@ class ConnectionPool:
             with self._lock:
                 idle = self._idle.get(key)
                 conn = idle.pop() if idle else None
+                if conn is not None:
+                    self._count -= 1
             if conn is None:
                 break
             if _usable(conn):
@@ -183,13 +205,24 @@ class ConnectionPool:
             if idle is None:
                 idle = self._idle[key] = []
                 while len(self._idle) > self.max_keys:
-                    evicted.extend(self._idle.popitem(last=False)[1])
+                    gone = self._idle.popitem(last=False)[1]
+                    self._count -= len(gone)
+                    evicted.extend(gone)
             else:
                 self._idle.move_to_end(key)
             if len(idle) < self.per_key:
                 idle.append(conn)
+                self._count += 1
             else:
                 evicted.append(conn)
+            # Over the total: the least recently used keys give up their oldest first.
+            while self._count > self.max_idle:
+                oldest_key, oldest = next(iter(self._idle.items()))
+                if oldest:
+                    evicted.append(oldest.pop(0))
+                    self._count -= 1
+                if not oldest:
+                    del self._idle[oldest_key]
         for c in evicted:
             c.close()
 
@@ -197,5 +230,6 @@ class ConnectionPool:
         with self._lock:
             conns = [c for idle in self._idle.values() for c in idle]
             self._idle.clear()
+            self._count = 0
         for c in conns:
             c.close()

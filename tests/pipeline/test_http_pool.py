@@ -90,6 +90,47 @@ def test_least_recently_used_host_is_forgotten_beyond_max_keys(server: FaultServ
         pool.clear()
 
 
+def test_idle_connections_in_all_are_bounded_oldest_hosts_first(server: FaultServer) -> None:
+    pool = ConnectionPool(per_key=2, max_keys=10, max_idle=3)
+    try:
+        for host in ("a.test", "b.test"):
+            held = [_get(pool, server, host) for _ in range(2)]
+            for conn in held:
+                pool.put(conn)
+        # a.test's first connection went when b.test's second came: three kept
+        assert sorted(len(v) for v in pool._idle.values()) == [1, 2]
+        assert sum(c.sock is not None for v in pool._idle.values() for c in v) == 3
+        before = pool.connects
+        pool.put(_get(pool, server, "a.test"))  # reuses a.test's last, then keeps it again
+        pool.put(_get(pool, server, "b.test"))
+        assert pool.connects == before
+        # a kept connection checked out leaves its key empty; the bound still holds after
+        out = _get(pool, server, "a.test")
+        for host in ("c.test", "d.test"):
+            pool.put(_get(pool, server, host))
+        pool.put(out)
+        assert sum(len(v) for v in pool._idle.values()) == 3
+    finally:
+        pool.clear()
+
+
+def test_default_idle_bound_is_a_quarter_of_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    from pipeline import http_pool
+
+    limits = {"soft": 1024}
+    monkeypatch.setattr(http_pool.resource, "getrlimit", lambda _what: (limits["soft"], resource.RLIM_INFINITY))
+    assert http_pool.default_max_idle(8, 256) == 256  # not 2,048 sockets under a limit of 1,024
+    assert ConnectionPool(per_key=8).max_idle == 256
+    limits["soft"] = 20
+    assert http_pool.default_max_idle(8, 256) == 8  # at least one host's worth
+    limits["soft"] = 1 << 20
+    assert http_pool.default_max_idle(8, 256) == 2048
+    limits["soft"] = resource.RLIM_INFINITY
+    assert http_pool.default_max_idle(8, 256) == 2048
+
+
 def test_a_connection_the_server_closed_is_not_reused() -> None:
     # A server that answers one request per connection as keep-alive, then hangs up (an idle
     # timeout, a restart): the kept connection is found dead before a request is sent on it.
