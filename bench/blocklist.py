@@ -9,7 +9,7 @@ then times, per image, what a worker adds for it:
 * ``check_url``: the URL and domain lookups before the request (10M-entry URL list);
 * ``check_bytes``: the digests of the downloaded bytes for every ``--exact-kinds`` list, each
   looked up (sha256 is hashed for every row anyway, for ``source_sha256``);
-* ``pdq_of``: the PDQ hash of the decoded picture (box filter to 64 x 64, then pdqhash);
+* ``pdq_of``: the PDQ hash of the decoded picture (box filter to 64 x 64, then the hash in numpy);
 * ``check_pdq``: the multi-index lookup at distance 31 in the 1M PDQ list (queries near and far).
 
 Images: the decoded, resized pictures of real photos (``../shared/testdata``) and synthetic
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| check_url (URL + domain lookups, {a.urls:,} URLs) | {t_url * 1e3:.3f} |",
         f"| check_bytes ({' + '.join(a.exact_kinds)} of a {len(jpeg) / 1e3:.0f} KB JPEG + lookups) | {t_bytes * 1e3:.3f} |",
         f"| of which sha256 alone (the job hashes every download anyway) | {t_sha * 1e3:.3f} |",
-        f"| pdq_of (256 px picture: box to 64 x 64, pdqhash) | {t_pdq_hash * 1e3:.3f} |",
+        f"| pdq_of (256 px picture: box to 64 x 64, hash) | {t_pdq_hash * 1e3:.3f} |",
         f"| check_pdq ({a.pdq:,} entries, distance <= 31) | {t_pdq * 1e3:.3f} |",
         f"| **total** | **{total * 1e3:.3f}** |",
     ]
