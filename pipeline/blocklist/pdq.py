@@ -53,8 +53,8 @@ def pdq_of(rgb: Any) -> bytes:
     """The 32-byte PDQ hash of an RGB picture (a PIL image or uint8 [H, W, 3] array).
 
     The picture is first box-filtered to 64 x 64, the grid PDQ's own Jarosz filter reduces every
-    picture to, so hashing costs ~0.25 ms whatever the size (the reference on a 1024 px image
-    takes ~50 ms). Against the reference hash of the full-size file this differs by a median
+    picture to: ~0.4 ms for a 256 px picture, most of it the box filter (the reference on a
+    1024 px image takes ~50 ms). Against the reference hash of the full-size file this differs by a median
     of 8 bits on photos (bench/blocklist.py), well inside the 31-bit match distance.
 
     The hash of the grid is computed here in numpy (luma, the 16 x 16 DCT, the median), bit
