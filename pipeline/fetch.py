@@ -273,19 +273,17 @@ class _Inflate:
     decides."""
 
     def __init__(self, encoding: str, limit: int) -> None:
-        self.raw_fallback = encoding == "deflate"
+        self._may_be_raw = encoding == "deflate"  # until the first chunk says which
         self._z = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS)
         self._left = limit + 1
-        self._started = False
 
     def feed(self, chunk: bytes) -> bytes | None:
-        if not self._started and self.raw_fallback:
-            self._started = True
+        if self._may_be_raw:
+            self._may_be_raw = False
             try:
                 return self._take(self._z.decompress(chunk, self._left))
             except zlib.error:
                 self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._started = True
         return self._take(self._z.decompress(chunk, self._left))
 
     def _take(self, out: bytes) -> bytes | None:

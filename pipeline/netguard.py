@@ -235,6 +235,8 @@ def _request_target(path: str, query: str) -> str:
     except UnicodeEncodeError as e:
         raise GuardError(S.BAD_URL, f"URL path or query is not valid Unicode ({e.reason})") from e
     return out
+
+
 _BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 
 
