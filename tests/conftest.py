@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -56,6 +57,27 @@ def s3_bucket(s3_server: LocalS3) -> Iterator[str]:
         if keys:
             client.delete_objects(Bucket=name, Delete={"Objects": keys})
     client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def descriptors_past_1024() -> Iterator[None]:
+    """Holds descriptors open so that the next one this process opens is numbered above 1024
+    (where select() gives up), raising the soft RLIMIT_NOFILE for the test if it must; skips
+    where the hard limit does not reach that far. A busy download worker gets there."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit ({hard}) does not reach 1024")
+    held: list[int] = []
+    try:
+        if soft != resource.RLIM_INFINITY and soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+        while not held or held[-1] < 1030:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture(scope="module")

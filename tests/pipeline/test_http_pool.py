@@ -47,21 +47,10 @@ def test_idle_connections_are_kept_up_to_the_per_host_bound(server: FaultServer)
         pool.clear()
 
 
-def test_connections_above_descriptor_1024_are_reused(server: FaultServer) -> None:
+def test_connections_above_descriptor_1024_are_reused(server: FaultServer, descriptors_past_1024: None) -> None:
     # select() cannot watch descriptors >= 1024; a busy worker's sockets get there.
-    import os
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < 1100:
-        if hard != resource.RLIM_INFINITY and hard < 1100:
-            pytest.skip(f"the descriptor limit ({hard}) does not reach 1024")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, hard))
-    fillers = []
     pool = ConnectionPool(per_key=1)
     try:
-        while not fillers or fillers[-1] < 1030:
-            fillers.append(os.open(os.devnull, os.O_RDONLY))
         for _ in range(3):
             conn = _get(pool, server)
             assert conn.sock.fileno() > 1024
@@ -69,9 +58,6 @@ def test_connections_above_descriptor_1024_are_reused(server: FaultServer) -> No
         assert pool.connects == 1
     finally:
         pool.clear()
-        for fd in fillers:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_least_recently_used_host_is_forgotten_beyond_max_keys(server: FaultServer) -> None:
