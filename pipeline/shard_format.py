@@ -333,14 +333,14 @@ def stream_tar_images(shards_root: str, wanted: dict[str, set[str]], storage: An
     or None."""
     import posixpath
 
-    from pipeline.storage import filesystem_for
+    from pipeline.storage import filesystem_for, open_sequential
 
     fs, root = filesystem_for(shards_root, storage)
     found: dict[str, bytes] = {}
     for shard, keys in sorted(wanted.items()):
         left = set(keys)
         try:
-            with fs.open_input_stream(posixpath.join(root, tar_name(shard))) as stream:
+            with open_sequential(fs, posixpath.join(root, tar_name(shard))) as stream:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
                         stem = _image_stem(member)

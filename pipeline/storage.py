@@ -89,6 +89,19 @@ def _region(cfg: StorageConfig) -> str | None:
     return cfg.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
+# Read-ahead of a sequential stream, bytes. Without it an object store answers every read with a
+# ranged GET of its own, and tarfile reads 10 KB at a time: an 8.5 MB tar on the local S3 server
+# took 826 requests and 6.9 s, against 3 requests and 0.1 s with this buffer
+# (bench/s3_tar_reads.py). On S3 each request is a round trip and a request charge.
+STREAM_READ_AHEAD = 4 << 20
+
+
+def open_sequential(fs: pafs.FileSystem, path: str) -> Any:
+    """An input stream over ``path`` on ``fs`` that fetches ``STREAM_READ_AHEAD`` bytes per
+    request, for readers that take small pieces in order (tarfile)."""
+    return fs.open_input_stream(path, buffer_size=STREAM_READ_AHEAD)
+
+
 def filesystem_for(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """Return ``(filesystem, path)`` for a local path or an ``s3://bucket/key`` URI.
 

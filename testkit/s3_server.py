@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,14 @@ class LocalS3:
             f"{self._startup_timeout} s",
             log_path,
         )
+
+    def request_count(self, method: str, path: str) -> int:
+        """How many ``method`` requests (``"GET"``) for ``path`` (``/bucket/key``, any query) the
+        server has logged so far: what a test needs to see how a reader uses the store."""
+        if self._workdir is None:
+            raise RuntimeError("LocalS3 is not started")
+        log = (Path(self._workdir.name) / "server.log").read_text(errors="replace")
+        return len(re.findall(rf'"(?:\x1b\[[0-9;]*m)*{re.escape(method)} {re.escape(path)}[ ?]', log))
 
     def stop(self) -> None:
         """Terminate the server process (SIGTERM, then SIGKILL after 10 s) and clean up."""

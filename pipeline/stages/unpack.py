@@ -47,7 +47,7 @@ from pipeline import schema as S
 from pipeline.blocklist import DOWNLOAD_KINDS, BlocklistSpec, get_blocklist
 from pipeline.config import StorageConfig
 from pipeline.stages.base import Resources, Stage
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, open_sequential
 
 # Extensions img2dataset's encode_format writes (and WebDataset's usual image ones).
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -70,7 +70,7 @@ def read_tar_images(uri: str, keys: set[str], max_bytes: int,
     found: dict[str, _Member] = {}
     fs, path = filesystem_for(uri, storage)
     try:
-        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        with open_sequential(fs, path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
